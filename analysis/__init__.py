@@ -1,0 +1,1 @@
+"""Scaling analysis on run records: pure pandas/numpy/scipy/matplotlib/seaborn, no JAX import."""

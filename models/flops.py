@@ -15,6 +15,7 @@ plus elementwise work: a cross-check, not the source of truth.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.dit import TIMESTEP_FREQUENCY_DIM, DiTConfig, abstract_dit, count_params
+from models.dit import TIMESTEP_FREQUENCY_DIM, DiT, DiTConfig, abstract_dit, count_params
 
 # Primitives whose work is a sum of products but which this counter cannot size: refuse rather than undercount.
 _UNSIZED_PRODUCT_WORDS = {"dot", "conv", "convolution", "matmul", "attention", "einsum", "gemm"}
@@ -124,14 +125,14 @@ def _dit_example_inputs(config: DiTConfig, batch: int):
     )
 
 
-def dit_macs(config: DiTConfig) -> int:
-    """Forward MACs per image of a DiT, counted from its jaxpr (no parameters are allocated)."""
-    graphdef, state = nnx.split(abstract_dit(config))
+def dit_macs(model: DiT) -> int:
+    """Forward MACs per image of a DiT (concrete or `abstract_dit`), counted from its jaxpr."""
+    graphdef, state = nnx.split(model)
 
     def forward(state, x, t, y):
         return nnx.merge(graphdef, state)(x, t, y)
 
-    return count_macs(forward, state, *_dit_example_inputs(config, batch=1)).total
+    return count_macs(forward, state, *_dit_example_inputs(model.config, batch=1)).total
 
 
 def dit_macs_by_term(config: DiTConfig) -> dict[str, int]:
@@ -192,12 +193,14 @@ class ModelCompute:
         return self.macs / 1e9
 
 
+@functools.lru_cache(maxsize=64)
 def dit_compute(config: DiTConfig) -> ModelCompute:
     """Gflops (jaxpr count, checked against the closed form) and parameters of a DiT config."""
-    macs = dit_macs(config)
+    model = abstract_dit(config)
+    macs = dit_macs(model)
     analytic = dit_macs_analytic(config)
     if macs != analytic:
         raise AssertionError(f"{config.name} ({config.block}): jaxpr count {macs} != closed form {analytic}; "
                              "the model and its compute formula have drifted apart.")
     return ModelCompute(model=config.name, block=config.block, input_size=config.input_size,
-                        tokens=config.num_tokens, params=count_params(abstract_dit(config)), macs=macs)
+                        tokens=config.num_tokens, params=count_params(model), macs=macs)

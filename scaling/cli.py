@@ -1,0 +1,145 @@
+"""The `dit-scaling` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+from models.dit import BLOCKS, LATENT_DOWNSAMPLE, PAPER_MODELS, dit_config
+
+
+def _print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    """Print rows as an aligned text table; columns are (key, header)."""
+
+    def cell(value):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    table = [[header for _, header in columns]] + [[cell(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(text.rjust(width) if i else text.ljust(width)
+                        for i, (text, width) in enumerate(zip(line, widths, strict=True))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# flops
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _dit_rows(models: list[str], resolution: int, block: str) -> list[dict]:
+    from analysis.paper import table4_compute
+    from models.flops import dit_compute
+
+    if resolution % LATENT_DOWNSAMPLE:
+        raise ValueError(f"--resolution {resolution} is not a multiple of the autoencoder's downsampling factor "
+                         f"{LATENT_DOWNSAMPLE}.")
+    paper = {(r.model, r.resolution, r.block): r for r in table4_compute().itertuples()}
+    rows = []
+    for name in models:
+        config = dit_config(name, input_size=resolution // LATENT_DOWNSAMPLE, block=block)
+        compute = dit_compute(config)
+        published = paper.get((config.name, resolution, block))
+        rows.append({
+            "model": compute.model, "block": block, "resolution": resolution, "input_size": config.input_size,
+            "tokens": compute.tokens, "params": compute.params, "params_m": compute.params / 1e6,
+            "gflops": compute.gflops, "macs": compute.macs,
+            "paper_gflops": None if published is None else float(published.gflops),
+            "paper_params_m": None if published is None else float(published.params_m),
+        })
+    return rows
+
+
+def _torch_rows(spec: str) -> list[dict]:
+    """Count a PyTorch model given as module:factory; factory() returns (model, example_inputs)."""
+    from models.torch_flops import count_torch_macs, count_torch_params
+
+    module_name, _, factory_name = spec.partition(":")
+    if not module_name or not factory_name:
+        raise ValueError(f"--torch expects module:factory (or path/to/file.py:factory), got {spec!r}.")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"--torch: no file {path}.")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, str(Path.cwd()))
+        module = importlib.import_module(module_name)
+    factory = getattr(module, factory_name, None)
+    if factory is None:
+        raise ValueError(f"--torch: {module_name} has no attribute {factory_name!r}.")
+    produced = factory()
+    if not (isinstance(produced, tuple) and len(produced) == 2):
+        raise ValueError(f"--torch: {spec}() must return (model, example_inputs), a module and a tuple of inputs.")
+    model, inputs = produced
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    batch = inputs[0].shape[0]
+    count, uncounted = count_torch_macs(model.eval(), inputs)
+    return [{"model": spec, "batch": batch, "params": count_torch_params(model),
+             "params_m": count_torch_params(model) / 1e6, "gflops": count.total / batch / 1e9,
+             "macs": count.total // batch, "by_operator": count.by_primitive,
+             "uncounted_ops": sorted(uncounted)}]
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    if args.torch:
+        rows = _torch_rows(args.torch)
+        columns = [("model", "model"), ("params_m", "params (M)"), ("gflops", "Gflops/image")]
+    else:
+        rows = _dit_rows(args.models or list(PAPER_MODELS), args.resolution, args.block)
+        columns = [("model", "model"), ("block", "block"), ("resolution", "res"), ("tokens", "tokens"),
+                   ("params_m", "params (M)"), ("gflops", "Gflops"), ("paper_params_m", "paper params (M)"),
+                   ("paper_gflops", "paper Gflops")]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    _print_table(rows, columns)
+    if args.torch:
+        print(f"\nNot counted (elementwise, by convention): {', '.join(rows[0]['uncounted_ops']) or 'nothing'}")
+    print("\nGflops = forward multiply-accumulates per image, autoencoder excluded (the paper's convention); "
+          "x2 for true FLOPs.")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dit-scaling", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    flops = commands.add_parser(
+        "flops", help="Gflops (forward MACs per image) and parameters of DiT configs or a PyTorch model.",
+        description="Count forward multiply-accumulates per image (the paper's 'Gflops') and parameters. Without "
+                    "MODEL, lists the 12 configs of the paper's scaling study.")
+    flops.add_argument("models", nargs="*", metavar="MODEL", help="e.g. XL/2 or DiT-S/8 (default: all 12)")
+    flops.add_argument("--resolution", type=int, default=256, help="image resolution (latents are 1/8 of it)")
+    flops.add_argument("--block", choices=BLOCKS, default="adaLN-Zero", help="conditioning block")
+    flops.add_argument("--torch", metavar="MODULE:FACTORY",
+                       help="count a PyTorch model instead: FACTORY() returns (model, example_inputs)")
+    flops.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    flops.set_defaults(handler=cmd_flops)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"dit-scaling {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The DiT model: shapes, initialisation, embeddings, label dropout and guidance."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.dit import (
+    BLOCKS,
+    PAPER_MODELS,
+    DiT,
+    DiTConfig,
+    drop_labels,
+    dit_config,
+    parse_model_name,
+    sincos_position_embedding,
+    timestep_sinusoid,
+    unpatchify,
+)
+
+SMALL = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=8, num_classes=10)
+
+
+def _inputs(n=4, size=8, channels=4, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((n, size, size, channels)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 1000, n), jnp.int32)
+    y = jnp.asarray(rng.integers(0, 10, n), jnp.int32)
+    return x, t, y
+
+
+def _randomize(model: nnx.Module, seed: int = 0, std: float = 0.02) -> nnx.Module:
+    """Give every parameter (zero-initialised ones included) random values so outputs are non-trivial."""
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+    nnx.update(model, jax.tree.unflatten(treedef, new))
+    return model
+
+
+def test_paper_names_cover_the_grid():
+    assert len(PAPER_MODELS) == 12
+    assert PAPER_MODELS[0] == "DiT-S/8" and PAPER_MODELS[-1] == "DiT-XL/2"
+    config = dit_config("XL/2")
+    assert (config.depth, config.hidden_size, config.num_heads, config.num_tokens) == (28, 1152, 16, 256)
+    assert dit_config("DiT-B/4", input_size=64).num_tokens == 256
+    assert parse_model_name("DiT-L/8") == ("L", 8)
+    with pytest.raises(ValueError, match="Unknown DiT model name"):
+        parse_model_name("XXL/2")
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_fresh_model_outputs_zeros(block, learn_sigma):
+    model = DiT(DiTConfig(**SMALL, block=block, learn_sigma=learn_sigma), rngs=nnx.Rngs(0))
+    out = model(*_inputs())
+    assert out.shape == (4, 8, 8, 8 if learn_sigma else 4)
+    assert out.dtype == jnp.float32
+    assert float(jnp.abs(out).max()) == 0.0
+
+
+def test_adaln_zero_blocks_start_as_identity():
+    model = DiT(DiTConfig(**SMALL), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (3, 16, 64))
+    c = jax.random.normal(jax.random.key(2), (3, 64))
+    for block in model.blocks:
+        np.testing.assert_array_equal(block(x, c), x)
+
+
+def test_initialisation_follows_the_official_scheme():
+    config = DiTConfig(**SMALL)
+    model = DiT(config, rngs=nnx.Rngs(0))
+    d, p, c = config.hidden_size, config.patch_size, config.in_channels
+
+    def within_xavier(kernel, fan_in, fan_out):
+        limit = math.sqrt(6 / (fan_in + fan_out))
+        values = np.asarray(kernel)
+        # Uniform on [-limit, limit]: bounded, and its std is limit / sqrt(3).
+        return np.abs(values).max() <= limit and abs(values.std() - limit / math.sqrt(3)) < 0.1 * limit
+
+    assert within_xavier(model.blocks[0].attn.qkv.kernel[...], d, 3 * d)
+    assert within_xavier(model.blocks[0].mlp.fc1.kernel[...], d, 4 * d)
+    # The patch embedding's fan-out is the width (official: Xavier on the [d, C*p*p] view), not width * p * p.
+    assert within_xavier(model.patch_embed.kernel[...], c * p * p, d)
+    for table in (model.t_embedder.fc1.kernel[...], model.y_embedder.table.embedding[...]):
+        assert abs(float(np.std(table)) - 0.02) < 0.002
+    for zero in (model.blocks[0].modulation.kernel[...], model.final_layer.modulation.kernel[...],
+                 model.final_layer.linear.kernel[...], model.final_layer.linear.bias[...],
+                 model.blocks[0].attn.qkv.bias[...], model.patch_embed.bias[...]):
+        assert float(jnp.abs(zero).max()) == 0.0
+
+
+def test_position_embedding_against_elementwise_formula():
+    d, grid = 16, 3
+    table = sincos_position_embedding(d, grid)
+    assert table.shape == (grid * grid, d) and table.dtype == np.float32
+    quarter = d // 4
+    for token in range(grid * grid):
+        row, col = divmod(token, grid)
+        for j in range(d):
+            half, k = divmod(j, d // 2)
+            position = col if half == 0 else row  # first half encodes the column
+            fn, kk = (math.sin, k) if k < quarter else (math.cos, k - quarter)
+            expected = fn(position / 10000 ** (kk / quarter))
+            assert table[token, j] == pytest.approx(expected, abs=1e-7)
+
+
+def test_timestep_sinusoid_against_formula():
+    t = jnp.array([0.0, 1.0, 999.0, 0.5])
+    emb = np.asarray(timestep_sinusoid(t, dim=8, max_period=10000))
+    for i, ti in enumerate(np.asarray(t)):
+        freqs = [math.exp(-math.log(10000) * k / 4) for k in range(4)]
+        expected = [math.cos(ti * f) for f in freqs] + [math.sin(ti * f) for f in freqs]
+        np.testing.assert_allclose(emb[i], expected, atol=2e-4)
+
+
+def test_unpatchify_inverts_a_brute_force_patchify():
+    n, grid, p, c = 2, 3, 2, 5
+    image = np.arange(n * grid * p * grid * p * c, dtype=np.float32).reshape(n, grid * p, grid * p, c)
+    tokens = np.zeros((n, grid * grid, p * p * c), np.float32)
+    for b in range(n):
+        for h in range(grid):
+            for w in range(grid):
+                for pr in range(p):
+                    for pc in range(p):
+                        for ch in range(c):
+                            tokens[b, h * grid + w, (pr * p + pc) * c + ch] = image[b, h * p + pr, w * p + pc, ch]
+    np.testing.assert_array_equal(unpatchify(jnp.asarray(tokens), p, c), image)
+
+
+def test_label_dropout():
+    y = jnp.arange(20000) % 10
+    dropped = drop_labels(jax.random.key(0), y, 0.1, null_label=10)
+    is_null = np.asarray(dropped == 10)
+    assert abs(is_null.mean() - 0.1) < 0.01
+    np.testing.assert_array_equal(np.asarray(dropped)[~is_null], np.asarray(y)[~is_null])
+
+    model = _randomize(DiT(DiTConfig(**SMALL, class_dropout_prob=0.5), rngs=nnx.Rngs(0)))
+    x, t, y = _inputs(n=16)
+    key = jax.random.key(3)
+    expected = model(x, t, drop_labels(key, y, 0.5, null_label=10))
+    np.testing.assert_allclose(model(x, t, y, dropout_key=key), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(model(x, t, y), model(x, t, y))  # no key: deterministic, no dropout
+
+
+@pytest.mark.parametrize("cfg_channels", [3, None])
+def test_forward_with_cfg_semantics(cfg_channels):
+    model = _randomize(DiT(DiTConfig(**SMALL), rngs=nnx.Rngs(0)))
+    x, t, y = _inputs(n=6)
+    y = y.at[3:].set(10)
+    scale = 4.0
+    guided = model.forward_with_cfg(x, t, y, scale, cfg_channels=cfg_channels)
+    half = x[:3]
+    cond = model(half, t[:3], y[:3])
+    uncond = model(half, t[3:], y[3:])
+    k = 4 if cfg_channels is None else cfg_channels
+    expected_eps = uncond[..., :k] + scale * (cond[..., :k] - uncond[..., :k])
+    np.testing.assert_allclose(guided[:3, ..., :k], expected_eps, atol=1e-5)
+    np.testing.assert_allclose(guided[3:, ..., :k], expected_eps, atol=1e-5)
+    np.testing.assert_allclose(guided[:3, ..., k:], cond[..., k:], atol=1e-6)  # unguided channels pass through
+    np.testing.assert_allclose(guided[3:, ..., k:], uncond[..., k:], atol=1e-6)
+    with pytest.raises(ValueError, match="even batch"):
+        model.forward_with_cfg(x[:5], t[:5], y[:5], scale)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_bfloat16_compute_tracks_float32(block):
+    config = DiTConfig(**SMALL, block=block)
+    f32 = _randomize(DiT(config, rngs=nnx.Rngs(0)), std=0.05)
+    bf16 = DiT(DiTConfig(**SMALL, block=block, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    nnx.update(bf16, nnx.state(f32, nnx.Param))
+    x, t, y = _inputs()
+    reference, low = f32(x, t, y), bf16(x, t, y)
+    assert low.dtype == jnp.float32
+    assert float(jnp.abs(low - reference).max()) < 0.02 * float(jnp.abs(reference).max())
+
+
+def test_bad_configs_and_inputs_give_clear_errors():
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        dit_config("S/8", input_size=20)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        DiTConfig(**{**SMALL, "num_heads": 3})
+    with pytest.raises(ValueError, match="block must be one of"):
+        DiTConfig(**SMALL, block="film")
+    with pytest.raises(ValueError, match="positive integer"):
+        DiTConfig(**{**SMALL, "depth": 0})
+    with pytest.raises(ValueError, match="Unknown DiTConfig fields"):
+        dit_config("S/2", width=3)
+    model = DiT(DiTConfig(**SMALL), rngs=nnx.Rngs(0))
+    x, t, y = _inputs()
+    with pytest.raises(ValueError, match="channels-last"):
+        model(jnp.transpose(x, (0, 3, 1, 2)), t, y)
+    with pytest.raises(ValueError, match="must have shape"):
+        model(x, t[:2], y)
+
