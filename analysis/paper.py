@@ -23,4 +23,5 @@ def table4() -> pd.DataFrame:
 def table4_compute() -> pd.DataFrame:
     """The Gflops and params the paper reports for each (model, resolution, block), one row each."""
     rows = table4().dropna(subset=["gflops", "params_m"])
-    return rows.drop_duplicates(["model", "resolution", "block"])[["model", "resolution", "block", "gflops", "params_m"]]
+    columns = ["model", "resolution", "block", "gflops", "params_m"]
+    return rows.drop_duplicates(["model", "resolution", "block"])[columns]

@@ -132,7 +132,10 @@ def _read_with_torch(path: str) -> object:
             f"{path} is not a zip-format PyTorch file (legacy format?), and reading other formats needs torch: "
             "pip install 'dit-scaling[torch]', or re-save the file with a current torch.save."
         ) from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise TorchFileError(f"torch cannot read it either: the file is corrupt or truncated ({e})") from e
 
     def to_numpy(value):
         if isinstance(value, torch.Tensor):
@@ -158,6 +161,8 @@ def read_torch_file(path: str | os.PathLike, *, key: str | None = None) -> dict[
     try:
         if zipfile.is_zipfile(path):
             obj = _read_zip(path)
+        elif _starts_like_zip(path):
+            raise TorchFileError("a zip archive without its central directory: the file is truncated or corrupt")
         else:
             obj = _read_with_torch(path)
     except TorchFileError as e:
@@ -175,6 +180,11 @@ def read_torch_file(path: str | os.PathLike, *, key: str | None = None) -> dict[
     if not _is_state_dict(obj):
         raise TorchFileError(f"{path} is not a state dict of tensors (entries: {sorted(obj)[:10]}).")
     return OrderedDict(obj)
+
+
+def _starts_like_zip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def _is_state_dict(obj) -> bool:
@@ -343,4 +353,4 @@ def save_torch_file(state: Mapping[str, np.ndarray], path: str | os.PathLike) ->
         import torch
     except ImportError as e:
         raise ImportError("Writing .pt files needs torch: pip install 'dit-scaling[torch]'.") from e
-    torch.save(OrderedDict((k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in state.items()), path)
+    torch.save(OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state.items()), path)

@@ -17,6 +17,7 @@ import warnings
 
 from models.flops import MacCount
 
+
 def _shape(value) -> list[int]:
     from fvcore.nn.jit_handles import get_shape
 
