@@ -228,24 +228,23 @@ def _tensor_map(config: DiTConfig) -> dict[str, tuple[tuple, str]]:
     return tensors
 
 
+# Our layout's axes as a permutation of the official layout's: [out, in] -> [in, out]; OIHW -> HWIO.
+_OUR_AXES = {"linear": (1, 0), "conv": (2, 3, 1, 0), "none": None}
+
+
 def _to_ours(array: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "linear":
-        return array.T
-    if transform == "conv":
-        return array.transpose(2, 3, 1, 0)
-    return array
+    axes = _OUR_AXES[transform]
+    return array if axes is None else array.transpose(axes)
 
 
 def _to_official(array: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "linear":
-        return array.T
-    if transform == "conv":
-        return array.transpose(3, 2, 0, 1)
-    return array
+    axes = _OUR_AXES[transform]
+    return array if axes is None else array.transpose(np.argsort(axes))
 
 
 def _official_shape(our_shape: tuple, transform: str) -> tuple:
-    return tuple(_to_official(np.empty(our_shape, np.bool_), transform).shape)
+    axes = _OUR_AXES[transform]
+    return our_shape if axes is None else tuple(our_shape[i] for i in np.argsort(axes))
 
 
 def official_state_dict_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
