@@ -1,0 +1,107 @@
+"""Study configs: ml_collections files with a get_config(variant) function, plus command-line overrides.
+
+A config is named `NAME:VARIANT` where NAME is a built-in config (`fmnist`, `imagenet256`) or a path to a Python
+file, e.g. `fmnist:S/8,smoke` or `my_study.py:XL/2`. Overrides are `key.path=value` strings whose values are
+parsed to the type of the field they replace.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+from models.dit import DIT_SIZES, DiTConfig, parse_model_name
+
+BUILTIN = ("fmnist", "imagenet256")
+
+
+def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    name, _, variant = spec.partition(":")
+    if name in BUILTIN:
+        module = importlib.import_module(f"scaling.configs.{name}")
+    elif name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"Config file {path} does not exist.")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        raise ValueError(f"Unknown config {name!r}: use one of {list(BUILTIN)} or a path to a .py file, "
+                         "followed by :VARIANT (e.g. fmnist:S/8).")
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"Config {name} has no get_config(variant) function.")
+    config = module.get_config(variant) if variant else module.get_config()
+    for override in overrides:
+        apply_override(config, override)
+    return config
+
+
+def _parse_value(text: str, current):
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    if isinstance(current, int):
+        return int(float(text)) if "e" in text.lower() else int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, str):
+        return text
+    return ast.literal_eval(text)
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+    """Apply one `a.b.c=value` override in place, parsing value to the field's current type."""
+    key, sep, text = override.removeprefix("--config.").removeprefix("config.").partition("=")
+    if not sep:
+        raise ValueError(f"Override {override!r} is not of the form key.path=value.")
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise ValueError(f"Override {override!r}: config has no section {part!r}.")
+        node = node[part]
+    if leaf not in node:
+        raise ValueError(f"Override {override!r}: config has no field {key!r}; fields here: {sorted(node.keys())}.")
+    try:
+        node[leaf] = _parse_value(text, node[leaf])
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"Override {override!r}: {e}") from e
+
+
+def model_config(config: ml_collections.ConfigDict, *, input_size: int, in_channels: int,
+                 num_classes: int) -> DiTConfig:
+    """The DiTConfig of a study config, for data of the given shape."""
+    size, patch = parse_model_name(config.model.name)
+    depth, width, heads = DIT_SIZES[size]
+    return DiTConfig(
+        depth=config.model.depth or depth, hidden_size=config.model.hidden_size or width,
+        num_heads=config.model.num_heads or heads, patch_size=patch, input_size=input_size,
+        in_channels=in_channels, num_classes=num_classes, learn_sigma=config.model.learn_sigma,
+        class_dropout_prob=config.model.class_dropout_prob, block=config.model.block, dtype=config.model.dtype)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check the training fields that no later step would catch clearly."""
+    train = config.train
+    checks = [
+        (train.steps > 0, "train.steps must be positive"),
+        (train.batch_size > 0, "train.batch_size must be positive"),
+        (train.learning_rate > 0, "train.learning_rate must be positive"),
+        (0 <= train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
+        (train.log_every > 0, "train.log_every must be positive"),
+        (train.checkpoint_every > 0, "train.checkpoint_every must be positive"),
+        (train.keep_checkpoints > 0, "train.keep_checkpoints must be positive"),
+        (train.param_sharding in ("replicated", "fsdp"), "train.param_sharding must be replicated or fsdp"),
+        (config.diffusion.num_timesteps > 1, "diffusion.num_timesteps must be > 1"),
+    ]
+    problems = [message for ok, message in checks if not ok]
+    if problems:
+        raise ValueError("Invalid config: " + "; ".join(problems) + ".")

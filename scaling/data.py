@@ -1,0 +1,160 @@
+"""Training data with grain: class-conditional images or pre-extracted latents, NHWC, values in [-1, 1].
+
+Sources (random access, numpy):
+- `FashionMNIST`: IDX files (Debian's `dataset-fashion-mnist` by default), 28x28 padded to 32x32x1, 10 classes.
+- `LatentShards`: a directory written by `write_latent_shards`: latents-NNNNN.npy [n, H, W, C] (already scaled,
+  e.g. by 0.18215 for the SD-VAE) and labels-NNNNN.npy [n], read memory-mapped, with a manifest.json.
+
+`make_iterator` shuffles per epoch, flips, and hands each host its share of every global batch: global batch b
+is a contiguous block of the shuffled stream and host h reads rows h*L .. (h+1)*L - 1 of it (L = per-host
+batch). Its state (`get_state`/`set_state`) is checkpointed with the model so data order survives restarts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import grain
+import numpy as np
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), as used by MNIST and Fashion-MNIST."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number).")
+    dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - offset != expected:
+        raise ValueError(f"{path} holds {len(data) - offset} bytes of data, expected {expected} for shape {shape} "
+                         "(truncated or corrupt file).")
+    return np.frombuffer(data, dtype, offset=offset).reshape(shape)
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {stem}(.gz) not found in {directory}. Install Debian's dataset-fashion-mnist "
+        f"(apt-get install dataset-fashion-mnist, which `make` does) or set --config.data.path to a directory "
+        "with the IDX files.")
+
+
+class FashionMNIST:
+    """Fashion-MNIST as uint8 [N, 32, 32, 1] images (zero-padded from 28x28) and int32 labels."""
+
+    num_classes = 10
+    image_shape = (32, 32, 1)
+
+    def __init__(self, path: str = "", split: str = "train"):
+        directory = Path(path or FASHION_MNIST_DIR)
+        images_stem, labels_stem = FASHION_MNIST_FILES[split]
+        images = read_idx(_find(directory, images_stem))
+        labels = read_idx(_find(directory, labels_stem))
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != (images.shape[0],):
+            raise ValueError(f"Unexpected Fashion-MNIST shapes in {directory}: images {images.shape}, "
+                             f"labels {labels.shape}.")
+        self.images = np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]
+        self.labels = labels.astype(np.int32)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"image": self.images[index], "label": self.labels[index]}
+
+
+def write_latent_shards(directory: str | os.PathLike, latents: np.ndarray, labels: np.ndarray, *,
+                        num_classes: int, shard_size: int = 100_000, scale: float = 0.18215) -> None:
+    """Write pre-extracted (already scaled) latents [N, H, W, C] and labels [N] as memory-mappable shards."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if latents.ndim != 4 or labels.shape != (latents.shape[0],):
+        raise ValueError(f"latents must be [N, H, W, C] and labels [N], got {latents.shape} and {labels.shape}.")
+    counts = []
+    for shard, start in enumerate(range(0, len(labels), shard_size)):
+        np.save(directory / f"latents-{shard:05d}.npy", latents[start: start + shard_size])
+        np.save(directory / f"labels-{shard:05d}.npy", labels[start: start + shard_size].astype(np.int32))
+        counts.append(int(min(shard_size, len(labels) - start)))
+    manifest = {"num_examples": int(len(labels)), "shard_counts": counts, "latent_shape": list(latents.shape[1:]),
+                "num_classes": int(num_classes), "scale": scale, "dtype": str(latents.dtype)}
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+class LatentShards:
+    """Pre-extracted autoencoder latents written by `write_latent_shards`, read memory-mapped."""
+
+    def __init__(self, path: str):
+        directory = Path(path)
+        manifest_path = directory / "manifest.json"
+        if not path or not manifest_path.is_file():
+            raise FileNotFoundError(f"No latent shards at {path!r} (expected {manifest_path}). Extract latents "
+                                    "first and set --config.data.path to their directory.")
+        manifest = json.loads(manifest_path.read_text())
+        self.num_classes = manifest["num_classes"]
+        self.image_shape = tuple(manifest["latent_shape"])
+        self._latents, self._labels = [], []
+        for shard, count in enumerate(manifest["shard_counts"]):
+            latents = np.load(directory / f"latents-{shard:05d}.npy", mmap_mode="r")
+            labels = np.load(directory / f"labels-{shard:05d}.npy", mmap_mode="r")
+            if latents.shape != (count, *self.image_shape) or labels.shape != (count,):
+                raise ValueError(f"Shard {shard} in {directory} has shapes {latents.shape}, {labels.shape}; "
+                                 f"the manifest says {count} x {self.image_shape}.")
+            self._latents.append(latents)
+            self._labels.append(labels)
+        self._starts = np.cumsum([0] + manifest["shard_counts"])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index):
+        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+        row = index - self._starts[shard]
+        return {"image": np.asarray(self._latents[shard][row], np.float32),
+                "label": np.int32(self._labels[shard][row])}
+
+
+def open_source(config):
+    """The random-access training source of a study config."""
+    if config.data.source == "fashion_mnist":
+        return FashionMNIST(config.data.path)
+    if config.data.source == "latent_shards":
+        return LatentShards(config.data.path)
+    raise ValueError(f"Unknown data.source {config.data.source!r}: use fashion_mnist or latent_shards.")
+
+
+def _to_model_input(example, rng: np.random.Generator, flip: bool):
+    image = example["image"]
+    image = image.astype(np.float32) / 127.5 - 1.0 if image.dtype == np.uint8 else image.astype(np.float32)
+    if flip and rng.random() < 0.5:
+        image = image[:, ::-1]
+    return {"image": np.ascontiguousarray(image), "label": example["label"]}
+
+
+def make_dataset(source, *, global_batch: int, seed: int, flip: bool, process_index: int = 0,
+                 process_count: int = 1) -> grain.MapDataset:
+    """Batches for one host: element b is this host's share of global batch b (see the module docstring)."""
+    if global_batch % process_count:
+        raise ValueError(f"Global batch {global_batch} does not split evenly over {process_count} hosts.")
+    local_batch = global_batch // process_count
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    ds = ds.random_map(lambda example, rng: _to_model_input(example, rng, flip), seed=seed + 1)
+    return ds.batch(local_batch)[process_index::process_count]
+
+
+def make_iterator(dataset: grain.MapDataset, num_threads: int = 2):
+    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)))

@@ -1,0 +1,423 @@
+"""One DiT training run: sharded state, jitted step, EMA, checkpoints, per-step records, automatic resume.
+
+`train(config, workdir)` runs (or continues) the run in `workdir`:
+
+    workdir/manifest.json      config, model Gflops/params, versions, devices, seed, status, every (re)start
+    workdir/records.jsonl      one JSON object per logged step (fields: RECORD_FIELDS)
+    workdir/checkpoints/<step> orbax checkpoints: train state, data-iterator state, run metadata
+
+The same command continues a run killed at any moment: it restores the newest checkpoint that loads and
+verifies, cuts records.jsonl back to that step (so every step has exactly one record), and replays the data
+stream from the checkpointed iterator state. With a fixed seed a resumed run ends bit-for-bit where an
+uninterrupted one does: each step's timesteps, noise and label dropout come from fold_in(seed, step).
+A non-finite loss stops the run: the step that produced it is not applied, the last good state is
+checkpointed, and `TrainingDiverged` names the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from models.diffusion import GaussianDiffusion, linear_betas
+from models.dit import DiT, DiTConfig
+from models.flops import dit_compute
+from scaling import config as config_lib
+from scaling import data as data_lib
+
+log = logging.getLogger("dit_scaling.train")
+
+RECORD_FIELDS = {
+    "step": "optimizer steps completed",
+    "images_seen": "step x global batch",
+    "loss": "mean training loss of this step (mse + vb with learned sigma)",
+    "mse": "epsilon mean-squared error of this step",
+    "vb": "variational-bound term of this step, bits per dimension (learned sigma only)",
+    "grad_norm": "global L2 norm of the gradient of this step",
+    "gflops_per_image": "forward GMACs per image (the paper's 'Gflops')",
+    "train_gflops_cumulative": "3 x gflops_per_image x global batch x step (paper units)",
+    "wall_time": "seconds of training so far, summed over restarts (compilation included)",
+    "time": "Unix time of this record",
+    "step_time": "mean seconds per step since the previous record (excluding the first step after a start)",
+    "images_per_s": "global batch / step_time",
+    "utilization": "achieved FLOP/s (2 x 3 x MACs x images/s) over the measured matmul peak of all devices",
+}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Devices, sharding, peak
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    # Auto axes: XLA propagates shardings through the model (explicit axes would demand annotations everywhere).
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _param_sharding(leaf, mesh: jax.sharding.Mesh, mode: str) -> NamedSharding:
+    """Replicated, or (fsdp) split along the largest axis that the device count divides."""
+    if mode == "fsdp":
+        n = mesh.shape["data"]
+        axes = sorted(range(leaf.ndim), key=lambda a: -leaf.shape[a])
+        for axis in axes:
+            if leaf.shape[axis] % n == 0 and leaf.shape[axis] >= n:
+                spec = [None] * leaf.ndim
+                spec[axis] = "data"
+                return NamedSharding(mesh, P(*spec))
+    return NamedSharding(mesh, P())
+
+
+def measure_matmul_peak(dtype: str) -> float:
+    """Best FLOP/s of one device on a square matmul in `dtype` (2 n^3 FLOPs), measured here and now."""
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Train state and step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    t = config.train
+    return optax.adamw(t.learning_rate, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
+
+
+def init_state(model_config: DiTConfig, optimizer, seed: int) -> dict:
+    """Parameters, optimizer state, EMA (a copy of the parameters), step and RNG, as a pytree of arrays."""
+    model = DiT(model_config, rngs=nnx.Rngs(seed))
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "ema": jax.tree.map(jnp.copy, params),
+        "opt_state": optimizer.init(params),
+        "rng": jax.random.PRNGKey(seed),
+        "nonfinite_step": jnp.full((), -1, jnp.int32),  # first step whose loss was not finite, or -1
+    }
+
+
+def make_train_step(model_config: DiTConfig, diffusion: GaussianDiffusion, optimizer, ema_decay: float):
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DiT(model_config, rngs=nnx.Rngs(0))))
+
+    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+        key = jax.random.fold_in(state["rng"], state["step"])
+        key_t, key_noise, key_drop = jax.random.split(key, 3)
+        x_start, labels = batch["image"], batch["label"]
+        t = jax.random.randint(key_t, (x_start.shape[0],), 0, diffusion.num_timesteps)
+        noise = jax.random.normal(key_noise, x_start.shape, x_start.dtype)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params)
+            terms = diffusion.training_losses(lambda x, tt: model(x, tt, labels, dropout_key=key_drop),
+                                              x_start, t, noise)
+            terms = {name: value.mean() for name, value in terms.items()}
+            return terms["loss"], terms
+
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        healthy = finite & (state["nonfinite_step"] < 0)
+        updated = {"step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state}
+        # Once a step is not finite, no later step changes the state: the host stops on the last good one.
+        new_state = {k: jax.tree.map(lambda new, old: jnp.where(healthy, new, old), v, state[k])
+                     for k, v in updated.items()}
+        new_state["rng"] = state["rng"]
+        new_state["nonfinite_step"] = jnp.where(~finite & (state["nonfinite_step"] < 0), state["step"],
+                                                state["nonfinite_step"])
+        return new_state, {**terms, "grad_norm": grad_norm, "finite": finite}
+
+    return train_step
+
+
+def state_fingerprint(state: dict) -> float:
+    """Sum of |x| over every floating array of the state: stored with each checkpoint, checked on restore."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return float(sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Records and manifest
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_records(path: Path) -> list[dict]:
+    """The valid records of a records.jsonl (a torn last line from a killed writer is skipped)."""
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def _truncate_records(path: Path, last_step: int) -> None:
+    kept = [r for r in read_records(path) if r.get("step", math.inf) <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+
+
+def _versions() -> dict:
+    import flax
+    import grain
+    import orbax.checkpoint
+
+    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jax.lib.__version__,
+            "flax": flax.__version__, "optax": optax.__version__, "orbax": orbax.checkpoint.__version__,
+            "grain": getattr(grain, "__version__", "unknown"), "numpy": np.__version__}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunResult:
+    workdir: Path
+    step: int
+    status: str
+    final_loss: float | None
+
+
+def _checkpoint_manager(workdir: Path, config) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.train.keep_checkpoints, keep_period=config.train.keep_every or None,
+        enable_async_checkpointing=config.train.async_checkpoints, create=True)
+    return ocp.CheckpointManager(workdir.resolve() / "checkpoints", options=options)
+
+
+def _restore_latest(manager: ocp.CheckpointManager, abstract_state: dict):
+    """Newest checkpoint that restores and matches its fingerprint; corrupt ones are skipped with a warning."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types for damaged files
+            log.warning("Checkpoint at step %d cannot be restored (%s: %s); skipping it.", step,
+                        type(e).__name__, str(e).splitlines()[0][:200])
+            continue
+        expected = restored["meta"]["fingerprint"]
+        found = state_fingerprint(restored["state"])
+        if not math.isclose(found, expected, rel_tol=1e-6):
+            log.warning("Checkpoint at step %d is corrupt (fingerprint %.9g, expected %.9g); skipping it.",
+                        step, found, expected)
+            continue
+        return step, restored
+    return None, None
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunResult:
+    """Run or resume the training run in `workdir` (see the module docstring)."""
+    config_lib.validate(config)
+    workdir = Path(workdir)
+    primary = jax.process_index() == 0
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+    manifest_path, records_path = workdir / "manifest.json", workdir / "records.jsonl"
+    config_dict = json.loads(json.dumps(config.to_dict(), default=str))
+    previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    if previous is not None:
+        _check_same_run(previous["config"], config_dict, workdir)
+
+    source = data_lib.open_source(config)
+    height, width, channels = source.image_shape
+    model_config = config_lib.model_config(config, input_size=height, in_channels=channels,
+                                           num_classes=source.num_classes)
+    compute = dit_compute(dataclasses.replace(model_config, dtype="float32"))
+    diffusion = GaussianDiffusion(linear_betas(config.diffusion.num_timesteps), learn_sigma=model_config.learn_sigma)
+    optimizer = make_optimizer(config)
+    global_batch = config.train.batch_size
+    mesh = make_mesh()
+    if global_batch % jax.device_count():
+        raise ValueError(f"train.batch_size {global_batch} must be a multiple of the device count "
+                         f"{jax.device_count()}.")
+
+    # -- state: restore or initialise --------------------------------------------------------------------------
+    abstract = jax.eval_shape(lambda: init_state(model_config, optimizer, config.train.seed))
+    state_sharding = jax.tree.map(lambda leaf: _param_sharding(leaf, mesh, config.train.param_sharding), abstract)
+    abstract_state = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                                  abstract, state_sharding)
+    manager = _checkpoint_manager(workdir, config)
+    start_step, restored = _restore_latest(manager, abstract_state)
+    dataset = data_lib.make_dataset(source, global_batch=global_batch, seed=config.train.seed,
+                                    flip=config.data.flip, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    iterator = data_lib.make_iterator(dataset, config.data.num_threads)
+    if restored is not None:
+        state, elapsed = restored["state"], restored["meta"]["wall_time"]
+        iterator.set_state(restored["data"])
+        log.info("Resuming %s from step %d.", workdir, start_step)
+    else:
+        if manager.all_steps():
+            log.warning("No usable checkpoint in %s: starting the run again from step 0.", workdir)
+        start_step, elapsed = 0, 0.0
+        state = jax.jit(lambda: init_state(model_config, optimizer, config.train.seed),
+                        out_shardings=state_sharding)()
+
+    peak = measure_matmul_peak(model_config.dtype) * jax.device_count()
+    total = config.train.steps
+    if primary:
+        _truncate_records(records_path, start_step)
+        manifest = previous or {
+            "config": config_dict, "model": dataclasses.asdict(model_config), "model_name": model_config.name,
+            "gflops_per_image": compute.gflops, "macs_per_image": compute.macs, "params": compute.params,
+            "tokens": compute.tokens, "seed": config.train.seed, "global_batch": global_batch,
+            "data": {"source": config.data.source, "examples": len(source)},
+            "starts": []}
+        manifest["starts"].append({"time": time.time(), "step": start_step, "versions": _versions(),
+                                   "devices": {"count": jax.device_count(), "processes": jax.process_count(),
+                                               "kind": jax.devices()[0].device_kind,
+                                               "platform": jax.default_backend()},
+                                   "matmul_peak_flops": peak})
+        manifest["status"], manifest["total_steps"], manifest["config"] = "running", total, config_dict
+        _write_json(manifest_path, manifest)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    data_sharding = NamedSharding(mesh, P("data"))
+    step_fn = jax.jit(make_train_step(model_config, diffusion, optimizer, config.train.ema_decay),
+                      in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, None),
+                      donate_argnums=(0,))
+    flops_per_step = 2 * 3 * compute.macs * global_batch
+    run_start, last_log_time, last_log_step = time.perf_counter(), None, start_step
+    pending = None  # (step number, metrics) of the step dispatched last: fetched after the next dispatch
+    final_loss = None
+
+    def save(step: int, state: dict) -> None:
+        meta = {"wall_time": elapsed + time.perf_counter() - run_start, "fingerprint": state_fingerprint(state)}
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=ocp.args.JsonSave(iterator.get_state()),
+                                                   meta=ocp.args.JsonSave(meta)), force=True)
+
+    def handle(step: int, metrics: dict) -> None:
+        nonlocal last_log_time, last_log_step, final_loss
+        metrics = jax.device_get(metrics)
+        if not metrics["finite"]:
+            manager.wait_until_finished()
+            save(step - 1, state)
+            manager.wait_until_finished()
+            if primary:
+                _write_json(manifest_path, {**json.loads(manifest_path.read_text()), "status": "diverged"})
+            raise TrainingDiverged(
+                f"Loss is {float(metrics['loss'])} (grad norm {float(metrics['grad_norm'])}) at step {step}. The "
+                f"last good state (step {step - 1}) is checkpointed in {workdir / 'checkpoints'}. Lower "
+                "train.learning_rate or use float32 (model.dtype) and start a new workdir.")
+        final_loss = float(metrics["loss"])
+        now = time.perf_counter()
+        if step == start_step + 1:
+            last_log_time, last_log_step = now, step  # the first step after a start includes compilation
+        if step % config.train.log_every and step != total:
+            return
+        step_time = (now - last_log_time) / (step - last_log_step) if step > last_log_step else None
+        record = {"step": step, "images_seen": step * global_batch,
+                  **{k: float(metrics[k]) for k in ("loss", "mse", "vb", "grad_norm") if k in metrics},
+                  "gflops_per_image": compute.gflops,
+                  "train_gflops_cumulative": 3 * compute.gflops * global_batch * step,
+                  "wall_time": elapsed + now - run_start, "time": time.time(), "step_time": step_time,
+                  "images_per_s": global_batch / step_time if step_time else None,
+                  "utilization": flops_per_step / step_time / peak if step_time else None}
+        last_log_time, last_log_step = now, step
+        if primary:
+            with records_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            rate = f"{1 / step_time:.2f} steps/s, {record['images_per_s']:.0f} img/s" if step_time else "compiling"
+            eta = f"ETA {_duration((total - step) * step_time)}" if step_time else ""
+            print(f"[{workdir.name}] step {step}/{total}  loss {record['loss']:.4f}  {rate}  {eta}", flush=True)
+
+    for step in range(start_step, total):
+        batch = next(iterator)
+        batch = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
+        state, metrics = step_fn(state, batch)
+        if pending is not None:
+            handle(*pending)
+        pending = (step + 1, metrics)
+        if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == total:
+            handle(*pending)
+            pending = None
+            save(step + 1, state)
+    if pending is not None:
+        handle(*pending)
+    manager.wait_until_finished()
+    manager.close()
+    if primary:
+        _write_json(manifest_path, {**json.loads(manifest_path.read_text()), "status": "finished",
+                                    "final_step": total})
+    return RunResult(workdir=workdir, step=total, status="finished", final_loss=final_loss)
+
+
+def _check_same_run(previous: dict, current: dict, workdir: Path) -> None:
+    """A workdir continues only the run it holds; train.steps may change (to extend or shorten a run)."""
+    def without_steps(config):
+        return {**config, "train": {k: v for k, v in config["train"].items() if k != "steps"}}
+
+    before, after = without_steps(previous), without_steps(current)
+    if before != after:
+        changed = sorted(f"{section}.{key}" for section in set(before) | set(after)
+                         for key in set(before.get(section, {})) | set(after.get(section, {}))
+                         if before.get(section, {}).get(key) != after.get(section, {}).get(key))
+        raise ValueError(f"{workdir} holds a run with a different config ({', '.join(changed)} differ). Use a new "
+                         "--workdir, or the run's own config to resume it.")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def load_final_params(workdir: str | os.PathLike, *, ema: bool = True) -> dict:
+    """The parameters (EMA by default) of the newest checkpoint of a run, as a pure dict of numpy arrays."""
+    manager = ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints")
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    return jax.device_get(restored["state"]["ema" if ema else "params"])
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience for debugging
+    logging.basicConfig(level=logging.INFO)
+    train(config_lib.load_config(sys.argv[1], sys.argv[3:]), sys.argv[2])
