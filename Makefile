@@ -3,7 +3,17 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
 .PHONY: run test lint clean
+
+# The embedded default data: Debian's dataset-fashion-mnist (needs root, as on CI; else install it yourself).
+$(FASHION_MNIST):
+	@if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'" >&2; exit 1; \
+	fi
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +29,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/activate
 run: $(VENV)/.installed-core
 	$(BIN)/dit-scaling flops
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev $(FASHION_MNIST)
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-dev

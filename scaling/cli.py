@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -110,6 +111,85 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# train, grid, status
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _init_distributed(args: argparse.Namespace) -> None:
+    """Join a multi-host run: the same command on every host (coordinator, process count and id from flags,
+    or detected by JAX on TPU pods and SLURM with --distributed)."""
+    import jax
+
+    if args.coordinator:
+        # Cross-process collectives on CPU devices need gloo; accelerators ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
+
+
+def _load_study_config(args: argparse.Namespace):
+    from scaling.config import load_config
+
+    return load_config(args.config, [o.removeprefix("--config.") for o in args.overrides])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from scaling.train import train
+
+    _init_distributed(args)
+    config = _load_study_config(args)
+    result = train(config, args.workdir)
+    loss = "" if result.final_loss is None else f", final loss {result.final_loss:.4f}"
+    print(f"{result.workdir}: {result.status} at step {result.step}{loss}")
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from scaling.grid import run_grid
+
+    _init_distributed(args)
+    outcome = run_grid(args.config, args.workdir, models=args.models.split(",") if args.models else None,
+                       only=args.only.split(",") if args.only else None, shard=args.shard,
+                       overrides=[o.removeprefix("--config.") for o in args.overrides])
+    _print_table([{"model": m, "outcome": o} for m, o in outcome.items()], [("model", "model"), ("outcome", "outcome")])
+    return 1 if any(o.startswith("failed") for o in outcome.values()) else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from scaling.grid import run_status
+
+    rows = run_status(args.runs_dir)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print(f"No runs under {args.runs_dir} (a run is a directory with a manifest.json).")
+        return 1
+    for row in rows:
+        row["progress"] = f"{row['step']}/{row['total_steps']}"
+        evaluation = row["latest_evaluation"]
+        row["evaluation"] = "-" if not evaluation else f"{evaluation.get('metric')}={evaluation.get('value')}"
+    _print_table(rows, [("run", "run"), ("model", "model"), ("status", "status"), ("progress", "step"),
+                        ("images_seen", "images"), ("train_gflops_cumulative", "train Gflops"),
+                        ("loss", "last loss"), ("wall_time", "wall s"), ("evaluation", "latest evaluation")])
+    return 0
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True,
+                        help="NAME:VARIANT, NAME a built-in config (fmnist, imagenet256) or a .py file")
+    parser.add_argument("--workdir", required=True, help="run directory (grid: directory of runs)")
+    parser.add_argument("overrides", nargs="*", metavar="--config.KEY=VALUE",
+                        help="config overrides, e.g. --config.train.steps=1000")
+    parser.add_argument("--coordinator", help="multi-host: host:port of process 0")
+    parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-host with settings detected by JAX (TPU pods, SLURM)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -129,11 +209,38 @@ def build_parser() -> argparse.ArgumentParser:
                        help="count a PyTorch model instead: FACTORY() returns (model, example_inputs)")
     flops.add_argument("--json", action="store_true", help="print JSON instead of a table")
     flops.set_defaults(handler=cmd_flops)
+
+    train = commands.add_parser("train", help="Train one run (resumes automatically).",
+                                description="Train one DiT run in --workdir; the same command resumes it.")
+    _add_run_arguments(train)
+    train.set_defaults(handler=cmd_train)
+
+    grid = commands.add_parser("grid", help="Train every config of a study (12 by default).",
+                               description="Train every config of a study into --workdir/DiT-SIZE-PATCH; skips "
+                                           "finished runs, resumes unfinished ones, keeps going past failures. "
+                                           "--config is NAME or NAME:OPTIONS (e.g. fmnist:smoke).")
+    _add_run_arguments(grid)
+    grid.add_argument("--models", help="comma-separated configs of the study (default: the paper's 12)")
+    grid.add_argument("--only", help="comma-separated subset to run, e.g. XL/2,L/2")
+    grid.add_argument("--shard", help="i/n: run every n-th config starting at i (for n machines)")
+    grid.set_defaults(handler=cmd_grid)
+
+    status = commands.add_parser("status", help="Progress of every run under a directory.")
+    status.add_argument("runs_dir")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        if not hasattr(args, "overrides") or not all(u.startswith("--config.") for u in unknown):
+            build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *unknown]
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("absl", "orbax", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, ImportError) as e:

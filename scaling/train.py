@@ -115,7 +115,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 def init_state(model_config: DiTConfig, optimizer, seed: int) -> dict:
     """Parameters, optimizer state, EMA (a copy of the parameters), step and RNG, as a pytree of arrays."""
     model = DiT(model_config, rngs=nnx.Rngs(seed))
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
@@ -147,7 +147,7 @@ def make_train_step(model_config: DiTConfig, diffusion: GaussianDiffusion, optim
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         healthy = finite & (state["nonfinite_step"] < 0)
         updated = {"step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state}
@@ -229,7 +229,9 @@ def _checkpoint_manager(workdir: Path, config) -> ocp.CheckpointManager:
 
 
 def _restore_latest(manager: ocp.CheckpointManager, abstract_state: dict):
-    """Newest checkpoint that restores and matches its fingerprint; corrupt ones are skipped with a warning."""
+    """Newest checkpoint that restores and matches its fingerprint; corrupt ones are skipped with a warning.
+    Returns (step, restored, corrupt steps)."""
+    corrupt = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
@@ -238,15 +240,32 @@ def _restore_latest(manager: ocp.CheckpointManager, abstract_state: dict):
         except Exception as e:  # orbax raises many types for damaged files
             log.warning("Checkpoint at step %d cannot be restored (%s: %s); skipping it.", step,
                         type(e).__name__, str(e).splitlines()[0][:200])
+            corrupt.append(step)
             continue
         expected = restored["meta"]["fingerprint"]
         found = state_fingerprint(restored["state"])
         if not math.isclose(found, expected, rel_tol=1e-6):
             log.warning("Checkpoint at step %d is corrupt (fingerprint %.9g, expected %.9g); skipping it.",
                         step, found, expected)
+            corrupt.append(step)
             continue
-        return step, restored
-    return None, None
+        return step, restored, corrupt
+    return None, None, corrupt
+
+
+def _set_aside(workdir: Path, steps: list[int]) -> None:
+    """Move unusable checkpoints to workdir/corrupt_checkpoints/ (kept for inspection, out of the way)."""
+    if jax.process_index() == 0:
+        target = workdir / "corrupt_checkpoints"
+        target.mkdir(exist_ok=True)
+        for step in steps:
+            destination = target / f"{step}-{int(time.time())}"
+            os.replace(workdir / "checkpoints" / str(step), destination)
+            log.warning("Moved the unusable checkpoint of step %d to %s.", step, destination)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("set aside corrupt checkpoints")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunResult:
@@ -281,7 +300,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
     abstract_state = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                                   abstract, state_sharding)
     manager = _checkpoint_manager(workdir, config)
-    start_step, restored = _restore_latest(manager, abstract_state)
+    start_step, restored, corrupt = _restore_latest(manager, abstract_state)
+    if corrupt:
+        manager.close()
+        _set_aside(workdir, corrupt)
+        manager = _checkpoint_manager(workdir, config)
     dataset = data_lib.make_dataset(source, global_batch=global_batch, seed=config.train.seed,
                                     flip=config.data.flip, process_index=jax.process_index(),
                                     process_count=jax.process_count())
@@ -291,7 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
         iterator.set_state(restored["data"])
         log.info("Resuming %s from step %d.", workdir, start_step)
     else:
-        if manager.all_steps():
+        if corrupt:
             log.warning("No usable checkpoint in %s: starting the run again from step 0.", workdir)
         start_step, elapsed = 0, 0.0
         state = jax.jit(lambda: init_state(model_config, optimizer, config.train.seed),
@@ -302,7 +325,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
     if primary:
         _truncate_records(records_path, start_step)
         manifest = previous or {
-            "config": config_dict, "model": dataclasses.asdict(model_config), "model_name": model_config.name,
+            "config": config_dict, "model": dataclasses.asdict(model_config),
+            "model_name": "DiT-" + config.model.name.removeprefix("DiT-"),
             "gflops_per_image": compute.gflops, "macs_per_image": compute.macs, "params": compute.params,
             "tokens": compute.tokens, "seed": config.train.seed, "global_batch": global_batch,
             "data": {"source": config.data.source, "examples": len(source)},
@@ -336,7 +360,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
         metrics = jax.device_get(metrics)
         if not metrics["finite"]:
             manager.wait_until_finished()
-            save(step - 1, state)
+            if step - 1 not in manager.all_steps():
+                save(step - 1, state)
             manager.wait_until_finished()
             if primary:
                 _write_json(manifest_path, {**json.loads(manifest_path.read_text()), "status": "diverged"})

@@ -1,0 +1,99 @@
+"""The grid: one training run per config of a study, resumable and splittable across machines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from pathlib import Path
+
+import jax
+
+from models.dit import PAPER_MODELS
+from scaling import config as config_lib
+from scaling.train import read_records, train
+
+log = logging.getLogger("dit_scaling.grid")
+
+
+def run_dir_name(model: str) -> str:
+    """Directory name of a model's run: "S/8" or "DiT-S/8" -> "DiT-S-8"."""
+    return "DiT-" + model.removeprefix("DiT-").replace("/", "-")
+
+
+def select_models(models: list[str], only: list[str] | None, shard: str | None) -> list[str]:
+    """Filter by --only, then take this machine's share (--shard i/n: every n-th config from the i-th)."""
+    normalise = {m.removeprefix("DiT-"): m for m in models}
+    if only:
+        unknown = [m for m in only if m.removeprefix("DiT-") not in normalise]
+        if unknown:
+            raise ValueError(f"--only names configs outside the study: {unknown}; the study has {models}.")
+        wanted = {m.removeprefix("DiT-") for m in only}
+        models = [m for m in models if m.removeprefix("DiT-") in wanted]
+    if shard:
+        try:
+            index, count = (int(x) for x in shard.split("/"))
+        except ValueError as e:
+            raise ValueError(f"--shard must be i/n (e.g. 0/4), got {shard!r}.") from e
+        if not 0 <= index < count:
+            raise ValueError(f"--shard {shard}: need 0 <= i < n.")
+        models = models[index::count]
+    return models
+
+
+def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None = None,
+             only: list[str] | None = None, shard: str | None = None, overrides: list[str] = ()) -> dict[str, str]:
+    """Train every selected config into runs_dir/<run>; skip finished runs, resume the rest, keep going on
+    failures. Returns {model: "finished" | "skipped" | "failed: ..."}."""
+    base, _, options = config_name.partition(":")
+    selected = select_models([m.removeprefix("DiT-") for m in (models or PAPER_MODELS)], only, shard)
+    runs_dir = Path(runs_dir)
+    outcome = {}
+    for i, model in enumerate(selected):
+        variant = model + (f",{options}" if options else "")
+        config = config_lib.load_config(f"{base}:{variant}", overrides)
+        workdir = runs_dir / run_dir_name(model)
+        manifest = _read_manifest(workdir)
+        if manifest and manifest.get("status") == "finished" and manifest.get("final_step") == config.train.steps:
+            outcome[model] = "skipped"
+            log.info("[%d/%d] %s: finished already, skipped.", i + 1, len(selected), model)
+            continue
+        log.info("[%d/%d] %s -> %s", i + 1, len(selected), model, workdir)
+        try:
+            train(config, workdir)
+            outcome[model] = "finished"
+        except Exception as e:  # one failed run must not stop the grid
+            outcome[model] = f"failed: {type(e).__name__}: {e}"
+            log.error("%s failed:\n%s", model, traceback.format_exc())
+            if jax.process_index() == 0 and (workdir / "manifest.json").is_file():
+                manifest = _read_manifest(workdir)
+                manifest.update(status="failed", error=f"{type(e).__name__}: {e}", failed_at=time.time())
+                (workdir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    return outcome
+
+
+def _read_manifest(workdir: Path) -> dict | None:
+    path = workdir / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_status(runs_dir: str | Path) -> list[dict]:
+    """One row per run under runs_dir: model, status, progress, compute spent, last loss, latest evaluation."""
+    rows = []
+    for manifest_path in sorted(Path(runs_dir).glob("*/manifest.json")):
+        workdir = manifest_path.parent
+        manifest = json.loads(manifest_path.read_text())
+        records = read_records(workdir / "records.jsonl")
+        last = records[-1] if records else {}
+        evaluations = read_records(workdir / "evaluations.jsonl")
+        rows.append({
+            "run": workdir.name, "model": manifest.get("model_name"), "status": manifest.get("status"),
+            "step": last.get("step", 0), "total_steps": manifest.get("total_steps"),
+            "images_seen": last.get("images_seen", 0),
+            "train_gflops_cumulative": last.get("train_gflops_cumulative", 0.0),
+            "loss": last.get("loss"), "wall_time": last.get("wall_time"),
+            "latest_evaluation": evaluations[-1] if evaluations else None,
+            "error": manifest.get("error"),
+        })
+    return rows

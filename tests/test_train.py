@@ -1,0 +1,297 @@
+"""Training runs: records, resume after SIGKILL, corrupt checkpoints, divergence, devices, hosts, the grid."""
+
+import gzip
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scaling.cli import main
+from scaling.config import apply_override, load_config
+from scaling.data import FashionMNIST, LatentShards, make_dataset, read_idx, write_latent_shards
+from scaling.grid import run_grid, select_models
+from scaling.train import RECORD_FIELDS, TrainingDiverged, load_final_params, read_records, train
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=1"]
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    codes = {np.dtype(np.uint8): 0x08}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def fmnist_dir(tmp_path_factory) -> Path:
+    """A small dataset in Fashion-MNIST's IDX layout: class k images have mean brightness 20 k."""
+    directory = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 256), ("t10k", 64)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = np.clip(rng.normal(20.0 * labels[:, None, None], 30, (n, 28, 28)), 0, 255).astype(np.uint8)
+        _write_idx(directory / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(directory / f"{split}-labels-idx1-ubyte.gz", labels)
+    return directory
+
+
+def _cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "scaling.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def _smoke(fmnist_dir, *extra):
+    return ["--config", "fmnist:S/8,smoke", f"--config.data.path={fmnist_dir}", *extra]
+
+
+# -- configs and data ----------------------------------------------------------------------------------------------
+
+
+def test_config_overrides_are_typed_and_checked():
+    config = load_config("fmnist:B/4,smoke", ["train.steps=7", "train.learning_rate=3e-4", "data.flip=false",
+                                              "model.dtype=bfloat16"])
+    assert (config.train.steps, config.train.learning_rate, config.data.flip) == (7, 3e-4, False)
+    assert config.model.hidden_size == 64 and config.model.name == "B/4"
+    with pytest.raises(ValueError, match="no field 'train.stepz'"):
+        apply_override(config, "train.stepz=3")
+    with pytest.raises(ValueError, match="expected true or false"):
+        apply_override(config, "data.flip=maybe")
+    with pytest.raises(ValueError, match="size must be one of"):
+        load_config("fmnist:M/8")
+    with pytest.raises(ValueError, match="Unknown config"):
+        load_config("cifar:S/8")
+    paper = load_config("imagenet256:XL/2")
+    assert (paper.train.batch_size, paper.train.learning_rate, paper.train.ema_decay) == (256, 1e-4, 0.9999)
+    assert (paper.train.weight_decay, paper.model.class_dropout_prob, paper.data.flip) == (0.0, 0.1, True)
+
+
+def test_idx_reader_and_fashion_mnist_layout(fmnist_dir, tmp_path):
+    source = FashionMNIST(str(fmnist_dir))
+    assert len(source) == 256 and source.images.shape == (256, 32, 32, 1)
+    raw = read_idx(fmnist_dir / "train-images-idx3-ubyte.gz")
+    np.testing.assert_array_equal(source.images[:, 2:30, 2:30, 0], raw)  # padded by 2 on each side
+    assert source.images[:, :2].max() == 0
+    broken = tmp_path / "broken-idx"
+    broken.write_bytes(gzip.decompress((fmnist_dir / "train-images-idx3-ubyte.gz").read_bytes())[:5000])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        read_idx(broken)
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        FashionMNIST(str(tmp_path))
+
+
+def test_hosts_share_each_global_batch(fmnist_dir):
+    source = FashionMNIST(str(fmnist_dir))
+    whole = make_dataset(source, global_batch=8, seed=1, flip=True)
+    halves = [make_dataset(source, global_batch=8, seed=1, flip=True, process_index=i, process_count=2)
+              for i in range(2)]
+    for b in range(3):
+        np.testing.assert_array_equal(np.concatenate([h[b]["image"] for h in halves]), whole[b]["image"])
+    first_epoch = np.concatenate([whole[b]["label"] for b in range(32)])
+    np.testing.assert_array_equal(np.sort(first_epoch), np.sort(source.labels))  # each example once per epoch
+    images = whole[0]["image"]
+    assert images.dtype == np.float32 and images.min() >= -1 and images.max() <= 1
+
+
+def test_latent_shards_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    latents, labels = rng.standard_normal((25, 4, 4, 4)).astype(np.float32), rng.integers(0, 3, 25)
+    write_latent_shards(tmp_path / "shards", latents, labels, num_classes=3, shard_size=10)
+    shards = LatentShards(str(tmp_path / "shards"))
+    assert len(shards) == 25 and shards.image_shape == (4, 4, 4)
+    for i in (0, 9, 10, 24):
+        np.testing.assert_array_equal(shards[i]["image"], latents[i])
+        assert shards[i]["label"] == labels[i]
+    with pytest.raises(FileNotFoundError, match="Extract latents"):
+        LatentShards(str(tmp_path / "nothing"))
+
+
+# -- one run ---------------------------------------------------------------------------------------------------------
+
+
+def test_smoke_run_writes_documented_records_and_manifest(fmnist_dir, tmp_path, capsys):
+    assert main(["train", *_smoke(fmnist_dir), "--workdir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "step 20/20" in out and "steps/s" in out and "ETA" in out
+    records = read_records(tmp_path / "run" / "records.jsonl")
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["model_name"] == "DiT-S/8"
+    assert manifest["params"] > 0 and manifest["starts"][0]["versions"]["jax"]
+    for record in records:
+        assert set(RECORD_FIELDS) == set(record)
+        assert record["images_seen"] == 8 * record["step"]
+        assert record["train_gflops_cumulative"] == pytest.approx(3 * manifest["gflops_per_image"] * 8 * record["step"])
+        assert np.isfinite(record["loss"]) and record["loss"] == pytest.approx(record["mse"] + record["vb"], rel=1e-5)
+    assert all(r["step_time"] > 0 and 0 < r["utilization"] < 1 for r in records[1:])
+
+
+def test_the_same_command_refuses_a_different_config(fmnist_dir, tmp_path):
+    config = load_config("fmnist:S/8,smoke", [f"data.path={fmnist_dir}", "train.steps=5"])
+    train(config, tmp_path / "run")
+    apply_override(config, "train.learning_rate=0.5")
+    with pytest.raises(ValueError, match="train.learning_rate differ"):
+        train(config, tmp_path / "run")
+
+
+def _wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_the_uninterrupted_result(fmnist_dir, tmp_path):
+    args = [*_smoke(fmnist_dir, "--config.train.steps=600", "--config.train.checkpoint_every=100",
+                    "--config.train.log_every=10", *[f"--config.{o}" for o in TINY])]
+    assert _cli("train", *args, "--workdir", str(tmp_path / "straight")).returncode == 0
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "scaling.cli", "train", *args, "--workdir", str(killed)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Kill it mid-run: after a checkpoint is committed and some later steps are recorded.
+        assert _wait_for(lambda: any(read_records(killed / "records.jsonl")[-1:]
+                                     and r["step"] > 250 for r in read_records(killed / "records.jsonl")))
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert read_records(killed / "records.jsonl")[-1]["step"] < 600
+    resumed = _cli("train", *args, "--workdir", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming" in resumed.stderr
+
+    steps = [r["step"] for r in read_records(killed / "records.jsonl")]
+    assert steps == list(range(10, 601, 10))  # every step exactly once
+    straight_records = read_records(tmp_path / "straight" / "records.jsonl")
+    assert [r["loss"] for r in read_records(killed / "records.jsonl")] == [r["loss"] for r in straight_records]
+    for ema in (True, False):
+        a, b = load_final_params(killed, ema=ema), load_final_params(tmp_path / "straight", ema=ema)
+        for x, y in zip(_leaves(a), _leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_corrupt_checkpoint_is_skipped_with_a_warning(fmnist_dir, tmp_path, caplog):
+    config = load_config("fmnist:S/8,smoke", [f"data.path={fmnist_dir}", *TINY])
+    train(config, tmp_path / "run")  # checkpoints at 10 and 20
+    newest = tmp_path / "run" / "checkpoints" / "20" / "state"
+    data_files = sorted((p for p in newest.rglob("*") if p.is_file() and p.stat().st_size > 1000),
+                        key=lambda p: -p.stat().st_size)
+    blob = bytearray(data_files[0].read_bytes())
+    blob[len(blob) // 2: len(blob) // 2 + 64] = bytes(64)
+    data_files[0].write_bytes(blob)
+    apply_override(config, "train.steps=30")
+    with caplog.at_level(logging.WARNING):
+        train(config, tmp_path / "run")
+    assert "step 20" in caplog.text and "skipping it" in caplog.text
+    assert [r["step"] for r in read_records(tmp_path / "run" / "records.jsonl")] == [5, 10, 15, 20, 25, 30]
+
+
+def test_divergence_stops_with_the_last_good_state(tmp_path):
+    rng = np.random.default_rng(0)
+    write_latent_shards(tmp_path / "latents", rng.standard_normal((64, 8, 8, 4)).astype(np.float32),
+                        rng.integers(0, 5, 64), num_classes=5, shard_size=40)
+    config = load_config("imagenet256:S/2", [f"data.path={tmp_path / 'latents'}", "train.batch_size=8",
+                                             "train.steps=30", "train.log_every=1", "train.checkpoint_every=10",
+                                             "train.learning_rate=1e4", "train.async_checkpoints=false", *TINY])
+    with pytest.raises(TrainingDiverged, match=r"at step (\d+)\. The last good state") as error:
+        train(config, tmp_path / "run")
+    bad_step = int(error.value.args[0].split("at step ")[1].split(".")[0])
+    records = read_records(tmp_path / "run" / "records.jsonl")
+    assert [r["step"] for r in records] == list(range(1, bad_step))
+    assert all(np.isfinite(r["loss"]) for r in records)
+    params = load_final_params(tmp_path / "run", ema=False)
+    assert all(np.isfinite(x).all() for x in _leaves(params))
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "diverged"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["replicated", "fsdp"])
+def test_four_simulated_devices_give_the_losses_of_one(fmnist_dir, tmp_path, sharding):
+    args = [*_smoke(fmnist_dir, f"--config.train.param_sharding={sharding}")]
+    one = _cli("train", *args, "--workdir", str(tmp_path / "one"))
+    four = _cli("train", *args, "--workdir", str(tmp_path / "four"),
+                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert one.returncode == 0 and four.returncode == 0, four.stderr
+    manifest = json.loads((tmp_path / "four" / "manifest.json").read_text())
+    assert manifest["starts"][0]["devices"]["count"] == 4
+    losses_one = [r["loss"] for r in read_records(tmp_path / "one" / "records.jsonl")]
+    losses_four = [r["loss"] for r in read_records(tmp_path / "four" / "records.jsonl")]
+    np.testing.assert_allclose(losses_four, losses_one, rtol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_model_together(fmnist_dir, tmp_path):
+    args = [*_smoke(fmnist_dir, "--config.train.steps=10")]
+    reference = _cli("train", *args, "--workdir", str(tmp_path / "single"),
+                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert reference.returncode == 0, reference.stderr
+    port = _free_port()
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "scaling.cli", "train", *args, "--workdir", str(tmp_path / "pair"),
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "step 10/10" in outputs[0][0] and "step 10/10" not in outputs[1][0]  # only process 0 reports
+    manifest = json.loads((tmp_path / "pair" / "manifest.json").read_text())
+    assert manifest["starts"][0]["devices"]["processes"] == 2
+    np.testing.assert_allclose([r["loss"] for r in read_records(tmp_path / "pair" / "records.jsonl")],
+                               [r["loss"] for r in read_records(tmp_path / "single" / "records.jsonl")], rtol=1e-5)
+
+
+# -- the grid --------------------------------------------------------------------------------------------------------
+
+
+def test_grid_selection():
+    models = ["S/8", "S/4", "S/2", "B/8", "B/4", "B/2"]
+    assert select_models(models, ["B/4", "DiT-S/8"], None) == ["S/8", "B/4"]
+    assert select_models(models, None, "1/3") == ["S/4", "B/4"]
+    assert sorted(sum((select_models(models, None, f"{i}/4") for i in range(4)), [])) == sorted(models)
+    with pytest.raises(ValueError, match="outside the study"):
+        select_models(models, ["XL/2"], None)
+    with pytest.raises(ValueError, match="i/n"):
+        select_models(models, None, "2")
+
+
+def test_grid_skips_finished_runs_and_survives_a_failure(fmnist_dir, tmp_path, capsys):
+    overrides = [f"data.path={fmnist_dir}", "train.steps=5"]
+    outcome = run_grid("fmnist:smoke", tmp_path, models=["S/8", "S/3", "B/8"], overrides=overrides)
+    assert outcome["S/8"] == "finished" and outcome["B/8"] == "finished"
+    assert outcome["S/3"].startswith("failed") and "not divisible by patch_size 3" in outcome["S/3"]
+    again = run_grid("fmnist:smoke", tmp_path, models=["S/8", "B/8"], overrides=overrides)
+    assert again == {"S/8": "skipped", "B/8": "skipped"}
+    assert main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "DiT-S-8" in out and "finished" in out and "5/5" in out
+
+
+def test_embedded_default_data_is_fashion_mnist():
+    # Installed by `make` from Debian's dataset-fashion-mnist.
+    source = FashionMNIST()
+    assert len(source) == 60_000 and source.images.shape == (60_000, 32, 32, 1)
+    np.testing.assert_array_equal(np.bincount(source.labels), [6000] * 10)
+    assert len(FashionMNIST(split="test")) == 10_000
