@@ -189,12 +189,19 @@ _zeros = nnx.initializers.zeros_init()
 _patch_embed_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
 
 
+def _linear(in_features: int, out_features: int, init, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """A Linear computing in `dtype` with float32 accumulation and output (bf16 inputs reach the fast
+    bf16 x bf16 -> f32 matmul units; norms, softmax and the residual stream stay float32)."""
+    return nnx.Linear(in_features, out_features, kernel_init=init, dtype=dtype,
+                      preferred_element_type=jnp.float32, rngs=rngs)
+
+
 class TimestepEmbedder(nnx.Module):
     """Sinusoid of dim 256 -> Linear -> SiLU -> Linear."""
 
     def __init__(self, hidden_size: int, *, dtype, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(TIMESTEP_FREQUENCY_DIM, hidden_size, kernel_init=_normal_002, dtype=dtype, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden_size, hidden_size, kernel_init=_normal_002, dtype=dtype, rngs=rngs)
+        self.fc1 = _linear(TIMESTEP_FREQUENCY_DIM, hidden_size, _normal_002, dtype, rngs)
+        self.fc2 = _linear(hidden_size, hidden_size, _normal_002, dtype, rngs)
 
     def __call__(self, t_N: jax.Array) -> jax.Array:
         return self.fc2(nnx.silu(self.fc1(timestep_sinusoid(t_N))))
@@ -225,47 +232,49 @@ def _layer_norm(hidden_size: int, affine: bool, rngs: nnx.Rngs) -> nnx.LayerNorm
                          dtype=jnp.float32, rngs=rngs)
 
 
-def _attend(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(head_dim)) v, softmax in float32; returns [B, T, H*K]."""
-    logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK) * q_BTHK.shape[-1] ** -0.5
-    weights_BHTS = jax.nn.softmax(logits_BHTS.astype(jnp.float32), axis=-1).astype(v_BSHK.dtype)
-    out_BTHK = jnp.einsum("bhts,bshk->bthk", weights_BHTS, v_BSHK)
+def _attend(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, dtype) -> jax.Array:
+    """softmax(q k^T / sqrt(head_dim)) v: products in `dtype` with float32 accumulation, softmax in float32;
+    returns [B, T, H*K] float32."""
+    q_BTHK, k_BSHK, v_BSHK = (a.astype(dtype) for a in (q_BTHK, k_BSHK, v_BSHK))
+    logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
+    weights_BHTS = jax.nn.softmax(logits_BHTS * q_BTHK.shape[-1] ** -0.5, axis=-1).astype(dtype)
+    out_BTHK = jnp.einsum("bhts,bshk->bthk", weights_BHTS, v_BSHK, preferred_element_type=jnp.float32)
     return out_BTHK.reshape(*out_BTHK.shape[:2], -1)
 
 
 class SelfAttention(nnx.Module):
     def __init__(self, hidden_size: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
-        self.num_heads = num_heads
-        self.qkv = nnx.Linear(hidden_size, 3 * hidden_size, kernel_init=_xavier_uniform, dtype=dtype, rngs=rngs)
-        self.proj = nnx.Linear(hidden_size, hidden_size, kernel_init=_xavier_uniform, dtype=dtype, rngs=rngs)
+        self.num_heads, self.dtype = num_heads, dtype
+        self.qkv = _linear(hidden_size, 3 * hidden_size, _xavier_uniform, dtype, rngs)
+        self.proj = _linear(hidden_size, hidden_size, _xavier_uniform, dtype, rngs)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         b, t, d = x_BTD.shape
         qkv_BT3HK = self.qkv(x_BTD).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-        return self.proj(_attend(qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]))
+        return self.proj(_attend(qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2], self.dtype))
 
 
 class CrossAttention(nnx.Module):
     """Multi-head attention from image tokens (queries) to a short conditioning sequence (keys and values)."""
 
     def __init__(self, hidden_size: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
-        self.num_heads = num_heads
-        self.q = nnx.Linear(hidden_size, hidden_size, kernel_init=_xavier_uniform, dtype=dtype, rngs=rngs)
-        self.kv = nnx.Linear(hidden_size, 2 * hidden_size, kernel_init=_xavier_uniform, dtype=dtype, rngs=rngs)
-        self.proj = nnx.Linear(hidden_size, hidden_size, kernel_init=_xavier_uniform, dtype=dtype, rngs=rngs)
+        self.num_heads, self.dtype = num_heads, dtype
+        self.q = _linear(hidden_size, hidden_size, _xavier_uniform, dtype, rngs)
+        self.kv = _linear(hidden_size, 2 * hidden_size, _xavier_uniform, dtype, rngs)
+        self.proj = _linear(hidden_size, hidden_size, _xavier_uniform, dtype, rngs)
 
     def __call__(self, x_BTD: jax.Array, cond_BSD: jax.Array) -> jax.Array:
         b, t, d = x_BTD.shape
         heads, head_dim = self.num_heads, d // self.num_heads
         q_BTHK = self.q(x_BTD).reshape(b, t, heads, head_dim)
         kv_BS2HK = self.kv(cond_BSD).reshape(b, cond_BSD.shape[1], 2, heads, head_dim)
-        return self.proj(_attend(q_BTHK, kv_BS2HK[:, :, 0], kv_BS2HK[:, :, 1]))
+        return self.proj(_attend(q_BTHK, kv_BS2HK[:, :, 0], kv_BS2HK[:, :, 1], self.dtype))
 
 
 class Mlp(nnx.Module):
     def __init__(self, hidden_size: int, mlp_hidden_size: int, *, dtype, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(hidden_size, mlp_hidden_size, kernel_init=_xavier_uniform, dtype=dtype, rngs=rngs)
-        self.fc2 = nnx.Linear(mlp_hidden_size, hidden_size, kernel_init=_xavier_uniform, dtype=dtype, rngs=rngs)
+        self.fc1 = _linear(hidden_size, mlp_hidden_size, _xavier_uniform, dtype, rngs)
+        self.fc2 = _linear(mlp_hidden_size, hidden_size, _xavier_uniform, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(nnx.gelu(self.fc1(x), approximate=True))
@@ -286,11 +295,10 @@ class ModulatedBlock(nnx.Module):
         self.attn = SelfAttention(d, config.num_heads, dtype=dtype, rngs=rngs)
         self.norm2 = _layer_norm(d, affine=False, rngs=rngs)
         self.mlp = Mlp(d, config.mlp_hidden_size, dtype=dtype, rngs=rngs)
-        self.modulation = nnx.Linear(d, (6 if gated else 4) * d, kernel_init=_zeros if gated else _xavier_uniform,
-                                     dtype=dtype, rngs=rngs)
+        self.modulation = _linear(d, (6 if gated else 4) * d, _zeros if gated else _xavier_uniform, dtype, rngs)
 
     def __call__(self, x_BTD: jax.Array, c_BD: jax.Array) -> jax.Array:
-        mod = jnp.split(self.modulation(nnx.silu(c_BD)).astype(jnp.float32), 6 if self.gated else 4, axis=-1)
+        mod = jnp.split(self.modulation(nnx.silu(c_BD)), 6 if self.gated else 4, axis=-1)
         if self.gated:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         else:
@@ -328,15 +336,14 @@ class FinalLayer(nnx.Module):
     def __init__(self, config: DiTConfig, *, modulated: bool, rngs: nnx.Rngs):
         d = config.hidden_size
         self.norm = _layer_norm(d, affine=not modulated, rngs=rngs)
-        self.modulation = (nnx.Linear(d, 2 * d, kernel_init=_zeros, dtype=config.dtype, rngs=rngs)
+        self.modulation = (_linear(d, 2 * d, _zeros, config.dtype, rngs)
                            if modulated else None)
-        self.linear = nnx.Linear(d, config.patch_size**2 * config.out_channels, kernel_init=_zeros,
-                                 dtype=config.dtype, rngs=rngs)
+        self.linear = _linear(d, config.patch_size**2 * config.out_channels, _zeros, config.dtype, rngs)
 
     def __call__(self, x_BTD: jax.Array, c_BD: jax.Array) -> jax.Array:
         x_BTD = self.norm(x_BTD)
         if self.modulation is not None:
-            shift, scale = jnp.split(self.modulation(nnx.silu(c_BD)).astype(jnp.float32), 2, axis=-1)
+            shift, scale = jnp.split(self.modulation(nnx.silu(c_BD)), 2, axis=-1)
             x_BTD = _modulate(x_BTD, shift, scale)
         return self.linear(x_BTD)
 
@@ -353,7 +360,8 @@ class DiT(nnx.Module):
         self.config = config
         d, p = config.hidden_size, config.patch_size
         self.patch_embed = nnx.Conv(config.in_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID",
-                                    kernel_init=_patch_embed_init, dtype=config.dtype, rngs=rngs)
+                                    kernel_init=_patch_embed_init, dtype=config.dtype,
+                                    preferred_element_type=jnp.float32, rngs=rngs)
         self.t_embedder = TimestepEmbedder(d, dtype=config.dtype, rngs=rngs)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob, rngs=rngs)
         if config.block in ("adaLN-Zero", "adaLN"):
@@ -375,8 +383,8 @@ class DiT(nnx.Module):
         cfg = self.config
         self._check_input(x_NHWC, t_N, y_N)
         tokens_NTD = self.patch_embed(x_NHWC).reshape(x_NHWC.shape[0], cfg.num_tokens, cfg.hidden_size)
-        x_NTD = tokens_NTD.astype(jnp.float32) + sincos_position_embedding(cfg.hidden_size, cfg.grid_size)
-        t_ND = self.t_embedder(t_N).astype(jnp.float32)
+        x_NTD = tokens_NTD + sincos_position_embedding(cfg.hidden_size, cfg.grid_size)
+        t_ND = self.t_embedder(t_N)
         y_ND = self.y_embedder(y_N, dropout_key).astype(jnp.float32)
         c_ND = t_ND + y_ND
 
@@ -392,7 +400,7 @@ class DiT(nnx.Module):
         else:
             for block in self.blocks:
                 x_NTD = block(x_NTD, c_ND)
-        patches_NTO = self.final_layer(x_NTD, c_ND).astype(jnp.float32)
+        patches_NTO = self.final_layer(x_NTD, c_ND)
         return unpatchify(patches_NTO, cfg.patch_size, cfg.out_channels)
 
     def forward_with_cfg(self, x_NHWC: jax.Array, t_N: jax.Array, y_N: jax.Array, cfg_scale: float, *,

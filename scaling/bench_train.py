@@ -1,0 +1,98 @@
+"""Benchmark: DiT training throughput, achieved FLOP/s, utilisation and peak memory.
+
+    python -m scaling.bench_train --models S/2,B/4,XL/2 --batch 8 --dtypes float32,bfloat16
+
+For each config (256px: 32x32x4 latents, 1000 classes, learned sigma, the paper's AdamW + EMA step) and compute
+dtype, in a fresh process each: the matmul peak of one device measured in that process (`measure_matmul_peak`,
+same dtype), the mean time of a jitted training step after compilation, images/s, achieved FLOP/s
+(2 x 3 x forward MACs x images/s: true FLOPs, backward = 2 x forward) and its ratio to the peak, and the peak
+memory (process RSS on CPU, the device's peak bytes elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def bench_one(model: str, batch: int, dtype: str, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from models.diffusion import GaussianDiffusion, linear_betas
+    from models.dit import dit_config
+    from models.flops import dit_compute
+    from scaling.configs.common import base_config
+    from scaling.train import init_state, make_optimizer, make_train_step, measure_matmul_peak
+
+    config = base_config()
+    model_config = dit_config(model, dtype=dtype)
+    macs = dit_compute(dit_config(model)).macs
+    optimizer = make_optimizer(config)
+    diffusion = GaussianDiffusion(linear_betas(1000))
+    state = jax.jit(lambda: init_state(model_config, optimizer, 0))()
+    step = jax.jit(make_train_step(model_config, diffusion, optimizer, config.train.ema_decay), donate_argnums=0)
+    rng = np.random.default_rng(0)
+    batch_data = {"image": jnp.asarray(rng.standard_normal((batch, 32, 32, 4)), jnp.float32),
+                  "label": jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)}
+    start = time.perf_counter()
+    state, metrics = step(state, batch_data)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    state, metrics = step(state, batch_data)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch_data)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    step_s = float(np.median(times))
+    peak = measure_matmul_peak(dtype)
+    achieved = 2 * 3 * macs * batch / step_s
+    stats = jax.devices()[0].memory_stats() or {}
+    memory = stats.get("peak_bytes_in_use") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"model": f"DiT-{model}", "dtype": dtype, "batch": batch, "device": jax.devices()[0].device_kind,
+            "compile_s": compile_s, "step_s": step_s, "images_per_s": batch / step_s,
+            "achieved_tflops": achieved / 1e12, "peak_tflops": peak / 1e12, "utilization": achieved / peak,
+            "peak_memory_gib": memory / 2**30, "loss": float(metrics["loss"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="S/2,B/4,XL/2")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # model,dtype: run in this process, print JSON
+    args = parser.parse_args()
+    if args.one:
+        model, dtype = args.one.split(",")
+        print(json.dumps(bench_one(model, args.batch, dtype, args.steps)))
+        return
+    header = (f"{'model':9} {'dtype':9} {'batch':>5} {'compile s':>9} {'step s':>8} {'img/s':>8} "
+              f"{'TFLOP/s':>8} {'peak':>8} {'util':>6} {'mem GiB':>8}")
+    print(header)
+    for model in args.models.split(","):
+        for dtype in args.dtypes.split(","):
+            result = subprocess.run([sys.executable, "-m", "scaling.bench_train", "--one", f"{model},{dtype}",
+                                     "--batch", str(args.batch), "--steps", str(args.steps)],
+                                    capture_output=True, text=True)
+            if result.returncode:
+                print(f"DiT-{model:5} {dtype:9} failed: {result.stderr.strip().splitlines()[-1]}", flush=True)
+                continue
+            r = json.loads(result.stdout.strip().splitlines()[-1])
+            print(f"{r['model']:9} {r['dtype']:9} {r['batch']:5d} {r['compile_s']:9.1f} {r['step_s']:8.3f} "
+                  f"{r['images_per_s']:8.2f} {r['achieved_tflops']:8.3f} {r['peak_tflops']:8.3f} "
+                  f"{r['utilization']:6.1%} {r['peak_memory_gib']:8.2f}", flush=True)
+    print(f"device: {r['device'] if 'r' in locals() else '?'}; peak = measured matmul FLOP/s of one device in the "
+          "same dtype; FLOP/s = 2 x 3 x forward MACs x images/s")
+
+
+if __name__ == "__main__":
+    main()
