@@ -19,7 +19,7 @@ import sys
 import time
 
 
-def bench_one(model: str, batch: int, dtype: str, steps: int) -> dict:
+def bench_one(model: str, batch: int, dtype: str, steps: int, remat: bool) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -28,10 +28,10 @@ def bench_one(model: str, batch: int, dtype: str, steps: int) -> dict:
     from models.dit import dit_config
     from models.flops import dit_compute
     from scaling.configs.common import base_config
-    from scaling.train import init_state, make_optimizer, make_train_step, measure_matmul_peak
+    from scaling.train_step import init_state, make_optimizer, make_train_step, measure_matmul_peak
 
     config = base_config()
-    model_config = dit_config(model, dtype=dtype)
+    model_config = dit_config(model, dtype=dtype, remat=remat)
     macs = dit_compute(dit_config(model)).macs
     optimizer = make_optimizer(config)
     diffusion = GaussianDiffusion(linear_betas(1000))
@@ -57,7 +57,8 @@ def bench_one(model: str, batch: int, dtype: str, steps: int) -> dict:
     achieved = 2 * 3 * macs * batch / step_s
     stats = jax.devices()[0].memory_stats() or {}
     memory = stats.get("peak_bytes_in_use") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"model": f"DiT-{model}", "dtype": dtype, "batch": batch, "device": jax.devices()[0].device_kind,
+    return {"model": f"DiT-{model}", "dtype": dtype + ("+remat" if remat else ""), "batch": batch,
+            "device": jax.devices()[0].device_kind,
             "compile_s": compile_s, "step_s": step_s, "images_per_s": batch / step_s,
             "achieved_tflops": achieved / 1e12, "peak_tflops": peak / 1e12, "utilization": achieved / peak,
             "peak_memory_gib": memory / 2**30, "loss": float(metrics["loss"])}
@@ -69,25 +70,29 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    parser.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # model,dtype: run in this process, print JSON
     args = parser.parse_args()
     if args.one:
         model, dtype = args.one.split(",")
-        print(json.dumps(bench_one(model, args.batch, dtype, args.steps)))
+        print(json.dumps(bench_one(model, args.batch, dtype, args.steps, args.remat)))
         return
-    header = (f"{'model':9} {'dtype':9} {'batch':>5} {'compile s':>9} {'step s':>8} {'img/s':>8} "
+    header = (f"{'model':9} {'dtype':14} {'batch':>5} {'compile s':>9} {'step s':>8} {'img/s':>8} "
               f"{'TFLOP/s':>8} {'peak':>8} {'util':>6} {'mem GiB':>8}")
     print(header)
     for model in args.models.split(","):
         for dtype in args.dtypes.split(","):
             result = subprocess.run([sys.executable, "-m", "scaling.bench_train", "--one", f"{model},{dtype}",
-                                     "--batch", str(args.batch), "--steps", str(args.steps)],
+                                     "--batch", str(args.batch), "--steps", str(args.steps)]
+                                    + (["--remat"] if args.remat else []),
                                     capture_output=True, text=True)
             if result.returncode:
-                print(f"DiT-{model:5} {dtype:9} failed: {result.stderr.strip().splitlines()[-1]}", flush=True)
+                reason = (result.stderr.strip().splitlines() or [f"killed by signal {-result.returncode} "
+                                                                  "(out of memory?)"])[-1]
+                print(f"DiT-{model:5} {dtype:14} failed: {reason}", flush=True)
                 continue
             r = json.loads(result.stdout.strip().splitlines()[-1])
-            print(f"{r['model']:9} {r['dtype']:9} {r['batch']:5d} {r['compile_s']:9.1f} {r['step_s']:8.3f} "
+            print(f"{r['model']:9} {r['dtype']:14} {r['batch']:5d} {r['compile_s']:9.1f} {r['step_s']:8.3f} "
                   f"{r['images_per_s']:8.2f} {r['achieved_tflops']:8.3f} {r['peak_tflops']:8.3f} "
                   f"{r['utilization']:6.1%} {r['peak_memory_gib']:8.2f}", flush=True)
     print(f"device: {r['device'] if 'r' in locals() else '?'}; peak = measured matmul FLOP/s of one device in the "

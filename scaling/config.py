@@ -85,7 +85,8 @@ def model_config(config: ml_collections.ConfigDict, *, input_size: int, in_chann
         depth=config.model.depth or depth, hidden_size=config.model.hidden_size or width,
         num_heads=config.model.num_heads or heads, patch_size=patch, input_size=input_size,
         in_channels=in_channels, num_classes=num_classes, learn_sigma=config.model.learn_sigma,
-        class_dropout_prob=config.model.class_dropout_prob, block=config.model.block, dtype=config.model.dtype)
+        class_dropout_prob=config.model.class_dropout_prob, block=config.model.block, dtype=config.model.dtype,
+        remat=config.model.remat)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

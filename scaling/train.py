@@ -17,6 +17,7 @@ checkpointed, and `TrainingDiverged` names the step.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -27,20 +28,26 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from models.diffusion import GaussianDiffusion, linear_betas
-from models.dit import DiT, DiTConfig
 from models.flops import dit_compute
 from scaling import config as config_lib
 from scaling import data as data_lib
+from scaling.train_step import (
+    init_state,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    measure_matmul_peak,
+    param_sharding,
+    state_fingerprint,
+)
 
 log = logging.getLogger("dit_scaling.train")
 
@@ -63,110 +70,6 @@ RECORD_FIELDS = {
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Devices, sharding, peak
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def make_mesh() -> jax.sharding.Mesh:
-    # Auto axes: XLA propagates shardings through the model (explicit axes would demand annotations everywhere).
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def _param_sharding(leaf, mesh: jax.sharding.Mesh, mode: str) -> NamedSharding:
-    """Replicated, or (fsdp) split along the largest axis that the device count divides."""
-    if mode == "fsdp":
-        n = mesh.shape["data"]
-        axes = sorted(range(leaf.ndim), key=lambda a: -leaf.shape[a])
-        for axis in axes:
-            if leaf.shape[axis] % n == 0 and leaf.shape[axis] >= n:
-                spec = [None] * leaf.ndim
-                spec[axis] = "data"
-                return NamedSharding(mesh, P(*spec))
-    return NamedSharding(mesh, P())
-
-
-def measure_matmul_peak(dtype: str) -> float:
-    """Best FLOP/s of one device on a square matmul in `dtype` (2 n^3 FLOPs), measured here and now."""
-    n = 2048 if jax.default_backend() == "cpu" else 8192
-    a = jnp.ones((n, n), dtype)
-    # float32 accumulation, as the model's matmuls use (bf16 x bf16 -> f32 is the fast path on CPUs with AMX).
-    matmul = jax.jit(lambda x: jax.lax.dot(x, x, preferred_element_type=jnp.float32))
-    matmul(a).block_until_ready()
-    best = math.inf
-    for _ in range(5):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Train state and step
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    t = config.train
-    return optax.adamw(t.learning_rate, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
-
-
-def init_state(model_config: DiTConfig, optimizer, seed: int) -> dict:
-    """Parameters, optimizer state, EMA (a copy of the parameters), step and RNG, as a pytree of arrays."""
-    model = DiT(model_config, rngs=nnx.Rngs(seed))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "ema": jax.tree.map(jnp.copy, params),
-        "opt_state": optimizer.init(params),
-        "rng": jax.random.PRNGKey(seed),
-        "nonfinite_step": jnp.full((), -1, jnp.int32),  # first step whose loss was not finite, or -1
-    }
-
-
-def make_train_step(model_config: DiTConfig, diffusion: GaussianDiffusion, optimizer, ema_decay: float):
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DiT(model_config, rngs=nnx.Rngs(0))))
-
-    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
-        key = jax.random.fold_in(state["rng"], state["step"])
-        key_t, key_noise, key_drop = jax.random.split(key, 3)
-        x_start, labels = batch["image"], batch["label"]
-        t = jax.random.randint(key_t, (x_start.shape[0],), 0, diffusion.num_timesteps)
-        noise = jax.random.normal(key_noise, x_start.shape, x_start.dtype)
-
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params)
-            terms = diffusion.training_losses(lambda x, tt: model(x, tt, labels, dropout_key=key_drop),
-                                              x_start, t, noise)
-            terms = {name: value.mean() for name, value in terms.items()}
-            return terms["loss"], terms
-
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        healthy = finite & (state["nonfinite_step"] < 0)
-        updated = {"step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state}
-        # Once a step is not finite, no later step changes the state: the host stops on the last good one.
-        new_state = {k: jax.tree.map(lambda new, old: jnp.where(healthy, new, old), v, state[k])
-                     for k, v in updated.items()}
-        new_state["rng"] = state["rng"]
-        new_state["nonfinite_step"] = jnp.where(~finite & (state["nonfinite_step"] < 0), state["step"],
-                                                state["nonfinite_step"])
-        return new_state, {**terms, "grad_norm": grad_norm, "finite": finite}
-
-    return train_step
-
-
-def state_fingerprint(state: dict) -> float:
-    """Sum of |x| over every floating array of the state: stored with each checkpoint, checked on restore."""
-    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return float(sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,6 +104,16 @@ def _versions() -> dict:
     return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jax.lib.__version__,
             "flax": flax.__version__, "optax": optax.__version__, "orbax": orbax.checkpoint.__version__,
             "grain": getattr(grain, "__version__", "unknown"), "numpy": np.__version__}
+
+
+def _tensorboard_writer(workdir: Path):
+    """clu's TensorBoard writer when TensorFlow is installed (the `tensorboard` extra), else None."""
+    if importlib.util.find_spec("tensorflow") is None:
+        log.info("TensorBoard logging is off: pip install 'dit-scaling[tensorboard]' to turn it on.")
+        return None
+    from clu import metric_writers
+
+    return metric_writers.create_default_writer(str(workdir / "tensorboard"))
 
 
 def _write_json(path: Path, obj) -> None:
@@ -297,7 +210,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
 
     # -- state: restore or initialise --------------------------------------------------------------------------
     abstract = jax.eval_shape(lambda: init_state(model_config, optimizer, config.train.seed))
-    state_sharding = jax.tree.map(lambda leaf: _param_sharding(leaf, mesh, config.train.param_sharding), abstract)
+    state_sharding = jax.tree.map(lambda leaf: param_sharding(leaf, mesh, config.train.param_sharding), abstract)
     abstract_state = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                                   abstract, state_sharding)
     manager = _checkpoint_manager(workdir, config)
@@ -348,6 +261,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
     flops_per_step = 2 * 3 * compute.macs * global_batch
     run_start, last_log_time, last_log_step = time.perf_counter(), None, start_step
     pending = None  # (step number, metrics) of the step dispatched last: fetched after the next dispatch
+    writer = _tensorboard_writer(workdir) if primary else None
     final_loss = None
 
     def save(step: int, state: dict) -> None:
@@ -388,6 +302,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
         if primary:
             with records_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                writer.write_scalars(step, {k: v for k, v in record.items()
+                                            if isinstance(v, float) and k not in ("time", "wall_time")})
             rate = f"{1 / step_time:.2f} steps/s, {record['images_per_s']:.0f} img/s" if step_time else "compiling"
             eta = f"ETA {_duration((total - step) * step_time)}" if step_time else ""
             print(f"[{workdir.name}] step {step}/{total}  loss {record['loss']:.4f}  {rate}  {eta}", flush=True)
@@ -407,6 +324,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
         handle(*pending)
     manager.wait_until_finished()
     manager.close()
+    if writer is not None:
+        writer.close()
     if primary:
         _write_json(manifest_path, {**json.loads(manifest_path.read_text()), "status": "finished",
                                     "final_step": total})

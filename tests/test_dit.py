@@ -197,3 +197,17 @@ def test_bad_configs_and_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="must have shape"):
         model(x, t[:2], y)
 
+
+
+def test_remat_changes_memory_not_results():
+    plain = _randomize(DiT(DiTConfig(**SMALL), rngs=nnx.Rngs(0)))
+    remat = DiT(DiTConfig(**SMALL, remat=True), rngs=nnx.Rngs(0))
+    nnx.update(remat, nnx.state(plain, nnx.Param))
+    x, t, y = _inputs()
+
+    def grads(model):
+        graphdef, params = nnx.split(model, nnx.Param)
+        return jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x, t, y) ** 2))(params)
+
+    for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -15,6 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.learn_sigma = True
     config.model.class_dropout_prob = 0.1
     config.model.dtype = "float32"  # matmul compute dtype; "bfloat16" for mixed precision
+    config.model.remat = False  # recompute block activations in the backward pass to save memory
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "fashion_mnist"  # fashion_mnist | latent_shards

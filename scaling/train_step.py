@@ -1,0 +1,122 @@
+"""The pieces of a training step, free of data and checkpoint dependencies (benchmarks import them too):
+the device mesh and parameter sharding, the measured matmul peak, the train state, and the jitted step."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from models.diffusion import GaussianDiffusion
+from models.dit import DiT, DiTConfig
+
+# ----------------------------------------------------------------------------------------------------------------
+# Devices, sharding, peak
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    # Auto axes: XLA propagates shardings through the model (explicit axes would demand annotations everywhere).
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def param_sharding(leaf, mesh: jax.sharding.Mesh, mode: str) -> NamedSharding:
+    """Replicated, or (fsdp) split along the largest axis that the device count divides."""
+    if mode == "fsdp":
+        n = mesh.shape["data"]
+        axes = sorted(range(leaf.ndim), key=lambda a: -leaf.shape[a])
+        for axis in axes:
+            if leaf.shape[axis] % n == 0 and leaf.shape[axis] >= n:
+                spec = [None] * leaf.ndim
+                spec[axis] = "data"
+                return NamedSharding(mesh, P(*spec))
+    return NamedSharding(mesh, P())
+
+
+def measure_matmul_peak(dtype: str) -> float:
+    """Best FLOP/s of one device on a square matmul in `dtype` (2 n^3 FLOPs), measured here and now."""
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), dtype)
+    # float32 accumulation, as the model's matmuls use (bf16 x bf16 -> f32 is the fast path on CPUs with AMX).
+    matmul = jax.jit(lambda x: jax.lax.dot(x, x, preferred_element_type=jnp.float32))
+    matmul(a).block_until_ready()
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Train state and step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """AdamW from a study config's train section."""
+    t = config.train
+    return optax.adamw(t.learning_rate, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
+
+
+def init_state(model_config: DiTConfig, optimizer, seed: int) -> dict:
+    """Parameters, optimizer state, EMA (a copy of the parameters), step and RNG, as a pytree of arrays."""
+    model = DiT(model_config, rngs=nnx.Rngs(seed))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "ema": jax.tree.map(jnp.copy, params),
+        "opt_state": optimizer.init(params),
+        "rng": jax.random.PRNGKey(seed),
+        "nonfinite_step": jnp.full((), -1, jnp.int32),  # first step whose loss was not finite, or -1
+    }
+
+
+def make_train_step(model_config: DiTConfig, diffusion: GaussianDiffusion, optimizer, ema_decay: float):
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DiT(model_config, rngs=nnx.Rngs(0))))
+
+    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+        key = jax.random.fold_in(state["rng"], state["step"])
+        key_t, key_noise, key_drop = jax.random.split(key, 3)
+        x_start, labels = batch["image"], batch["label"]
+        t = jax.random.randint(key_t, (x_start.shape[0],), 0, diffusion.num_timesteps)
+        noise = jax.random.normal(key_noise, x_start.shape, x_start.dtype)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params)
+            terms = diffusion.training_losses(lambda x, tt: model(x, tt, labels, dropout_key=key_drop),
+                                              x_start, t, noise)
+            terms = {name: value.mean() for name, value in terms.items()}
+            return terms["loss"], terms
+
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def apply_update(state):
+            updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
+            return {**state, "step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state}
+
+        # Once a step is not finite, no later step changes the state: the host stops on the last good one.
+        # (A cond, not a select over the state: the update then needs no second copy of the state.)
+        new_state = jax.lax.cond(finite & (state["nonfinite_step"] < 0), apply_update, lambda s: s, state)
+        new_state["nonfinite_step"] = jnp.where(~finite & (state["nonfinite_step"] < 0), state["step"],
+                                                state["nonfinite_step"])
+        return new_state, {**terms, "grad_norm": grad_norm, "finite": finite}
+
+    return train_step
+
+
+def state_fingerprint(state: dict) -> float:
+    """Sum of |x| over every floating array of the state: stored with each checkpoint, checked on restore."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return float(sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves))
