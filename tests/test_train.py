@@ -295,3 +295,15 @@ def test_embedded_default_data_is_fashion_mnist():
     assert len(source) == 60_000 and source.images.shape == (60_000, 32, 32, 1)
     np.testing.assert_array_equal(np.bincount(source.labels), [6000] * 10)
     assert len(FashionMNIST(split="test")) == 10_000
+
+
+def test_records_reach_tensorboard_when_the_extra_is_installed(fmnist_dir, tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    pytest.importorskip("tensorboard")
+    train(load_config("fmnist:S/8,smoke", [f"data.path={fmnist_dir}", *TINY]), tmp_path / "run")
+    (events,) = (tmp_path / "run" / "tensorboard").glob("events*")
+    steps = {}
+    for event in tf.compat.v1.train.summary_iterator(str(events)):
+        for value in event.summary.value:
+            steps.setdefault(value.tag, []).append(event.step)
+    assert steps["loss"] == [5, 10, 15, 20] and "utilization" in steps
