@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import logging
 import math
@@ -65,12 +64,9 @@ def _torch_rows(spec: str) -> list[dict]:
     if not module_name or not factory_name:
         raise ValueError(f"--torch expects module:factory (or path/to/file.py:factory), got {spec!r}.")
     if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise FileNotFoundError(f"--torch: no file {path}.")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        from scaling.config import load_python_file
+
+        module = load_python_file(module_name)
     else:
         sys.path.insert(0, str(Path.cwd()))
         module = importlib.import_module(module_name)

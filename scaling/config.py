@@ -19,17 +19,23 @@ from models.dit import DIT_SIZES, DiTConfig, parse_model_name
 BUILTIN = ("fmnist", "imagenet256")
 
 
+def load_python_file(path: str | Path):
+    """Import a Python file given by path (a user's config or model factory) as a module."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No Python file at {path}.")
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
     name, _, variant = spec.partition(":")
     if name in BUILTIN:
         module = importlib.import_module(f"scaling.configs.{name}")
     elif name.endswith(".py"):
-        path = Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"Config file {path} does not exist.")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        module = load_python_file(name)
     else:
         raise ValueError(f"Unknown config {name!r}: use one of {list(BUILTIN)} or a path to a .py file, "
                          "followed by :VARIANT (e.g. fmnist:S/8).")
