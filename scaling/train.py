@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -362,7 +361,3 @@ def load_final_params(workdir: str | os.PathLike, *, ema: bool = True) -> dict:
     manager.close()
     return jax.device_get(restored["state"]["ema" if ema else "params"])
 
-
-if __name__ == "__main__":  # pragma: no cover - convenience for debugging
-    logging.basicConfig(level=logging.INFO)
-    train(config_lib.load_config(sys.argv[1], sys.argv[3:]), sys.argv[2])
