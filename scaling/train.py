@@ -196,6 +196,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
 
     source = data_lib.open_source(config)
     height, width, channels = source.image_shape
+    if height != width:
+        raise ValueError(f"DiT takes square inputs; the data has {height}x{width} images or latents.")
     model_config = config_lib.model_config(config, input_size=height, in_channels=channels,
                                            num_classes=source.num_classes)
     compute = dit_compute(dataclasses.replace(model_config, dtype="float32"))
