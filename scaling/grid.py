@@ -12,7 +12,7 @@ import jax
 
 from models.dit import PAPER_MODELS
 from scaling import config as config_lib
-from scaling.train import read_records, train
+from scaling.train import read_records, train, write_json
 
 log = logging.getLogger("dit_scaling.grid")
 
@@ -69,7 +69,7 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
             if jax.process_index() == 0 and (workdir / "manifest.json").is_file():
                 manifest = _read_manifest(workdir)
                 manifest.update(status="failed", error=f"{type(e).__name__}: {e}", failed_at=time.time())
-                (workdir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+                write_json(workdir / "manifest.json", manifest)
     return outcome
 
 

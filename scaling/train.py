@@ -115,7 +115,8 @@ def _tensorboard_writer(workdir: Path):
     return metric_writers.create_default_writer(str(workdir / "tensorboard"))
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (a reader never sees half a file)."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
@@ -252,7 +253,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
                                                "platform": jax.default_backend()},
                                    "matmul_peak_flops": peak})
         manifest["status"], manifest["total_steps"], manifest["config"] = "running", total, config_dict
-        _write_json(manifest_path, manifest)
+        write_json(manifest_path, manifest)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     data_sharding = NamedSharding(mesh, P("data"))
@@ -280,7 +281,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
                 save(step - 1, state)
             manager.wait_until_finished()
             if primary:
-                _write_json(manifest_path, {**json.loads(manifest_path.read_text()), "status": "diverged"})
+                write_json(manifest_path, {**json.loads(manifest_path.read_text()), "status": "diverged"})
             raise TrainingDiverged(
                 f"Loss is {float(metrics['loss'])} (grad norm {float(metrics['grad_norm'])}) at step {step}. The "
                 f"last good state (step {step - 1}) is checkpointed in {workdir / 'checkpoints'}. Lower "
@@ -328,7 +329,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
     if writer is not None:
         writer.close()
     if primary:
-        _write_json(manifest_path, {**json.loads(manifest_path.read_text()), "status": "finished",
+        write_json(manifest_path, {**json.loads(manifest_path.read_text()), "status": "finished",
                                     "final_step": total})
     return RunResult(workdir=workdir, step=total, status="finished", final_loss=final_loss)
 
