@@ -190,21 +190,67 @@ _zeros = nnx.initializers.zeros_init()
 _patch_embed_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
 
 
+def _transposed_product(x_MK: jax.Array, g_MN: jax.Array) -> jax.Array:
+    """x^T g [K, N] with float32 accumulation, shaped so that XLA:CPU reaches its fast low-precision kernels.
+
+    XLA:CPU folds a plain transpose into the dot as an operand layout, which its YNNPACK bf16 kernels reject (the
+    dot then runs in f32 Eigen at ~1/5 of the speed, or fails outright). Transposing through a 3-D view cannot be
+    folded away. Other backends see an ordinary transpose."""
+    rows = x_MK.shape[0]
+    if rows % 8:  # zero rows add nothing to x^T g
+        pad = ((0, 8 - rows % 8), (0, 0))
+        x_MK, g_MN = jnp.pad(x_MK, pad), jnp.pad(g_MN, pad)
+        rows = x_MK.shape[0]
+    xt_KM = jnp.transpose(x_MK.reshape(rows // 8, 8, -1), (2, 0, 1)).reshape(-1, rows)
+    return jnp.dot(xt_KM, g_MN, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_precision_matmul(x_MK: jax.Array, w_KN: jax.Array, dtype) -> jax.Array:
+    """x @ w with both operands cast to `dtype` and float32 accumulation and output.
+
+    The backward pass casts the incoming gradient to `dtype` too, so all three products of a training step run
+    on the same (fast) kernels; autodiff of the plain product would pair a float32 gradient with `dtype`
+    operands, which XLA computes in float32."""
+    return jnp.dot(x_MK.astype(dtype), w_KN.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _mixed_precision_matmul_fwd(x_MK, w_KN, dtype):
+    x_MK, w_KN = x_MK.astype(dtype), w_KN.astype(dtype)
+    return jnp.dot(x_MK, w_KN, preferred_element_type=jnp.float32), (x_MK, w_KN)
+
+
+def _mixed_precision_matmul_bwd(dtype, residuals, g_MN):
+    x_MK, w_KN = residuals
+    g_MN = g_MN.astype(dtype)
+    dx_MK = jax.lax.dot_general(g_MN, w_KN, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    if dtype == jnp.float32:
+        dw_KN = jax.lax.dot_general(x_MK, g_MN, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    else:
+        dw_KN = _transposed_product(x_MK, g_MN)
+    return dx_MK, dw_KN
+
+
+mixed_precision_matmul.defvjp(_mixed_precision_matmul_fwd, _mixed_precision_matmul_bwd)
+
+
 class Linear(nnx.Linear):
-    """nnx.Linear applied as one 2-D matmul: leading axes are folded together first. (XLA:CPU turns the backward
-    of a [B, T, D] x [D, F] product into transposes and slow dots; the 2-D form reaches its fast matmul
-    kernels, 1.7x faster for a DiT-B/4 training step. Other backends see the same computation.)"""
+    """nnx.Linear as one 2-D `mixed_precision_matmul` in the module's compute dtype, bias added in float32.
+    Leading axes are folded together first: XLA:CPU turns the backward of a [B, T, D] x [D, F] product into
+    transposes and slow dots; the 2-D form reaches its fast matmul kernels."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         leading = x.shape[:-1]
-        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*leading, -1)
+        y = mixed_precision_matmul(x.reshape(-1, x.shape[-1]), self.kernel[...], jnp.dtype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.reshape(*leading, -1)
 
 
 def _linear(in_features: int, out_features: int, init, dtype, rngs: nnx.Rngs) -> Linear:
     """A Linear computing in `dtype` with float32 accumulation and output (bf16 inputs reach the fast
     bf16 x bf16 -> f32 matmul units; norms, softmax and the residual stream stay float32)."""
-    return Linear(in_features, out_features, kernel_init=init, dtype=dtype, preferred_element_type=jnp.float32,
-                  rngs=rngs)
+    return Linear(in_features, out_features, kernel_init=init, dtype=dtype, rngs=rngs)
 
 
 class TimestepEmbedder(nnx.Module):
@@ -289,6 +335,20 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(nnx.gelu(self.fc1(x), approximate=True))
+
+
+def materialize_on_cpu(x: jax.Array) -> jax.Array:
+    """x, computed into its own buffer on XLA:CPU (elsewhere x unchanged).
+
+    XLA:CPU fuses the residual stream's chain of cheap adds into every consumer, so each layer recomputes the
+    contributions of all earlier layers (quadratic in depth; a tenth of a DiT-B/4 bf16 training step).
+    optimization_barrier does not stop it there, but a conditional boundary does. The predicate, that x's first
+    element is finite, is not known at compile time; the other branch fills the output with NaN, which changes
+    nothing that was not already lost."""
+    if jax.default_backend() != "cpu":
+        return x
+    first = x.reshape(-1)[0]
+    return jax.lax.cond(jnp.isfinite(first), lambda a: a, lambda a: jnp.full_like(a, jnp.nan), x)
 
 
 def _modulate(x_BTD: jax.Array, shift_BD: jax.Array, scale_BD: jax.Array) -> jax.Array:
@@ -403,15 +463,15 @@ class DiT(nnx.Module):
         if cfg.block == "in-context":
             x_NTD = jnp.concatenate([x_NTD, t_ND[:, None], y_ND[:, None]], axis=1)
             for block in self.blocks:
-                x_NTD = apply(block, x_NTD)
+                x_NTD = materialize_on_cpu(apply(block, x_NTD))
             x_NTD = x_NTD[:, : cfg.num_tokens]
         elif cfg.block == "cross-attention":
             cond_N2D = jnp.stack([t_ND, y_ND], axis=1)
             for block in self.blocks:
-                x_NTD = apply(block, x_NTD, cond_N2D)
+                x_NTD = materialize_on_cpu(apply(block, x_NTD, cond_N2D))
         else:
             for block in self.blocks:
-                x_NTD = apply(block, x_NTD, c_ND)
+                x_NTD = materialize_on_cpu(apply(block, x_NTD, c_ND))
         patches_NTO = self.final_layer(x_NTD, c_ND)
         return unpatchify(patches_NTO, cfg.patch_size, cfg.out_channels)
 

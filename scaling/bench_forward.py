@@ -18,6 +18,7 @@ from flax import nnx
 
 from models.dit import abstract_dit, dit_config
 from models.flops import dit_compute
+from scaling.host import keep_freed_memory
 
 
 def bench(name: str, batch: int, dtype: str, iters: int, input_size: int) -> dict:
@@ -52,6 +53,7 @@ def bench(name: str, batch: int, dtype: str, iters: int, input_size: int) -> dic
 
 
 def main() -> None:
+    keep_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="S/2,B/4,XL/2")
     parser.add_argument("--dtypes", default="float32,bfloat16")

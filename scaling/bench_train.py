@@ -20,6 +20,9 @@ import time
 
 
 def bench_one(model: str, batch: int, dtype: str, steps: int, remat: bool) -> dict:
+    from scaling.host import keep_freed_memory
+
+    keep_freed_memory()
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from models.dit import BLOCKS, LATENT_DOWNSAMPLE, PAPER_MODELS, dit_config
+from scaling.host import keep_freed_memory
 
 
 def _print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
@@ -229,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
         if not hasattr(args, "overrides") or not all(u.startswith("--config.") for u in unknown):

@@ -15,6 +15,8 @@ from models.dit import (
     DiTConfig,
     dit_config,
     drop_labels,
+    materialize_on_cpu,
+    mixed_precision_matmul,
     parse_model_name,
     sincos_position_embedding,
     timestep_sinusoid,
@@ -177,6 +179,36 @@ def test_bfloat16_compute_tracks_float32(block):
     reference, low = f32(x, t, y), bf16(x, t, y)
     assert low.dtype == jnp.float32
     assert float(jnp.abs(low - reference).max()) < 0.02 * float(jnp.abs(reference).max())
+
+
+def _round_to_bfloat16(a: np.ndarray) -> np.ndarray:
+    return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [16, 13])  # 13: the backward pads x^T g to a multiple of 8 rows
+def test_mixed_precision_matmul_value_and_gradients_against_float64(dtype, rows):
+    rng = np.random.default_rng(1)
+    x, w, r = rng.standard_normal((rows, 24)), rng.standard_normal((24, 40)), rng.standard_normal((rows, 40))
+    cast = _round_to_bfloat16 if dtype == "bfloat16" else (lambda a: a)
+
+    def loss(x, w):  # sum(r * (x @ w)): its gradients are r w^T and x^T r
+        return jnp.sum(jnp.asarray(r, jnp.float32) * mixed_precision_matmul(x, w, jnp.dtype(dtype)))
+
+    value = mixed_precision_matmul(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), jnp.dtype(dtype))
+    dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    assert value.dtype == dx.dtype == dw.dtype == jnp.float32
+    # bf16 operands are rounded once, then multiplied exactly with float32 accumulation; the backward rounds the
+    # incoming gradient r to bf16 as well.
+    np.testing.assert_allclose(value, cast(x) @ cast(w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, cast(r) @ cast(w).T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, cast(x).T @ cast(r), rtol=1e-5, atol=1e-5)
+
+
+def test_materialize_on_cpu_is_the_identity_except_on_non_finite_streams():
+    x = jnp.arange(24.0).reshape(2, 3, 4)
+    np.testing.assert_array_equal(jax.jit(materialize_on_cpu)(x), x)
+    assert bool(jnp.isnan(jax.jit(materialize_on_cpu)(x.at[0, 0, 0].set(jnp.inf))).all())
 
 
 def test_bad_configs_and_inputs_give_clear_errors():

@@ -1,0 +1,28 @@
+"""Process-level settings for the host (CPU) side of the JAX runtime."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import sys
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc mallopt parameters
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    XLA:CPU allocates every step's temporary buffers afresh (750 MB for a DiT-B/4 training step at batch 8) and
+    frees them at the end of the step. glibc serves blocks that large with new memory maps, so each step pays
+    for page faults and for the kernel zeroing every page again: about 200,000 faults and 0.3 s of kernel time
+    per DiT-B/4 bf16 step on the 2-core CPU. Served from one never-trimmed heap, later steps reuse warm pages.
+    The process keeps its peak heap size until it exits.
+
+    Call before JAX starts its threads (before the first computation). Returns False (and does nothing)
+    where the C library is not glibc.
+    """
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.mallopt(_M_ARENA_MAX, 1) and libc.mallopt(_M_MMAP_MAX, 0)
+                and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
