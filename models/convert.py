@@ -72,8 +72,17 @@ def _rebuild_parameter(data, _requires_grad, _backward_hooks, *_unused):
     return data
 
 
+_SCRIPT_LIST_BUILDERS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist")
+
+
+class ScriptModule(types.SimpleNamespace):
+    """A module object of a TorchScript archive, reduced to its attributes (tensors, submodules, flags)."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles torch.save's data.pkl into numpy arrays; refuses any global that is not plain tensor data."""
+    """Unpickles torch.save's data.pkl into numpy arrays; refuses any global that is not plain tensor data.
+    With `script_modules`, the `__torch__.*` module classes of a TorchScript archive become `ScriptModule`s
+    (their code is never run)."""
 
     _ALLOWED = {
         ("collections", "OrderedDict"): OrderedDict,
@@ -82,9 +91,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("argparse", "Namespace"): types.SimpleNamespace,  # the args saved in official training checkpoints
     }
 
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str, script_modules: bool):
         super().__init__(file)
         self._archive, self._prefix, self._byteorder = archive, prefix, byteorder
+        self._script_modules = script_modules
         self._storages: dict[str, np.ndarray] = {}
 
     def find_class(self, module, name):
@@ -92,6 +102,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return self._ALLOWED[(module, name)]
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
+        if self._script_modules and module.startswith("__torch__."):
+            return ScriptModule
+        if self._script_modules and module == "torch.jit._pickle" and name in _SCRIPT_LIST_BUILDERS:
+            return list
         raise TorchFileError(f"refusing to load global '{module}.{name}': the file holds more than tensors and "
                              "plain containers. Re-save it as a state dict (torch.save(model.state_dict(), path)).")
 
@@ -111,7 +125,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
-def _read_zip(path: str) -> object:
+def _read_zip(path: str, script_modules: bool = False) -> object:
     with zipfile.ZipFile(path) as archive:
         pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
@@ -121,7 +135,34 @@ def _read_zip(path: str) -> object:
         byteorder = archive.read(f"{prefix}/byteorder").decode().strip() if f"{prefix}/byteorder" in names \
             else "little"
         data = archive.read(pickles[0])
-        return _RestrictedUnpickler(io.BytesIO(data), archive, prefix, byteorder).load()
+        return _RestrictedUnpickler(io.BytesIO(data), archive, prefix, byteorder, script_modules).load()
+
+
+def read_torchscript_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor attribute of a TorchScript archive (torch.jit.save) as {dotted.module.path: numpy array},
+    read without torch and without running the archive's code."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No TorchScript file at {path}.")
+    try:
+        root = _read_zip(path, script_modules=True)
+    except TorchFileError as e:
+        raise TorchFileError(f"Cannot read {path}: {e}") from e
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+        raise TorchFileError(f"Cannot read {path}: the file is corrupt or truncated ({e}).") from e
+    if not isinstance(root, ScriptModule):
+        raise TorchFileError(f"{path} is not a TorchScript module archive.")
+    tensors = {}
+
+    def collect(module: ScriptModule, prefix: str):
+        for name, value in vars(module).items():
+            if isinstance(value, np.ndarray):
+                tensors[prefix + name] = value
+            elif isinstance(value, ScriptModule):
+                collect(value, f"{prefix}{name}.")
+
+    collect(root, "")
+    return tensors
 
 
 def _read_with_torch(path: str) -> object:
