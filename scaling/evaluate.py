@@ -212,3 +212,52 @@ def evaluate_samples(samples: SampleBatch, reference: ReferenceBatch, model, bat
 def _stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     stats = metrics.FeatureStatistics.of(features)
     return stats.mean, stats.covariance
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The small-data metric (CPU-sized studies): FD-FashionCNN and friends
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def classifier_outputs(classifier, images: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """(penultimate features [N, 128], class probabilities [N, K]) of a FashionCNN for uint8 images."""
+    forward = _jitted_classifier()
+    features, probs = [], []
+    for start in range(0, len(images), batch_size):
+        f, logits = forward(classifier, images[start:start + batch_size])
+        features.append(np.asarray(f, np.float64))
+        probs.append(scipy.special.softmax(np.asarray(logits, np.float64), axis=1))
+    return np.concatenate(features), np.concatenate(probs)
+
+
+@functools.cache
+def _jitted_classifier():
+    import jax
+
+    def forward(classifier, images):
+        features = classifier.embed(images)
+        return features, classifier.head(features)
+
+    return jax.jit(forward)
+
+
+def small_data_metrics(classifier, real_images: np.ndarray, fake_images: np.ndarray,
+                       fake_labels: np.ndarray | None = None) -> dict:
+    """FD-FashionCNN (Frechet distance of the classifier's penultimate features), precision and recall on those
+    features, the classifier score (the Inception Score's formula with the classifier's softmax; at most the
+    number of classes) and, given the labels the samples were generated for, the classifier's accuracy on them."""
+    real_features, _ = classifier_outputs(classifier, real_images)
+    fake_features, fake_probs = classifier_outputs(classifier, fake_images)
+    real, fake = metrics.FeatureStatistics.of(real_features), metrics.FeatureStatistics.of(fake_features)
+    precision, recall = metrics.precision_recall(real_features, fake_features)
+    return {
+        "fd_fashioncnn": metrics.frechet_distance(fake.mean, fake.covariance, real.mean, real.covariance),
+        "precision": precision,
+        "recall": recall,
+        "classifier_score": metrics.inception_score(fake_probs, split_size=len(fake_probs)),
+        "class_accuracy": None if fake_labels is None
+        else float(np.mean(fake_probs.argmax(axis=1) == np.asarray(fake_labels))),
+        "n": len(fake_images),
+        "n_reference": len(real_images),
+        "feature_network": "FashionCNN",
+    }
