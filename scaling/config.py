@@ -108,6 +108,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         (train.keep_checkpoints > 0, "train.keep_checkpoints must be positive"),
         (train.param_sharding in ("replicated", "fsdp"), "train.param_sharding must be replicated or fsdp"),
         (config.diffusion.num_timesteps > 1, "diffusion.num_timesteps must be > 1"),
+        (config.eval.every >= 0, "eval.every must be >= 0 (0 turns evaluation off)"),
+        (config.eval.sampler in ("ddpm", "ddim"), "eval.sampler must be ddpm or ddim"),
+        (len(config.eval.sampling_steps) > 0 and all(int(s) > 0 for s in config.eval.sampling_steps),
+         "eval.sampling_steps must list positive step counts"),
+        (config.eval.num_samples > 3 and config.eval.num_reference > 3,
+         "eval.num_samples and eval.num_reference must exceed 3 (precision/recall use 3 neighbours)"),
+        (config.eval.batch_size > 0, "eval.batch_size must be positive"),
+        (config.eval.guidance_scale >= 1, "eval.guidance_scale must be >= 1 (1 turns guidance off)"),
+        (config.eval.every == 0 or config.data.source == "fashion_mnist",
+         "eval.every > 0 works on image data (fashion_mnist) only: scoring latents needs the SD-VAE decoder; "
+         "write samples and score them with `dit-scaling evaluate`"),
     ]
     problems = [message for ok, message in checks if not ok]
     if problems:

@@ -261,3 +261,121 @@ def small_data_metrics(classifier, real_images: np.ndarray, fake_images: np.ndar
         "n_reference": len(real_images),
         "feature_network": "FashionCNN",
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation during training
+# ----------------------------------------------------------------------------------------------------------------
+
+EVALUATIONS_FILE = "evaluations.jsonl"
+
+
+def sample_images(model_config, params, diffusion, labels: np.ndarray, *, seed: int, sampling_steps: int,
+                  sampler: str, guidance_scale: float, guidance_channels: int, batch_size: int, mesh) -> np.ndarray:
+    """Samples in [-1, 1] (NHWC float32) of the DiT with `params` for `labels`, sharded over the mesh's data
+    axis. Batch b starts from the noise of fold_in(key(seed), b), so equal seeds give equal starting noise."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from models.diffusion import guided_model_fn
+    from models.dit import abstract_dit
+
+    if batch_size % jax.device_count():
+        raise ValueError(f"eval.batch_size {batch_size} must be a multiple of the device count "
+                         f"{jax.device_count()}.")
+    graphdef = nnx.graphdef(abstract_dit(model_config))
+    spaced = diffusion.respace(f"ddim{sampling_steps}" if sampler == "ddim" else str(sampling_steps))
+    data_sharding = NamedSharding(mesh, P("data"))
+    shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
+
+    @jax.jit
+    def sample_batch(params, key, y):
+        model = nnx.merge(graphdef, params)
+        noise = jax.lax.with_sharding_constraint(jax.random.normal(key, (y.shape[0], *shape)), data_sharding)
+        if guidance_scale == 1.0:
+            model_fn = lambda x, t: model(x, t, y)  # noqa: E731
+        else:
+            model_fn = guided_model_fn(model, y, guidance_scale, null_label=model_config.num_classes,
+                                       cfg_channels=guidance_channels or None)
+        return spaced.sample(model_fn, noise, jax.random.fold_in(key, 1), sampler=sampler)
+
+    out = []
+    for b, start in enumerate(range(0, len(labels), batch_size)):
+        y = labels[start:start + batch_size]
+        y = np.concatenate([y, np.zeros(batch_size - len(y), y.dtype)])  # one compiled shape
+        y = jax.make_array_from_callback(y.shape, data_sharding, lambda index, y=y: y[index])
+        samples = sample_batch(params, jax.random.fold_in(jax.random.key(seed), b), y)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            samples = multihost_utils.process_allgather(samples, tiled=True)
+        out.append(np.asarray(samples, np.float32)[: min(batch_size, len(labels) - start)])
+    return np.concatenate(out)
+
+
+def evaluation_protocols(config) -> list[dict]:
+    """One protocol per eval.sampling_steps entry: everything that makes two evaluation points comparable."""
+    e = config.eval
+    return [{"sampler": e.sampler, "sampling_steps": int(steps), "guidance_scale": float(e.guidance_scale),
+             "guidance_channels": int(e.guidance_channels) if e.guidance_scale != 1.0 else None,
+             "num_samples": int(e.num_samples), "seed": int(e.seed), "uint8_convention": "dit",
+             "reference": f"{config.data.source}:train[:{int(e.num_reference)}]",
+             "feature_network": f"FashionCNN(epochs={int(e.classifier_epochs)}, "
+                                f"examples={int(e.classifier_examples) or 'all'}, seed={int(config.train.seed)})"}
+            for steps in e.sampling_steps]
+
+
+def pending_evaluations(workdir: Path, step: int, config) -> list[dict]:
+    """The protocols not yet evaluated at `step` (re-running an existing evaluation is skipped)."""
+    from scaling.train import read_records
+
+    done = [(r.get("step"), r.get("protocol")) for r in read_records(Path(workdir) / EVALUATIONS_FILE)]
+    return [p for p in evaluation_protocols(config) if (step, p) not in done]
+
+
+class RunEvaluator:
+    """Scores a run's EMA model with the small-data metrics; built once per run (the classifier and the real
+    reference are prepared on first use)."""
+
+    def __init__(self, config, source, model_config, diffusion, compute, mesh):
+        self.config, self.source, self.model_config = config, source, model_config
+        self.diffusion, self.compute, self.mesh = diffusion, compute, mesh
+        self._classifier = None
+
+    def _prepare(self):
+        from models.fashion_cnn import Recipe, trained_fashion_cnn
+
+        e = self.config.eval
+        n_train = int(e.classifier_examples) or len(self.source)
+        recipe = Recipe(epochs=int(e.classifier_epochs), seed=int(self.config.train.seed))
+        self._classifier = trained_fashion_cnn(self.source.images[:n_train], self.source.labels[:n_train],
+                                               self.source.num_classes, recipe)
+        self._reference = self.source.images[: int(e.num_reference)]
+
+    def evaluate(self, step: int, ema_params, protocols: list[dict]) -> list[dict]:
+        import time
+
+        if self._classifier is None:
+            self._prepare()
+        e = self.config.eval
+        labels = np.arange(int(e.num_samples)) % self.source.num_classes  # class-balanced
+        records = []
+        for protocol in protocols:
+            start = time.perf_counter()
+            samples = sample_images(self.model_config, ema_params, self.diffusion, labels, seed=int(e.seed),
+                                    sampling_steps=protocol["sampling_steps"], sampler=protocol["sampler"],
+                                    guidance_scale=protocol["guidance_scale"],
+                                    guidance_channels=int(e.guidance_channels), batch_size=int(e.batch_size),
+                                    mesh=self.mesh)
+            images = to_uint8(samples, protocol["uint8_convention"])
+            result = small_data_metrics(self._classifier, self._reference, images, labels)
+            guided = 2 if protocol["guidance_scale"] != 1.0 else 1
+            records.append({
+                "step": step, "metric": metric_name("FD-FashionCNN", len(images)),
+                "value": result["fd_fashioncnn"], **result, "protocol": protocol,
+                "sampling_gflops_per_image": self.compute.gflops * protocol["sampling_steps"] * guided,
+                "train_gflops_cumulative": 3 * self.compute.gflops * self.config.train.batch_size * step,
+                "seconds": time.perf_counter() - start, "time": time.time()})
+        return records

@@ -5,6 +5,7 @@
     workdir/manifest.json      config, model Gflops/params, versions, devices, seed, status, every (re)start
     workdir/records.jsonl      one JSON object per logged step (fields: RECORD_FIELDS)
     workdir/checkpoints/<step> orbax checkpoints: train state, data-iterator state, run metadata
+    workdir/evaluations.jsonl  sample quality of the EMA model at eval steps, each with its protocol
 
 The same command continues a run killed at any moment: it restores the newest checkpoint that loads and
 verifies, cuts records.jsonl back to that step (so every step has exactly one record), and replays the data
@@ -317,6 +318,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
             eta = f"ETA {_duration((total - step) * step_time)}" if step_time else ""
             print(f"[{workdir.name}] step {step}/{total}  loss {record['loss']:.4f}  {rate}  {eta}", flush=True)
 
+    evaluator = None
+    if config.eval.every:
+        from scaling.evaluate import EVALUATIONS_FILE, RunEvaluator, pending_evaluations
+
+        evaluator = RunEvaluator(config, source, model_config, diffusion, compute, mesh)
+
+    def is_eval_step(step: int) -> bool:
+        return evaluator is not None and step > 0 and (step % config.eval.every == 0 or step == total)
+
+    def evaluate(step: int) -> None:
+        nonlocal last_log_time, last_log_step
+        protocols = pending_evaluations(workdir, step, config)
+        if not protocols:
+            return
+        for record in evaluator.evaluate(step, state["ema"], protocols):
+            if primary:
+                append_record(workdir / EVALUATIONS_FILE, record)
+                print(f"[{workdir.name}] eval step {step}: {record['metric']} {record['value']:.4f} "
+                      f"({record['protocol']['sampler']} {record['protocol']['sampling_steps']} steps, "
+                      f"{record['seconds']:.0f} s)", flush=True)
+        last_log_time, last_log_step = time.perf_counter(), step  # step times exclude evaluations
+
+    if is_eval_step(start_step):  # a run stopped during the evaluation that follows its checkpoint
+        evaluate(start_step)
     for step in range(start_step, total):
         batch = next(iterator)
         batch = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
@@ -324,10 +349,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
         if pending is not None:
             handle(*pending)
         pending = (step + 1, metrics)
-        if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == total:
+        if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == total or is_eval_step(step + 1):
             handle(*pending)
             pending = None
             save(step + 1, state)
+        if is_eval_step(step + 1):
+            evaluate(step + 1)
     if pending is not None:
         handle(*pending)
     manager.wait_until_finished()
@@ -341,9 +368,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
 
 
 def _check_same_run(previous: dict, current: dict, workdir: Path) -> None:
-    """A workdir continues only the run it holds; train.steps may change (to extend or shorten a run)."""
-    def without_steps(config):
-        return {**config, "train": {k: v for k, v in config["train"].items() if k != "steps"}}
+    """A workdir continues only the run it holds; train.steps and the eval section may change."""
+    def without_steps(config):  # evaluation settings do not change training either
+        return {**{k: v for k, v in config.items() if k != "eval"},
+                "train": {k: v for k, v in config["train"].items() if k != "steps"}}
 
     before, after = without_steps(previous), without_steps(current)
     if before != after:

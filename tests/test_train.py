@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from scaling.cli import main
-from scaling.config import apply_override, load_config
+from scaling.config import apply_override, load_config, validate
 from scaling.data import FashionMNIST, LatentShards, make_dataset, read_idx, write_latent_shards
 from scaling.grid import run_grid, select_models
 from scaling.train import RECORD_FIELDS, TrainingDiverged, load_final_params, read_records, train
@@ -287,6 +287,46 @@ def test_grid_skips_finished_runs_and_survives_a_failure(fmnist_dir, tmp_path, c
     assert main(["status", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "DiT-S-8" in out and "finished" in out and "5/5" in out
+
+
+# -- evaluation during training -------------------------------------------------------------------------------
+
+
+def test_evaluations_are_recorded_with_their_protocol_and_never_repeated(fmnist_dir, tmp_path, capsys):
+    overrides = [f"data.path={fmnist_dir}", "eval.every=10", "eval.num_samples=24", "eval.batch_size=8",
+                 "eval.sampling_steps=(5, 10)", "eval.num_reference=100", "eval.classifier_epochs=1"]
+    config = load_config("fmnist:S/8,smoke", overrides)
+    train(config, tmp_path / "run")
+    path = tmp_path / "run" / "evaluations.jsonl"
+    evaluations = read_records(path)
+    assert [(r["step"], r["protocol"]["sampling_steps"]) for r in evaluations] == [(10, 5), (10, 10), (20, 5),
+                                                                                     (20, 10)]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    for record in evaluations:
+        assert record["metric"] == "FD-FashionCNN-24" and record["value"] == record["fd_fashioncnn"] > 0
+        assert 0 <= record["precision"] <= 1 and 0 <= record["class_accuracy"] <= 1
+        assert 1 <= record["classifier_score"] <= 10
+        assert record["protocol"]["num_samples"] == 24 and record["protocol"]["sampler"] == "ddpm"
+        assert record["sampling_gflops_per_image"] == pytest.approx(
+            manifest["gflops_per_image"] * record["protocol"]["sampling_steps"])
+        assert record["train_gflops_cumulative"] == pytest.approx(3 * manifest["gflops_per_image"] * 8 * record["step"])
+    assert "eval step 20: FD-FashionCNN-24" in capsys.readouterr().out
+
+    # The same command on the finished run evaluates nothing again; a lost evaluation is recomputed, identically.
+    path.write_text("".join(json.dumps(r) + "\n" for r in evaluations[:2]))
+    train(config, tmp_path / "run")
+    again = read_records(path)
+    assert [(r["step"], r["protocol"]) for r in again] == [(r["step"], r["protocol"]) for r in evaluations]
+    assert [r["value"] for r in again] == pytest.approx([r["value"] for r in evaluations], rel=1e-9)
+    assert main(["status", str(tmp_path)]) == 0
+    assert "FD-FashionCNN-24=" in capsys.readouterr().out
+
+
+def test_evaluation_settings_are_checked():
+    with pytest.raises(ValueError, match="needs the SD-VAE decoder"):
+        validate(load_config("imagenet256:S/8", ["eval.every=100"]))
+    with pytest.raises(ValueError, match="eval.sampler must be ddpm or ddim"):
+        validate(load_config("fmnist:S/8", ["eval.sampler=euler"]))
 
 
 def test_embedded_default_data_is_fashion_mnist():

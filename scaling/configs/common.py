@@ -42,4 +42,19 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.keep_every = 50_000  # also keep every K-th step for analysis (0: none)
     config.train.param_sharding = "replicated"  # replicated | fsdp (shard parameters over the data axis)
     config.train.async_checkpoints = True
+
+    # Sample quality of the EMA model during training: one record per (step, sampling_steps entry) in
+    # evaluations.jsonl. Fashion-MNIST runs are scored with FD-FashionCNN against the training split.
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every = 0  # evaluate every N steps and at the last step (0: never)
+    config.eval.num_samples = 1000
+    config.eval.batch_size = 250  # samples per sampling batch (a multiple of the device count)
+    config.eval.sampler = "ddpm"  # ddpm (ancestral) | ddim (eta 0)
+    config.eval.sampling_steps = (250,)  # one evaluation per entry (the paper's Fig. 10: 16 ... 1000)
+    config.eval.guidance_scale = 1.0  # 1.0: no classifier-free guidance
+    config.eval.guidance_channels = 3  # guided latent channels: 3 is the paper's mode, 0 guides all
+    config.eval.seed = 0  # noise and labels: the same at every step, so evaluations compare directly
+    config.eval.num_reference = 10_000  # real images the samples are compared with
+    config.eval.classifier_epochs = 2  # FashionCNN feature network (trained once per data and seed, cached)
+    config.eval.classifier_examples = 0  # training images for it (0: the whole training split)
     return config

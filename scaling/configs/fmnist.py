@@ -26,6 +26,9 @@ def get_config(variant: str = "S/8"):
     config.train.log_every = 50
     config.train.checkpoint_every = 500
     config.train.keep_every = 0
+    config.eval.every = 1000
+    config.eval.sampling_steps = (100,)
+    config.eval.batch_size = 500
     for option in options:
         if option == "smoke":
             config.train.steps = 20
@@ -33,6 +36,7 @@ def get_config(variant: str = "S/8"):
             config.train.log_every = 5
             config.train.checkpoint_every = 10
             config.train.async_checkpoints = False
+            config.eval.every = 0
         else:
             raise ValueError(f"fmnist: unknown option {option!r} (known: smoke).")
     return config
