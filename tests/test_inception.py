@@ -88,25 +88,68 @@ def test_features_match_the_torchscript_network():
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="writing .pt files needs torch")
 def test_loading_checks_files_and_reads_the_logits_weight(tmp_path):
+    import torch
+
     from models.convert import save_torch_file
 
     wrong = tmp_path / "state_dict.pt"
     save_torch_file({"a": np.zeros(3, np.float32)}, wrong)
-    with pytest.raises(TorchFileError, match="SHA-1"):
-        load_fid_inception(wrong)
     with pytest.raises(TorchFileError, match="not a TorchScript module archive"):
-        load_fid_inception(wrong, verify_checksum=False)
+        load_fid_inception(wrong)
+    script = tmp_path / "script.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 4, 3)), script)
+    with pytest.raises(TorchFileError, match="wrong SHA1"):
+        load_fid_inception(script)
+    with pytest.raises(TorchFileError, match="missing"):
+        load_fid_inception(script, verify_checksum=False)
     with pytest.raises(FileNotFoundError, match="No Inception weights"):
         load_fid_inception(tmp_path / "missing.pt")
-    if not HAVE_WHEEL:
-        return
-    weight = np.random.default_rng(0).standard_normal((LOGITS_CLASSES, POOL_FEATURES)).astype(np.float32)
-    logits_file = tmp_path / "pt_inception.pth"
-    save_torch_file({"fc.weight": weight, "fc.bias": np.ones(LOGITS_CLASSES, np.float32)}, logits_file)
-    model = load_fid_inception(logits=logits_file)
-    features = model(jnp.full((1, 32, 32, 3), 100.0))
-    np.testing.assert_allclose(features.logits, np.asarray(features.pool) @ weight.T, rtol=1e-4, atol=1e-4)
-    bad = tmp_path / "bad.pth"
-    save_torch_file({"fc.weight": weight[:10]}, bad)
-    with pytest.raises(TorchFileError, match="fc.weight"):
-        load_fid_inception(logits=bad)
+
+
+def _as_pytorch_fid_state_dict(model: FIDInception) -> dict:
+    """Our weights under pytorch-fid's (torchvision's) names, BatchNorm scale 1, with a random fc layer."""
+    from models.inception import _stat_paths, torchvision_name
+
+    state = {}
+    for name, variable in _stat_paths(model).items():
+        path, leaf = name.rsplit(".", 1)
+        prefix, value = torchvision_name(path), np.asarray(variable[...])
+        if leaf == "weight":
+            state[f"{prefix}.conv.weight"] = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+            state[f"{prefix}.bn.weight"] = np.ones(value.shape[-1], np.float32)
+        else:
+            state[f"{prefix}.bn." + {"beta": "bias", "mean": "running_mean", "var": "running_var"}[leaf]] = value
+    rng = np.random.default_rng(0)
+    state["fc.weight"] = rng.standard_normal((LOGITS_CLASSES, POOL_FEATURES)).astype(np.float32)
+    state["fc.bias"] = np.ones(LOGITS_CLASSES, np.float32)
+    return state
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="writing .pt files needs torch")
+def test_pytorch_fid_layout_loads_with_its_logits(tmp_path):
+    from models.convert import save_torch_file
+    from models.inception import _stat_paths
+
+    original = FIDInception()
+    rng = np.random.default_rng(1)
+    for name, variable in _stat_paths(original).items():  # non-trivial BatchNorm statistics and offsets
+        if not name.endswith(".weight"):
+            low = 0.5 if name.endswith(".var") else -0.1
+            variable.set_value(jnp.asarray(rng.uniform(low, low + 0.2 if low < 0 else 2, variable.shape),
+                                           jnp.float32))
+    state = _as_pytorch_fid_state_dict(original)
+    path = tmp_path / "pt_inception.pth"
+    save_torch_file(state, path)
+    model = load_fid_inception(path, verify_checksum=False)  # the logits come from the same file
+    images = jnp.asarray(rng.uniform(0, 255, (1, 40, 40, 3)), jnp.float32)
+    features, expected = model(images), original(images)
+    np.testing.assert_allclose(features.pool, expected.pool, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(features.spatial, expected.spatial, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(features.logits, np.asarray(features.pool) @ state["fc.weight"].T,
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(TorchFileError, match="wrong SHA256"):
+        load_fid_inception(path)
+    del state["Mixed_6d.branch7x7_2.bn.running_var"]
+    save_torch_file(state, path)
+    with pytest.raises(TorchFileError, match="Mixed_6d.branch7x7_2.bn.running_var"):
+        load_fid_inception(path, verify_checksum=False)
