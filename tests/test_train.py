@@ -225,7 +225,10 @@ def test_divergence_stops_with_the_last_good_state(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["replicated", "fsdp"])
 def test_four_simulated_devices_give_the_losses_of_one(fmnist_dir, tmp_path, sharding):
-    args = [*_smoke(fmnist_dir, f"--config.train.param_sharding={sharding}")]
+    evaluation = ["--config.eval.every=20", "--config.eval.num_samples=16", "--config.eval.batch_size=8",
+                  "--config.eval.sampling_steps=(5,)", "--config.eval.num_reference=64",
+                  "--config.eval.classifier_epochs=1"]
+    args = [*_smoke(fmnist_dir, f"--config.train.param_sharding={sharding}", *evaluation)]
     one = _cli("train", *args, "--workdir", str(tmp_path / "one"))
     four = _cli("train", *args, "--workdir", str(tmp_path / "four"),
                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
@@ -235,6 +238,9 @@ def test_four_simulated_devices_give_the_losses_of_one(fmnist_dir, tmp_path, sha
     losses_one = [r["loss"] for r in read_records(tmp_path / "one" / "records.jsonl")]
     losses_four = [r["loss"] for r in read_records(tmp_path / "four" / "records.jsonl")]
     np.testing.assert_allclose(losses_four, losses_one, rtol=1e-5)
+    # Sampling for evaluation is sharded over the devices too: the same starting noise, the same samples.
+    (eval_one,), (eval_four,) = (read_records(tmp_path / run / "evaluations.jsonl") for run in ("one", "four"))
+    assert eval_four["value"] == pytest.approx(eval_one["value"], rel=1e-3)
 
 
 def _free_port() -> int:
