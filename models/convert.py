@@ -138,18 +138,23 @@ def _read_zip(path: str, script_modules: bool = False) -> object:
         return _RestrictedUnpickler(io.BytesIO(data), archive, prefix, byteorder, script_modules).load()
 
 
+def _reading(path: str, read):
+    """read(), with every failure reported as a TorchFileError that names the file."""
+    try:
+        return read()
+    except TorchFileError as e:
+        raise TorchFileError(f"Cannot read {path}: {e}") from e
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+        raise TorchFileError(f"Cannot read {path}: the file is corrupt or truncated ({e}).") from e
+
+
 def read_torchscript_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor attribute of a TorchScript archive (torch.jit.save) as {dotted.module.path: numpy array},
     read without torch and without running the archive's code."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No TorchScript file at {path}.")
-    try:
-        root = _read_zip(path, script_modules=True)
-    except TorchFileError as e:
-        raise TorchFileError(f"Cannot read {path}: {e}") from e
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
-        raise TorchFileError(f"Cannot read {path}: the file is corrupt or truncated ({e}).") from e
+    root = _reading(path, lambda: _read_zip(path, script_modules=True))
     if not isinstance(root, ScriptModule):
         raise TorchFileError(f"{path} is not a TorchScript module archive.")
     tensors = {}
@@ -199,17 +204,14 @@ def read_torch_file(path: str | os.PathLike, *, key: str | None = None) -> dict[
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No PyTorch file at {path}.")
-    try:
+    def read():
         if zipfile.is_zipfile(path):
-            obj = _read_zip(path)
-        elif _starts_like_zip(path):
+            return _read_zip(path)
+        if _starts_like_zip(path):
             raise TorchFileError("a zip archive without its central directory: the file is truncated or corrupt")
-        else:
-            obj = _read_with_torch(path)
-    except TorchFileError as e:
-        raise TorchFileError(f"Cannot read {path}: {e}") from e
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
-        raise TorchFileError(f"Cannot read {path}: the file is corrupt or truncated ({e}).") from e
+        return _read_with_torch(path)
+
+    obj = _reading(path, read)
     if not isinstance(obj, Mapping):
         raise TorchFileError(f"{path} holds a {type(obj).__name__}, not a state dict.")
     if key is None and not _is_state_dict(obj):
