@@ -116,7 +116,7 @@ def trained_fashion_cnn(images: np.ndarray, labels: np.ndarray, num_classes: int
     log.info("training the FashionCNN feature network (cached afterwards in %s)", path)
     model = train_fashion_cnn(images, labels, num_classes, recipe)
     cache.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial.npz")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial.npz")  # several hosts may write at once
     np.savez(partial, **{f"p{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(nnx.state(model)))})
     os.replace(partial, path)
     return model

@@ -193,8 +193,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     samples, reference = read_sample_batch(args.samples), read_reference(args.ref)
     result = evaluate_samples(samples, reference, _inception(args), args.batch_size)
     record = {"time": time.time(), "samples": str(args.samples), "reference": str(args.ref), **result}
-    if args.out:
-        append_record(Path(args.out), record)
+    append_record(Path(args.out) if args.out else args.samples.parent / "evaluations.jsonl", record)
     if args.json:
         print(json.dumps(record, indent=2))
         return 0
@@ -284,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score SAMPLES.npz (arr_0 uint8 NHWC) against a reference batch in ADM's .npz layout.")
     evaluate.add_argument("samples", type=Path)
     evaluate.add_argument("--ref", required=True, type=Path, help="reference batch (arr_0 and/or mu, sigma, ...)")
-    evaluate.add_argument("--out", help="append the result as a JSON record to this file")
+    evaluate.add_argument("--out", help="JSONL file the result is appended to (default: evaluations.jsonl next to "
+                                        "SAMPLES)")
     evaluate.add_argument("--json", action="store_true")
     _add_inception_arguments(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)

@@ -251,7 +251,10 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_train_one_model_together(fmnist_dir, tmp_path):
-    args = [*_smoke(fmnist_dir, "--config.train.steps=10")]
+    evaluation = ["--config.eval.every=10", "--config.eval.num_samples=16", "--config.eval.batch_size=8",
+                  "--config.eval.sampling_steps=(5,)", "--config.eval.num_reference=64",
+                  "--config.eval.classifier_epochs=1"]
+    args = [*_smoke(fmnist_dir, "--config.train.steps=10", *evaluation)]
     reference = _cli("train", *args, "--workdir", str(tmp_path / "single"),
                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert reference.returncode == 0, reference.stderr
@@ -267,6 +270,9 @@ def test_two_processes_train_one_model_together(fmnist_dir, tmp_path):
     assert manifest["starts"][0]["devices"]["processes"] == 2
     np.testing.assert_allclose([r["loss"] for r in read_records(tmp_path / "pair" / "records.jsonl")],
                                [r["loss"] for r in read_records(tmp_path / "single" / "records.jsonl")], rtol=1e-5)
+    # Evaluation samples are drawn by both hosts together and recorded once.
+    (pair,), (single,) = (read_records(tmp_path / run / "evaluations.jsonl") for run in ("pair", "single"))
+    assert pair["value"] == pytest.approx(single["value"], rel=1e-3)
 
 
 # -- the grid --------------------------------------------------------------------------------------------------------
