@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -44,6 +45,13 @@ def test_sample_batch_round_trip_in_adm_layout(tmp_path):
     with np.load(path) as raw:  # what ADM's evaluator reads
         np.testing.assert_array_equal(raw["arr_0"], images)
         assert raw["arr_0"].dtype == np.uint8 and "mu" not in raw
+    # ADM's evaluator streams arr_0.npy out of the zip and parses its header itself: a plain, C-ordered array.
+    with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as member:
+        assert np.lib.format.read_magic(member) == (1, 0)
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
+        streamed = np.frombuffer(member.read(), dtype).reshape(shape)
+    assert not fortran_order and dtype == np.uint8
+    np.testing.assert_array_equal(streamed, images)
     batch = read_sample_batch(path)
     np.testing.assert_array_equal(batch.labels, labels)
     assert batch.convention == "adm"
