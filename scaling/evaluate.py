@@ -103,8 +103,8 @@ def read_reference(path: str | os.PathLike) -> ReferenceBatch:
         images = _check_images(data["arr_0"], f"{path}: arr_0") if "arr_0" in data else None
         pool = (data["mu"], data["sigma"]) if "mu" in data else None
         spatial = (data["mu_s"], data["sigma_s"]) if "mu_s" in data else None
-    if images is None and pool is None:
-        raise ValueError(f"{path} has neither reference images (arr_0) nor statistics (mu, sigma).")
+    if images is None and (pool is None or spatial is None):
+        raise ValueError(f"{path} needs reference images (arr_0) or both statistics (mu, sigma and mu_s, sigma_s).")
     return ReferenceBatch(images, pool, spatial)
 
 
@@ -189,7 +189,6 @@ def evaluate_samples(samples: SampleBatch, reference: ReferenceBatch, model, bat
     acts = inception_activations(model, samples.images, batch_size)
     ref_acts = inception_activations(model, reference.images, batch_size) if reference.images is not None \
         else None
-    sample_pool, sample_spatial = metrics.FeatureStatistics.of(acts.pool), metrics.FeatureStatistics.of(acts.spatial)
     ref_pool = reference.pool or _stats(ref_acts.pool)
     ref_spatial = reference.spatial or _stats(ref_acts.spatial)
     precision = recall = None
@@ -199,8 +198,8 @@ def evaluate_samples(samples: SampleBatch, reference: ReferenceBatch, model, bat
     return {
         "n": n,
         "n_reference": None if reference.images is None else len(reference.images),
-        "fid": metrics.frechet_distance(sample_pool.mean, sample_pool.covariance, *ref_pool),
-        "sfid": metrics.frechet_distance(sample_spatial.mean, sample_spatial.covariance, *ref_spatial),
+        "fid": metrics.frechet_distance(*_stats(acts.pool), *ref_pool),
+        "sfid": metrics.frechet_distance(*_stats(acts.spatial), *ref_spatial),
         "inception_score": None if acts.probs is None else metrics.inception_score(acts.probs),
         "precision": precision,
         "recall": recall,

@@ -112,3 +112,12 @@ def test_evaluate_command_prints_and_records(tmp_path, capsys):
     record = json.loads(out.read_text().splitlines()[-1])
     assert record["fid"] > 0 and record["inception_score"] is None and 0 <= record["precision"] <= 1
     assert main(["evaluate", str(tmp_path / "missing.npz"), "--ref", str(tmp_path / "ref.npz")]) != 0
+
+
+def test_reference_files_with_statistics_only(tmp_path):
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.eye(4), mu_s=np.zeros(3), sigma_s=np.eye(3))
+    reference = read_reference(tmp_path / "stats.npz")
+    assert reference.images is None and reference.pool[1].shape == (4, 4) and reference.spatial[0].shape == (3,)
+    np.savez(tmp_path / "half.npz", mu=np.zeros(4), sigma=np.eye(4))
+    with pytest.raises(ValueError, match="mu_s, sigma_s"):
+        read_reference(tmp_path / "half.npz")
