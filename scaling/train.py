@@ -11,8 +11,8 @@ The same command continues a run killed at any moment: it restores the newest ch
 verifies, cuts records.jsonl back to that step (so every step has exactly one record), and replays the data
 stream from the checkpointed iterator state. With a fixed seed a resumed run ends bit-for-bit where an
 uninterrupted one does: each step's timesteps, noise and label dropout come from fold_in(seed, step).
-A non-finite loss stops the run: the step that produced it is not applied, the last good state is
-checkpointed, and `TrainingDiverged` names the step.
+A non-finite loss stops the run: the last good state (before the step that produced it, replayed from the
+newest checkpoint) is checkpointed, and `TrainingDiverged` names the step.
 """
 
 from __future__ import annotations
@@ -244,6 +244,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
         state = jax.jit(lambda: init_state(model_config, optimizer, config.train.seed),
                         out_shardings=state_sharding)()
 
+    initial_data_state = iterator.get_state()
     peak = measure_matmul_peak(model_config.dtype) * jax.device_count()
     total = config.train.steps
     if primary:
@@ -280,13 +281,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
                                                    data=ocp.args.JsonSave(iterator.get_state()),
                                                    meta=ocp.args.JsonSave(meta)), force=True)
 
+    def rebuild(step: int) -> dict:
+        """The state after `step`, replayed from the newest checkpoint (or from initialisation): the device state
+        has moved past it. Steps are deterministic, so the replay reproduces it exactly."""
+        start, restored, _ = _restore_latest(manager, abstract_state)
+        if restored is None:
+            start, replayed = 0, jax.jit(lambda: init_state(model_config, optimizer, config.train.seed),
+                                         out_shardings=state_sharding)()
+            iterator.set_state(initial_data_state)
+        else:
+            replayed = restored["state"]
+            iterator.set_state(restored["data"])
+        for _ in range(start, step):
+            batch = next(iterator)
+            replayed, _ = step_fn(replayed, {k: jax.make_array_from_process_local_data(data_sharding, v)
+                                             for k, v in batch.items()})
+        return replayed
+
     def handle(step: int, metrics: dict) -> None:
         nonlocal last_log_time, last_log_step, final_loss
         metrics = jax.device_get(metrics)
         if not metrics["finite"]:
             manager.wait_until_finished()
             if step - 1 not in manager.all_steps():
-                save(step - 1, state)
+                save(step - 1, rebuild(step - 1))
             manager.wait_until_finished()
             if primary:
                 write_json(manifest_path, {**json.loads(manifest_path.read_text()), "status": "diverged"})

@@ -75,7 +75,6 @@ def init_state(model_config: DiTConfig, optimizer, seed: int) -> dict:
         "ema": jax.tree.map(jnp.copy, params),
         "opt_state": optimizer.init(params),
         "rng": jax.random.PRNGKey(seed),
-        "nonfinite_step": jnp.full((), -1, jnp.int32),  # first step whose loss was not finite, or -1
     }
 
 
@@ -100,17 +99,12 @@ def make_train_step(model_config: DiTConfig, diffusion: GaussianDiffusion, optim
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        def apply_update(state):
-            updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
-            return {**state, "step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state}
-
-        # Once a step is not finite, no later step changes the state: the host stops on the last good one.
-        # (A cond, not a select over the state: the update then needs no second copy of the state.)
-        new_state = jax.lax.cond(finite & (state["nonfinite_step"] < 0), apply_update, lambda s: s, state)
-        new_state["nonfinite_step"] = jnp.where(~finite & (state["nonfinite_step"] < 0), state["step"],
-                                                state["nonfinite_step"])
+        # Applied unconditionally: a guard on device (a cond over the state) costs a copy of the whole state
+        # per step. The host stops on a non-finite step and rebuilds the last good state (scaling/train.py).
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
+        new_state = {**state, "step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state}
         return new_state, {**terms, "grad_norm": grad_norm, "finite": finite}
 
     return train_step

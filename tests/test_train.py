@@ -220,6 +220,11 @@ def test_divergence_stops_with_the_last_good_state(tmp_path):
     params = load_final_params(tmp_path / "run", ema=False)
     assert all(np.isfinite(x).all() for x in _leaves(params))
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "diverged"
+    # The checkpointed state is exactly that of a run stopped just before the bad step.
+    apply_override(config, f"train.steps={bad_step - 1}")
+    train(config, tmp_path / "stopped")
+    for a, b in zip(_leaves(params), _leaves(load_final_params(tmp_path / "stopped", ema=False)), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow
