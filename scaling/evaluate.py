@@ -246,18 +246,22 @@ def small_data_metrics(classifier, real_images: np.ndarray, fake_images: np.ndar
     features, the classifier score (the Inception Score's formula with the classifier's softmax; at most the
     number of classes) and, given the labels the samples were generated for, the classifier's accuracy on them."""
     real_features, _ = classifier_outputs(classifier, real_images)
-    fake_features, fake_probs = classifier_outputs(classifier, fake_images)
-    real, fake = metrics.FeatureStatistics.of(real_features), metrics.FeatureStatistics.of(fake_features)
+    return small_data_metrics_of_features(real_features, *classifier_outputs(classifier, fake_images), fake_labels)
+
+
+def small_data_metrics_of_features(real_features: np.ndarray, fake_features: np.ndarray, fake_probs: np.ndarray,
+                                   fake_labels: np.ndarray | None = None) -> dict:
+    """`small_data_metrics` from the classifier's outputs (real features can then be computed once per run)."""
     precision, recall = metrics.precision_recall(real_features, fake_features)
     return {
-        "fd_fashioncnn": metrics.frechet_distance(fake.mean, fake.covariance, real.mean, real.covariance),
+        "fd_fashioncnn": metrics.frechet_distance(*_stats(fake_features), *_stats(real_features)),
         "precision": precision,
         "recall": recall,
         "classifier_score": metrics.inception_score(fake_probs, split_size=len(fake_probs)),
         "class_accuracy": None if fake_labels is None
         else float(np.mean(fake_probs.argmax(axis=1) == np.asarray(fake_labels))),
-        "n": len(fake_images),
-        "n_reference": len(real_images),
+        "n": len(fake_features),
+        "n_reference": len(real_features),
         "feature_network": "FashionCNN",
     }
 
@@ -269,10 +273,11 @@ def small_data_metrics(classifier, real_images: np.ndarray, fake_images: np.ndar
 EVALUATIONS_FILE = "evaluations.jsonl"
 
 
-def sample_images(model_config, params, diffusion, labels: np.ndarray, *, seed: int, sampling_steps: int,
-                  sampler: str, guidance_scale: float, guidance_channels: int, batch_size: int, mesh) -> np.ndarray:
-    """Samples in [-1, 1] (NHWC float32) of the DiT with `params` for `labels`, sharded over the mesh's data
-    axis. Batch b starts from the noise of fold_in(key(seed), b), so equal seeds give equal starting noise."""
+def make_sampler(model_config, diffusion, *, sampling_steps: int, sampler: str, guidance_scale: float,
+                 guidance_channels: int, batch_size: int, mesh):
+    """sample(params, labels, seed) -> samples in [-1, 1] (NHWC float32) of the DiT with `params` for `labels`,
+    in batches sharded over the mesh's data axis (compiled once per sampler). Batch b starts from the noise of
+    fold_in(key(seed), b), so equal seeds give equal starting noise."""
     import jax
     from flax import nnx
     from jax.sharding import NamedSharding
@@ -300,18 +305,21 @@ def sample_images(model_config, params, diffusion, labels: np.ndarray, *, seed: 
                                        cfg_channels=guidance_channels or None)
         return spaced.sample(model_fn, noise, jax.random.fold_in(key, 1), sampler=sampler)
 
-    out = []
-    for b, start in enumerate(range(0, len(labels), batch_size)):
-        y = labels[start:start + batch_size]
-        y = np.concatenate([y, np.zeros(batch_size - len(y), y.dtype)])  # one compiled shape
-        y = jax.make_array_from_callback(y.shape, data_sharding, lambda index, y=y: y[index])
-        samples = sample_batch(params, jax.random.fold_in(jax.random.key(seed), b), y)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+    def sample(params, labels: np.ndarray, seed: int) -> np.ndarray:
+        out = []
+        for b, start in enumerate(range(0, len(labels), batch_size)):
+            y = labels[start:start + batch_size]
+            y = np.concatenate([y, np.zeros(batch_size - len(y), y.dtype)])  # one compiled shape
+            y = jax.make_array_from_callback(y.shape, data_sharding, lambda index, y=y: y[index])
+            samples = sample_batch(params, jax.random.fold_in(jax.random.key(seed), b), y)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
 
-            samples = multihost_utils.process_allgather(samples, tiled=True)
-        out.append(np.asarray(samples, np.float32)[: min(batch_size, len(labels) - start)])
-    return np.concatenate(out)
+                samples = multihost_utils.process_allgather(samples, tiled=True)
+            out.append(np.asarray(samples, np.float32)[: min(batch_size, len(labels) - start)])
+        return np.concatenate(out)
+
+    return sample
 
 
 def evaluation_protocols(config) -> list[dict]:
@@ -335,13 +343,14 @@ def pending_evaluations(workdir: Path, step: int, config) -> list[dict]:
 
 
 class RunEvaluator:
-    """Scores a run's EMA model with the small-data metrics; built once per run (the classifier and the real
-    reference are prepared on first use)."""
+    """Scores a run's EMA model with the small-data metrics; built once per run (the classifier, the real
+    reference features and each sampler are prepared on first use and reused at every evaluation)."""
 
     def __init__(self, config, source, model_config, diffusion, compute, mesh):
         self.config, self.source, self.model_config = config, source, model_config
         self.diffusion, self.compute, self.mesh = diffusion, compute, mesh
         self._classifier = None
+        self._samplers = {}
 
     def _prepare(self):
         from models.fashion_cnn import Recipe, trained_fashion_cnn
@@ -351,11 +360,20 @@ class RunEvaluator:
         recipe = Recipe(epochs=int(e.classifier_epochs), seed=int(self.config.train.seed))
         self._classifier = trained_fashion_cnn(self.source.images[:n_train], self.source.labels[:n_train],
                                                self.source.num_classes, recipe)
-        self._reference = self.source.images[: int(e.num_reference)]
+        self._reference_features, _ = classifier_outputs(self._classifier,
+                                                         self.source.images[: int(e.num_reference)])
+
+    def _sampler(self, protocol: dict):
+        key = (protocol["sampler"], protocol["sampling_steps"], protocol["guidance_scale"])
+        if key not in self._samplers:
+            self._samplers[key] = make_sampler(
+                self.model_config, self.diffusion, sampling_steps=protocol["sampling_steps"],
+                sampler=protocol["sampler"], guidance_scale=protocol["guidance_scale"],
+                guidance_channels=int(self.config.eval.guidance_channels), batch_size=int(self.config.eval.batch_size),
+                mesh=self.mesh)
+        return self._samplers[key]
 
     def evaluate(self, step: int, ema_params, protocols: list[dict]) -> list[dict]:
-        import time
-
         if self._classifier is None:
             self._prepare()
         e = self.config.eval
@@ -363,13 +381,10 @@ class RunEvaluator:
         records = []
         for protocol in protocols:
             start = time.perf_counter()
-            samples = sample_images(self.model_config, ema_params, self.diffusion, labels, seed=int(e.seed),
-                                    sampling_steps=protocol["sampling_steps"], sampler=protocol["sampler"],
-                                    guidance_scale=protocol["guidance_scale"],
-                                    guidance_channels=int(e.guidance_channels), batch_size=int(e.batch_size),
-                                    mesh=self.mesh)
+            samples = self._sampler(protocol)(ema_params, labels, int(e.seed))
             images = to_uint8(samples, protocol["uint8_convention"])
-            result = small_data_metrics(self._classifier, self._reference, images, labels)
+            result = small_data_metrics_of_features(self._reference_features,
+                                                    *classifier_outputs(self._classifier, images), labels)
             guided = 2 if protocol["guidance_scale"] != 1.0 else 1
             records.append({
                 "step": step, "metric": metric_name("FD-FashionCNN", len(images)),
