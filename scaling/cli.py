@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from models.dit import BLOCKS, LATENT_DOWNSAMPLE, PAPER_MODELS, dit_config
+from scaling.cli_analysis import add_commands as add_analysis_commands
 from scaling.host import keep_freed_memory
 
 
@@ -297,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_argument("out", type=Path)
     _add_inception_arguments(reference)
     reference.set_defaults(handler=cmd_reference)
+
+    add_analysis_commands(commands)
     return parser
 
 

@@ -1,0 +1,161 @@
+"""Planning a training budget and comparing a new architecture against the DiT frontier.
+
+Compute is in paper units (training Gflops: 3 x forward GMACs per image x images) unless a unit says otherwise:
+`to_paper_units` converts true FLOPs (2 per multiply-add) and accelerator-hours at a stated utilisation and
+chip peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis.fits import FrontierFit, LogLogFit
+from analysis.records import COMPUTE_UNITS, RecordsError
+
+UNITS = ("gflops", "flops", "accelerator-hours")
+TRAINING_MULTIPLIER = 3  # backward ~ 2x forward
+
+
+def to_paper_units(amount: float, unit: str = "gflops", *, utilization: float | None = None,
+                   chip_peak_tflops: float | None = None, chips: int = 1) -> float:
+    """Training compute in paper units (GMACs). `flops` are true FLOPs (2 per multiply-add); `accelerator-hours`
+    need the chip's peak (dense TFLOP/s, true FLOPs) and the utilisation reached (0-1)."""
+    if not amount > 0:
+        raise RecordsError(f"compute must be positive, got {amount}.")
+    if unit == "gflops":
+        return float(amount)
+    if unit == "flops":
+        return float(amount) * COMPUTE_UNITS["flops"]
+    if unit == "accelerator-hours":
+        if not (utilization and 0 < utilization <= 1) or not (chip_peak_tflops and chip_peak_tflops > 0):
+            raise RecordsError("accelerator-hours need --utilization (0-1, e.g. 0.4) and --chip-peak-tflops (e.g. "
+                               "989 for an H100's dense bf16).")
+        flops = amount * chips * 3600 * chip_peak_tflops * 1e12 * utilization
+        return flops * COMPUTE_UNITS["flops"]
+    raise RecordsError(f"unknown compute unit {unit!r}; use one of {UNITS}.")
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """What a training budget buys, according to a frontier fit."""
+
+    compute: float  # paper units
+    config: str  # the run on the frontier at this compute
+    model: str
+    gflops_per_image: float
+    batch_size: int
+    steps: int  # training steps of that config the budget pays for
+    metric: str
+    predicted: float
+    confidence_interval: tuple[float, float]
+    prediction_interval: tuple[float, float]
+    extrapolated: bool  # the budget lies beyond the evaluated compute
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+
+def _run_row(runs: pd.DataFrame, run: str) -> pd.Series:
+    rows = runs[runs["run"] == run]
+    if rows.empty:
+        raise RecordsError(f"run {run!r} of the frontier is missing from the runs table.")
+    return rows.iloc[0]
+
+
+def plan_budget(fit: FrontierFit, runs: pd.DataFrame, compute: float) -> BudgetPlan:
+    """The config to train with `compute` (paper units), for how many steps, and the metric it should reach.
+
+    Within the evaluated range the config is the frontier's; beyond it, the config on the frontier at its end
+    (flagged `extrapolated`), and the metric comes from the fitted law with its intervals."""
+    grid = fit.frontier.grid
+    if compute < grid["x"].iloc[0]:
+        raise RecordsError(f"compute {compute:.3g} is below the smallest evaluated point ({grid['x'].iloc[0]:.3g}); "
+                           "the fit says nothing about it.")
+    run, _ = fit.frontier.best_at(compute)
+    row = _run_row(runs, run)
+    steps = int(compute / (TRAINING_MULTIPLIER * row["gflops"] * row["batch_size"]))
+    lo, hi = fit.confidence_band(compute)
+    plo, phi = fit.prediction_interval(compute)
+    return BudgetPlan(compute=float(compute), config=run, model=str(row["model"]),
+                      gflops_per_image=float(row["gflops"]), batch_size=int(row["batch_size"]), steps=steps,
+                      metric=fit.metadata.get("metric", fit.y_name), predicted=float(fit.predict(compute)),
+                      confidence_interval=(float(lo), float(hi)), prediction_interval=(float(plo), float(phi)),
+                      extrapolated=bool(compute > grid["x"].iloc[-1]))
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """The least training compute that reaches a target metric, according to a frontier fit."""
+
+    target: float
+    metric: str
+    compute: float  # paper units; inf when the fitted floor is at or above the target
+    compute_interval: tuple[float, float]
+    unreachable_fraction: float  # bootstrap fits whose floor is at or above the target
+    plan: BudgetPlan | None  # the budget plan at that compute
+
+    def summary(self) -> dict:
+        out = asdict(self)
+        out["plan"] = self.plan.summary() if self.plan else None
+        return out
+
+
+def plan_target(fit: FrontierFit, runs: pd.DataFrame, target: float) -> TargetPlan:
+    if not target > 0:
+        raise RecordsError(f"the target metric must be positive, got {target}.")
+    compute = float(fit.inverse(target))
+    lo, hi, unreachable = fit.inverse_interval(target)
+    reachable = np.isfinite(compute) and compute >= fit.frontier.grid["x"].iloc[0]
+    plan = plan_budget(fit, runs, compute) if reachable else None
+    return TargetPlan(target=float(target), metric=fit.metadata.get("metric", fit.y_name), compute=compute,
+                      compute_interval=(float(lo[0]), float(hi[0])), unreachable_fraction=unreachable, plan=plan)
+
+
+def compare_architecture(points: pd.DataFrame, frontier_fit: FrontierFit, gflops_fit: LogLogFit | None = None,
+                         *, batch_size: int = 256) -> pd.DataFrame:
+    """Place a new architecture's points against the DiT curves.
+
+    `points` has per row: name (optional), a compute column (gflops, gmacs, macs or flops, per image), the metric
+    (a column named like the fit's y, e.g. fid, or value) and steps (training steps; batch_size column or the
+    argument). Returns one row per point with its training compute, the compute DiT needs for the same metric
+    (with the fit's interval) and the compute multiplier (DiT compute / its compute: above 1, the new
+    architecture is more compute-efficient). With `gflops_fit`, also the metric DiT reaches at the same model
+    Gflops (Fig. 8 fit) and its prediction interval."""
+    table = points.copy()
+    given = [c for c in COMPUTE_UNITS if c in table.columns]
+    if len(given) != 1:
+        raise RecordsError("the points need exactly one compute column: gflops (forward GMACs per image), gmacs, "
+                           f"macs or flops; got {given or 'none'}.")
+    table["gflops"] = table.pop(given[0]).astype(float) * COMPUTE_UNITS[given[0]]
+    y_name = frontier_fit.y_name
+    y_column = y_name if y_name in table.columns else "value" if "value" in table.columns else None
+    if y_column is None:
+        raise RecordsError(f"the points need the metric as a column named {y_name!r} (or 'value').")
+    if "steps" not in table.columns and "train_gflops_cumulative" not in table.columns:
+        raise RecordsError("the points need training 'steps' (with batch_size) or 'train_gflops_cumulative'.")
+    if "train_gflops_cumulative" not in table.columns:
+        batch = table["batch_size"] if "batch_size" in table.columns else batch_size
+        table["train_gflops_cumulative"] = TRAINING_MULTIPLIER * table["gflops"] * batch * table["steps"]
+    y = table[y_column].astype(float).to_numpy()
+    if not np.all(np.isfinite(y)) or np.any(y <= 0):
+        raise RecordsError("the points' metric values must be positive and finite.")
+    needed = frontier_fit.inverse(y)
+    lo, hi, unreachable = zip(*(frontier_fit.inverse_interval(v) for v in y), strict=True)
+    compute = table["train_gflops_cumulative"].to_numpy(dtype=float)
+    table["dit_compute"] = needed
+    table["dit_compute_lo"] = np.concatenate(lo)
+    table["dit_compute_hi"] = np.concatenate(hi)
+    table["dit_unreachable_fraction"] = unreachable
+    table["compute_multiplier"] = needed / compute
+    table["compute_multiplier_lo"] = table["dit_compute_lo"] / compute
+    table["compute_multiplier_hi"] = table["dit_compute_hi"] / compute
+    table["dit_at_same_compute"] = frontier_fit.predict(compute)
+    if gflops_fit is not None:
+        table["dit_at_same_gflops"] = gflops_fit.predict(table["gflops"])
+        plo, phi = gflops_fit.prediction_interval(table["gflops"])
+        table["dit_at_same_gflops_lo"], table["dit_at_same_gflops_hi"] = plo, phi
+    return table
+

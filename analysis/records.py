@@ -1,0 +1,328 @@
+"""The record schema shared by every source of scaling data, and its loader.
+
+Three tidy tables, one row each:
+- runs: one training run (a config): run, model, block, resolution, gflops, params_m, batch_size, source.
+- steps: one logged training step of a run (records.jsonl): run, step, images_seen, loss, mse, vb,
+  train_gflops_cumulative, wall_time, ...
+- evaluations: one sample-quality measurement of a run at a step (evaluations.jsonl, or a CSV row): the run's
+  columns, step, train_gflops_cumulative, metric (e.g. "FID-50K"), value, the protocol columns (sampler,
+  sampling_steps, guidance_scale, guidance_channels, num_samples, reference, feature_network, decoder),
+  sampling_gflops_per_image, protocol (one string naming all of them) and a column named after the metric's
+  family holding the value again ("fid" for FID-*, "fd_fashioncnn" for FD-FashionCNN-*), so `--y fid` works.
+
+Units: "gflops" are forward multiply-accumulates per image in units of 1e9 (the paper's Gflops). A CSV may give
+compute as `gmacs` (the same), `macs` (raw multiply-accumulates) or `flops` (true FLOPs, 2 per multiply-add)
+instead; they are converted. Training compute is 3 x gflops x batch_size x step (paper units); sampling compute
+is gflops x sampling_steps (x2 with guidance).
+
+Sources: a directory of runs (each with manifest.json, records.jsonl, evaluations.jsonl, as `dit-scaling train`
+writes them), one run directory, a JSONL file of evaluation or step records, or a CSV in the evaluation schema
+(a user's own runs). `load()` accepts any of these, or a list of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+RUN_COLUMNS = ["run", "model", "block", "resolution", "gflops", "params_m", "batch_size", "source"]
+PROTOCOL_COLUMNS = ["metric", "sampler", "sampling_steps", "guidance_scale", "guidance_channels", "num_samples",
+                    "reference", "feature_network", "decoder"]
+EVALUATION_COLUMNS = [*RUN_COLUMNS, "step", "train_gflops_cumulative", "metric", "value", *PROTOCOL_COLUMNS[1:],
+                      "sampling_gflops_per_image", "protocol"]
+STEP_COLUMNS = ["run", "step", "images_seen", "loss", "train_gflops_cumulative"]
+
+# Compute columns a CSV may use, with the factor that turns them into paper Gflops (GMACs per image).
+COMPUTE_UNITS = {"gflops": 1.0, "gmacs": 1.0, "macs": 1e-9, "flops": 0.5e-9}
+_GFLOPS_PLAUSIBLE_MAX = 1e7  # no image model needs 10 PMACs per image: larger "gflops" are raw counts
+
+
+class RecordsError(ValueError):
+    """Records that do not follow the schema; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class Records:
+    """Tidy tables of one or more sources (see the module docstring for the columns)."""
+
+    runs: pd.DataFrame
+    steps: pd.DataFrame
+    evaluations: pd.DataFrame
+
+    def where(self, **conditions) -> Records:
+        """Rows whose columns equal the given values, in every table that has those columns."""
+        return Records(*(_filter(table, conditions) for table in (self.runs, self.steps, self.evaluations)))
+
+
+def metric_family(metric: str) -> str:
+    """"FID-50K" -> "FID", "FD-FashionCNN-400" -> "FD-FashionCNN": the name without its sample count."""
+    head, _, tail = metric.rpartition("-")
+    return head if head and (tail[:-1].isdigit() and tail[-1] in "KM" or tail.isdigit()) else metric
+
+
+def metric_column(metric: str) -> str:
+    """The column a metric's values are also stored under: "FID-50K" -> "fid"."""
+    return metric_family(metric).lower().replace("-", "_")
+
+
+def load(*sources: str | Path | pd.DataFrame) -> Records:
+    """Load and validate records from runs directories, run directories, JSONL or CSV files, or DataFrames in
+    the evaluation schema; several sources are concatenated (run names must not collide)."""
+    if not sources:
+        raise RecordsError("load() needs at least one source (a runs directory, a run directory, .jsonl or .csv).")
+    parts = [_load_one(source) for source in sources]
+    runs = pd.concat([p.runs for p in parts], ignore_index=True)
+    duplicated = runs["run"][runs["run"].duplicated()].unique().tolist()
+    if duplicated:
+        raise RecordsError(f"run names occur in more than one source: {duplicated}; rename the runs or load the "
+                           "sources separately.")
+    steps = pd.concat([p.steps for p in parts if len(p.steps)], ignore_index=True) if any(
+        len(p.steps) for p in parts) else _empty(STEP_COLUMNS)
+    evaluations = pd.concat([p.evaluations for p in parts if len(p.evaluations)], ignore_index=True) if any(
+        len(p.evaluations) for p in parts) else _empty(EVALUATION_COLUMNS)
+    return Records(runs, steps, evaluations)
+
+
+def _empty(columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=float if c not in ("run", "metric", "protocol") else object)
+                         for c in columns})
+
+
+def _filter(table: pd.DataFrame, conditions: dict) -> pd.DataFrame:
+    mask = np.ones(len(table), dtype=bool)
+    for column, value in conditions.items():
+        if column in table.columns:
+            mask &= (table[column] == value).to_numpy()
+    return table[mask].reset_index(drop=True)
+
+
+def _load_one(source) -> Records:
+    if isinstance(source, pd.DataFrame):
+        return from_evaluation_table(source, origin="DataFrame")
+    path = Path(source)
+    if not path.exists():
+        raise RecordsError(f"records source {path} does not exist; give a runs directory, a run directory "
+                           "(with manifest.json), a .jsonl or a .csv file.")
+    if path.is_dir():
+        if (path / "manifest.json").is_file():
+            return _load_run_dir(path)
+        run_dirs = sorted(p.parent for p in path.glob("*/manifest.json"))
+        tables = sorted(path.glob("*.csv"))
+        if not run_dirs and not tables:
+            raise RecordsError(f"{path} holds no runs (no */manifest.json) and no .csv records; point at a "
+                               "directory that `dit-scaling train` or `grid` wrote, or at a records file.")
+        parts = [_load_run_dir(d) for d in run_dirs] + [_load_csv(t) for t in tables if _is_evaluation_csv(t)]
+        if not parts:
+            raise RecordsError(f"{path}: none of its CSV files is in the evaluation schema (columns run or model, "
+                               "gflops, metric, value).")
+        return Records(*(pd.concat([getattr(p, name) for p in parts], ignore_index=True)
+                         for name in ("runs", "steps", "evaluations")))
+    if path.suffix == ".csv":
+        return _load_csv(path)
+    if path.suffix in (".jsonl", ".json"):
+        return _load_jsonl(path)
+    raise RecordsError(f"{path}: unknown records format {path.suffix!r}; use .jsonl, .csv or a run directory.")
+
+
+def _is_evaluation_csv(path: Path) -> bool:
+    columns = set(pd.read_csv(path, nrows=0).columns)
+    return {"metric", "value"} <= columns and bool(columns & {"run", "model"})
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise RecordsError(f"{path}:{number} is not valid JSON ({e.msg}); fix or delete that line.") from e
+    return rows
+
+
+def _load_run_dir(workdir: Path) -> Records:
+    """A run as `dit-scaling train` writes it: manifest.json, records.jsonl, evaluations.jsonl."""
+    try:
+        manifest = json.loads((workdir / "manifest.json").read_text())
+    except json.JSONDecodeError as e:
+        raise RecordsError(f"{workdir / 'manifest.json'} is not valid JSON ({e.msg}).") from e
+    config = manifest.get("config", {})
+    model = manifest.get("model", {})
+    run = {
+        "run": workdir.name,
+        "model": manifest.get("model_name"),
+        "block": model.get("block", "adaLN-Zero"),
+        # input_size counts latent pixels on latent sources (the SD-VAE downsamples by 8)
+        "resolution": (model.get("input_size") or 0) * (8 if config.get("data", {}).get("source") == "latent_shards"
+                                                         else 1) or None,
+        "gflops": manifest.get("gflops_per_image"),
+        "params_m": manifest["params"] / 1e6 if manifest.get("params") is not None else np.nan,
+        "batch_size": manifest.get("global_batch", config.get("train", {}).get("batch_size")),
+        "source": str(workdir),
+    }
+    missing = [k for k in ("model", "gflops", "batch_size") if run[k] is None]
+    if missing:
+        raise RecordsError(f"{workdir / 'manifest.json'} lacks {missing}; it was not written by `dit-scaling "
+                           "train`, so load its records as a CSV in the evaluation schema instead.")
+    steps = pd.DataFrame(_read_jsonl(workdir / "records.jsonl")) if (workdir / "records.jsonl").is_file() else None
+    if steps is None or steps.empty:
+        steps = _empty(STEP_COLUMNS)
+    steps.insert(0, "run", run["run"])
+    evaluations = []
+    if (workdir / "evaluations.jsonl").is_file():
+        for record in _read_jsonl(workdir / "evaluations.jsonl"):
+            protocol = record.get("protocol", {})
+            evaluations.append({**run, **{k: v for k, v in record.items() if k != "protocol"},
+                                **{k: protocol.get(k) for k in PROTOCOL_COLUMNS[1:] if k in protocol}})
+    runs = pd.DataFrame([run])
+    table = pd.DataFrame(evaluations) if evaluations else None
+    return Records(_validate_runs(runs, workdir), _validate_steps(steps, run, workdir),
+                   _validate_evaluations(table, workdir) if table is not None else _empty(EVALUATION_COLUMNS))
+
+
+def _load_jsonl(path: Path) -> Records:
+    rows = _read_jsonl(path)
+    if not rows:
+        raise RecordsError(f"{path} holds no records.")
+    table = pd.DataFrame([{**{k: v for k, v in r.items() if k != "protocol"}, **r.get("protocol", {})}
+                          for r in rows])
+    if "metric" in table.columns:
+        return from_evaluation_table(table, origin=str(path))
+    raise RecordsError(f"{path} holds step records without their run's manifest; load the run directory "
+                       f"({path.parent}) instead, or give evaluation records (with metric and value).")
+
+
+def _load_csv(path: Path) -> Records:
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise RecordsError(f"{path} is not a readable CSV file ({e}).") from e
+    return from_evaluation_table(table, origin=str(path))
+
+
+def from_evaluation_table(table: pd.DataFrame, origin: str = "table") -> Records:
+    """Records from a flat evaluation table (one row per measurement): the CSV schema users write for their own
+    runs. Needs run or model, a compute column (gflops, gmacs, macs or flops), metric and value; step and
+    batch_size are needed for training compute unless train_gflops_cumulative is given."""
+    table = table.copy()
+    if "run" not in table.columns and "model" not in table.columns:
+        raise RecordsError(f"{origin}: missing column 'run' (or 'model'): every row must name its run.")
+    if "run" not in table.columns:
+        table["run"] = table["model"]
+    if "model" not in table.columns:
+        table["model"] = table["run"]
+    if "source" not in table.columns:
+        table["source"] = origin
+    table = _convert_compute(table, origin)
+    table = _validate_evaluations(table, origin)
+    conflicting = table.groupby("run")["gflops"].nunique()
+    if (conflicting > 1).any():
+        raise RecordsError(f"{origin}: runs {conflicting[conflicting > 1].index.tolist()} have more than one gflops "
+                           "value; one run is one model, so split them into runs with distinct names.")
+    runs = table.drop_duplicates("run")[RUN_COLUMNS].reset_index(drop=True)
+    return Records(_validate_runs(runs, origin), _empty(STEP_COLUMNS), table)
+
+
+def _convert_compute(table: pd.DataFrame, origin: str) -> pd.DataFrame:
+    given = [c for c in COMPUTE_UNITS if c in table.columns]
+    if not given:
+        raise RecordsError(f"{origin}: missing column 'gflops' (forward GMACs per image, the paper's Gflops); "
+                           "'gmacs', 'macs' or 'flops' (true FLOPs, 2 per multiply-add) are accepted too.")
+    if len(given) > 1:
+        raise RecordsError(f"{origin}: compute given twice ({given}); keep one column, e.g. 'gflops'.")
+    column = given[0]
+    table["gflops"] = pd.to_numeric(table.pop(column), errors="coerce") * COMPUTE_UNITS[column]
+    return table
+
+
+def _validate_runs(runs: pd.DataFrame, origin) -> pd.DataFrame:
+    for column in RUN_COLUMNS:
+        if column not in runs.columns:
+            runs[column] = np.nan
+    gflops = pd.to_numeric(runs["gflops"], errors="coerce")
+    bad = runs.loc[~(gflops > 0), "run"].tolist()
+    if bad:
+        raise RecordsError(f"{origin}: non-positive or missing gflops for runs {bad}; every run needs its forward "
+                           "GMACs per image (`dit-scaling flops` counts DiTs, `--torch` PyTorch models).")
+    huge = runs.loc[gflops > _GFLOPS_PLAUSIBLE_MAX, "run"].tolist()
+    if huge:
+        raise RecordsError(f"{origin}: gflops above {_GFLOPS_PLAUSIBLE_MAX:.0e} for runs {huge}: these look like "
+                           "raw counts; name the column 'macs' (multiply-adds) or 'flops' (true FLOPs) instead.")
+    return runs[RUN_COLUMNS + [c for c in runs.columns if c not in RUN_COLUMNS]].reset_index(drop=True)
+
+
+def _validate_steps(steps: pd.DataFrame, run: dict, origin) -> pd.DataFrame:
+    if steps.empty:
+        return steps
+    for column in ("step", "loss"):
+        if column not in steps.columns:
+            raise RecordsError(f"{origin}: step records lack {column!r}.")
+    if "train_gflops_cumulative" not in steps.columns:
+        steps["train_gflops_cumulative"] = 3 * run["gflops"] * run["batch_size"] * steps["step"]
+    return steps.reset_index(drop=True)
+
+
+def _validate_evaluations(table: pd.DataFrame, origin) -> pd.DataFrame:
+    for column in ("metric", "value"):
+        if column not in table.columns:
+            raise RecordsError(f"{origin}: missing column {column!r}; evaluation rows need metric (e.g. 'FID-50K') "
+                               "and value.")
+    for column in EVALUATION_COLUMNS:
+        if column not in table.columns:
+            table[column] = np.nan
+    table["value"] = pd.to_numeric(table["value"], errors="coerce")
+    bad = table.index[~np.isfinite(table["value"].to_numpy(dtype=float))].tolist()
+    if bad:
+        rows = table.loc[bad[:5], ["run", "step", "metric"]].to_dict("records")
+        raise RecordsError(f"{origin}: {len(bad)} evaluation value(s) are NaN or infinite, e.g. {rows}; a "
+                           "diverged or failed evaluation must be removed (or re-run), not fitted.")
+    if "train_gflops_cumulative" in table.columns:
+        derived = 3 * table["gflops"] * table["batch_size"] * table["step"]
+        table["train_gflops_cumulative"] = table["train_gflops_cumulative"].fillna(derived)
+    compute = table["train_gflops_cumulative"].to_numpy(dtype=float)
+    if np.any(compute[np.isfinite(compute)] < 0):
+        raise RecordsError(f"{origin}: negative train_gflops_cumulative; training compute is 3 x gflops x batch x "
+                           "steps in paper units and cannot be negative.")
+    guided = np.where(table["guidance_scale"].fillna(1.0).astype(float) != 1.0, 2.0, 1.0)
+    table["sampling_gflops_per_image"] = table["sampling_gflops_per_image"].fillna(
+        table["gflops"] * table["sampling_steps"] * guided)
+    table["protocol"] = [protocol_string(row) for row in table[PROTOCOL_COLUMNS].to_dict("records")]
+    for metric in table["metric"].unique():
+        table.loc[table["metric"] == metric, metric_column(metric)] = table.loc[table["metric"] == metric, "value"]
+    ordered = EVALUATION_COLUMNS + [c for c in table.columns if c not in EVALUATION_COLUMNS]
+    return table[ordered].reset_index(drop=True)
+
+
+def protocol_string(fields: dict, ignore: tuple[str, ...] = ()) -> str:
+    """One readable string naming a protocol; two points compare only when their strings are equal."""
+    def given(key):
+        value = fields.get(key)
+        return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+    parts = []
+    for key in PROTOCOL_COLUMNS:
+        if key in ignore or not given(key):
+            continue
+        value = fields[key]
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        parts.append(str(value) if key == "metric" else f"{key}={value}")
+    return " ".join(parts)
+
+
+def require_one_protocol(evaluations: pd.DataFrame, vary: tuple[str, ...] = ()) -> str:
+    """The protocol shared by every row (ignoring the columns in `vary`), or a RecordsError naming the mix."""
+    if evaluations.empty:
+        raise RecordsError("no evaluation points to fit; check the filters (e.g. --where) and the metric.")
+    protocols = {protocol_string(row, ignore=vary) for row in evaluations[PROTOCOL_COLUMNS].to_dict("records")}
+    if len(protocols) > 1:
+        listing = "\n  ".join(sorted(protocols))
+        raise RecordsError(f"the points mix {len(protocols)} evaluation protocols, which do not compare:\n  "
+                           f"{listing}\nselect one, e.g. with --where metric=FID-50K or where(sampling_steps=250).")
+    return protocols.pop()

@@ -1,0 +1,301 @@
+"""The analysis commands of `dit-scaling`: fit, plan, compare, figures (pure analysis/, no JAX)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+PAPER_RECORDS = Path(__file__).resolve().parent.parent / "runs" / "paper"
+
+
+def _number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def _where(conditions: list[str]) -> dict:
+    out = {}
+    for condition in conditions or []:
+        key, sep, value = condition.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--where {condition!r}: use COLUMN=VALUE, e.g. --where step=400000.")
+        out[key] = _number(value)
+    return out
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _dumps(value) -> str:
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(json.loads(json.dumps(value, default=_json_default))), indent=2)
+
+
+def _print_pairs(pairs: list[tuple[str, object]]) -> None:
+    width = max(len(name) for name, _ in pairs)
+    for name, value in pairs:
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        print(f"{name.ljust(width)}  {value}")
+
+
+def _fit_table(path: Path, where: dict):
+    """Rows to fit: a records source (run directories, records JSONL/CSV) or any CSV with the named columns."""
+    import pandas as pd
+
+    from analysis.records import RecordsError, load
+
+    if path.suffix == ".csv":
+        columns = set(pd.read_csv(path, nrows=0).columns)
+        if not {"metric", "value"} <= columns:
+            table = pd.read_csv(path)
+            for key, value in where.items():
+                if key not in table.columns:
+                    raise RecordsError(f"--where {key}: {path} has no column {key!r}; "
+                                       f"columns: {sorted(table.columns)}.")
+                table = table[table[key] == value]
+            return table
+    table = load(path).evaluations
+    for key, value in where.items():
+        if key not in table.columns:
+            raise RecordsError(f"--where {key}: the records have no column {key!r}; columns: {sorted(table.columns)}.")
+        table = table[table[key] == value]
+    return table
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from analysis.fits import fit_frontier, fit_loglog
+    from analysis.records import RecordsError, require_one_protocol
+
+    table = _fit_table(args.file, _where(args.where))
+    for column in (args.x, args.y):
+        if column not in table.columns:
+            raise RecordsError(f"{args.file} has no column {column!r}; columns: {sorted(table.columns)}.")
+    table = table.dropna(subset=[args.y]) if "metric" in table.columns else table
+    protocol = require_one_protocol(table) if "protocol" in table.columns else None
+    groups = table["run"] if "run" in table.columns else table["model"] if "model" in table.columns else None
+    metadata = {"file": str(args.file), "where": _where(args.where), "protocol": protocol}
+    if args.frontier:
+        if groups is None:
+            raise RecordsError("--frontier needs a run (or model) column naming each point's curve.")
+        fit = fit_frontier(groups, table[args.x], table[args.y], x_name=args.x, y_name=args.y,
+                           confidence=args.confidence, metadata=metadata)
+        summary = fit.summary()
+        if args.json:
+            print(_dumps(summary))
+            return 0
+        c = summary["convergence"]
+        _print_pairs([
+            ("fit", f"{args.y} = floor + scale * ({args.x} / x_ref) ** -exponent on the frontier"),
+            ("floor", f"{fit.law.floor:.4g}  [{summary['floor_ci'][0]:.4g}, {summary['floor_ci'][1]:.4g}]"),
+            ("scale", f"{fit.law.scale:.4g}  [{summary['scale_ci'][0]:.4g}, {summary['scale_ci'][1]:.4g}]"),
+            ("exponent", f"{fit.law.exponent:.4g}  [{summary['exponent_ci'][0]:.4g}, {summary['exponent_ci'][1]:.4g}]"),
+            ("x_ref", fit.law.x_ref), ("points", f"{summary['n']} on the frontier of {summary['n_configs']} runs"),
+            ("convergence", f"{'converged' if c['converged'] else 'NOT converged'}; {c['starts_at_best']} of "
+                            f"{c['starts']} starts reach the best fit" + (f"; at bound: {', '.join(c['at_bound'])}"
+                                                                          if c["at_bound"] else "")),
+            *_extrapolation_line(summary),
+        ])
+        print("optimal runs along the frontier:")
+        for r in summary["optimal_ranges"]:
+            print(f"  {r['x_start']:.3g} .. {r['x_end']:.3g}  {r['run']}")
+        return 0
+    fit = fit_loglog(table[args.x], table[args.y], groups=groups, x_name=args.x, y_name=args.y,
+                     confidence=args.confidence, metadata=metadata)
+    summary = fit.summary()
+    if args.json:
+        print(_dumps(summary))
+        return 0
+    lo, hi = fit.slope_ci
+    _print_pairs([
+        ("fit", f"log10 {args.y} = intercept + slope * log10 {args.x}"),
+        ("slope", f"{fit.slope:.4f}  [{lo:.4f}, {hi:.4f}] ({fit.confidence:.0%} CI, bootstrap over configs)"),
+        ("intercept", f"{fit.intercept:.4f}"),
+        ("pearson_r", f"{fit.pearson_r:.4f} (p={fit.pearson_p:.2g}, log-log)"),
+        ("spearman_r", f"{fit.spearman_r:.4f} (p={fit.spearman_p:.2g})"),
+        ("n", f"{fit.n} points, {fit.n_configs} configs"),
+        ("residual sd", f"{fit.residual_std:.4f} (log10)"),
+        *_extrapolation_line(summary),
+        *([("protocol", protocol)] if protocol else []),
+    ])
+    return 0
+
+
+def _extrapolation_line(summary: dict) -> list[tuple[str, str]]:
+    held = summary.get("leave_largest_out")
+    if not held:
+        return [("leave-largest-out", "not possible (too few configs)")]
+    return [("leave-largest-out", f"refit without {held['held_out']} predicts it {held['relative_error']:+.1%} "
+                                  f"off ({held['n']} point{'s' if held['n'] > 1 else ''})")]
+
+
+def _load_records(sources: list[Path]):
+    from analysis.records import load
+
+    return load(*(sources or [PAPER_RECORDS]))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from analysis.planning import plan_budget, plan_target, to_paper_units
+    from analysis.study import training_compute_fit
+
+    records = _load_records(args.records)
+    fit = training_compute_fit(records, metric=args.metric, **_where(args.where))
+    if args.target is not None:
+        result = plan_target(fit, records.runs, args.target)
+        if args.json:
+            print(_dumps(result.summary()))
+            return 0
+        lo, hi = result.compute_interval
+        rows = [("target", f"{result.metric} {result.target:g}"),
+                ("least compute", f"{result.compute:.4g} Gflops (paper units)  [{lo:.3g}, {hi:.3g}]"),
+                ("unreachable", f"in {result.unreachable_fraction:.0%} of bootstrap fits (their floor is above "
+                                "the target)")]
+        if result.plan:
+            rows += _plan_rows(result.plan)
+        _print_pairs(rows)
+        return 0
+    compute = to_paper_units(args.compute, args.unit, utilization=args.utilization,
+                             chip_peak_tflops=args.chip_peak_tflops, chips=args.chips)
+    plan = plan_budget(fit, records.runs, compute)
+    if args.json:
+        print(_dumps(plan.summary()))
+        return 0
+    _print_pairs([("budget", f"{compute:.4g} Gflops (paper units: 3 x GMACs/image x images)"), *_plan_rows(plan)])
+    return 0
+
+
+def _plan_rows(plan) -> list[tuple[str, str]]:
+    lo, hi = plan.confidence_interval
+    plo, phi = plan.prediction_interval
+    return [
+        ("best config", f"{plan.model} ({plan.config}), {plan.gflops_per_image:g} Gflops/image"),
+        ("training", f"{plan.steps:,} steps at batch {plan.batch_size}"),
+        ("predicted", f"{plan.metric} {plan.predicted:.2f}  (confidence [{lo:.2f}, {hi:.2f}], prediction "
+                      f"[{plo:.2f}, {phi:.2f}])"),
+        ("extrapolated", "yes: beyond the evaluated compute" if plan.extrapolated else "no"),
+    ]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from analysis.planning import compare_architecture
+    from analysis.records import load
+    from analysis.study import model_compute_fit, training_compute_fit
+
+    records = _load_records(args.records)
+    where = _where(args.where)
+    frontier = training_compute_fit(records, metric=args.metric, **where)
+    gflops_fit = model_compute_fit(records, metric=args.metric, **where)
+    if args.points.suffix == ".csv" and not {"metric", "value"} <= set(pd.read_csv(args.points, nrows=0).columns):
+        points = pd.read_csv(args.points)
+    else:
+        evaluations = load(args.points).evaluations
+        points = evaluations.rename(columns={"step": "steps", "run": "name"})[
+            ["name", "gflops", "steps", "batch_size", "train_gflops_cumulative", "value"]]
+    table = compare_architecture(points, frontier, gflops_fit)
+    if args.json:
+        print(_dumps(table.to_dict("records")))
+        return 0
+    name = table["name"] if "name" in table.columns else table.index.astype(str)
+    runs = frontier.frontier.curves["run"].nunique()
+    print(f"against {frontier.metadata['metric']} of {runs} DiT runs; multiplier = DiT "
+          "compute for the same metric / this point's compute (> 1: more efficient than DiT)")
+    y = frontier.y_name if frontier.y_name in table.columns else "value"
+    for i, row in table.reset_index(drop=True).iterrows():
+        reach = (f"{row['dit_compute']:.3g} [{row['dit_compute_lo']:.3g}, {row['dit_compute_hi']:.3g}]"
+                 if math.isfinite(row["dit_compute"]) else "unreachable by the fitted law")
+        print(f"{name.iloc[i]}: {y} {row[y]:g} with {row['train_gflops_cumulative']:.3g} training Gflops "
+              f"({row['gflops']:g} Gflops/image)")
+        print(f"  DiT needs {reach} -> multiplier {row['compute_multiplier']:.2f} "
+              f"[{row['compute_multiplier_lo']:.2f}, {row['compute_multiplier_hi']:.2f}]")
+        print(f"  DiT at the same training compute: {row['dit_at_same_compute']:.2f}; at the same Gflops/image "
+              f"(step {gflops_fit.metadata['step']}): {row['dit_at_same_gflops']:.2f} "
+              f"[{row['dit_at_same_gflops_lo']:.2f}, {row['dit_at_same_gflops_hi']:.2f}]")
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from analysis.figures import render_all
+
+    out = Path(args.out) if args.out else Path(args.runs_dir) / "figures"
+    written, skipped = render_all(_load_records([Path(args.runs_dir)]), out, metric=args.metric)
+    for path in written:
+        print(f"wrote {path}")
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}")
+    return 0 if written else 1
+
+
+def add_commands(commands) -> None:
+    fit = commands.add_parser(
+        "fit", help="Log-log fit (or frontier power law) of two columns of a records or CSV file.",
+        description="Fit log10 Y = intercept + slope log10 X over the rows of FILE (a CSV, records JSONL or run "
+                    "directory), with Pearson/Spearman correlation and a bootstrap-over-configs CI.")
+    fit.add_argument("file", type=Path)
+    fit.add_argument("--x", required=True, help="column, e.g. gflops or train_gflops_cumulative")
+    fit.add_argument("--y", required=True, help="column, e.g. fid (records: the metric family, or value)")
+    fit.add_argument("--where", action="append", metavar="COLUMN=VALUE", help="keep rows with COLUMN == VALUE")
+    fit.add_argument("--frontier", action="store_true",
+                     help="fit Y = floor + scale X^-exponent to the frontier of each run's curve instead")
+    fit.add_argument("--confidence", type=float, default=0.95)
+    fit.add_argument("--json", action="store_true")
+    fit.set_defaults(handler=cmd_fit)
+
+    def add_records_arguments(parser):
+        parser.add_argument("--records", type=Path, action="append",
+                            help="DiT records (runs directory, run, .jsonl or .csv); default: runs/paper")
+        parser.add_argument("--metric", help="metric to use (default: the one with the most points)")
+        parser.add_argument("--where", action="append", metavar="COLUMN=VALUE", help="filter the DiT records")
+        parser.add_argument("--json", action="store_true")
+
+    plan = commands.add_parser(
+        "plan", help="What a training budget buys (config, steps, predicted metric), or the least compute for a "
+                     "target.", description="Plan from the frontier fit of the DiT records (default: runs/paper).")
+    target = plan.add_mutually_exclusive_group(required=True)
+    target.add_argument("--compute", type=float, help="training compute in --unit")
+    target.add_argument("--target", type=float, help="target metric value (e.g. FID 10)")
+    plan.add_argument("--unit", default="gflops", choices=("gflops", "flops", "accelerator-hours"),
+                      help="gflops: paper units (3 x GMACs x images); flops: true FLOPs; accelerator-hours")
+    plan.add_argument("--utilization", type=float, help="accelerator-hours: fraction of peak reached")
+    plan.add_argument("--chip-peak-tflops", type=float, help="accelerator-hours: dense peak per chip (TFLOP/s)")
+    plan.add_argument("--chips", type=int, default=1, help="accelerator-hours: chips")
+    add_records_arguments(plan)
+    plan.set_defaults(handler=cmd_plan)
+
+    compare = commands.add_parser(
+        "compare", help="Place a new architecture's points against the DiT curves (compute multiplier).",
+        description="POINTS: a CSV with gflops (forward GMACs per image; or gmacs/macs/flops), the metric (e.g. "
+                    "fid), steps and optionally batch_size and name; or records of runs.")
+    compare.add_argument("points", type=Path)
+    add_records_arguments(compare)
+    compare.set_defaults(handler=cmd_compare)
+
+    figures = commands.add_parser("figures", help="Render the paper's figures, Table 4 and a report from records.")
+    figures.add_argument("runs_dir", type=Path)
+    figures.add_argument("--out", help="output directory (default: RUNS_DIR/figures)")
+    figures.add_argument("--metric", help="metric to plot (default: the one with the most points)")
+    figures.set_defaults(handler=cmd_figures)
