@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from analysis import records
 from scaling.cli import main
 from scaling.config import apply_override, load_config, validate
 from scaling.data import FashionMNIST, LatentShards, make_dataset, read_idx, write_latent_shards
@@ -337,6 +338,16 @@ def test_evaluations_are_recorded_with_their_protocol_and_never_repeated(fmnist_
     assert [r["value"] for r in again] == pytest.approx([r["value"] for r in evaluations], rel=1e-9)
     assert main(["status", str(tmp_path)]) == 0
     assert "FD-FashionCNN-24=" in capsys.readouterr().out
+
+    # The records are the contract with analysis/: its loader reads this run as it was written.
+    loaded = records.load(tmp_path)
+    assert loaded.runs.loc[0, "model"] == "DiT-S/8" and loaded.runs.loc[0, "resolution"] == 32
+    assert loaded.runs.loc[0, "gflops"] == manifest["gflops_per_image"] and loaded.runs.loc[0, "batch_size"] == 8
+    assert list(loaded.steps["step"]) == [r["step"] for r in read_records(tmp_path / "run" / "records.jsonl")]
+    table = loaded.evaluations
+    assert list(table["fd_fashioncnn"]) == [r["value"] for r in again]
+    assert list(table["sampling_steps"]) == [5, 10, 5, 10] and table["protocol"].nunique() == 2
+    assert table["sampling_gflops_per_image"].tolist() == [r["sampling_gflops_per_image"] for r in again]
 
 
 def test_evaluation_settings_are_checked():
