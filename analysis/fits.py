@@ -405,18 +405,23 @@ class FrontierFit:
         """Compute needed to reach y on the frontier (inf where the law's floor is at or above y)."""
         return self.law.inverse(y)
 
-    def inverse_interval(self, y) -> tuple[np.ndarray, np.ndarray, float]:
-        """The compute range over which the confidence band contains y (the upper end is inf when the band's
-        upper edge never comes down to y), and the fraction of bootstrap fits whose floor is at or above y."""
+    def inverse_interval(self, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each y: the compute range over which the confidence band contains y (lo is 0 when the band's lower
+        edge is below y even at 1/1000 of the least evaluated compute; hi is inf when its upper edge never comes
+        down to y), and the fraction of bootstrap fits whose floor is at or above y."""
         y = np.atleast_1d(_as_array(y))
         x_min, x_max = self.frontier.curves["x"].min(), self.frontier.curves["x"].max()
         grid = np.geomspace(x_min / 1e3, x_max * 1e6, 2000)
         lo_band, hi_band = self.confidence_band(grid)
         # Both edges fall with compute: the first x where the lower edge reaches y, the first where the upper does.
-        first = lambda edge, target: grid[np.argmax(edge <= target)] if np.any(edge <= target) else np.inf  # noqa: E731
+        def first(edge, target):
+            if edge[0] <= target:
+                return 0.0
+            return grid[np.argmax(edge <= target)] if np.any(edge <= target) else np.inf
+
         lo = np.array([first(lo_band, v) for v in y])
         hi = np.array([first(hi_band, v) for v in y])
-        unreachable = float(np.mean(self.bootstrap[:, 0][None, :] >= y[:, None]))
+        unreachable = np.mean(self.bootstrap[:, 0][None, :] >= y[:, None], axis=1)
         return lo, hi, unreachable
 
     def summary(self) -> dict:
@@ -440,6 +445,9 @@ def fit_frontier(runs, x, y, *, largest: str | None = None, x_name: str = "x", y
     """Fit the offset power law to the frontier of the curves (run, x, y). `largest` names the config left out by
     the extrapolation check (default: the run that reaches the most compute)."""
     frontier = compute_frontier(runs, x, y)
+    if frontier.curves["run"].nunique() < 4:
+        raise RecordsError(f"a frontier fit needs at least 4 configs for its bootstrap over configs, got "
+                           f"{frontier.curves['run'].nunique()}.")
     points = frontier.points
     if len(points) < 4:
         raise RecordsError(f"the frontier has {len(points)} points; fitting floor, scale and exponent needs at "

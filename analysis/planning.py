@@ -53,6 +53,7 @@ class BudgetPlan:
     confidence_interval: tuple[float, float]
     prediction_interval: tuple[float, float]
     extrapolated: bool  # the budget lies beyond the evaluated compute
+    beyond_config_evaluations: bool  # the config would train past its own last evaluation
 
     def summary(self) -> dict:
         return asdict(self)
@@ -69,13 +70,16 @@ def plan_budget(fit: FrontierFit, runs: pd.DataFrame, compute: float) -> BudgetP
     """The config to train with `compute` (paper units), for how many steps, and the metric it should reach.
 
     Within the evaluated range the config is the frontier's; beyond it, the config on the frontier at its end
-    (flagged `extrapolated`), and the metric comes from the fitted law with its intervals."""
+    (flagged `extrapolated`), and the metric comes from the fitted law with its intervals. A frontier config can
+    be asked to train longer than it was ever evaluated (its FID beyond its last evaluation is the law's guess):
+    `beyond_config_evaluations` says so."""
     grid = fit.frontier.grid
     if compute < grid["x"].iloc[0]:
         raise RecordsError(f"compute {compute:.3g} is below the smallest evaluated point ({grid['x'].iloc[0]:.3g}); "
                            "the fit says nothing about it.")
     run, _ = fit.frontier.best_at(compute)
     row = _run_row(runs, run)
+    curve_end = fit.frontier.curves.loc[fit.frontier.curves["run"] == run, "x"].max()
     steps = int(compute / (TRAINING_MULTIPLIER * row["gflops"] * row["batch_size"]))
     lo, hi = fit.confidence_band(compute)
     plo, phi = fit.prediction_interval(compute)
@@ -83,7 +87,8 @@ def plan_budget(fit: FrontierFit, runs: pd.DataFrame, compute: float) -> BudgetP
                       gflops_per_image=float(row["gflops"]), batch_size=int(row["batch_size"]), steps=steps,
                       metric=fit.metadata.get("metric", fit.y_name), predicted=float(fit.predict(compute)),
                       confidence_interval=(float(lo), float(hi)), prediction_interval=(float(plo), float(phi)),
-                      extrapolated=bool(compute > grid["x"].iloc[-1]))
+                      extrapolated=bool(compute > grid["x"].iloc[-1]),
+                      beyond_config_evaluations=bool(compute > curve_end))
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,7 @@ def plan_target(fit: FrontierFit, runs: pd.DataFrame, target: float) -> TargetPl
         raise RecordsError(f"the target metric must be positive, got {target}.")
     compute = float(fit.inverse(target))
     lo, hi, unreachable = fit.inverse_interval(target)
+    unreachable = float(unreachable[0])
     reachable = np.isfinite(compute) and compute >= fit.frontier.grid["x"].iloc[0]
     plan = plan_budget(fit, runs, compute) if reachable else None
     return TargetPlan(target=float(target), metric=fit.metadata.get("metric", fit.y_name), compute=compute,
@@ -115,15 +121,16 @@ def plan_target(fit: FrontierFit, runs: pd.DataFrame, target: float) -> TargetPl
 
 
 def compare_architecture(points: pd.DataFrame, frontier_fit: FrontierFit, gflops_fit: LogLogFit | None = None,
-                         *, batch_size: int = 256) -> pd.DataFrame:
+                         *, batch_size: int | None = None) -> pd.DataFrame:
     """Place a new architecture's points against the DiT curves.
 
     `points` has per row: name (optional), a compute column (gflops, gmacs, macs or flops, per image), the metric
     (a column named like the fit's y, e.g. fid, or value) and steps (training steps; batch_size column or the
-    argument). Returns one row per point with its training compute, the compute DiT needs for the same metric
-    (with the fit's interval) and the compute multiplier (DiT compute / its compute: above 1, the new
-    architecture is more compute-efficient). With `gflops_fit`, also the metric DiT reaches at the same model
-    Gflops (Fig. 8 fit) and its prediction interval."""
+    argument), or train_gflops_cumulative. Returns one row per point with its training compute, the compute DiT
+    needs for the same metric (with the fit's interval; lo 0 means any compute, hi inf that the band never comes
+    down to it) and the compute multiplier (DiT compute / its compute: above 1, the new architecture is more
+    compute-efficient). With `gflops_fit`, also the metric DiT reaches at the same model Gflops (Fig. 8 fit) and
+    its prediction interval, for points trained as many steps as that fit's (NaN for the others)."""
     table = points.copy()
     given = [c for c in COMPUTE_UNITS if c in table.columns]
     if len(given) != 1:
@@ -138,24 +145,30 @@ def compare_architecture(points: pd.DataFrame, frontier_fit: FrontierFit, gflops
         raise RecordsError("the points need training 'steps' (with batch_size) or 'train_gflops_cumulative'.")
     if "train_gflops_cumulative" not in table.columns:
         batch = table["batch_size"] if "batch_size" in table.columns else batch_size
+        if batch is None:
+            raise RecordsError("the points give steps but no batch size: add a batch_size column (or pass "
+                               "batch_size=, --batch-size) so their training compute is known.")
         table["train_gflops_cumulative"] = TRAINING_MULTIPLIER * table["gflops"] * batch * table["steps"]
     y = table[y_column].astype(float).to_numpy()
     if not np.all(np.isfinite(y)) or np.any(y <= 0):
         raise RecordsError("the points' metric values must be positive and finite.")
     needed = frontier_fit.inverse(y)
-    lo, hi, unreachable = zip(*(frontier_fit.inverse_interval(v) for v in y), strict=True)
+    lo, hi, unreachable = frontier_fit.inverse_interval(y)
     compute = table["train_gflops_cumulative"].to_numpy(dtype=float)
     table["dit_compute"] = needed
-    table["dit_compute_lo"] = np.concatenate(lo)
-    table["dit_compute_hi"] = np.concatenate(hi)
+    table["dit_compute_lo"] = lo
+    table["dit_compute_hi"] = hi
     table["dit_unreachable_fraction"] = unreachable
     table["compute_multiplier"] = needed / compute
     table["compute_multiplier_lo"] = table["dit_compute_lo"] / compute
     table["compute_multiplier_hi"] = table["dit_compute_hi"] / compute
     table["dit_at_same_compute"] = frontier_fit.predict(compute)
     if gflops_fit is not None:
-        table["dit_at_same_gflops"] = gflops_fit.predict(table["gflops"])
+        same_step = (table["steps"] == gflops_fit.metadata.get("step")).to_numpy() if "steps" in table.columns \
+            else np.zeros(len(table), dtype=bool)
         plo, phi = gflops_fit.prediction_interval(table["gflops"])
-        table["dit_at_same_gflops_lo"], table["dit_at_same_gflops_hi"] = plo, phi
+        table["dit_at_same_gflops"] = np.where(same_step, gflops_fit.predict(table["gflops"]), np.nan)
+        table["dit_at_same_gflops_lo"] = np.where(same_step, plo, np.nan)
+        table["dit_at_same_gflops_hi"] = np.where(same_step, phi, np.nan)
     return table
 

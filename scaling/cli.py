@@ -6,29 +6,13 @@ import argparse
 import importlib
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
 from models.dit import BLOCKS, LATENT_DOWNSAMPLE, PAPER_MODELS, dit_config
 from scaling.cli_analysis import add_commands as add_analysis_commands
+from scaling.cli_analysis import print_table
 from scaling.host import keep_freed_memory
-
-
-def _print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
-    """Print rows as an aligned text table; columns are (key, header)."""
-
-    def cell(value):
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "-"
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    table = [[header for _, header in columns]] + [[cell(row.get(key)) for key, _ in columns] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    for line in table:
-        print("  ".join(text.rjust(width) if i else text.ljust(width)
-                        for i, (text, width) in enumerate(zip(line, widths, strict=True))))
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # flops
@@ -100,7 +84,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    _print_table(rows, columns)
+    print_table(rows, columns)
     if args.torch:
         print(f"\nNot counted (elementwise, by convention): {', '.join(rows[0]['uncounted_ops']) or 'nothing'}")
     print("\nGflops = forward multiply-accumulates per image, autoencoder excluded (the paper's convention); "
@@ -150,7 +134,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     outcome = run_grid(args.config, args.workdir, models=args.models.split(",") if args.models else None,
                        only=args.only.split(",") if args.only else None, shard=args.shard,
                        overrides=[o.removeprefix("--config.") for o in args.overrides])
-    _print_table([{"model": m, "outcome": o} for m, o in outcome.items()], [("model", "model"), ("outcome", "outcome")])
+    print_table([{"model": m, "outcome": o} for m, o in outcome.items()], [("model", "model"), ("outcome", "outcome")])
     return 1 if any(o.startswith("failed") for o in outcome.values()) else 0
 
 
@@ -168,7 +152,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         row["progress"] = f"{row['step']}/{row['total_steps']}"
         evaluation = row["latest_evaluation"]
         row["evaluation"] = "-" if not evaluation else f"{evaluation.get('metric')}={evaluation.get('value')}"
-    _print_table(rows, [("run", "run"), ("model", "model"), ("status", "status"), ("progress", "step"),
+    print_table(rows, [("run", "run"), ("model", "model"), ("status", "status"), ("progress", "step"),
                         ("images_seen", "images"), ("train_gflops_cumulative", "train Gflops"),
                         ("loss", "last loss"), ("wall_time", "wall s"), ("evaluation", "latest evaluation")])
     return 0
@@ -202,7 +186,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     rows = [{"metric": metric_name(name, n), "value": result[key]}
             for name, key in (("FID", "fid"), ("sFID", "sfid"), ("IS", "inception_score"),
                               ("Precision", "precision"), ("Recall", "recall"))]
-    _print_table(rows, [("metric", "metric"), ("value", "value")])
+    print_table(rows, [("metric", "metric"), ("value", "value")])
     if result["inception_score"] is None:
         print("IS needs the logits weight: --logits pt_inception-2015-12-05-6726825d.pth (pytorch-fid).")
     if result["precision"] is None:

@@ -10,6 +10,21 @@ from pathlib import Path
 PAPER_RECORDS = Path(__file__).resolve().parent.parent / "runs" / "paper"
 
 
+def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    """Print rows as an aligned text table; columns are (key, header)."""
+
+    def cell(value):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    table = [[header for _, header in columns]] + [[cell(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(text.rjust(width) if i else text.ljust(width)
+                        for i, (text, width) in enumerate(zip(line, widths, strict=True))))
+
+
 def _number(text: str):
     try:
         return int(text)
@@ -195,7 +210,9 @@ def _plan_rows(plan) -> list[tuple[str, str]]:
         ("training", f"{plan.steps:,} steps at batch {plan.batch_size}"),
         ("predicted", f"{plan.metric} {plan.predicted:.2f}  (confidence [{lo:.2f}, {hi:.2f}], prediction "
                       f"[{plo:.2f}, {phi:.2f}])"),
-        ("extrapolated", "yes: beyond the evaluated compute" if plan.extrapolated else "no"),
+        ("extrapolated", "yes: beyond the evaluated compute" if plan.extrapolated else
+                         "yes: the config trains past its own last evaluation" if plan.beyond_config_evaluations
+                         else "no"),
     ]
 
 
@@ -216,25 +233,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
         evaluations = load(args.points).evaluations
         points = evaluations.rename(columns={"step": "steps", "run": "name"})[
             ["name", "gflops", "steps", "batch_size", "train_gflops_cumulative", "value"]]
-    table = compare_architecture(points, frontier, gflops_fit)
+    table = compare_architecture(points, frontier, gflops_fit, batch_size=args.batch_size)
     if args.json:
         print(_dumps(table.to_dict("records")))
         return 0
-    name = table["name"] if "name" in table.columns else table.index.astype(str)
-    runs = frontier.frontier.curves["run"].nunique()
-    print(f"against {frontier.metadata['metric']} of {runs} DiT runs; multiplier = DiT "
-          "compute for the same metric / this point's compute (> 1: more efficient than DiT)")
     y = frontier.y_name if frontier.y_name in table.columns else "value"
-    for i, row in table.reset_index(drop=True).iterrows():
-        reach = (f"{row['dit_compute']:.3g} [{row['dit_compute_lo']:.3g}, {row['dit_compute_hi']:.3g}]"
-                 if math.isfinite(row["dit_compute"]) else "unreachable by the fitted law")
-        print(f"{name.iloc[i]}: {y} {row[y]:g} with {row['train_gflops_cumulative']:.3g} training Gflops "
-              f"({row['gflops']:g} Gflops/image)")
-        print(f"  DiT needs {reach} -> multiplier {row['compute_multiplier']:.2f} "
-              f"[{row['compute_multiplier_lo']:.2f}, {row['compute_multiplier_hi']:.2f}]")
-        print(f"  DiT at the same training compute: {row['dit_at_same_compute']:.2f}; at the same Gflops/image "
-              f"(step {gflops_fit.metadata['step']}): {row['dit_at_same_gflops']:.2f} "
-              f"[{row['dit_at_same_gflops_lo']:.2f}, {row['dit_at_same_gflops_hi']:.2f}]")
+    table["name"] = table["name"] if "name" in table.columns else [f"point {i}" for i in range(len(table))]
+    interval = lambda lo, hi: f"[{lo:.3g}, {hi:.3g}]"  # noqa: E731
+    rows = [{**row, "dit": f"{row['dit_compute']:.3g} " + interval(row["dit_compute_lo"], row["dit_compute_hi"])
+             if math.isfinite(row["dit_compute"]) else "unreachable",
+             "multiplier": f"{row['compute_multiplier']:.2f} " + interval(row["compute_multiplier_lo"],
+                                                                          row["compute_multiplier_hi"]),
+             "same_gflops": f"{row['dit_at_same_gflops']:.3g} " + interval(row["dit_at_same_gflops_lo"],
+                                                                           row["dit_at_same_gflops_hi"])
+             if math.isfinite(row["dit_at_same_gflops"]) else "- (other steps)",
+             "compute": f"{row['train_gflops_cumulative']:.3g}"}
+            for row in table.to_dict("records")]
+    runs = frontier.frontier.curves["run"].nunique()
+    print(f"Against the {frontier.metadata['metric']} frontier of {runs} DiT runs ({frontier.confidence:.0%} "
+          "intervals). multiplier = DiT's training compute for the same metric / the point's (> 1: more "
+          f"efficient than DiT); the last column is DiT at the same Gflops per image (step "
+          f"{gflops_fit.metadata['step']}).")
+    print_table(rows, [("name", "point"), ("gflops", "Gflops/img"), (y, y), ("compute", "train Gflops"),
+                       ("dit", "DiT needs"), ("multiplier", "multiplier"), ("dit_at_same_compute", "DiT same compute"),
+                       ("same_gflops", "DiT same Gflops")])
     return 0
 
 
@@ -291,6 +313,7 @@ def add_commands(commands) -> None:
         description="POINTS: a CSV with gflops (forward GMACs per image; or gmacs/macs/flops), the metric (e.g. "
                     "fid), steps and optionally batch_size and name; or records of runs.")
     compare.add_argument("points", type=Path)
+    compare.add_argument("--batch-size", type=int, help="batch size of the points, when POINTS has no batch_size")
     add_records_arguments(compare)
     compare.set_defaults(handler=cmd_compare)
 

@@ -220,6 +220,8 @@ def test_budget_and_target_plans_round_trip(paper_fit):
     loaded, fit = paper_fit
     plan = planning.plan_budget(fit, loaded.runs, 2e10)
     assert plan.config == "paper:DiT-XL/4" and not plan.extrapolated
+    assert plan.beyond_config_evaluations  # XL/4 was evaluated at 8.9e9 only; 2e10 trains it past that
+    assert not planning.plan_budget(fit, loaded.runs, 3e11).beyond_config_evaluations  # XL/2 reached 6.4e11
     assert plan.steps == int(2e10 / (3 * 29.05 * 256))
     assert plan.predicted == pytest.approx(float(fit.predict(2e10)))
     assert plan.prediction_interval[0] <= plan.confidence_interval[0] < plan.predicted < plan.confidence_interval[1]
@@ -308,8 +310,10 @@ def test_fits_refuse_mixed_protocols_and_too_few_points():
         fits.fit_loglog([1.0, 2.0], [3.0, 2.0])
     with pytest.raises(records.RecordsError, match="non-positive"):
         fits.fit_loglog([1.0, 2.0, 0.0], [3.0, 2.0, 1.0])
-    with pytest.raises(records.RecordsError, match="frontier has 3 points"):
+    with pytest.raises(records.RecordsError, match="at least 4 configs"):
         fits.fit_frontier(["a", "b", "c"], [1.0, 2.0, 3.0], [3.0, 2.0, 1.0])
+    with pytest.raises(records.RecordsError, match="frontier has 3 points"):  # d and e never improve on c
+        fits.fit_frontier(list("abcde"), [1.0, 2.0, 3.0, 4.0, 5.0], [3.0, 2.0, 1.0, 1.5, 1.2])
     with pytest.raises(records.RecordsError, match="no 'FD-FashionCNN-1K' points"):
         study.model_compute_fit(loaded, metric="FD-FashionCNN-1K")
 
@@ -341,6 +345,9 @@ def test_fit_plan_and_compare_commands(tmp_path, capsys):
     assert "least compute" in capsys.readouterr().out
     points = tmp_path / "new.csv"
     points.write_text("name,gflops,fid,steps\nmine,10,30,400000\n")
-    assert main(["compare", str(points), "--json"]) == 0
+    assert main(["compare", str(points)]) == 2
+    assert "no batch size" in capsys.readouterr().err
+    assert main(["compare", str(points), "--batch-size", "256", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["train_gflops_cumulative"] == 3 * 10 * 256 * 400_000 and row["compute_multiplier"] > 1
+    assert row["dit_at_same_gflops"] == pytest.approx(float(study.model_compute_fit(records.load(PAPER)).predict(10)))
