@@ -55,8 +55,16 @@ class Records:
     evaluations: pd.DataFrame
 
     def where(self, **conditions) -> Records:
-        """Rows whose columns equal the given values, in every table that has those columns."""
-        return Records(*(_filter(table, conditions) for table in (self.runs, self.steps, self.evaluations)))
+        """Rows whose columns equal the given values, in every table that has those columns; the steps and
+        evaluations kept are those of the runs kept (a condition on a run column, such as block, applies to its
+        steps too)."""
+        runs = _filter(self.runs, conditions)
+
+        def of_kept_runs(table: pd.DataFrame) -> pd.DataFrame:
+            table = _filter(table, conditions)
+            return table[table["run"].isin(runs["run"])].reset_index(drop=True)
+
+        return Records(runs, of_kept_runs(self.steps), of_kept_runs(self.evaluations))
 
 
 def metric_family(metric: str) -> str:

@@ -4,8 +4,9 @@
 - `training_compute_fit`: metric vs cumulative training compute, its frontier and offset power law (Fig. 9).
 - `sampling_tradeoff`: metric vs sampling compute over (model, sampling steps) pairs (Fig. 10).
 
-`select_protocol` makes the choice of points explicit: one metric and one evaluation protocol; the choice is
-recorded in every fit's metadata.
+`select` makes the choice of points explicit: configs of one conditioning block and resolution, one metric and
+one evaluation protocol, with notes saying what was left out; the choice is recorded in every fit's metadata.
+Each question also accepts points already selected (a DataFrame of one metric and protocol), which it keeps whole.
 """
 
 from __future__ import annotations
@@ -16,36 +17,100 @@ import numpy as np
 import pandas as pd
 
 from analysis.fits import Frontier, FrontierFit, LogLogFit, compute_frontier, fit_frontier, fit_loglog
-from analysis.records import PROTOCOL_COLUMNS, Records, RecordsError, protocol_string, require_one_protocol
+from analysis.records import PROTOCOL_COLUMNS, Records, RecordsError, metric_column, protocol_string
 
 SCALING_BLOCK = "adaLN-Zero"
+FAMILY_COLUMNS = ("block", "resolution")
+FRONTIER_N_BOOTSTRAP = 300  # bootstrap replicates of the training-compute frontier fit
 
 
 def _evaluations(records: Records | pd.DataFrame) -> pd.DataFrame:
     return records.evaluations if isinstance(records, Records) else records
 
 
-def select_protocol(records: Records | pd.DataFrame, *, metric: str | None = None,
-                    vary: tuple[str, ...] = (), **where) -> pd.DataFrame:
-    """The evaluation points of one metric and one protocol (ignoring the columns in `vary`).
+def _text(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float, np.number)) else str(value)
 
-    `metric` defaults to the metric with the most points; `where` filters columns first (e.g. resolution=256).
-    Runs of several conditioning blocks are narrowed to adaLN-Zero, the paper's scaling block, unless `where`
-    names a block. If several protocols remain, the one with the most points is kept (ties: the most sampling
-    steps); pass the protocol's columns in `where` to choose another."""
+
+def metrics_by_count(records: Records | pd.DataFrame) -> list[str]:
+    """The metrics of the evaluation points, the one with the most points first (ties: by name)."""
+    counts = _evaluations(records)["metric"].value_counts()
+    return sorted(counts.index, key=lambda metric: (-counts[metric], metric))
+
+
+def scaling_family(table: Records | pd.DataFrame, *, vary: tuple[str, ...] = (),
+                   notes: list[str] | None = None) -> dict:
+    """The conditioning block and resolution whose configs compare, among the rows of `table` (evaluation points,
+    or a runs table): {column: value} for each of block and resolution that takes several values there (and is
+    not in `vary`). The block is adaLN-Zero, the paper's scaling block, when a run has it, else the block of the
+    most runs; the resolution is that of the most runs (ties: the lowest). Says in `notes` which runs it leaves
+    out."""
+    runs = _evaluations(table).drop_duplicates("run")
+    family = {}
+    for column in FAMILY_COLUMNS:
+        if column in vary or column not in runs.columns:
+            continue
+        counts = runs[column].value_counts()
+        if len(counts) < 2:
+            continue
+        if column == "block" and SCALING_BLOCK in counts.index:
+            family[column] = SCALING_BLOCK
+        else:
+            family[column] = sorted(counts.index, key=lambda value: (-counts[value], value))[0]
+    if family and notes is not None:
+        kept = _matching(runs, family)
+        notes.append(f"Runs of {', '.join(f'{k} {_text(v)}' for k, v in family.items())} only ({kept.sum()} of "
+                     f"{len(runs)} runs); left out: {', '.join(map(str, runs.loc[~kept, 'run']))}.")
+    return family
+
+
+def _matching(table: pd.DataFrame, conditions: dict) -> pd.Series:
+    mask = pd.Series(True, index=table.index)
+    for column, value in conditions.items():
+        mask &= table[column] == value
+    return mask
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The points of one metric and one protocol (ignoring the columns in `vary`), of configs of one `family`
+    (the block and resolution `scaling_family` chose, where it had to), and `notes` saying what was left out."""
+
+    points: pd.DataFrame
+    metric: str
+    protocol: str
+    family: dict
+    notes: list[str]
+
+
+def select(records: Records | pd.DataFrame, *, metric: str | None = None, vary: tuple[str, ...] = (),
+           **where) -> Selection:
+    """The evaluation points of one metric and one protocol, ignoring the columns in `vary` (protocol columns such
+    as sampling_steps; block or resolution to keep every block or resolution).
+
+    `where` filters columns first (e.g. resolution=256). Then configs of several conditioning blocks or
+    resolutions are narrowed to one family (`scaling_family`) unless `where` or `vary` names the column.
+    `metric` defaults to the metric with the most points. If several protocols remain, the one with the most
+    points is kept (ties: the most sampling steps); pass the protocol's columns in `where` to choose another."""
     table = _evaluations(records)
-    if "block" not in where and table["block"].nunique() > 1 and (table["block"] == SCALING_BLOCK).any():
-        where = {**where, "block": SCALING_BLOCK}
     for column, value in where.items():
         if column not in table.columns:
             raise RecordsError(f"no column {column!r} to filter on; columns: {sorted(table.columns)}.")
         table = table[table[column] == value]
     if table.empty:
-        raise RecordsError(f"no evaluation points match {where or 'the records'}.")
+        raise RecordsError(f"no evaluation points match {where}." if where else
+                           "the records hold no evaluation points (metric values per run and step).")
+    notes: list[str] = []
+    family = scaling_family(table, vary=(*vary, *where), notes=notes)
+    table = table[_matching(table, family)]
+    metrics = metrics_by_count(table)
     if metric is None:
-        metric = table["metric"].value_counts().index[0]
-    elif metric not in set(table["metric"]):
-        raise RecordsError(f"no {metric!r} points; the records hold {sorted(set(table['metric']))}.")
+        metric = metrics[0]
+    elif metric not in metrics:
+        raise RecordsError(f"no {metric!r} points; the records hold {sorted(metrics)}.")
+    if len(metrics) > 1:
+        notes.append(f"Metric: {metric} ({(table['metric'] == metric).sum()} points); other metrics: "
+                     + ", ".join(f"{m} ({(table['metric'] == m).sum()})" for m in metrics if m != metric) + ".")
     table = table[table["metric"] == metric]
     keys = pd.Series([protocol_string(row, ignore=vary) for row in table[PROTOCOL_COLUMNS].to_dict("records")],
                      index=table.index)
@@ -56,13 +121,32 @@ def select_protocol(records: Records | pd.DataFrame, *, metric: str | None = Non
         chosen = max(top, key=lambda key: (np.nan_to_num(most_steps[key], nan=-1), key))
     else:
         chosen = top[0]
-    return table[keys == chosen].reset_index(drop=True)
+    notes.append(f"Protocol: {chosen}.")
+    if len(counts) > 1:
+        reference = table[keys == chosen].iloc[0]
+        notes.append(f"{(keys != chosen).sum()} {metric} point(s) of other protocols left out (they do not "
+                     "compare): " + "; ".join(
+                         f"{_protocol_difference(group.iloc[0], reference, vary)} ({len(group)} points: "
+                         f"{_runs_text(group)})" for _, group in table[keys != chosen].groupby(keys)) + ".")
+    return Selection(points=table[keys == chosen].reset_index(drop=True), metric=metric, protocol=chosen,
+                     family=family, notes=notes)
 
 
-def _metric_column(points: pd.DataFrame) -> str:
-    from analysis.records import metric_column
+def _protocol_difference(row: pd.Series, reference: pd.Series, vary: tuple[str, ...]) -> str:
+    """The protocol fields in which a point differs from the chosen protocol, e.g. "sampling_steps=25"."""
+    differing = {k: row[k] for k in PROTOCOL_COLUMNS if k not in vary and str(row[k]) != str(reference[k])}
+    return protocol_string(differing)
 
-    return metric_column(points["metric"].iloc[0])
+
+def _runs_text(points: pd.DataFrame, most: int = 4) -> str:
+    runs = sorted(points["run"].unique())
+    return ", ".join(runs) if len(runs) <= most else f"{len(runs)} runs"
+
+
+def select_protocol(records: Records | pd.DataFrame, *, metric: str | None = None,
+                    vary: tuple[str, ...] = (), **where) -> pd.DataFrame:
+    """The points `select` chooses (one metric, one protocol ignoring the columns in `vary`, one family)."""
+    return select(records, metric=metric, vary=vary, **where).points
 
 
 def default_step(points: pd.DataFrame) -> int:
@@ -71,28 +155,62 @@ def default_step(points: pd.DataFrame) -> int:
     return int(counts[counts == counts.max()].index.max())
 
 
+def at_step(points: pd.DataFrame, step: int | None = None) -> pd.DataFrame:
+    """The points of one training step (default: `default_step`)."""
+    step = default_step(points) if step is None else step
+    chosen = points[points["step"] == step]
+    if chosen.empty:
+        raise RecordsError(f"no evaluations at step {step}; evaluated steps: "
+                           f"{sorted(points['step'].unique().tolist())}.")
+    return chosen.reset_index(drop=True)
+
+
+def _metadata(points: pd.DataFrame, **extra) -> dict:
+    return {"metric": points["metric"].iloc[0], **extra, "protocol": points["protocol"].iloc[0]}
+
+
+def model_compute_points(records: Records | pd.DataFrame, *, step: int | None = None, metric: str | None = None,
+                         **where) -> pd.DataFrame:
+    """The points `model_compute_fit` fits: `select`'s, at one training step (default: the step most runs have)."""
+    return at_step(select_protocol(records, metric=metric, **where), step)
+
+
 def model_compute_fit(records: Records | pd.DataFrame, *, step: int | None = None, metric: str | None = None,
                       **where) -> LogLogFit:
     """Log-log fit of the metric against model Gflops at one training step (default: the step most runs have)."""
+    points = model_compute_points(records, step=step, metric=metric, **where)
+    return fit_loglog(points["gflops"], points["value"], groups=points["run"], x_name="gflops",
+                      y_name=metric_column(points["metric"].iloc[0]),
+                      metadata=_metadata(points, step=int(points["step"].iloc[0])))
+
+
+def training_compute_points(records: Records | pd.DataFrame, *, metric: str | None = None,
+                            **where) -> pd.DataFrame:
+    """The points `training_compute_fit` fits: `select`'s that have a training compute (step > 0 and a batch
+    size, or train_gflops_cumulative given)."""
     points = select_protocol(records, metric=metric, **where)
-    step = default_step(points) if step is None else step
-    points = points[points["step"] == step]
-    require_one_protocol(points)
-    column = _metric_column(points)
-    return fit_loglog(points["gflops"], points["value"], groups=points["run"], x_name="gflops", y_name=column,
-                      metadata={"metric": points["metric"].iloc[0], "step": step,
-                                "protocol": points["protocol"].iloc[0]})
+    points = points[(points["step"] > 0) & points["train_gflops_cumulative"].notna()]
+    if points.empty:
+        raise RecordsError("no evaluation points with a training compute (step > 0 and a batch size, or "
+                           "train_gflops_cumulative).")
+    return points.reset_index(drop=True)
 
 
-def training_compute_fit(records: Records | pd.DataFrame, *, metric: str | None = None, n_bootstrap: int = 300,
-                         **where) -> FrontierFit:
+def training_compute_frontier(records: Records | pd.DataFrame, *, metric: str | None = None,
+                              **where) -> Frontier:
+    """The frontier that `training_compute_fit` fits, alone (e.g. for records too few to fit the law to)."""
+    points = training_compute_points(records, metric=metric, **where)
+    return compute_frontier(points["run"], points["train_gflops_cumulative"], points["value"])
+
+
+def training_compute_fit(records: Records | pd.DataFrame, *, metric: str | None = None,
+                         n_bootstrap: int = FRONTIER_N_BOOTSTRAP, **where) -> FrontierFit:
     """The frontier of metric vs cumulative training compute over all runs, with its offset power law."""
-    points = select_protocol(records, metric=metric, **where)
-    points = points[points["step"] > 0]
+    points = training_compute_points(records, metric=metric, **where)
     largest = str(points.loc[points["gflops"].idxmax(), "run"])
     return fit_frontier(points["run"], points["train_gflops_cumulative"], points["value"], largest=largest,
-                        x_name="train_gflops_cumulative", y_name=_metric_column(points), n_bootstrap=n_bootstrap,
-                        metadata={"metric": points["metric"].iloc[0], "protocol": points["protocol"].iloc[0]})
+                        x_name="train_gflops_cumulative", y_name=metric_column(points["metric"].iloc[0]),
+                        n_bootstrap=n_bootstrap, metadata=_metadata(points))
 
 
 @dataclass(frozen=True)
@@ -118,25 +236,22 @@ class SamplingTradeoff:
 
 def sampling_tradeoff(records: Records | pd.DataFrame, *, step: int | None = None, metric: str | None = None,
                       **where) -> SamplingTradeoff:
-    points = select_protocol(records, metric=metric, vary=("sampling_steps",), **where)
-    step = default_step(points) if step is None else step
-    points = points[points["step"] == step].copy()
-    require_one_protocol(points, vary=("sampling_steps",))
+    points = at_step(select_protocol(records, metric=metric, vary=("sampling_steps",), **where), step)
     if points["sampling_steps"].isna().any():
         raise RecordsError("sampling-compute points need sampling_steps on every row.")
     points["pair"] = points["model"] + " @ " + points["sampling_steps"].astype(int).astype(str)
     frontier = compute_frontier(points["pair"], points["sampling_gflops_per_image"], points["value"])
     winners = frontier.optimal_ranges().rename(columns={"run": "pair", "x_start": "budget_from",
                                                          "x_end": "budget_to"})[["pair", "budget_from", "budget_to"]]
-    a = points[["model", "gflops", "sampling_steps", "sampling_gflops_per_image", "value"]].reset_index(drop=True)
+    a = points[["model", "gflops", "sampling_steps", "sampling_gflops_per_image", "value"]]
     pairs = a.merge(a, how="cross", suffixes=("_smaller", "_larger"))
     pairs = pairs[(pairs["gflops_smaller"] < pairs["gflops_larger"])
                   & (pairs["sampling_steps_smaller"] > pairs["sampling_steps_larger"])
                   & (pairs["value_smaller"] < pairs["value_larger"])].copy()
     pairs["at_most_the_compute"] = (pairs["sampling_gflops_per_image_smaller"]
                                     <= pairs["sampling_gflops_per_image_larger"])
-    return SamplingTradeoff(points=points.reset_index(drop=True), frontier=frontier, winners=winners,
+    return SamplingTradeoff(points=points, frontier=frontier, winners=winners,
                             smaller_beats_larger=pairs.reset_index(drop=True),
-                            metadata={"metric": points["metric"].iloc[0], "step": step,
+                            metadata={"metric": points["metric"].iloc[0], "step": int(points["step"].iloc[0]),
                                       "protocol": protocol_string(points.iloc[0].to_dict(),
                                                                   ignore=("sampling_steps",))})

@@ -1,0 +1,321 @@
+"""Paper figures, Table 4 and the report, from the paper's records and from a small synthetic study."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import figures, study
+from analysis.records import RecordsError, load
+
+REPO = Path(__file__).resolve().parent.parent
+PAPER_DIR = REPO / "runs" / "paper"
+
+# Synthetic study: (model, block) -> forward Gflops per image, params. Small DiTs on 32x32 Fashion-MNIST.
+STUDY_RUNS = {
+    ("DiT-S/8", "adaLN-Zero"): (0.00055, 55_872),
+    ("DiT-S/4", "adaLN-Zero"): (0.0022, 51_168),
+    ("DiT-S/2", "adaLN-Zero"): (0.0148, 49_992),
+    ("DiT-B/8", "adaLN-Zero"): (0.0019, 191_488),
+    ("DiT-B/4", "adaLN-Zero"): (0.0076, 182_176),
+    ("DiT-B/2", "adaLN-Zero"): (0.0304, 180_000),
+    ("DiT-S/2", "in-context"): (0.0150, 45_000),
+}
+STUDY_BATCH = 32
+STUDY_EVAL_STEPS = (400, 800, 1200)
+STUDY_SAMPLING_STEPS = (10, 25, 50)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_study_run(runs_dir: Path, model: str, block: str, *, evaluations: bool = True) -> Path:
+    """One run directory as `dit-scaling train` writes it (manifest.json, records.jsonl, evaluations.jsonl)."""
+    gflops, params = STUDY_RUNS[(model, block)]
+    name = model.replace("/", "-") + ("" if block == "adaLN-Zero" else f"-{block}")
+    size, patch = figures.size_and_patch(model)
+    workdir = runs_dir / name
+    workdir.mkdir(parents=True)
+    manifest = {
+        "config": {"data": {"source": "fashion_mnist"}, "train": {"batch_size": STUDY_BATCH, "steps": 1200},
+                   "model": {"name": f"{size}/{patch}", "block": block}},
+        "model": {"patch_size": patch, "input_size": 32, "in_channels": 1, "num_classes": 10, "block": block},
+        "model_name": model, "gflops_per_image": gflops, "macs_per_image": int(gflops * 1e9), "params": params,
+        "global_batch": STUDY_BATCH, "data": {"source": "fashion_mnist", "examples": 60000}, "status": "finished",
+        "total_steps": 1200, "final_step": 1200,
+    }
+    (workdir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    rng = np.random.default_rng(len(name))
+    _write_jsonl(workdir / "records.jsonl", [
+        {"step": step, "images_seen": step * STUDY_BATCH,
+         "loss": 0.05 + 0.2 * (step / 50) ** -0.5 / (1 + 50 * gflops) + 0.01 * rng.random(), "mse": 0.1,
+         "vb": 0.002, "train_gflops_cumulative": 3 * gflops * STUDY_BATCH * step}
+        for step in range(50, 1201, 50)])
+    if evaluations:
+        # Bigger models reach lower FD in fewer steps; fewer sampling steps and other blocks cost a little.
+        penalty = 1.3 if block != "adaLN-Zero" else 1.0
+        _write_jsonl(workdir / "evaluations.jsonl", [
+            {"step": step, "metric": "FD-FashionCNN-400",
+             "value": penalty * (15 + 150 * (step / 400) ** -0.5 * (gflops / 5e-4) ** -0.3) * (1 + 1 / sampling_steps),
+             "protocol": {"sampler": "ddim", "sampling_steps": sampling_steps, "guidance_scale": 1.0,
+                          "guidance_channels": None, "num_samples": 400, "seed": 0,
+                          "reference": "fashion_mnist:train[:10000]", "feature_network": "FashionCNN(epochs=2)"},
+             "sampling_gflops_per_image": gflops * sampling_steps,
+             "train_gflops_cumulative": 3 * gflops * STUDY_BATCH * step}
+            for step in STUDY_EVAL_STEPS for sampling_steps in STUDY_SAMPLING_STEPS])
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return load(PAPER_DIR)
+
+
+@pytest.fixture(scope="module")
+def paper_scaling(paper):
+    """The 12 configs at 256px with adaLN-Zero, FID-50K: the points of Figs. 2 and 8."""
+    return paper.where(block="adaLN-Zero", resolution=256, metric="FID-50K")
+
+
+@pytest.fixture(scope="module")
+def paper_frontier_fit(paper):
+    return study.training_compute_fit(paper, resolution=256)
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    runs_dir = tmp_path_factory.mktemp("study")
+    for model, block in STUDY_RUNS:
+        write_study_run(runs_dir, model, block)
+    return runs_dir
+
+
+@pytest.fixture(scope="module")
+def paper_rendered(paper, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("paper_figures")
+    return out_dir, *figures.render_all(paper, out_dir)
+
+
+@pytest.fixture(scope="module")
+def study_rendered(study_dir, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("study_figures")
+    return out_dir, *figures.render_all(load(study_dir), out_dir)
+
+
+def _assert_valid_outputs(paths):
+    for path in paths:
+        data = path.read_bytes()
+        assert len(data) > 1000 or path.suffix in (".md", ".tex"), path
+        if path.suffix == ".png":
+            assert data.startswith(b"\x89PNG\r\n\x1a\n"), path
+        elif path.suffix == ".pdf":
+            assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF"), path
+
+
+def test_size_and_patch_parses_dit_names():
+    assert figures.size_and_patch("DiT-XL/2") == ("XL", 2)
+    assert figures.size_and_patch("S/8") == ("S", 8)
+    assert figures.size_and_patch("ADM") == (None, None)
+
+
+def test_render_all_on_the_paper_records(paper_rendered):
+    out_dir, written, skipped = paper_rendered
+    drawn = ["fig2_bubble", "fig5_conditioning", "fig8_gflops_fit", "fig9_training_compute", "fig10_sampling_compute"]
+    expected = {f"{name}.{ext}" for name in drawn for ext in ("png", "pdf")} | {"table4.md", "table4.tex",
+                                                                               "report.md"}
+    assert {p.name for p in written} == expected
+    assert all(p.parent == out_dir for p in written)
+    _assert_valid_outputs(written)
+    # One run (XL/2) has a curve: Fig. 6 compares curves; the paper records hold no training losses.
+    assert set(skipped) == {"fig6_curves", "fig13_loss"}
+    assert "two or more steps" in skipped["fig6_curves"]
+    assert "training-step records" in skipped["fig13_loss"]
+
+    report = (out_dir / "report.md").read_text()
+    # The 512px run and the other blocks are left out of the scaling figures, and the report says so.
+    assert "left out: paper:DiT-XL/2-512px, paper:DiT-XL/2-in-context" in report
+    assert "Fig. 10 uses FID-10K" in report
+    assert "Leave-largest-out check" in report and "Convergence: converged" in report
+    for name in drawn:
+        assert f"]({name}.png)" in report
+    for name in skipped:
+        assert f"- {name}: " in report
+
+
+def test_the_report_states_the_study_fits(paper, paper_rendered, paper_frontier_fit):
+    out_dir, _, _ = paper_rendered
+    report = (out_dir / "report.md").read_text()
+    fit = study.model_compute_fit(paper)
+    lo, hi = fit.slope_ci
+    assert (f"log10 FID-50K = {fit.intercept:.3f} - {abs(fit.slope):.3f} log10 Gflops at 400K steps: slope "
+            f"{fit.slope:.3f} (95% CI {lo:.3f} to {hi:.3f}, bootstrap over 12 configs)") in report
+    law = paper_frontier_fit.law
+    assert (f"scale {law.scale:.3g} " in report and f"exponent {law.exponent:.3f} " in report
+            and f"(C / {law.x_ref:.3g})^-exponent" in report)
+
+
+def test_render_all_on_a_study_writes_every_figure(study_rendered):
+    out_dir, written, skipped = study_rendered
+    assert skipped == {}
+    expected = {f"{name}.{ext}" for name in figures.FIGURES for ext in ("png", "pdf")}
+    assert expected | {"table4.md", "table4.tex", "report.md"} == {p.name for p in written}
+    _assert_valid_outputs(written)
+    report = (out_dir / "report.md").read_text()
+    # Three equally common protocols (one per sampling-step count): the most faithful sampler is kept.
+    assert "Protocol: FD-FashionCNN-400 sampler=ddim sampling_steps=50" in report
+    assert "sampling_steps=10 (" in report and "sampling_steps=25 (" in report
+    assert "left out: DiT-S-2-in-context" in report
+
+
+def test_table4_lists_the_papers_fids(paper):
+    markdown = figures.table4_markdown(paper)
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines()[2:]]
+    header = [cell.strip() for cell in markdown.splitlines()[0].strip("|").split("|")]
+    assert header == ["Model", "Res.", "Block", "Gflops", "Params (M)", "Steps", "FID-50K"]
+    table4 = pd.read_csv(PAPER_DIR / "table4.csv")
+    assert len(rows) == len(table4)
+    published = table4[(table4["train_steps"] == 400_000) & (table4["block"] == "adaLN-Zero")]
+    assert len(published) == 12
+    # The 12 configs come first, in the paper's order, with their FIDs and Gflops.
+    for row, expected in zip(rows[:12], published.itertuples(), strict=True):
+        assert row[0] == expected.model and row[5] == "400K" and row[2] == "adaLN-Zero"
+        assert float(row[6]) == pytest.approx(expected.fid50k_noguidance)
+        assert float(row[3]) == pytest.approx(expected.gflops)
+    assert ["DiT-XL/2", "256", "adaLN-Zero", "118.64", "675", "7000K", "9.62"] in rows
+    assert ["DiT-XL/2", "512", "adaLN-Zero", "524.54", "675", "3000K", "11.93"] in rows
+
+    latex = figures.table4_latex(paper)
+    assert latex.startswith("\\begin{tabular}{lrlrrrr}") and "\\toprule" in latex and "\\bottomrule" in latex
+    assert "DiT-XL/2 & 256 & adaLN-Zero & 118.64 & 675 & 400K & 19.47 \\\\" in latex
+    assert latex.count("\\\\") == len(table4) + 1  # the rows and the header
+
+
+def _line(ax, label_start: str):
+    (line,) = [line for line in ax.get_lines() if line.get_label().startswith(label_start)]
+    return line
+
+
+@pytest.mark.parametrize("subset", [{}, {"block": "adaLN-Zero"}, {"resolution": 256, "metric": "FID-50K"}])
+def test_fig8_draws_the_study_fit(paper, subset):
+    # The same points as study: the 12 configs at 256px with adaLN-Zero, FID-50K at 400K steps, whatever else
+    # the records hold (other blocks, 512px, FID-10K).
+    records = paper.where(**subset)
+    (ax,) = figures.fig8_gflops_fit(records).axes
+    fit = study.model_compute_fit(records)
+    assert fit.n_configs == 12 and fit.metadata["step"] == 400_000
+    annotation = ax.get_legend().get_title().get_text()
+    numbers = dict(re.findall(r"(slope|Pearson r|Spearman r) = (-?\d+\.\d+)", annotation))
+    assert numbers == {"slope": f"{fit.slope:.3f}", "Pearson r": f"{fit.pearson_r:.3f}",
+                       "Spearman r": f"{fit.spearman_r:.3f}"}
+    assert fit.slope < -0.3 and fit.pearson_r < -0.9  # the paper's strong negative correlation
+    assert "12 configs" in annotation and "400K" in ax.get_title()
+    line = _line(ax, "log-log fit")
+    np.testing.assert_allclose(line.get_ydata(), fit.predict(line.get_xdata()))
+    # Every config is labelled once, the way the paper names them.
+    labels = sorted(t.get_text() for t in ax.texts)
+    assert labels == sorted(f"{s}/{p}" for s in ("S", "B", "L", "XL") for p in (8, 4, 2))
+
+
+def test_fig9_draws_the_study_fit(paper, paper_frontier_fit):
+    (ax,) = figures.fig9_training_compute(paper, resolution=256).axes
+    fit = paper_frontier_fit
+    law_line = _line(ax, "fit:")
+    np.testing.assert_allclose(law_line.get_ydata(), fit.predict(law_line.get_xdata()))
+    assert f"^{{-{fit.law.exponent:.3f}}}$" in law_line.get_label()
+    frontier = _line(ax, "compute frontier")
+    np.testing.assert_allclose(frontier.get_xdata(), fit.frontier.grid["x"])
+    np.testing.assert_allclose(frontier.get_ydata(), fit.frontier.grid["y"])
+    assert len(ax.get_lines()) == 12 + 2  # a curve per config, the frontier and the law
+
+
+def test_fig10_draws_the_study_tradeoff(study_dir):
+    records = load(study_dir)
+    (ax,) = figures.fig10_sampling_compute(records).axes
+    tradeoff = study.sampling_tradeoff(records)
+    frontier = _line(ax, "frontier")
+    np.testing.assert_allclose(frontier.get_xdata(), tradeoff.frontier.grid["x"])
+    np.testing.assert_allclose(frontier.get_ydata(), tradeoff.frontier.grid["y"])
+    assert f"{tradeoff.metadata['step']} training steps" in ax.get_title()
+
+
+def test_fig2_uses_the_step_most_configs_share(paper_scaling):
+    fig = figures.fig2_bubble(paper_scaling)
+    (ax,) = fig.axes
+    assert "400K" in ax.get_title() and ax.get_xscale() == "log"
+    (bubbles,) = ax.collections
+    areas = bubbles.get_sizes()
+    assert len(areas) == 12
+    gflops = bubbles.get_offsets()[:, 0]
+    np.testing.assert_allclose(areas / areas.max(), gflops / gflops.max())  # area proportional to Gflops
+
+
+def test_fig5_draws_bars_for_single_step_blocks_and_lines_for_curves(paper, study_dir):
+    fig = figures.fig5_conditioning(paper.where(resolution=256, metric="FID-50K"))
+    (ax,) = fig.axes
+    assert [t.get_text().split("\n")[0] for t in ax.get_yticklabels()] == [
+        "in-context", "cross-attention", "adaLN", "adaLN-Zero"]
+    assert [p.get_width() for p in ax.patches] == pytest.approx([35.24, 26.14, 25.21, 19.47])
+
+    study = load(study_dir).where(sampling_steps=50)
+    (ax,) = figures.fig5_conditioning(study).axes
+    assert len(ax.get_lines()) == 2 and all(len(line.get_xdata()) == 3 for line in ax.get_lines())
+
+
+def test_figures_the_records_cannot_support_say_why(paper, paper_scaling, study_dir):
+    with pytest.raises(RecordsError, match="two or more steps"):
+        figures.fig6_curves(paper_scaling)
+    with pytest.raises(RecordsError, match="training-step records"):
+        figures.fig13_loss(paper)
+    with pytest.raises(RecordsError, match=r"no evaluations at step 1000; evaluated steps: \[400000, "):
+        figures.fig8_gflops_fit(paper, step=1000)
+    with pytest.raises(RecordsError, match="metric='FID-10K'"):
+        figures.fig10_sampling_compute(paper)
+    with pytest.raises(RecordsError, match="one block only"):
+        figures.fig5_conditioning(load(study_dir).where(block="adaLN-Zero", sampling_steps=50))
+    with pytest.raises(RecordsError, match="no 'FID-50K' points"):
+        figures.fig2_bubble(load(study_dir), metric="FID-50K")
+
+
+def test_fig10_plots_every_model_across_sampling_steps(study_dir):
+    study = load(study_dir).where(block="adaLN-Zero")
+    fig = figures.fig10_sampling_compute(study)
+    (ax,) = fig.axes
+    assert "1200 training steps" in ax.get_title()
+    model_lines = [line for line in ax.get_lines() if line.get_label() != "frontier"]
+    assert len(model_lines) == 6 and all(len(line.get_xdata()) == 3 for line in model_lines)
+
+
+def test_fig9_without_enough_frontier_points_draws_the_curves_and_says_why(paper_scaling):
+    points = paper_scaling.evaluations
+    (ax,) = figures.fig9_training_compute(points[points["model"].isin(["DiT-S/8", "DiT-S/4"])]).axes
+    assert any(t.get_text().startswith("power law not fitted: a frontier fit needs at least 4 configs")
+               for t in ax.texts)
+    assert {line.get_label() for line in ax.get_lines()} == {"S/8", "S/4", "compute frontier"}
+
+
+def test_render_all_without_evaluations_draws_the_loss_only(tmp_path):
+    for model in ("DiT-S/8", "DiT-S/2"):
+        write_study_run(tmp_path / "runs", model, "adaLN-Zero", evaluations=False)
+    written, skipped = figures.render_all(load(tmp_path / "runs"), tmp_path / "out")
+    assert {p.name for p in written} == {"fig13_loss.png", "fig13_loss.pdf", "report.md"}
+    assert set(skipped) == {*figures.FIGURES, "table4"} - {"fig13_loss"}
+    assert all("no evaluations" in reason for reason in skipped.values())
+
+
+def test_where_keeps_the_steps_and_evaluations_of_the_runs_it_keeps(study_dir):
+    records = load(study_dir)
+    assert "block" not in records.steps.columns
+    in_context = records.where(block="in-context")
+    assert in_context.runs["run"].tolist() == ["DiT-S-2-in-context"]
+    assert set(in_context.steps["run"]) == set(in_context.evaluations["run"]) == {"DiT-S-2-in-context"}
+    assert len(in_context.steps) == (records.steps["run"] == "DiT-S-2-in-context").sum() == 24
+    # A condition on a column the runs table lacks keeps every run, and filters the tables that have it.
+    late = records.where(step=1200)
+    assert len(late.runs) == 7 and set(late.steps["step"]) == set(late.evaluations["step"]) == {1200}
+    # So the loss figure of one block draws that block's runs only: a raw and a smoothed line each.
+    (ax,) = figures.fig13_loss(records.where(block="adaLN-Zero")).axes
+    assert len(ax.get_lines()) == 2 * 6

@@ -1,0 +1,154 @@
+"""The notebooks run headless from notebooks/ and show what the analysis API computes for the same inputs."""
+
+import re
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from analysis.planning import plan_budget, plan_target, to_paper_units
+from analysis.records import load
+from analysis.study import model_compute_fit, training_compute_fit
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+NAMES = ["plan_compute_budget.ipynb", "compare_new_architecture.ipynb", "regenerate_paper_figures.ipynb"]
+NUMBER = r"[-+]?[0-9][0-9,]*(?:\.[0-9]*)?(?:e[-+]?[0-9]+)?"
+
+
+def execute(name: str) -> nbformat.NotebookNode:
+    """Run every cell with the working directory notebooks/, as Jupyter does; a failing cell fails the test."""
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    NotebookClient(notebook, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    return notebook
+
+
+def outputs(notebook: nbformat.NotebookNode) -> list[dict]:
+    return [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+
+
+def printed(notebook: nbformat.NotebookNode) -> str:
+    return "".join(o["text"] for o in outputs(notebook) if o["output_type"] == "stream" and o["name"] == "stdout")
+
+
+def displayed(notebook: nbformat.NotebookNode, mime: str) -> list[str]:
+    return [o["data"][mime] for o in outputs(notebook) if mime in o.get("data", {})]
+
+
+def number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def line(pattern: str, text: str) -> re.Match:
+    match = re.search(pattern, text, flags=re.MULTILINE)
+    assert match, f"no line matches {pattern!r} in:\n{text}"
+    return match
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return load(ROOT / "runs" / "paper")
+
+
+@pytest.fixture(scope="module")
+def frontier_fit(paper):
+    return training_compute_fit(paper, metric="FID-50K", resolution=256)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_is_saved_without_outputs(name):
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(notebook)
+    assert notebook.metadata["kernelspec"]["name"] == "python3"
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{name}: clear the outputs before saving"
+
+
+def test_plan_compute_budget_prints_what_the_planning_api_computes(paper, frontier_fit):
+    notebook = execute("plan_compute_budget.ipynb")
+    text = printed(notebook)
+
+    budget = line(rf"^budget ({NUMBER}) Gflops \(paper units\) = {NUMBER} true FLOPs = ({NUMBER}) chip-hours at "
+                  rf"({NUMBER})% of ({NUMBER}) TFLOP/s$", text)
+    chip_hours, utilization, peak = (number(budget.group(i)) for i in (2, 3, 4))
+    compute = to_paper_units(chip_hours, "accelerator-hours", utilization=utilization / 100, chip_peak_tflops=peak)
+    assert number(budget.group(1)) == pytest.approx(compute, rel=1e-6)
+    assert number(budget.group(1)) == pytest.approx(chip_hours * 3600 * peak * 1e12 * utilization / 100 / 2e9,
+                                                    rel=1e-6)  # paper units: true FLOPs / 2, in units of 1e9
+
+    plan = plan_budget(frontier_fit, paper.runs, compute)
+    after = text[budget.end():]
+    config = line(rf"^  train (\S+) \(({NUMBER}) Gflops/image\) for ({NUMBER}) steps at batch ({NUMBER})$", after)
+    assert config.group(1) == plan.model
+    assert number(config.group(3)) == plan.steps and number(config.group(4)) == plan.batch_size
+    predicted = line(rf"^  predicted FID-50K ({NUMBER})   95% confidence \[({NUMBER}), ({NUMBER})\], "
+                     rf"prediction \[({NUMBER}), ({NUMBER})\]$", after)
+    expected = [plan.predicted, *plan.confidence_interval, *plan.prediction_interval]
+    assert [number(predicted.group(i)) for i in range(1, 6)] == pytest.approx(expected, abs=0.006)
+    assert 5 < plan.predicted < 50  # a budget of this size lands between the paper's XL/2 checkpoints
+
+    target = line(rf"^target FID-50K ({NUMBER})\n  least compute ({NUMBER}) Gflops", text)
+    target_plan = plan_target(frontier_fit, paper.runs, number(target.group(1)))
+    assert number(target.group(2)) == pytest.approx(target_plan.compute, rel=1e-3)
+
+    # The miniature section either fits its study or says why not, whatever the study holds.
+    assert re.search(r"^metric FD-FashionCNN-\d+; protocol: ", text, re.MULTILINE) or "no training-compute fit" in text
+    assert len(displayed(notebook, "image/png")) >= 1
+
+
+def test_compare_new_architecture_prints_what_the_fits_give(paper, frontier_fit):
+    notebook = execute("compare_new_architecture.ipynb")
+    text = printed(notebook)
+    assert "ILLUSTRATIVE" in "".join(cell.source for cell in notebook.cells)
+
+    points = re.findall(rf"^(.+): FID ({NUMBER}) with ({NUMBER}) training Gflops -> DiT needs ({NUMBER}) "
+                        rf"\[.*\], multiplier ({NUMBER}) ", text, flags=re.MULTILINE)
+    assert len(points) >= 2
+    for name, fid, compute, needs, multiplier in points:
+        dit_compute = float(frontier_fit.inverse(float(fid)))
+        assert float(needs) == pytest.approx(dit_compute, rel=1e-3), name
+        assert float(multiplier) == pytest.approx(dit_compute / float(compute), rel=2e-3), name
+
+    gflops_fit = model_compute_fit(paper, metric="FID-50K", step=400_000, resolution=256)
+    unets = pd.read_csv(ROOT / "runs" / "paper" / "unet_gflops.csv").query("resolution == 256")
+    fids = pd.read_csv(ROOT / "runs" / "paper" / "benchmarks_256.csv").set_index("model")["fid"]
+    for model, gflops in zip(unets["model"], unets["total_gflops"], strict=True):
+        placed = line(rf"^{re.escape(model)}: {gflops:g} Gflops, FID {fids[model]:.2f}; DiT at 400K steps with the "
+                      rf"same Gflops: ({NUMBER}) \[({NUMBER}), ({NUMBER})\]", text)
+        lo, hi = gflops_fit.prediction_interval([gflops])
+        expected = [float(gflops_fit.predict([gflops])[0]), float(lo[0]), float(hi[0])]
+        assert [number(placed.group(i)) for i in (1, 2, 3)] == pytest.approx(expected, abs=0.006), model
+    assert len(displayed(notebook, "image/png")) == 1
+
+
+@pytest.mark.slow
+def test_regenerate_paper_figures_writes_only_to_the_chosen_directory(tmp_path, monkeypatch):
+    figures = pytest.importorskip("analysis.figures")
+    monkeypatch.setenv("DIT_SCALING_FIGURES_DIR", str(tmp_path))
+    notebooks_before = sorted(NOTEBOOKS.iterdir())
+    notebook = execute("regenerate_paper_figures.ipynb")
+    text = printed(notebook)
+
+    paper_dir = tmp_path / "paper"
+    for name in figures.FIGURES:  # each figure is written, or skipped with its reason printed
+        assert (paper_dir / f"{name}.png").is_file() or line(rf"^  {name}: \S", text)
+    for name in ("fig2_bubble", "fig8_gflops_fit", "fig9_training_compute"):
+        assert (paper_dir / f"{name}.png").is_file() and (paper_dir / f"{name}.pdf").is_file()
+    line(r"^  fig13_loss: \S", text)  # the paper's records hold no training-loss logs
+
+    table = (paper_dir / "table4.md").read_text()
+    assert "### Table 4\n\n" + table in displayed(notebook, "text/markdown")
+    rows = table.splitlines()
+    for row in pd.read_csv(ROOT / "runs" / "paper" / "table4.csv").itertuples():
+        steps = f"{row.train_steps // 1000}K"
+        assert any(r.startswith(f"| {row.model} | {row.resolution} | {row.block} |") and f"| {steps} |" in r
+                   and r.endswith(f"| {row.fid50k_noguidance:.2f} |") for r in rows), row
+    assert len(displayed(notebook, "image/png")) >= 3
+
+    assert (tmp_path / "fmnist_miniature" / "report.md").is_file() or "no miniature records" in text
+    assert sorted(NOTEBOOKS.iterdir()) == notebooks_before
+    assert not list((ROOT / "runs").glob("*/figures"))
