@@ -14,10 +14,12 @@ and never touches the interactive backend or pyplot's global figure list.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,12 +94,13 @@ def _short_name(model: str) -> str:
     return f"{size}/{patch}" if size else str(model)
 
 
-def _config_order(model: str) -> tuple:
-    """Sort key: S before XL, then patch 8 before 2 (the paper's order); other models after, by name."""
+def _config_order(model: str, gflops: float | None = None) -> tuple:
+    """Sort key: S before XL, then patch 8 before 2 (the paper's order); other models after, by Gflops where
+    given (smallest first), then by name."""
     size, patch = size_and_patch(model)
     if size in SIZES:
         return 0, SIZES.index(size), PATCHES.index(patch) if patch in PATCHES else -patch, ""
-    return 1, 0, 0, str(model)
+    return 1, 0.0 if gflops is None or pd.isna(gflops) else float(gflops), 0, str(model)
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,9 @@ class _RunStyle:
 
 def _run_styles(runs: pd.DataFrame) -> dict[str, _RunStyle]:
     """Colour by model size, marker and line style by patch size; labels are "S/8" unless two runs share a
-    model (then the run names)."""
-    runs = runs.drop_duplicates("run")
+    model (then the run names). Models that are not DiT configs take colours in `_ordered_runs` order (by Gflops),
+    so a run keeps its colour from figure to figure."""
+    runs = runs.drop_duplicates("run").set_index("run").loc[_ordered_runs(runs)].reset_index()
     shared_model = runs["model"].duplicated(keep=False)
     styles, others = {}, 0
     for row, shared in zip(runs.itertuples(), shared_model, strict=True):
@@ -126,8 +130,9 @@ def _run_styles(runs: pd.DataFrame) -> dict[str, _RunStyle]:
 
 
 def _ordered_runs(table: pd.DataFrame) -> list[str]:
-    runs = table.drop_duplicates("run")
-    return sorted(runs["run"], key=lambda run: (_config_order(runs.loc[runs["run"] == run, "model"].iloc[0]), run))
+    runs = table.drop_duplicates("run").set_index("run")
+    gflops = runs["gflops"] if "gflops" in runs.columns else pd.Series(np.nan, index=runs.index)
+    return sorted(runs.index, key=lambda run: (_config_order(runs.at[run, "model"], gflops[run]), run))
 
 
 def _format_steps(value: float, _position=None) -> str:
@@ -311,6 +316,10 @@ def fig5_conditioning(records: Records | pd.DataFrame, *, metric: str | None = N
     figure_name = "Fig. 5"
     points = study.select_protocol(records, metric=metric, vary=("block", "resolution"), **where)
     metric = points["metric"].iloc[0]
+    if points["block"].isna().all():
+        raise RecordsError(f"{figure_name} compares conditioning blocks of one model, but the records name no run's "
+                           "block (no block column); give each run's block (e.g. a block column in the CSV) and "
+                           "train one config with several blocks.")
     blocks_per_model = points.groupby(["model", "resolution"], dropna=False)["block"].nunique()
     if blocks_per_model.max() < 2:
         raise RecordsError(f"{figure_name} compares conditioning blocks of one model, but every model was "
@@ -364,18 +373,25 @@ def fig5_conditioning(records: Records | pd.DataFrame, *, metric: str | None = N
 @_styled
 def fig6_curves(records: Records | pd.DataFrame, *, metric: str | None = None, **where) -> Figure:
     """Fig. 6: the metric over training steps, on `study.select`'s points. Top row: one panel per patch size,
-    model sizes compared; bottom row: one panel per model size, patch sizes compared."""
+    model sizes compared; bottom row: one panel per model size, patch sizes compared. These panels group DiT
+    configs (models named DiT-SIZE/PATCH); when fewer than two of those have curves, every run's curve is drawn
+    in a single panel instead (e.g. a user's models with other names)."""
     figure_name = "Fig. 6"
     points = study.select_protocol(records, metric=metric, **where)
     metric = points["metric"].iloc[0]
     parsed = points["model"].map(size_and_patch)
-    points = points.assign(size=[p[0] for p in parsed], patch=[p[1] for p in parsed]).dropna(subset=["size"])
+    points = points.assign(size=[p[0] for p in parsed], patch=[p[1] for p in parsed])
     steps_per_run = points.groupby("run")["step"].nunique()
     with_curves = steps_per_run[steps_per_run >= 2].index.tolist()
     if len(with_curves) < 2:
-        raise RecordsError(f"{figure_name} compares training curves, but only {len(with_curves)} DiT run(s) "
+        raise RecordsError(f"{figure_name} compares training curves, but only {len(with_curves)} run(s) "
                            f"{with_curves} have {metric} at two or more steps; evaluate checkpoints during training "
                            "(--config.eval.every=N).")
+    dit = points.dropna(subset=["size"]).astype({"patch": int})  # int again once the other runs are left out
+    if dit.loc[dit["run"].isin(with_curves), "run"].nunique() < 2:
+        return _curves_in_one_panel(points, metric)
+    not_dit = sorted(points.loc[points["size"].isna(), "run"].unique())
+    points = dit
     curves = {run: group.groupby("step")["value"].mean() for run, group in points.groupby("run")}
     runs = points.drop_duplicates("run").set_index("run")
     patches = sorted(set(runs["patch"]), reverse=True)  # the paper's order: 8, 4, 2
@@ -413,6 +429,31 @@ def fig6_curves(records: Records | pd.DataFrame, *, metric: str | None = None, *
         subfigure.suptitle(title, fontsize=10.5)
         entries = [legend[v] for v in sorted(legend, key=lambda v: SIZES.index(v) if varied == "size" else -v)]
         subfigure.legend([line for _, line in entries], [label for label, _ in entries], loc="outside right center")
+    if not_dit:
+        fig.suptitle(f"Not shown (not named DiT-SIZE/PATCH, so not grouped by patch and size): {', '.join(not_dit)}",
+                     fontsize=8.5, color="0.3")
+    return fig
+
+
+def _curves_in_one_panel(points: pd.DataFrame, metric: str) -> Figure:
+    """Fig. 6 for runs that do not parse as DiT-SIZE/PATCH: every run's curve in one panel, by model Gflops."""
+    runs = points.drop_duplicates("run")
+    styles = _run_styles(runs)
+    fig = Figure(figsize=(7.2, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    for run in _ordered_runs(runs):
+        curve = points[points["run"] == run].groupby("step")["value"].mean()
+        style = styles[run]
+        gflops = runs.loc[runs["run"] == run, "gflops"].iloc[0]
+        ax.plot(curve.index, curve.to_numpy(), marker=style.marker, markersize=4, linewidth=1.6, color=style.color,
+                linestyle=style.linestyle, label=f"{style.label} ({_format_gflops(gflops)} Gflops)")
+    ax.xaxis.set_major_formatter(FuncFormatter(_format_steps))
+    ax.set_xlabel("Training steps")
+    ax.set_ylabel(metric)
+    reason = ("no run is named DiT-SIZE/PATCH" if points["size"].isna().all() else
+              "fewer than two DiT-SIZE/PATCH runs have curves")
+    fig.suptitle(f"{metric} over training\n(one panel, not grouped by patch and size: {reason})", fontsize=10.5)
+    fig.legend(loc="outside right center", fontsize=8.5)
     return fig
 
 
@@ -537,12 +578,24 @@ def fig10_sampling_compute(records: Records | pd.DataFrame, *, metric: str | Non
 
 @_styled
 def _fig10(records, **selection) -> tuple[Figure, study.SamplingTradeoff]:
-    tradeoff = study.sampling_tradeoff(records, **selection)
+    evaluations = records.evaluations if isinstance(records, Records) else records
+    if "sampling_steps" not in evaluations.columns or evaluations["sampling_steps"].isna().all():
+        raise RecordsError("Fig. 10 compares sampling-step counts, but the records give no sampling_steps (e.g. a "
+                           "CSV without a sampling_steps column); evaluate the same checkpoints with several step "
+                           "counts and record them.")
+    # Metrics evaluated with several step counts, to point at when the chosen one was not.
+    varying = [m for m in study.metrics_by_count(evaluations)
+               if evaluations.loc[evaluations["metric"] == m, "sampling_steps"].nunique() >= 2]
+    try:
+        tradeoff = study.sampling_tradeoff(records, **selection)
+    except RecordsError as e:
+        # A metric given explicitly that study refuses (e.g. one sampling-step count): point at those that vary.
+        others = [m for m in varying if m != selection.get("metric")]
+        if selection.get("metric") and others and "metric=" not in str(e):
+            raise RecordsError(f"{e} {others} vary sampling_steps: pass metric={others[0]!r}.") from e
+        raise
     points, metric, step = tradeoff.points, tradeoff.metadata["metric"], tradeoff.metadata["step"]
     if points["sampling_steps"].nunique() < 2:
-        evaluations = records.evaluations if isinstance(records, Records) else records
-        varying = [m for m in study.metrics_by_count(evaluations)
-                   if evaluations.loc[evaluations["metric"] == m, "sampling_steps"].nunique() >= 2]
         hint = f"; {varying} vary it: pass metric={varying[0]!r}" if varying else ""
         raise RecordsError(f"Fig. 10 compares sampling-step counts, but every {metric} point at step {step} uses "
                            f"sampling_steps={points['sampling_steps'].iloc[0]:g}{hint}. Evaluate the same "
@@ -637,23 +690,31 @@ def _table4(records: Records | pd.DataFrame, metric: str | None, where: dict) ->
     rows = points.groupby(["run", "step"], as_index=False).agg(
         model=("model", "first"), resolution=("resolution", "first"), block=("block", "first"),
         gflops=("gflops", "first"), params_m=("params_m", "first"), value=("value", "mean"))
-    common_block = rows.drop_duplicates("run")["block"].value_counts().index[0]
+    # The block of the most runs first; runs that name no block (a CSV without a block column) count as one block.
+    block_counts = rows.drop_duplicates("run")["block"].value_counts(dropna=False)
+    common_block = block_counts.index[0]
+
+    def is_common(block) -> bool:
+        return bool(pd.isna(block)) if pd.isna(common_block) else block == common_block
+
     rows["order"] = [
-        (block != common_block, BLOCKS.index(block) if block in BLOCKS else len(BLOCKS),
-         -1 if pd.isna(resolution) else resolution, _config_order(model), step)
-        for block, resolution, model, step in zip(rows["block"], rows["resolution"], rows["model"], rows["step"],
-                                                  strict=True)]
+        (not is_common(block), BLOCKS.index(block) if block in BLOCKS else len(BLOCKS),
+         -1 if pd.isna(resolution) else resolution, _config_order(model, gflops), step)
+        for block, resolution, model, gflops, step in zip(rows["block"], rows["resolution"], rows["model"],
+                                                          rows["gflops"], rows["step"], strict=True)]
     rows = rows.sort_values("order").drop(columns="order").reset_index(drop=True)
     table = pd.DataFrame({
         "Model": rows["model"].astype(str),
         "Res.": rows["resolution"].map(lambda r: "" if pd.isna(r) else f"{int(r)}"),
-        "Block": rows["block"].fillna("").astype(str),
+        "Block": rows["block"].map(lambda b: "" if pd.isna(b) else str(b)),
         "Gflops": rows["gflops"].map(_format_gflops),
         "Params (M)": rows["params_m"].map(lambda p: "" if pd.isna(p) else _format_params(p)),
         "Steps": rows["step"].map(_format_table_steps),
         metric: rows["value"].map(lambda v: f"{v:.2f}"),
     })
-    return metric, table
+    # Records that never give a resolution, block or parameter count (e.g. a user's CSV) leave those columns out.
+    empty = [column for column in ("Res.", "Block", "Params (M)") if (table[column] == "").all()]
+    return metric, table.drop(columns=empty)
 
 
 def table4_markdown(records: Records | pd.DataFrame, *, metric: str | None = None, **where) -> str:
@@ -688,9 +749,29 @@ def table4_latex(records: Records | pd.DataFrame, *, metric: str | None = None, 
 # Everything at once
 # ---------------------------------------------------------------------------------------------------------------
 
+# Loggers that chatter at INFO while a figure is saved: fontTools logs every table it prunes when matplotlib
+# subsets the fonts embedded in a PDF (hundreds of lines per figure).
+QUIET_LOGGERS = ("fontTools",)
+
+
+@contextlib.contextmanager
+def quiet_font_logging() -> Iterator[None]:
+    """Raise the font loggers to WARNING for the duration (where they are below it), then restore them."""
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
-    with matplotlib.rc_context(STYLE):
+    with matplotlib.rc_context(STYLE), quiet_font_logging():
         fig.savefig(paths[0], dpi=PNG_DPI)
         fig.savefig(paths[1])
     return paths
@@ -700,6 +781,8 @@ CAPTIONS = {
     "fig2_bubble": "Fig. 2: the metric vs model Gflops; bubble area is proportional to Gflops.",
     "fig5_conditioning": "Fig. 5: conditioning blocks of one model.",
     "fig6_curves": "Fig. 6: the metric over training, by patch size (top) and by model size (bottom).",
+    "fig6_curves_one_panel": "Fig. 6: the metric over training, one curve per run (not grouped by patch and size: "
+                             "fewer than two runs with curves are named DiT-SIZE/PATCH).",
     "fig8_gflops_fit": "Fig. 8: the metric vs model Gflops, log-log fit with confidence band and prediction interval.",
     "fig9_training_compute": "Fig. 9: the metric vs training compute, with the compute frontier and its power law.",
     "fig10_sampling_compute": "Fig. 10: the metric vs sampling compute per image.",
@@ -732,6 +815,13 @@ def render_all(records: Records, out_dir: str | Path, *, metric: str | None = No
     written: list[Path] = []
     skipped: dict[str, str] = {}
     fits: dict[str, object] = {}
+    captions = dict(CAPTIONS)
+
+    def fig6():
+        fig = fig6_curves(records, metric=metric)
+        if len(fig.axes) == 1:  # the single panel of runs not named DiT-SIZE/PATCH
+            captions["fig6_curves"] = CAPTIONS["fig6_curves_one_panel"]
+        return fig
 
     def fig8():
         fig, fits["fig8"] = _fig8(records, metric=metric)
@@ -759,7 +849,7 @@ def render_all(records: Records, out_dir: str | Path, *, metric: str | None = No
     renderers = {
         "fig2_bubble": lambda: fig2_bubble(records, metric=metric),
         "fig5_conditioning": lambda: fig5_conditioning(records, metric=metric, protocol=protocol),
-        "fig6_curves": lambda: fig6_curves(records, metric=metric),
+        "fig6_curves": fig6,
         "fig8_gflops_fit": fig8,
         "fig9_training_compute": fig9,
         "fig10_sampling_compute": fig10,
@@ -788,12 +878,12 @@ def render_all(records: Records, out_dir: str | Path, *, metric: str | None = No
         skipped["table4"] = "the records hold no evaluations"
 
     report = out_dir / "report.md"
-    report.write_text(_report(records, notes, fits, table_markdown, written, skipped))
+    report.write_text(_report(records, notes, fits, table_markdown, written, skipped, captions))
     written.append(report)
     return written, skipped
 
 
-def _report(records, notes: list[str], fits: dict, table_markdown, written, skipped) -> str:
+def _report(records, notes: list[str], fits: dict, table_markdown, written, skipped, captions: dict) -> str:
     lines = ["# Scaling report", "",
              f"{records.runs['run'].nunique()} runs, {len(records.evaluations)} evaluation points, "
              f"{len(records.steps)} training-step records.", ""]
@@ -842,6 +932,8 @@ def _report(records, notes: list[str], fits: dict, table_markdown, written, skip
                       "Compute-optimal run by range of training compute: "
                       + "; ".join(f"{r.run} ({r.x_start:.2g} to {r.x_end:.2g})"
                                   for r in fit.frontier.optimal_ranges().itertuples()) + ".", ""]
+    if "fig10" in fits:
+        lines += _sampling_lines(fits["fig10"])
     if table_markdown:
         rows = table_markdown.count("\n") - 2
         lines += ["## Table 4", ""] + ([table_markdown] if rows <= REPORT_TABLE_ROWS else
@@ -850,12 +942,56 @@ def _report(records, notes: list[str], fits: dict, table_markdown, written, skip
     if figures:
         lines += ["## Figures", ""]
         for name in figures:
-            lines += [f"![{CAPTIONS[name]}]({name}.png)", "", f"*{CAPTIONS[name]}*", ""]
+            lines += [f"![{captions[name]}]({name}.png)", "", f"*{captions[name]}*", ""]
     if skipped:
         lines += ["## Not drawn", ""]
         lines += [f"- {name}: {reason}".replace("\n", " ") for name, reason in skipped.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+SAMPLING_EXAMPLES = 3  # cases of a smaller model beating a larger one that the report spells out
+
+
+def _sampling_lines(tradeoff) -> list[str]:
+    """The report's answer to the paper's sampling question from `study.sampling_tradeoff`: the best (model,
+    sampling steps) pair in each range of sampling compute, and whether a smaller model sampled with more steps
+    beats a larger one sampled with fewer (at no more sampling compute). Reads only the `pair`, `winners` and
+    `smaller_beats_larger` columns, whatever names the pairs carry (models or runs)."""
+    metadata = tradeoff.metadata
+    n_pairs = tradeoff.points.groupby(["run", "sampling_steps"]).ngroups
+    lines = ["## Sampling compute (Fig. 10)", "",
+             f"{metadata['metric']} at {_format_steps(metadata['step'])} training steps, {n_pairs} (model, sampling "
+             "steps) pairs. Best pair by sampling compute per image (Gflops: forward Gflops × sampling steps, × 2 "
+             "with guidance):", ""]
+    lines += [f"- {row.pair}: " + (f"{row.budget_from:.3g} to {row.budget_to:.3g}" if row.budget_to > row.budget_from
+                                   else f"at {row.budget_from:.3g} (the largest budget evaluated)")
+              for row in tradeoff.winners.itertuples()]
+    lines.append("")
+    beats = tradeoff.smaller_beats_larger
+    if beats.empty:
+        lines += ["Can sampling compute make up for model compute? No: no smaller model sampled with more steps "
+                  f"scores better ({metadata['metric']}, lower is better) than a larger model sampled with fewer.",
+                  ""]
+        return lines
+    cheap = beats[beats["at_most_the_compute"].astype(bool)]
+    if len(cheap):
+        answer = (f"Yes: in {len(beats)} case(s) a smaller model sampled with more steps beats a larger model "
+                  f"sampled with fewer, {len(cheap)} of them at no more sampling compute per image")
+    else:
+        answer = (f"Only with more sampling compute: in {len(beats)} case(s) a smaller model sampled with more steps "
+                  "beats a larger model sampled with fewer, but never at no more sampling compute per image")
+    examples = cheap if len(cheap) else beats
+    examples = examples.assign(margin=examples["value_larger"] - examples["value_smaller"]).sort_values(
+        "margin", ascending=False).head(SAMPLING_EXAMPLES)
+    lines += [f"Can sampling compute make up for model compute? {answer}. "
+              f"{'The clearest' if len(examples) > 1 else 'The'} ({metadata['metric']}, lower is better):", ""]
+    for row in examples.itertuples():
+        lines.append(f"- {row.model_smaller} with {row.sampling_steps_smaller:g} steps ({row.value_smaller:.2f}) "
+                     f"beats {row.model_larger} with {row.sampling_steps_larger:g} steps ({row.value_larger:.2f})"
+                     + ("" if row.at_most_the_compute else ", with more sampling compute") + ".")
+    lines.append("")
+    return lines
 
 
 def _extrapolation_line(extrapolation) -> str:

@@ -31,6 +31,11 @@ def _as_array(x) -> np.ndarray:
     return np.asarray(x, dtype=float)
 
 
+def _check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise RecordsError(f"confidence must be a fraction between 0 and 1 (e.g. 0.95), got {confidence}.")
+
+
 def _check_xy(x: np.ndarray, y: np.ndarray, what: str, minimum: int) -> None:
     if len(x) < minimum:
         raise RecordsError(f"{what} needs at least {minimum} points, got {len(x)}; add configs or relax the "
@@ -77,12 +82,6 @@ def _interval_scale(confidence: float, n_configs: int, n_params: int) -> float:
 def _group_indices(groups: np.ndarray) -> list[np.ndarray]:
     _, inverse = np.unique(groups, return_inverse=True)
     return [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
-
-
-def _resample_groups(indices: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    """Row indices of one bootstrap resample: configs drawn with replacement, each with all its points."""
-    picks = rng.integers(len(indices), size=len(indices))
-    return np.concatenate([indices[i] for i in picks])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,6 +184,7 @@ def fit_loglog(x, y, *, groups=None, x_name: str = "x", y_name: str = "y", confi
     configs and the extrapolation check leaves out the config with the largest x. Without groups every point is
     its own config."""
     x, y = _as_array(x), _as_array(y)
+    _check_confidence(confidence)
     _check_xy(x, y, "a log-log fit", 3)
     groups = np.asarray(groups if groups is not None else np.arange(len(x)).astype(str), dtype=object)
     indices = _group_indices(groups)
@@ -319,10 +319,13 @@ def _log_residuals(params, log_x, log_y):
 
 
 def _fit_offset_power_law(x: np.ndarray, y: np.ndarray, x_ref: float, f_scale: float,
-                          starts: list[tuple[float, float]] | None = None) -> tuple[OffsetPowerLaw, dict]:
+                          starts: list[tuple[float, float]] | None = None,
+                          weights: np.ndarray | None = None) -> tuple[OffsetPowerLaw, dict]:
     """Robust (soft-L1) least squares on log y from several (floor fraction, exponent) starts; the best is kept.
-    Reports how many starts converged and how many reached the best solution."""
+    `weights` count each point's copies (a config drawn twice by the bootstrap). Reports how many starts
+    converged and how many reached the best solution."""
     log_x, log_y = np.log(x / x_ref), np.log(y)
+    root_weights = np.sqrt(weights) if weights is not None else 1.0
     floor_max = 0.999 * float(y.min())
     starts = starts or [(f, e) for f in (0.0, 0.3, 0.6, 0.9) for e in (0.1, 0.4, 1.0)]
     results = []
@@ -331,7 +334,8 @@ def _fit_offset_power_law(x: np.ndarray, y: np.ndarray, x_ref: float, f_scale: f
         log_scale = float(np.mean(np.log(np.maximum(y - floor, 1e-12 * y)) + exponent * log_x))
         try:
             result = scipy.optimize.least_squares(
-                _log_residuals, x0=[floor, log_scale, exponent], args=(log_x, log_y), loss="soft_l1",
+                lambda p: root_weights * _log_residuals(p, log_x, log_y), x0=[floor, log_scale, exponent],
+                loss="soft_l1",
                 f_scale=f_scale, bounds=([0.0, -np.inf, EXPONENT_BOUNDS[0]], [floor_max, np.inf, EXPONENT_BOUNDS[1]]),
                 x_scale="jac", max_nfev=2000)
         except ValueError:
@@ -444,6 +448,7 @@ def fit_frontier(runs, x, y, *, largest: str | None = None, x_name: str = "x", y
                  f_scale: float = 0.1, metadata: dict | None = None) -> FrontierFit:
     """Fit the offset power law to the frontier of the curves (run, x, y). `largest` names the config left out by
     the extrapolation check (default: the run that reaches the most compute)."""
+    _check_confidence(confidence)
     frontier = compute_frontier(runs, x, y)
     if frontier.curves["run"].nunique() < 4:
         raise RecordsError(f"a frontier fit needs at least 4 configs for its bootstrap over configs, got "
@@ -463,14 +468,20 @@ def fit_frontier(runs, x, y, *, largest: str | None = None, x_name: str = "x", y
     replicates, skipped = [], 0
     start = [(law.floor / (0.999 * points["y"].min()) if points["y"].min() > 0 else 0.0, law.exponent),
              (0.0, 0.3), (0.5, 0.5)]
+    names = np.array([curves["run"].iloc[rows[0]] for rows in indices], dtype=object)
     for _ in range(n_bootstrap):
-        sample = curves.iloc[_resample_groups(indices, rng)]
+        # A config drawn k times enters the frontier once, with weight k (a frontier has no duplicate points).
+        draws = np.bincount(rng.integers(len(indices), size=len(indices)), minlength=len(indices))
+        drawn = draws > 0
+        sample = curves.iloc[np.concatenate([indices[i] for i in np.flatnonzero(drawn)])]
         sample_points = compute_frontier(sample["run"], sample["x"], sample["y"], grid_points=2).points
         if len(sample_points) < 4:
             skipped += 1
             continue
+        weight_of = dict(zip(names[drawn], draws[drawn], strict=True))
         fitted, _ = _fit_offset_power_law(sample_points["x"].to_numpy(), sample_points["y"].to_numpy(), x_ref,
-                                          f_scale, starts=[(min(f, 0.999), e) for f, e in start])
+                                          f_scale, starts=[(min(f, 0.999), e) for f, e in start],
+                                          weights=sample_points["run"].map(weight_of).to_numpy(dtype=float))
         replicates.append((fitted.floor, fitted.scale, fitted.exponent))
     if len(replicates) < max(20, n_bootstrap // 4):
         raise RecordsError(f"only {len(replicates)} of {n_bootstrap} bootstrap resamples had a frontier with 4 "

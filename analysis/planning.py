@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.fits import FrontierFit, LogLogFit
-from analysis.records import COMPUTE_UNITS, RecordsError
+from analysis.records import COMPUTE_UNITS, RecordsError, convert_compute
 
 UNITS = ("gflops", "flops", "accelerator-hours")
 TRAINING_MULTIPLIER = 3  # backward ~ 2x forward
@@ -30,6 +30,8 @@ def to_paper_units(amount: float, unit: str = "gflops", *, utilization: float | 
     if unit == "flops":
         return float(amount) * COMPUTE_UNITS["flops"]
     if unit == "accelerator-hours":
+        if chips < 1:
+            raise RecordsError(f"chips must be at least 1, got {chips}.")
         if not (utilization and 0 < utilization <= 1) or not (chip_peak_tflops and chip_peak_tflops > 0):
             raise RecordsError("accelerator-hours need --utilization (0-1, e.g. 0.4) and --chip-peak-tflops (e.g. "
                                "989 for an H100's dense bf16).")
@@ -46,8 +48,8 @@ class BudgetPlan:
     config: str  # the run on the frontier at this compute
     model: str
     gflops_per_image: float
-    batch_size: int
-    steps: int  # training steps of that config the budget pays for
+    batch_size: int | None
+    steps: int | None  # training steps of that config the budget pays for (None: its batch size is unknown)
     metric: str
     predicted: float
     confidence_interval: tuple[float, float]
@@ -80,11 +82,13 @@ def plan_budget(fit: FrontierFit, runs: pd.DataFrame, compute: float) -> BudgetP
     run, _ = fit.frontier.best_at(compute)
     row = _run_row(runs, run)
     curve_end = fit.frontier.curves.loc[fit.frontier.curves["run"] == run, "x"].max()
-    steps = int(compute / (TRAINING_MULTIPLIER * row["gflops"] * row["batch_size"]))
+    batch = row["batch_size"]
+    steps = int(compute / (TRAINING_MULTIPLIER * row["gflops"] * batch)) if pd.notna(batch) else None
     lo, hi = fit.confidence_band(compute)
     plo, phi = fit.prediction_interval(compute)
     return BudgetPlan(compute=float(compute), config=run, model=str(row["model"]),
-                      gflops_per_image=float(row["gflops"]), batch_size=int(row["batch_size"]), steps=steps,
+                      gflops_per_image=float(row["gflops"]), batch_size=int(batch) if pd.notna(batch) else None,
+                      steps=steps,
                       metric=fit.metadata.get("metric", fit.y_name), predicted=float(fit.predict(compute)),
                       confidence_interval=(float(lo), float(hi)), prediction_interval=(float(plo), float(phi)),
                       extrapolated=bool(compute > grid["x"].iloc[-1]),
@@ -101,6 +105,7 @@ class TargetPlan:
     compute_interval: tuple[float, float]
     unreachable_fraction: float  # bootstrap fits whose floor is at or above the target
     plan: BudgetPlan | None  # the budget plan at that compute
+    note: str  # why there is no plan, when there is none
 
     def summary(self) -> dict:
         out = asdict(self)
@@ -114,10 +119,14 @@ def plan_target(fit: FrontierFit, runs: pd.DataFrame, target: float) -> TargetPl
     compute = float(fit.inverse(target))
     lo, hi, unreachable = fit.inverse_interval(target)
     unreachable = float(unreachable[0])
-    reachable = np.isfinite(compute) and compute >= fit.frontier.grid["x"].iloc[0]
-    plan = plan_budget(fit, runs, compute) if reachable else None
+    first = fit.frontier.grid["x"].iloc[0]
+    note = ("the fitted law never reaches the target (its floor is above it)" if not np.isfinite(compute) else
+            f"the law reaches the target below the least evaluated compute ({first:.3g}): the first evaluated "
+            "point already does better" if compute < first else "")
+    plan = None if note else plan_budget(fit, runs, compute)
     return TargetPlan(target=float(target), metric=fit.metadata.get("metric", fit.y_name), compute=compute,
-                      compute_interval=(float(lo[0]), float(hi[0])), unreachable_fraction=unreachable, plan=plan)
+                      compute_interval=(float(lo[0]), float(hi[0])), unreachable_fraction=unreachable, plan=plan,
+                      note=note)
 
 
 def compare_architecture(points: pd.DataFrame, frontier_fit: FrontierFit, gflops_fit: LogLogFit | None = None,
@@ -131,12 +140,7 @@ def compare_architecture(points: pd.DataFrame, frontier_fit: FrontierFit, gflops
     down to it) and the compute multiplier (DiT compute / its compute: above 1, the new architecture is more
     compute-efficient). With `gflops_fit`, also the metric DiT reaches at the same model Gflops (Fig. 8 fit) and
     its prediction interval, for points trained as many steps as that fit's (NaN for the others)."""
-    table = points.copy()
-    given = [c for c in COMPUTE_UNITS if c in table.columns]
-    if len(given) != 1:
-        raise RecordsError("the points need exactly one compute column: gflops (forward GMACs per image), gmacs, "
-                           f"macs or flops; got {given or 'none'}.")
-    table["gflops"] = table.pop(given[0]).astype(float) * COMPUTE_UNITS[given[0]]
+    table = convert_compute(points.copy(), "the points")
     y_name = frontier_fit.y_name
     y_column = y_name if y_name in table.columns else "value" if "value" in table.columns else None
     if y_column is None:
@@ -149,12 +153,15 @@ def compare_architecture(points: pd.DataFrame, frontier_fit: FrontierFit, gflops
             raise RecordsError("the points give steps but no batch size: add a batch_size column (or pass "
                                "batch_size=, --batch-size) so their training compute is known.")
         table["train_gflops_cumulative"] = TRAINING_MULTIPLIER * table["gflops"] * batch * table["steps"]
+    compute = table["train_gflops_cumulative"].to_numpy(dtype=float)
+    if not np.all(compute > 0):
+        raise RecordsError("every point needs a positive training compute: check its steps and batch_size (or "
+                           "train_gflops_cumulative).")
     y = table[y_column].astype(float).to_numpy()
     if not np.all(np.isfinite(y)) or np.any(y <= 0):
         raise RecordsError("the points' metric values must be positive and finite.")
     needed = frontier_fit.inverse(y)
     lo, hi, unreachable = frontier_fit.inverse_interval(y)
-    compute = table["train_gflops_cumulative"].to_numpy(dtype=float)
     table["dit_compute"] = needed
     table["dit_compute_lo"] = lo
     table["dit_compute_hi"] = hi
@@ -163,6 +170,10 @@ def compare_architecture(points: pd.DataFrame, frontier_fit: FrontierFit, gflops
     table["compute_multiplier_lo"] = table["dit_compute_lo"] / compute
     table["compute_multiplier_hi"] = table["dit_compute_hi"] / compute
     table["dit_at_same_compute"] = frontier_fit.predict(compute)
+    # Outside the compute DiT was evaluated at, the numbers are the law's extrapolation.
+    x = frontier_fit.frontier.curves["x"]
+    inside = lambda c: (c >= x.min()) & (c <= x.max())  # noqa: E731
+    table["extrapolated"] = ~(inside(compute) & inside(needed))
     if gflops_fit is not None:
         same_step = (table["steps"] == gflops_fit.metadata.get("step")).to_numpy() if "steps" in table.columns \
             else np.zeros(len(table), dtype=bool)

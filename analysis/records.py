@@ -57,7 +57,12 @@ class Records:
     def where(self, **conditions) -> Records:
         """Rows whose columns equal the given values, in every table that has those columns; the steps and
         evaluations kept are those of the runs kept (a condition on a run column, such as block, applies to its
-        steps too)."""
+        steps too). A column no table has is an error."""
+        tables = (self.runs, self.steps, self.evaluations)
+        unknown = [c for c in conditions if not any(c in t.columns for t in tables)]
+        if unknown:
+            raise RecordsError(f"no column {unknown} in the records; columns: "
+                               f"{sorted(set().union(*(t.columns for t in tables)))}.")
         runs = _filter(self.runs, conditions)
 
         def of_kept_runs(table: pd.DataFrame) -> pd.DataFrame:
@@ -101,12 +106,40 @@ def _empty(columns: list[str]) -> pd.DataFrame:
                          for c in columns})
 
 
+def _equals(column: pd.Series, value) -> np.ndarray:
+    """column == value, numerically for a numeric column (256 matches 256.0) and as text otherwise ("1" and 1)."""
+    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise RecordsError(f"column {column.name!r} holds numbers; {value!r} is not one.") from None
+        return column.to_numpy(dtype=float) == number
+    return column.astype(str).to_numpy() == str(value)
+
+
 def _filter(table: pd.DataFrame, conditions: dict) -> pd.DataFrame:
     mask = np.ones(len(table), dtype=bool)
     for column, value in conditions.items():
         if column in table.columns:
-            mask &= (table[column] == value).to_numpy()
+            mask &= _equals(table[column], value)
     return table[mask].reset_index(drop=True)
+
+
+def filter_rows(table: pd.DataFrame, conditions: dict, what: str = "the records") -> pd.DataFrame:
+    """The rows of `table` whose columns equal the given values; an unknown column, or a condition no row meets,
+    is an error that lists what there is."""
+    for column, value in conditions.items():
+        if column not in table.columns:
+            raise RecordsError(f"{what} have no column {column!r}; columns: {sorted(table.columns)}.")
+        kept = table[_equals(table[column], value)]
+        if kept.empty:
+            values = sorted({str(v) for v in table[column].dropna().unique()})
+            raise RecordsError(f"no rows of {what} have {column} == {value!r}"
+                               + (f" (after {', '.join(f'{k}={v}' for k, v in conditions.items() if k != column)})"
+                                  if len(conditions) > 1 else "")
+                               + f"; its values: {', '.join(values[:12])}{' ...' if len(values) > 12 else ''}.")
+        table = kept
+    return table.reset_index(drop=True)
 
 
 def _load_one(source) -> Records:
@@ -227,7 +260,7 @@ def from_evaluation_table(table: pd.DataFrame, origin: str = "table") -> Records
         table["model"] = table["run"]
     if "source" not in table.columns:
         table["source"] = origin
-    table = _convert_compute(table, origin)
+    table = convert_compute(table, origin)
     table = _validate_evaluations(table, origin)
     conflicting = table.groupby("run")["gflops"].nunique()
     if (conflicting > 1).any():
@@ -237,7 +270,8 @@ def from_evaluation_table(table: pd.DataFrame, origin: str = "table") -> Records
     return Records(_validate_runs(runs, origin), _empty(STEP_COLUMNS), table)
 
 
-def _convert_compute(table: pd.DataFrame, origin: str) -> pd.DataFrame:
+def convert_compute(table: pd.DataFrame, origin: str) -> pd.DataFrame:
+    """The table with its compute column (gflops, gmacs, macs or flops) as `gflops`, in GMACs per image."""
     given = [c for c in COMPUTE_UNITS if c in table.columns]
     if not given:
         raise RecordsError(f"{origin}: missing column 'gflops' (forward GMACs per image, the paper's Gflops); "
@@ -246,6 +280,10 @@ def _convert_compute(table: pd.DataFrame, origin: str) -> pd.DataFrame:
         raise RecordsError(f"{origin}: compute given twice ({given}); keep one column, e.g. 'gflops'.")
     column = given[0]
     table["gflops"] = pd.to_numeric(table.pop(column), errors="coerce") * COMPUTE_UNITS[column]
+    bad = table.loc[~(table["gflops"] > 0), "run" if "run" in table.columns else "gflops"].tolist()
+    if bad:
+        raise RecordsError(f"{origin}: non-positive or missing gflops for {bad[:5]}; every point needs its "
+                           "forward GMACs per image (`dit-scaling flops` counts DiTs, `--torch` PyTorch models).")
     return table
 
 
@@ -284,15 +322,22 @@ def _validate_evaluations(table: pd.DataFrame, origin) -> pd.DataFrame:
     for column in EVALUATION_COLUMNS:
         if column not in table.columns:
             table[column] = np.nan
+    missing_metric = table.index[~table["metric"].map(lambda m: isinstance(m, str) and bool(m))].tolist()
+    if missing_metric:
+        raise RecordsError(f"{origin}: {len(missing_metric)} row(s) have no metric name (e.g. row "
+                           f"{missing_metric[0]}); name each measurement, e.g. 'FID-50K'.")
     table["value"] = pd.to_numeric(table["value"], errors="coerce")
     bad = table.index[~np.isfinite(table["value"].to_numpy(dtype=float))].tolist()
     if bad:
         rows = table.loc[bad[:5], ["run", "step", "metric"]].to_dict("records")
         raise RecordsError(f"{origin}: {len(bad)} evaluation value(s) are NaN or infinite, e.g. {rows}; a "
                            "diverged or failed evaluation must be removed (or re-run), not fitted.")
-    if "train_gflops_cumulative" in table.columns:
-        derived = 3 * table["gflops"] * table["batch_size"] * table["step"]
-        table["train_gflops_cumulative"] = table["train_gflops_cumulative"].fillna(derived)
+    no_step = table.index[table["step"].isna()].tolist()
+    if no_step:
+        raise RecordsError(f"{origin}: {len(no_step)} evaluation row(s) have no training step (e.g. "
+                           f"{table.loc[no_step[0], 'run']}); give the step each point was measured at.")
+    derived = 3 * table["gflops"] * table["batch_size"] * table["step"]
+    table["train_gflops_cumulative"] = table["train_gflops_cumulative"].fillna(derived)
     compute = table["train_gflops_cumulative"].to_numpy(dtype=float)
     if np.any(compute[np.isfinite(compute)] < 0):
         raise RecordsError(f"{origin}: negative train_gflops_cumulative; training compute is 3 x gflops x batch x "

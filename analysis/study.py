@@ -17,7 +17,15 @@ import numpy as np
 import pandas as pd
 
 from analysis.fits import Frontier, FrontierFit, LogLogFit, compute_frontier, fit_frontier, fit_loglog
-from analysis.records import PROTOCOL_COLUMNS, Records, RecordsError, metric_column, protocol_string
+from analysis.records import (
+    PROTOCOL_COLUMNS,
+    Records,
+    RecordsError,
+    filter_rows,
+    metric_column,
+    protocol_string,
+    require_one_protocol,
+)
 
 SCALING_BLOCK = "adaLN-Zero"
 FAMILY_COLUMNS = ("block", "resolution")
@@ -84,22 +92,18 @@ class Selection:
 
 
 def select(records: Records | pd.DataFrame, *, metric: str | None = None, vary: tuple[str, ...] = (),
-           **where) -> Selection:
+           one_protocol: bool = False, **where) -> Selection:
     """The evaluation points of one metric and one protocol, ignoring the columns in `vary` (protocol columns such
     as sampling_steps; block or resolution to keep every block or resolution).
 
     `where` filters columns first (e.g. resolution=256). Then configs of several conditioning blocks or
     resolutions are narrowed to one family (`scaling_family`) unless `where` or `vary` names the column.
     `metric` defaults to the metric with the most points. If several protocols remain, the one with the most
-    points is kept (ties: the most sampling steps); pass the protocol's columns in `where` to choose another."""
-    table = _evaluations(records)
-    for column, value in where.items():
-        if column not in table.columns:
-            raise RecordsError(f"no column {column!r} to filter on; columns: {sorted(table.columns)}.")
-        table = table[table[column] == value]
+    points is kept (ties: the most sampling steps); pass the protocol's columns in `where` to choose another, or
+    `one_protocol=True` to make several protocols an error that lists them."""
+    table = filter_rows(_evaluations(records), where, "the evaluation points")
     if table.empty:
-        raise RecordsError(f"no evaluation points match {where}." if where else
-                           "the records hold no evaluation points (metric values per run and step).")
+        raise RecordsError("the records hold no evaluation points (metric values per run and step).")
     notes: list[str] = []
     family = scaling_family(table, vary=(*vary, *where), notes=notes)
     table = table[_matching(table, family)]
@@ -115,6 +119,8 @@ def select(records: Records | pd.DataFrame, *, metric: str | None = None, vary: 
     keys = pd.Series([protocol_string(row, ignore=vary) for row in table[PROTOCOL_COLUMNS].to_dict("records")],
                      index=table.index)
     counts = keys.value_counts()
+    if one_protocol and len(counts) > 1:
+        require_one_protocol(table)
     top = counts[counts == counts.max()].index
     if len(top) > 1:
         most_steps = {key: table.loc[keys == key, "sampling_steps"].max() for key in top}
@@ -165,8 +171,9 @@ def at_step(points: pd.DataFrame, step: int | None = None) -> pd.DataFrame:
     return chosen.reset_index(drop=True)
 
 
-def _metadata(points: pd.DataFrame, **extra) -> dict:
-    return {"metric": points["metric"].iloc[0], **extra, "protocol": points["protocol"].iloc[0]}
+def _metadata(points: pd.DataFrame, selection: Selection, **extra) -> dict:
+    return {"metric": points["metric"].iloc[0], **extra, "protocol": points["protocol"].iloc[0],
+            "family": selection.family, "notes": selection.notes}
 
 
 def model_compute_points(records: Records | pd.DataFrame, *, step: int | None = None, metric: str | None = None,
@@ -178,17 +185,21 @@ def model_compute_points(records: Records | pd.DataFrame, *, step: int | None = 
 def model_compute_fit(records: Records | pd.DataFrame, *, step: int | None = None, metric: str | None = None,
                       **where) -> LogLogFit:
     """Log-log fit of the metric against model Gflops at one training step (default: the step most runs have)."""
-    points = model_compute_points(records, step=step, metric=metric, **where)
+    selection = select(records, metric=metric, **where)
+    points = at_step(selection.points, step)
     return fit_loglog(points["gflops"], points["value"], groups=points["run"], x_name="gflops",
                       y_name=metric_column(points["metric"].iloc[0]),
-                      metadata=_metadata(points, step=int(points["step"].iloc[0])))
+                      metadata=_metadata(points, selection, step=int(points["step"].iloc[0])))
 
 
 def training_compute_points(records: Records | pd.DataFrame, *, metric: str | None = None,
                             **where) -> pd.DataFrame:
     """The points `training_compute_fit` fits: `select`'s that have a training compute (step > 0 and a batch
     size, or train_gflops_cumulative given)."""
-    points = select_protocol(records, metric=metric, **where)
+    return _with_training_compute(select_protocol(records, metric=metric, **where))
+
+
+def _with_training_compute(points: pd.DataFrame) -> pd.DataFrame:
     points = points[(points["step"] > 0) & points["train_gflops_cumulative"].notna()]
     if points.empty:
         raise RecordsError("no evaluation points with a training compute (step > 0 and a batch size, or "
@@ -206,11 +217,12 @@ def training_compute_frontier(records: Records | pd.DataFrame, *, metric: str | 
 def training_compute_fit(records: Records | pd.DataFrame, *, metric: str | None = None,
                          n_bootstrap: int = FRONTIER_N_BOOTSTRAP, **where) -> FrontierFit:
     """The frontier of metric vs cumulative training compute over all runs, with its offset power law."""
-    points = training_compute_points(records, metric=metric, **where)
+    selection = select(records, metric=metric, **where)
+    points = _with_training_compute(selection.points)
     largest = str(points.loc[points["gflops"].idxmax(), "run"])
     return fit_frontier(points["run"], points["train_gflops_cumulative"], points["value"], largest=largest,
                         x_name="train_gflops_cumulative", y_name=metric_column(points["metric"].iloc[0]),
-                        n_bootstrap=n_bootstrap, metadata=_metadata(points))
+                        n_bootstrap=n_bootstrap, metadata=_metadata(points, selection))
 
 
 @dataclass(frozen=True)
@@ -234,12 +246,36 @@ class SamplingTradeoff:
         return bool(self.smaller_beats_larger["at_most_the_compute"].any()) if len(self.smaller_beats_larger) else False
 
 
-def sampling_tradeoff(records: Records | pd.DataFrame, *, step: int | None = None, metric: str | None = None,
-                      **where) -> SamplingTradeoff:
+def _sampling_points(records, step, metric, where) -> pd.DataFrame:
     points = at_step(select_protocol(records, metric=metric, vary=("sampling_steps",), **where), step)
     if points["sampling_steps"].isna().any():
         raise RecordsError("sampling-compute points need sampling_steps on every row.")
-    points["pair"] = points["model"] + " @ " + points["sampling_steps"].astype(int).astype(str)
+    if points["sampling_steps"].nunique() < 2:
+        raise RecordsError(f"the {points['metric'].iloc[0]} points at step {int(points['step'].iloc[0])} were all "
+                           f"sampled with {int(points['sampling_steps'].iloc[0])} steps; the sampling-compute "
+                           "trade-off needs evaluations at several sampling-step counts.")
+    return points
+
+
+def sampling_tradeoff(records: Records | pd.DataFrame, *, step: int | None = None, metric: str | None = None,
+                      **where) -> SamplingTradeoff:
+    """Metric vs sampling compute at one training step (default: the step most runs have). `metric` defaults to
+    the one with the most points among those evaluated at several sampling-step counts."""
+    if metric is None:
+        reasons = []
+        for candidate in metrics_by_count(filter_rows(_evaluations(records), where, "the evaluation points")):
+            try:
+                points = _sampling_points(records, step, candidate, where)
+                break
+            except RecordsError as e:
+                reasons.append(f"{candidate}: {e}")
+        else:
+            raise RecordsError("no metric supports a sampling-compute trade-off: " + " ".join(reasons))
+    else:
+        points = _sampling_points(records, step, metric, where)
+    # A model trained in several runs (e.g. at two batch sizes) keeps its runs apart.
+    name = "run" if points.groupby("model")["run"].nunique().max() > 1 else "model"
+    points["pair"] = points[name] + " @ " + points["sampling_steps"].astype(int).astype(str)
     frontier = compute_frontier(points["pair"], points["sampling_gflops_per_image"], points["value"])
     winners = frontier.optimal_ranges().rename(columns={"run": "pair", "x_start": "budget_from",
                                                          "x_end": "budget_to"})[["pair", "budget_from", "budget_to"]]

@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = [*args.overrides, *unknown]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("absl", "orbax", "jax"):
+    for noisy in ("absl", "orbax", "jax", "fontTools"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.handler(args)

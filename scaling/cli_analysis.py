@@ -1,4 +1,4 @@
-"""The analysis commands of `dit-scaling`: fit, plan, compare, figures (pure analysis/, no JAX)."""
+"""The analysis commands of `dit-scaling`: fit, plan, compare, figures (they use analysis/ only)."""
 
 from __future__ import annotations
 
@@ -25,23 +25,13 @@ def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
                         for i, (text, width) in enumerate(zip(line, widths, strict=True))))
 
 
-def _number(text: str):
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            return text
-
-
 def _where(conditions: list[str]) -> dict:
     out = {}
     for condition in conditions or []:
         key, sep, value = condition.partition("=")
         if not sep or not key:
             raise ValueError(f"--where {condition!r}: use COLUMN=VALUE, e.g. --where step=400000.")
-        out[key] = _number(value)
+        out[key] = value
     return out
 
 
@@ -76,42 +66,42 @@ def _print_pairs(pairs: list[tuple[str, object]]) -> None:
         print(f"{name.ljust(width)}  {value}")
 
 
-def _fit_table(path: Path, where: dict):
-    """Rows to fit: a records source (run directories, records JSONL/CSV) or any CSV with the named columns."""
+PER_MODEL_COLUMNS = ("gflops", "params_m")  # compared across configs at one training step
+
+
+def _fit_table(path: Path, where: dict, x: str):
+    """The rows to fit and notes on how they were chosen. Any CSV without metric/value columns is used as it is
+    (filtered by --where). Records go through `analysis.study.select`: one metric, configs of one block and
+    resolution, and, for a per-model x such as gflops, one training step; several protocols are an error."""
     import pandas as pd
 
-    from analysis.records import RecordsError, load
+    from analysis import study
+    from analysis.records import filter_rows, load
 
-    if path.suffix == ".csv":
-        columns = set(pd.read_csv(path, nrows=0).columns)
-        if not {"metric", "value"} <= columns:
-            table = pd.read_csv(path)
-            for key, value in where.items():
-                if key not in table.columns:
-                    raise RecordsError(f"--where {key}: {path} has no column {key!r}; "
-                                       f"columns: {sorted(table.columns)}.")
-                table = table[table[key] == value]
-            return table
-    table = load(path).evaluations
-    for key, value in where.items():
-        if key not in table.columns:
-            raise RecordsError(f"--where {key}: the records have no column {key!r}; columns: {sorted(table.columns)}.")
-        table = table[table[key] == value]
-    return table
+    if path.suffix == ".csv" and not {"metric", "value"} <= set(pd.read_csv(path, nrows=0).columns):
+        return filter_rows(pd.read_csv(path), where, str(path)), []
+    where = dict(where)
+    selection = study.select(load(path), metric=where.pop("metric", None), one_protocol=True, **where)
+    points, notes = selection.points, list(selection.notes)
+    if x in PER_MODEL_COLUMNS and points["step"].nunique() > 1:
+        step = study.default_step(points)
+        points = study.at_step(points, step)
+        notes.append(f"Step {step} (the step most runs were evaluated at; --where step=N for another).")
+    return points, notes
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from analysis.fits import fit_frontier, fit_loglog
     from analysis.records import RecordsError, require_one_protocol
 
-    table = _fit_table(args.file, _where(args.where))
+    table, notes = _fit_table(args.file, _where(args.where), args.x)
     for column in (args.x, args.y):
         if column not in table.columns:
             raise RecordsError(f"{args.file} has no column {column!r}; columns: {sorted(table.columns)}.")
     table = table.dropna(subset=[args.y]) if "metric" in table.columns else table
     protocol = require_one_protocol(table) if "protocol" in table.columns else None
     groups = table["run"] if "run" in table.columns else table["model"] if "model" in table.columns else None
-    metadata = {"file": str(args.file), "where": _where(args.where), "protocol": protocol}
+    metadata = {"file": str(args.file), "where": _where(args.where), "protocol": protocol, "notes": notes}
     if args.frontier:
         if groups is None:
             raise RecordsError("--frontier needs a run (or model) column naming each point's curve.")
@@ -136,6 +126,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print("optimal runs along the frontier:")
         for r in summary["optimal_ranges"]:
             print(f"  {r['x_start']:.3g} .. {r['x_end']:.3g}  {r['run']}")
+        _print_notes(notes)
         return 0
     fit = fit_loglog(table[args.x], table[args.y], groups=groups, x_name=args.x, y_name=args.y,
                      confidence=args.confidence, metadata=metadata)
@@ -153,9 +144,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
         ("n", f"{fit.n} points, {fit.n_configs} configs"),
         ("residual sd", f"{fit.residual_std:.4f} (log10)"),
         *_extrapolation_line(summary),
-        *([("protocol", protocol)] if protocol else []),
     ])
+    _print_notes(notes)
     return 0
+
+
+def _print_notes(notes: list[str]) -> None:
+    """How the points were chosen (metric, protocol, configs and steps left out)."""
+    for note in notes:
+        print(f"note: {note}")
 
 
 def _extrapolation_line(summary: dict) -> list[tuple[str, str]]:
@@ -188,9 +185,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 ("least compute", f"{result.compute:.4g} Gflops (paper units)  [{lo:.3g}, {hi:.3g}]"),
                 ("unreachable", f"in {result.unreachable_fraction:.0%} of bootstrap fits (their floor is above "
                                 "the target)")]
-        if result.plan:
-            rows += _plan_rows(result.plan)
+        rows += _plan_rows(result.plan) if result.plan else [("no plan", result.note)]
         _print_pairs(rows)
+        _print_notes(fit.metadata["notes"])
         return 0
     compute = to_paper_units(args.compute, args.unit, utilization=args.utilization,
                              chip_peak_tflops=args.chip_peak_tflops, chips=args.chips)
@@ -199,6 +196,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(_dumps(plan.summary()))
         return 0
     _print_pairs([("budget", f"{compute:.4g} Gflops (paper units: 3 x GMACs/image x images)"), *_plan_rows(plan)])
+    _print_notes(fit.metadata["notes"])
     return 0
 
 
@@ -207,7 +205,8 @@ def _plan_rows(plan) -> list[tuple[str, str]]:
     plo, phi = plan.prediction_interval
     return [
         ("best config", f"{plan.model} ({plan.config}), {plan.gflops_per_image:g} Gflops/image"),
-        ("training", f"{plan.steps:,} steps at batch {plan.batch_size}"),
+        ("training", f"{plan.steps:,} steps at batch {plan.batch_size}" if plan.steps is not None else
+                     "steps unknown: the records give no batch size for this config"),
         ("predicted", f"{plan.metric} {plan.predicted:.2f}  (confidence [{lo:.2f}, {hi:.2f}], prediction "
                       f"[{plo:.2f}, {phi:.2f}])"),
         ("extrapolated", "yes: beyond the evaluated compute" if plan.extrapolated else
@@ -220,8 +219,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from analysis.planning import compare_architecture
-    from analysis.records import load
-    from analysis.study import model_compute_fit, training_compute_fit
+    from analysis.records import RecordsError, load
+    from analysis.study import model_compute_fit, select, training_compute_fit
 
     records = _load_records(args.records)
     where = _where(args.where)
@@ -229,9 +228,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     gflops_fit = model_compute_fit(records, metric=args.metric, **where)
     if args.points.suffix == ".csv" and not {"metric", "value"} <= set(pd.read_csv(args.points, nrows=0).columns):
         points = pd.read_csv(args.points)
-    else:
-        evaluations = load(args.points).evaluations
-        points = evaluations.rename(columns={"step": "steps", "run": "name"})[
+    else:  # records of runs: their points of DiT's metric and protocol, or an error saying what differs
+        selection = select(load(args.points), metric=frontier.metadata["metric"])
+        if selection.protocol != frontier.metadata["protocol"]:
+            raise RecordsError(f"the points were measured under another protocol than the DiT records:\n  points: "
+                               f"{selection.protocol}\n  DiT:    {frontier.metadata['protocol']}")
+        points = selection.points.rename(columns={"step": "steps", "run": "name"})[
             ["name", "gflops", "steps", "batch_size", "train_gflops_cumulative", "value"]]
     table = compare_architecture(points, frontier, gflops_fit, batch_size=args.batch_size)
     if args.json:
@@ -263,13 +265,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_figures(args: argparse.Namespace) -> int:
     from analysis.figures import render_all
 
-    out = Path(args.out) if args.out else Path(args.runs_dir) / "figures"
-    written, skipped = render_all(_load_records([Path(args.runs_dir)]), out, metric=args.metric)
+    source = Path(args.runs_dir)
+    default = source / "figures" if source.is_dir() else source.parent / f"{source.stem}_figures"
+    out = Path(args.out) if args.out else default
+    written, skipped = render_all(_load_records([source]), out, metric=args.metric)
     for path in written:
         print(f"wrote {path}")
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
-    return 0 if written else 1
+    return 0
 
 
 def add_commands(commands) -> None:
@@ -318,7 +322,9 @@ def add_commands(commands) -> None:
     compare.set_defaults(handler=cmd_compare)
 
     figures = commands.add_parser("figures", help="Render the paper's figures, Table 4 and a report from records.")
-    figures.add_argument("runs_dir", type=Path)
-    figures.add_argument("--out", help="output directory (default: RUNS_DIR/figures)")
+    figures.add_argument("runs_dir", type=Path, metavar="RECORDS",
+                         help="a runs directory, a run, or a records .jsonl/.csv file")
+    figures.add_argument("--out", help="output directory (default: RECORDS/figures, or RECORDS_figures beside a "
+                                       "file)")
     figures.add_argument("--metric", help="metric to plot (default: the one with the most points)")
     figures.set_defaults(handler=cmd_figures)

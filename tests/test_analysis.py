@@ -189,7 +189,10 @@ def test_sampling_tradeoff_finds_when_a_smaller_model_with_more_steps_wins():
 
 
 def test_paper_sampling_points_answer_the_papers_question():
-    result = study.sampling_tradeoff(records.load(PAPER), metric="FID-10K")
+    result = study.sampling_tradeoff(records.load(PAPER))  # FID-10K: FID-50K was sampled with 250 steps only
+    assert result.metadata["metric"] == "FID-10K"
+    with pytest.raises(records.RecordsError, match="all sampled with 250 steps"):
+        study.sampling_tradeoff(records.load(PAPER), metric="FID-50K")
     assert result.points["sampling_gflops_per_image"].tolist() == pytest.approx([80_710, 15_185.92])  # 80.7, 15.2 T
     assert result.smaller_beats_larger.empty and not result.sampling_compensates
     assert result.winners["pair"].tolist() == ["DiT-XL/2 @ 128"]
@@ -284,6 +287,8 @@ def test_user_csv_records_are_converted_and_validated(tmp_path):
         ({**ROW, "value": float("nan")}, "NaN or infinite"),
         ({k: v for k, v in ROW.items() if k != "metric"}, "missing column 'metric'"),
         ({k: v for k, v in ROW.items() if k != "run"}, "missing column 'run'"),
+        ({**ROW, "metric": None}, "no metric name"),
+        ({**ROW, "step": None}, "no training step"),
     ]:
         with pytest.raises(records.RecordsError, match=message):
             records.load(_csv(tmp_path, [bad]))
@@ -300,6 +305,29 @@ def test_bad_sources_name_the_problem(tmp_path):
         records.load(bad)
     with pytest.raises(records.RecordsError, match="more than one source"):
         records.load(PAPER, PAPER)
+
+
+def test_filters_compare_by_type_and_name_what_there_is(tmp_path):
+    table = pd.DataFrame({"run": list("abc"), "code": ["1", "1", "x"], "step": [1000, 1000, 2000]})
+    assert len(records.filter_rows(table, {"code": 1})) == 2  # a text column compares as text
+    assert len(records.filter_rows(table, {"step": "1e3"})) == 2  # a numeric one numerically
+    with pytest.raises(records.RecordsError, match="no rows of t have step == '3000'.*values: 1000, 2000"):
+        records.filter_rows(table, {"step": "3000"}, "t")
+    with pytest.raises(records.RecordsError, match="'x' is not one"):
+        records.filter_rows(table, {"step": "x"})
+    with pytest.raises(records.RecordsError, match="no column 'stpe'"):
+        records.filter_rows(table, {"stpe": 1})
+    with pytest.raises(records.RecordsError, match=r"no column \['blok'\]"):
+        records.load(PAPER).where(blok="adaLN")
+
+
+def test_compare_refuses_points_of_another_metric(tmp_path, capsys):
+    points = _csv(tmp_path, [{**ROW, "metric": "FD-FashionCNN-400", "run": f"mine-{i}"} for i in range(2)])
+    assert main(["compare", str(points)]) == 2
+    assert "no 'FID-50K' points" in capsys.readouterr().err
+    points = _csv(tmp_path, [{**ROW, "num_samples": 10_000}])
+    assert main(["compare", str(points)]) == 2
+    assert "another protocol" in capsys.readouterr().err
 
 
 def test_fits_refuse_mixed_protocols_and_too_few_points():
@@ -334,8 +362,14 @@ def test_fit_command_on_a_plain_csv_prints_the_documented_fields(capsys):
 
 
 def test_fit_plan_and_compare_commands(tmp_path, capsys):
-    assert main(["fit", str(PAPER), "--x", "gflops", "--y", "fid"]) == 2
-    assert "mix 4 evaluation protocols" in capsys.readouterr().err
+    assert main(["fit", str(PAPER), "--x", "gflops", "--y", "fid"]) == 0  # FID-50K, adaLN-Zero at 256px, 400K
+    out = capsys.readouterr().out
+    assert "note: Metric: FID-50K" in out and "note: Step 400000" in out and "12 points, 12 configs" in out
+    mixed = _csv(tmp_path, [{**ROW, "run": f"r{i}", "gflops": 2.0 ** i, "value": 50 / (i + 1), "sampling_steps": s}
+                            for i in range(4) for s in (25, 50)])
+    assert main(["fit", str(mixed), "--x", "gflops", "--y", "fid"]) == 2
+    assert "mix 2 evaluation protocols" in capsys.readouterr().err
+    assert main(["fit", str(mixed), "--x", "gflops", "--y", "fid", "--where", "sampling_steps=50"]) == 0
     assert main(["fit", str(PAPER), "--x", "train_gflops_cumulative", "--y", "fid", "--frontier", "--where",
                  "metric=FID-50K", "--where", "resolution=256", "--where", "block=adaLN-Zero"]) == 0
     assert "paper:DiT-XL/2" in capsys.readouterr().out

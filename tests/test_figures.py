@@ -1,8 +1,10 @@
 """Paper figures, Table 4 and the report, from the paper's records and from a small synthetic study."""
 
 import json
+import logging
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -272,8 +274,8 @@ def test_figures_the_records_cannot_support_say_why(paper, paper_scaling, study_
         figures.fig13_loss(paper)
     with pytest.raises(RecordsError, match=r"no evaluations at step 1000; evaluated steps: \[400000, "):
         figures.fig8_gflops_fit(paper, step=1000)
-    with pytest.raises(RecordsError, match="metric='FID-10K'"):
-        figures.fig10_sampling_compute(paper)
+    with pytest.raises(RecordsError, match="metric='FID-10K'"):  # FID-50K was sampled with 250 steps only
+        figures.fig10_sampling_compute(paper, metric="FID-50K")
     with pytest.raises(RecordsError, match="one block only"):
         figures.fig5_conditioning(load(study_dir).where(block="adaLN-Zero", sampling_steps=50))
     with pytest.raises(RecordsError, match="no 'FID-50K' points"):
@@ -319,3 +321,137 @@ def test_where_keeps_the_steps_and_evaluations_of_the_runs_it_keeps(study_dir):
     # So the loss figure of one block draws that block's runs only: a raw and a smoothed line each.
     (ax,) = figures.fig13_loss(records.where(block="adaLN-Zero")).axes
     assert len(ax.get_lines()) == 2 * 6
+
+
+# A user's own runs as a CSV: no block, resolution or sampling columns, models not named DiT-SIZE/PATCH.
+USER_RUNS = {"mynet-tiny": 0.5, "mynet-small": 1.0, "mynet-base": 2.0, "mynet-large": 4.0, "mynet-huge": 8.0}
+USER_STEPS = (1000, 2000, 4000)
+
+
+@pytest.fixture(scope="module")
+def user_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("user") / "user.csv"
+    pd.DataFrame([{"run": run, "gflops": gflops, "batch_size": 64, "step": step, "metric": "FID-10K",
+                   "value": 10 + 80 * (step / 1000) ** -0.5 * gflops ** -0.3}
+                  for run, gflops in USER_RUNS.items() for step in USER_STEPS]).to_csv(path, index=False)
+    return path
+
+
+def _font_log_records(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.split(".")[0] in ("fontTools", "matplotlib")]
+
+
+def test_render_all_on_a_users_csv_draws_what_it_supports(user_csv, tmp_path, caplog):
+    caplog.set_level(logging.INFO)  # as `dit-scaling` sets it: font subsetting must not flood the console
+    records = load(user_csv)
+    assert records.runs["block"].isna().all() and records.evaluations["sampling_steps"].isna().all()
+    written, skipped = figures.render_all(records, tmp_path)
+    drawn = ["fig2_bubble", "fig6_curves", "fig8_gflops_fit", "fig9_training_compute"]
+    assert {p.name for p in written} == ({f"{name}.{ext}" for name in drawn for ext in ("png", "pdf")}
+                                         | {"table4.md", "table4.tex", "report.md"})
+    _assert_valid_outputs(written)
+    assert _font_log_records(caplog) == []
+    assert set(skipped) == {"fig5_conditioning", "fig10_sampling_compute", "fig13_loss"}
+    assert "name no run's block" in skipped["fig5_conditioning"]
+    assert "no sampling_steps" in skipped["fig10_sampling_compute"]
+    assert "training-step records" in skipped["fig13_loss"]
+
+    # Table 4: every run and step, smallest model first; the columns the CSV does not give are left out.
+    markdown = (tmp_path / "table4.md").read_text()
+    lines = markdown.splitlines()
+    assert lines[0] == "| Model | Gflops | Steps | FID-10K |"
+    models = [line.strip("|").split("|")[0].strip() for line in lines[2:]]
+    assert models == [run for run in USER_RUNS for _ in USER_STEPS]
+    report = (tmp_path / "report.md").read_text()
+    assert markdown in report and "bootstrap over 5 configs" in report
+    assert "one curve per run (not grouped by patch and size" in report
+    for name in skipped:
+        assert f"- {name}: " in report
+
+
+def test_fig6_draws_runs_not_named_dit_in_one_panel(user_csv):
+    records = load(user_csv)
+    fig = figures.fig6_curves(records)
+    (ax,) = fig.axes
+    lines = ax.get_lines()
+    assert [line.get_label().split(" (")[0] for line in lines] == list(USER_RUNS)
+    assert all(list(line.get_xdata()) == list(USER_STEPS) for line in lines)
+    assert "no run is named DiT-SIZE/PATCH" in fig._suptitle.get_text()
+    # With one curve left, the reason counts every run, not only DiT-named ones.
+    one_curve = records.evaluations
+    one_curve = one_curve[(one_curve["run"] == "mynet-huge") | (one_curve["step"] == 4000)]
+    with pytest.raises(RecordsError, match=r"only 1 run\(s\) \['mynet-huge'\] have FID-10K at two or more steps"):
+        figures.fig6_curves(one_curve)
+
+
+def test_fig6_names_the_runs_it_leaves_out_of_the_dit_panels(study_dir):
+    points = load(study_dir).where(sampling_steps=50, block="adaLN-Zero").evaluations
+    other = points[points["run"] == "DiT-S-8"].assign(run="mynet", model="mynet")
+    fig = figures.fig6_curves(pd.concat([points, other]))
+    assert [ax.get_title() for ax in fig.axes] == ["Patch size 8", "Patch size 4", "Patch size 2", "DiT-S", "DiT-B"]
+    assert fig._suptitle.get_text().endswith("not grouped by patch and size): mynet")
+
+
+def test_saving_figures_keeps_font_subsetting_quiet(paper_scaling, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    font_logger = logging.getLogger("fontTools")
+    level = font_logger.level
+    fig = figures.fig2_bubble(paper_scaling)
+    figures._save(fig, tmp_path, "fig2_bubble")
+    assert (tmp_path / "fig2_bubble.pdf").stat().st_size > 1000
+    assert _font_log_records(caplog) == []
+    assert font_logger.level == level  # restored after the save
+
+
+def test_the_report_answers_the_sampling_question(study_dir, study_rendered):
+    out_dir, _, _ = study_rendered
+    report = (out_dir / "report.md").read_text()
+    section = report.split("## Sampling compute (Fig. 10)\n")[1].split("\n## ")[0]
+    tradeoff = study.sampling_tradeoff(load(study_dir), metric="FD-FashionCNN-400")
+    assert f"at {tradeoff.metadata['step']} training steps" in section
+    *ranges, last = tradeoff.winners.itertuples()
+    for row in ranges:
+        assert f"- {row.pair}: {row.budget_from:.3g} to {row.budget_to:.3g}\n" in section
+    assert f"- {last.pair}: at {last.budget_from:.3g} (the largest budget evaluated)" in section  # its own point
+    assert not tradeoff.smaller_beats_larger.empty  # DiT-B/8 (fewer Gflops) with 25 or 50 steps beats S/4 with 10
+    assert ("Yes:" if tradeoff.sampling_compensates else "Only with more sampling compute:") in section
+    row = tradeoff.smaller_beats_larger.iloc[0]
+    assert f"in {len(tradeoff.smaller_beats_larger)} case(s) a smaller model sampled with more steps" in section
+    assert " beats " in section and f"{row.model_smaller} with " in report
+
+
+def _tradeoff(winners: list[tuple], beats: list[tuple]) -> SimpleNamespace:
+    """A stand-in for study.SamplingTradeoff with pairs named by run, as a later study may name them."""
+    columns = ["model_smaller", "sampling_steps_smaller", "value_smaller", "model_larger", "sampling_steps_larger",
+               "value_larger", "at_most_the_compute"]
+    points = pd.DataFrame({"run": ["a", "a", "b", "b"], "sampling_steps": [10, 50, 10, 50]})
+    return SimpleNamespace(points=points, metadata={"metric": "FID-10K", "step": 400_000},
+                           winners=pd.DataFrame(winners, columns=["pair", "budget_from", "budget_to"]),
+                           smaller_beats_larger=pd.DataFrame(beats, columns=columns))
+
+
+def test_the_sampling_section_reads_pairs_of_any_name():
+    text = "\n".join(figures._sampling_lines(_tradeoff([("run-a @ 10", 1.0, 5.0), ("run-b @ 50", 5.0, 40.0)], [])))
+    assert "4 (model, sampling steps) pairs" in text and "at 400K training steps" in text
+    assert "- run-a @ 10: 1 to 5\n- run-b @ 50: 5 to 40" in text
+    assert "No: no smaller model sampled with more steps" in text
+
+    costly = [("DiT-S/2", 50, 20.0, "DiT-B/2", 10, 21.0, False)]
+    text = "\n".join(figures._sampling_lines(_tradeoff([("run-b @ 50", 1.0, 40.0)], costly)))
+    assert "Only with more sampling compute: in 1 case(s)" in text
+    assert "- DiT-S/2 with 50 steps (20.00) beats DiT-B/2 with 10 steps (21.00), with more sampling compute." in text
+
+    cheap = [*costly, ("DiT-S/4", 25, 18.0, "DiT-B/2", 10, 21.0, True)]
+    text = "\n".join(figures._sampling_lines(_tradeoff([("run-b @ 50", 1.0, 40.0)], cheap)))
+    assert "Yes: in 2 case(s)" in text and "1 of them at no more sampling compute" in text
+    assert "- DiT-S/4 with 25 steps (18.00) beats DiT-B/2 with 10 steps (21.00)." in text
+    assert "DiT-S/2 with 50" not in text  # the examples are those at no more compute
+
+
+def test_fig10_points_at_a_metric_that_varies_sampling_steps_when_study_refuses(paper, monkeypatch):
+    def refuses(records, **selection):
+        raise RecordsError("every point uses one sampling_steps value.")
+
+    monkeypatch.setattr(study, "sampling_tradeoff", refuses)
+    with pytest.raises(RecordsError, match=r"\['FID-10K'\] vary sampling_steps: pass metric='FID-10K'"):
+        figures.fig10_sampling_compute(paper, metric="FID-50K")
