@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis import paper
 from analysis.paper import PAPER_RUNS_DIR
 from models.dit import LATENT_DOWNSAMPLE, dit_config
 from models.flops import dit_compute
@@ -26,8 +27,8 @@ def run_name(model: str, resolution: int, block: str) -> str:
     return f"paper:{model}{suffix}"
 
 
-def paper_evaluations(paper_dir: Path = PAPER_RUNS_DIR) -> pd.DataFrame:
-    table4 = pd.read_csv(paper_dir / "table4.csv")
+def paper_evaluations() -> pd.DataFrame:
+    table4 = paper.table4()
     compute_cache: dict[tuple, object] = {}
 
     def counted(model: str, resolution: int, block: str):
@@ -53,7 +54,7 @@ def paper_evaluations(paper_dir: Path = PAPER_RUNS_DIR) -> pd.DataFrame:
             "decoder": "ft-MSE", "source": "DiT paper, Table 4",
         })
     by_model = {row["model"]: row for row in rows if row["run"] == f"paper:{row['model']}"}
-    for r in pd.read_csv(paper_dir / "sampling_compute_points.csv").itertuples():
+    for r in pd.read_csv(PAPER_RUNS_DIR / "sampling_compute_points.csv").itertuples():
         run = by_model[r.model]
         rows.append({
             **{k: run[k] for k in ("run", "model", "block", "resolution", "gflops", "gflops_source", "params_m",
