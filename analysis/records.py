@@ -206,6 +206,7 @@ def _load_run_dir(workdir: Path) -> Records:
         "params_m": manifest["params"] / 1e6 if manifest.get("params") is not None else np.nan,
         "batch_size": manifest.get("global_batch", config.get("train", {}).get("batch_size")),
         "source": str(workdir),
+        "status": manifest.get("status"),  # running, finished or failed
     }
     missing = [k for k in ("model", "gflops", "batch_size") if run[k] is None]
     if missing:

@@ -105,6 +105,10 @@ def select(records: Records | pd.DataFrame, *, metric: str | None = None, vary: 
     if table.empty:
         raise RecordsError("the records hold no evaluation points (metric values per run and step).")
     notes: list[str] = []
+    if "status" in table.columns:
+        unfinished = sorted(table.loc[table["status"].notna() & (table["status"] != "finished"), "run"].unique())
+        if unfinished:
+            notes.append(f"Unfinished runs (their last evaluations may be missing): {', '.join(unfinished)}.")
     family = scaling_family(table, vary=(*vary, *where), notes=notes)
     table = table[_matching(table, family)]
     metrics = metrics_by_count(table)

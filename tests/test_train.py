@@ -342,6 +342,7 @@ def test_evaluations_are_recorded_with_their_protocol_and_never_repeated(fmnist_
     # The records are the contract with analysis/: its loader reads this run as it was written.
     loaded = records.load(tmp_path)
     assert loaded.runs.loc[0, "model"] == "DiT-S/8" and loaded.runs.loc[0, "resolution"] == 32
+    assert loaded.runs.loc[0, "status"] == "finished"
     assert loaded.runs.loc[0, "gflops"] == manifest["gflops_per_image"] and loaded.runs.loc[0, "batch_size"] == 8
     assert list(loaded.steps["step"]) == [r["step"] for r in read_records(tmp_path / "run" / "records.jsonl")]
     table = loaded.evaluations
