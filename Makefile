@@ -1,4 +1,5 @@
-# `make run`: set up .venv and run the main job.  `make test`: set up .venv (with dev extras) and run the tests.
+# `make run`: set up .venv and run the main job (the compute table, then the scaling fits and figures of the
+# committed records).  `make test`: set up .venv (with dev extras) and run the tests.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -28,6 +29,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/activate
 
 run: $(VENV)/.installed-core
 	$(BIN)/dit-scaling flops
+	$(BIN)/dit-scaling fit runs/paper --x gflops --y fid
+	$(BIN)/dit-scaling plan --compute 1e11
+	$(BIN)/dit-scaling figures runs/paper
+	$(BIN)/dit-scaling figures runs/fmnist_miniature
 
 test: $(VENV)/.installed-dev $(FASHION_MNIST)
 	$(BIN)/python -m pytest -q

@@ -110,7 +110,15 @@ def make_train_step(model_config: DiTConfig, diffusion: GaussianDiffusion, optim
     return train_step
 
 
+@jax.jit
+def _sum_of_magnitudes(leaves: list) -> jax.Array:
+    return sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves)
+
+
 def state_fingerprint(state: dict) -> float:
-    """Sum of |x| over every floating array of the state: stored with each checkpoint, checked on restore."""
+    """Sum of |x| over every floating array of the state: stored with each checkpoint, checked on restore.
+
+    One jitted program: per-array eager sums of sharded arrays would put one collective program per array in
+    flight at once, and XLA:CPU's simulated devices can deadlock on those (4 devices, 2 cores)."""
     leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return float(sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves))
+    return float(_sum_of_magnitudes(leaves))
