@@ -315,7 +315,8 @@ def add_commands(commands) -> None:
     compare = commands.add_parser(
         "compare", help="Place a new architecture's points against the DiT curves (compute multiplier).",
         description="POINTS: a CSV with gflops (forward GMACs per image; or gmacs/macs/flops), the metric (e.g. "
-                    "fid), steps and optionally batch_size and name; or records of runs.")
+                    "fid), steps with batch_size (or --batch-size) or train_gflops_cumulative, and optionally "
+                    "name; or records of runs (same metric and protocol as the DiT records).")
     compare.add_argument("points", type=Path)
     compare.add_argument("--batch-size", type=int, help="batch size of the points, when POINTS has no batch_size")
     add_records_arguments(compare)
