@@ -129,6 +129,15 @@ def _run_styles(runs: pd.DataFrame) -> dict[str, _RunStyle]:
     return styles
 
 
+def _plot_curves(ax, points: pd.DataFrame, x: str, styles: dict[str, _RunStyle]) -> None:
+    """Each run's metric against column `x`, in its style."""
+    for run in _ordered_runs(points):
+        curve = points[points["run"] == run].sort_values(x)
+        style = styles[run]
+        ax.plot(curve[x], curve["value"], color=style.color, linestyle=style.linestyle, marker=style.marker,
+                markersize=5, linewidth=1.5, label=style.label, zorder=3)
+
+
 def _ordered_runs(table: pd.DataFrame) -> list[str]:
     runs = table.drop_duplicates("run").set_index("run")
     gflops = runs["gflops"] if "gflops" in runs.columns else pd.Series(np.nan, index=runs.index)
@@ -537,11 +546,7 @@ def _fig9(records, *, n_bootstrap: int, **selection) -> tuple[Figure, FrontierFi
 
     fig = Figure(figsize=(7.6, 4.8), layout="constrained")
     ax = fig.add_subplot()
-    for run in _ordered_runs(points):
-        curve = points[points["run"] == run].sort_values("train_gflops_cumulative")
-        style = styles[run]
-        ax.plot(curve["train_gflops_cumulative"], curve["value"], color=style.color, linestyle=style.linestyle,
-                marker=style.marker, markersize=5, linewidth=1.5, label=style.label, zorder=3)
+    _plot_curves(ax, points, "train_gflops_cumulative", styles)
     ax.plot(frontier.grid["x"], frontier.grid["y"], color="0.35", linewidth=3.5, alpha=0.35,
             solid_capstyle="butt", label="compute frontier", zorder=2)
     if fit is not None:
@@ -606,11 +611,7 @@ def _fig10(records, **selection) -> tuple[Figure, study.SamplingTradeoff]:
     ax = fig.add_subplot()
     ax.plot(tradeoff.frontier.grid["x"], tradeoff.frontier.grid["y"], color="0.35", linewidth=3.5, alpha=0.35,
             solid_capstyle="butt", label="frontier", zorder=1)
-    for run in _ordered_runs(points):
-        curve = points[points["run"] == run].sort_values("sampling_gflops_per_image")
-        style = styles[run]
-        ax.plot(curve["sampling_gflops_per_image"], curve["value"], color=style.color, linestyle=style.linestyle,
-                marker=style.marker, markersize=5, linewidth=1.5, label=style.label, zorder=3)
+    _plot_curves(ax, points, "sampling_gflops_per_image", styles)
     # Step counts beside the points: all of them when few, else along the largest model's line only.
     annotated = points if len(points) <= 8 else points[points["gflops"] == points["gflops"].max()]
     for row in annotated.itertuples():

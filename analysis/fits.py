@@ -281,10 +281,14 @@ def compute_frontier(runs, x, y, *, grid_points: int = 200) -> Frontier:
     carried = np.maximum.accumulate(np.where(best <= running, np.arange(len(log_grid)), 0))
     grid = pd.DataFrame({"x": 10 ** log_grid, "y": 10 ** running, "run": names[best_run[carried]]})
 
+    return Frontier(curves=curves, grid=grid, points=_pareto_points(curves))
+
+
+def _pareto_points(curves: pd.DataFrame) -> pd.DataFrame:
+    """The points (run, x, y) better than every point with less compute: the frontier's observed points."""
     order = curves.sort_values(["x", "y"]).reset_index(drop=True)
     previous_best = np.r_[np.inf, np.minimum.accumulate(order["y"].to_numpy())[:-1]]
-    points = order[order["y"].to_numpy() < previous_best].reset_index(drop=True)
-    return Frontier(curves=curves, grid=grid, points=points[["run", "x", "y"]])
+    return order[order["y"].to_numpy() < previous_best].reset_index(drop=True)[["run", "x", "y"]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -466,21 +470,20 @@ def fit_frontier(runs, x, y, *, largest: str | None = None, x_name: str = "x", y
     indices = _group_indices(curves["run"].to_numpy())
     rng = np.random.default_rng(seed)
     replicates, skipped = [], 0
-    start = [(law.floor / (0.999 * points["y"].min()) if points["y"].min() > 0 else 0.0, law.exponent),
-             (0.0, 0.3), (0.5, 0.5)]
+    start = [(min(law.floor / (0.999 * points["y"].min()), 0.999), law.exponent), (0.0, 0.3), (0.5, 0.5)]
     names = np.array([curves["run"].iloc[rows[0]] for rows in indices], dtype=object)
     for _ in range(n_bootstrap):
         # A config drawn k times enters the frontier once, with weight k (a frontier has no duplicate points).
         draws = np.bincount(rng.integers(len(indices), size=len(indices)), minlength=len(indices))
         drawn = draws > 0
         sample = curves.iloc[np.concatenate([indices[i] for i in np.flatnonzero(drawn)])]
-        sample_points = compute_frontier(sample["run"], sample["x"], sample["y"], grid_points=2).points
+        sample_points = _pareto_points(sample)
         if len(sample_points) < 4:
             skipped += 1
             continue
         weight_of = dict(zip(names[drawn], draws[drawn], strict=True))
         fitted, _ = _fit_offset_power_law(sample_points["x"].to_numpy(), sample_points["y"].to_numpy(), x_ref,
-                                          f_scale, starts=[(min(f, 0.999), e) for f, e in start],
+                                          f_scale, starts=start,
                                           weights=sample_points["run"].map(weight_of).to_numpy(dtype=float))
         replicates.append((fitted.floor, fitted.scale, fitted.exponent))
     if len(replicates) < max(20, n_bootstrap // 4):
@@ -490,7 +493,7 @@ def fit_frontier(runs, x, y, *, largest: str | None = None, x_name: str = "x", y
     largest = largest or str(curves.loc[curves["x"].idxmax(), "run"])
     extrapolation = None
     rest = curves[curves["run"] != largest]
-    rest_points = compute_frontier(rest["run"], rest["x"], rest["y"], grid_points=2).points if len(rest) else rest
+    rest_points = _pareto_points(rest)
     if len(rest_points) >= 4:
         held = points[points["run"] == largest]
         if held.empty:

@@ -13,10 +13,9 @@ import numpy as np
 import pandas as pd
 
 from analysis.fits import FrontierFit, LogLogFit
-from analysis.records import COMPUTE_UNITS, RecordsError, convert_compute
+from analysis.records import COMPUTE_UNITS, TRAINING_MULTIPLIER, RecordsError, convert_compute, training_compute
 
 UNITS = ("gflops", "flops", "accelerator-hours")
-TRAINING_MULTIPLIER = 3  # backward ~ 2x forward
 
 
 def to_paper_units(amount: float, unit: str = "gflops", *, utilization: float | None = None,
@@ -152,7 +151,7 @@ def compare_architecture(points: pd.DataFrame, frontier_fit: FrontierFit, gflops
         if batch is None:
             raise RecordsError("the points give steps but no batch size: add a batch_size column (or pass "
                                "batch_size=, --batch-size) so their training compute is known.")
-        table["train_gflops_cumulative"] = TRAINING_MULTIPLIER * table["gflops"] * batch * table["steps"]
+        table["train_gflops_cumulative"] = training_compute(table["gflops"], batch, table["steps"])
     compute = table["train_gflops_cumulative"].to_numpy(dtype=float)
     if not np.all(compute > 0):
         raise RecordsError("every point needs a positive training compute: check its steps and batch_size (or "

@@ -40,6 +40,12 @@ STEP_COLUMNS = ["run", "step", "images_seen", "loss", "train_gflops_cumulative"]
 # Compute columns a CSV may use, with the factor that turns them into paper Gflops (GMACs per image).
 COMPUTE_UNITS = {"gflops": 1.0, "gmacs": 1.0, "macs": 1e-9, "flops": 0.5e-9}
 _GFLOPS_PLAUSIBLE_MAX = 1e7  # no image model needs 10 PMACs per image: larger "gflops" are raw counts
+TRAINING_MULTIPLIER = 3  # training compute per image = 3 x forward (backward ~ 2x forward)
+
+
+def training_compute(gflops, batch_size, steps):
+    """Training compute in paper units: 3 x forward GMACs per image x batch x steps."""
+    return TRAINING_MULTIPLIER * gflops * batch_size * steps
 
 
 class RecordsError(ValueError):
@@ -88,17 +94,21 @@ def load(*sources: str | Path | pd.DataFrame) -> Records:
     the evaluation schema; several sources are concatenated (run names must not collide)."""
     if not sources:
         raise RecordsError("load() needs at least one source (a runs directory, a run directory, .jsonl or .csv).")
-    parts = [_load_one(source) for source in sources]
-    runs = pd.concat([p.runs for p in parts], ignore_index=True)
-    duplicated = runs["run"][runs["run"].duplicated()].unique().tolist()
+    records = _concat([_load_one(source) for source in sources])
+    duplicated = records.runs["run"][records.runs["run"].duplicated()].unique().tolist()
     if duplicated:
         raise RecordsError(f"run names occur in more than one source: {duplicated}; rename the runs or load the "
                            "sources separately.")
-    steps = pd.concat([p.steps for p in parts if len(p.steps)], ignore_index=True) if any(
-        len(p.steps) for p in parts) else _empty(STEP_COLUMNS)
-    evaluations = pd.concat([p.evaluations for p in parts if len(p.evaluations)], ignore_index=True) if any(
-        len(p.evaluations) for p in parts) else _empty(EVALUATION_COLUMNS)
-    return Records(runs, steps, evaluations)
+    return records
+
+
+def _concat(parts: list[Records]) -> Records:
+    """One Records of several; a table empty in every part keeps the schema's columns."""
+    def table(name: str, columns: list[str]) -> pd.DataFrame:
+        filled = [getattr(p, name) for p in parts if len(getattr(p, name))]
+        return pd.concat(filled, ignore_index=True) if filled else _empty(columns)
+
+    return Records(table("runs", RUN_COLUMNS), table("steps", STEP_COLUMNS), table("evaluations", EVALUATION_COLUMNS))
 
 
 def _empty(columns: list[str]) -> pd.DataFrame:
@@ -161,8 +171,7 @@ def _load_one(source) -> Records:
         if not parts:
             raise RecordsError(f"{path}: none of its CSV files is in the evaluation schema (columns run or model, "
                                "gflops, metric, value).")
-        return Records(*(pd.concat([getattr(p, name) for p in parts], ignore_index=True)
-                         for name in ("runs", "steps", "evaluations")))
+        return _concat(parts)
     if path.suffix == ".csv":
         return _load_csv(path)
     if path.suffix in (".jsonl", ".json"):
@@ -281,22 +290,24 @@ def convert_compute(table: pd.DataFrame, origin: str) -> pd.DataFrame:
         raise RecordsError(f"{origin}: compute given twice ({given}); keep one column, e.g. 'gflops'.")
     column = given[0]
     table["gflops"] = pd.to_numeric(table.pop(column), errors="coerce") * COMPUTE_UNITS[column]
-    bad = table.loc[~(table["gflops"] > 0), "run" if "run" in table.columns else "gflops"].tolist()
-    if bad:
-        raise RecordsError(f"{origin}: non-positive or missing gflops for {bad[:5]}; every point needs its "
-                           "forward GMACs per image (`dit-scaling flops` counts DiTs, `--torch` PyTorch models).")
+    _require_positive_gflops(table, origin)
     return table
+
+
+def _require_positive_gflops(table: pd.DataFrame, origin) -> None:
+    bad = table.loc[~(pd.to_numeric(table["gflops"], errors="coerce") > 0),
+                    "run" if "run" in table.columns else "gflops"].tolist()
+    if bad:
+        raise RecordsError(f"{origin}: non-positive or missing gflops for {bad[:5]}; every point needs its forward "
+                           "GMACs per image (`dit-scaling flops` counts DiTs, `--torch` PyTorch models).")
 
 
 def _validate_runs(runs: pd.DataFrame, origin) -> pd.DataFrame:
     for column in RUN_COLUMNS:
         if column not in runs.columns:
             runs[column] = np.nan
+    _require_positive_gflops(runs, origin)
     gflops = pd.to_numeric(runs["gflops"], errors="coerce")
-    bad = runs.loc[~(gflops > 0), "run"].tolist()
-    if bad:
-        raise RecordsError(f"{origin}: non-positive or missing gflops for runs {bad}; every run needs its forward "
-                           "GMACs per image (`dit-scaling flops` counts DiTs, `--torch` PyTorch models).")
     huge = runs.loc[gflops > _GFLOPS_PLAUSIBLE_MAX, "run"].tolist()
     if huge:
         raise RecordsError(f"{origin}: gflops above {_GFLOPS_PLAUSIBLE_MAX:.0e} for runs {huge}: these look like "
@@ -311,7 +322,7 @@ def _validate_steps(steps: pd.DataFrame, run: dict, origin) -> pd.DataFrame:
         if column not in steps.columns:
             raise RecordsError(f"{origin}: step records lack {column!r}.")
     if "train_gflops_cumulative" not in steps.columns:
-        steps["train_gflops_cumulative"] = 3 * run["gflops"] * run["batch_size"] * steps["step"]
+        steps["train_gflops_cumulative"] = training_compute(run["gflops"], run["batch_size"], steps["step"])
     return steps.reset_index(drop=True)
 
 
@@ -337,7 +348,7 @@ def _validate_evaluations(table: pd.DataFrame, origin) -> pd.DataFrame:
     if no_step:
         raise RecordsError(f"{origin}: {len(no_step)} evaluation row(s) have no training step (e.g. "
                            f"{table.loc[no_step[0], 'run']}); give the step each point was measured at.")
-    derived = 3 * table["gflops"] * table["batch_size"] * table["step"]
+    derived = training_compute(table["gflops"], table["batch_size"], table["step"])
     table["train_gflops_cumulative"] = table["train_gflops_cumulative"].fillna(derived)
     compute = table["train_gflops_cumulative"].to_numpy(dtype=float)
     if np.any(compute[np.isfinite(compute)] < 0):
