@@ -96,7 +96,7 @@ def make_train_step(model_config: DiTConfig, diffusion: GaussianDiffusion, optim
             return terms["loss"], terms
 
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = _global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         # Applied unconditionally: a guard on device (a cond over the state) costs a copy of the whole state
@@ -108,6 +108,13 @@ def make_train_step(model_config: DiTConfig, diffusion: GaussianDiffusion, optim
         return new_state, {**terms, "grad_norm": grad_norm, "finite": finite}
 
     return train_step
+
+
+def _global_norm(tree) -> jax.Array:
+    """sqrt of the sum of squares of every leaf. Behind an optimization barrier: XLA would otherwise share the
+    squares with Adam's second moment and write the squares of all gradients to memory to read them back."""
+    leaves = jax.lax.optimization_barrier(jax.tree.leaves(tree))
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves))
 
 
 @jax.jit

@@ -228,6 +228,30 @@ def test_divergence_stops_with_the_last_good_state(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_train_step_reports_the_gradient_norm():
+    # After AdamW's first step its first moment is (1 - b1) g: an independent read of the gradient.
+    import jax
+    import jax.numpy as jnp
+
+    from models.diffusion import GaussianDiffusion, linear_betas
+    from models.dit import DiTConfig
+    from scaling.configs.common import base_config
+    from scaling.train_step import init_state, make_optimizer, make_train_step
+
+    config = base_config()
+    model_config = DiTConfig(depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=8, num_classes=10)
+    optimizer = make_optimizer(config)
+    step = jax.jit(make_train_step(model_config, GaussianDiffusion(linear_betas(1000)), optimizer, 0.9999))
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.standard_normal((4, 8, 8, 4)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, 4), jnp.int32)}
+    state, metrics = step(init_state(model_config, optimizer, 0), batch)
+    first_moment = np.concatenate([np.ravel(x) for x in _leaves(state["opt_state"][0].mu)]).astype(np.float64)
+    expected = np.linalg.norm(first_moment) / (1 - config.train.b1)
+    assert bool(metrics["finite"])
+    np.testing.assert_allclose(float(metrics["grad_norm"]), expected, rtol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["replicated", "fsdp"])
 def test_four_simulated_devices_give_the_losses_of_one(fmnist_dir, tmp_path, sharding):
