@@ -289,14 +289,78 @@ def _layer_norm(hidden_size: int, affine: bool, rngs: nnx.Rngs) -> nnx.LayerNorm
                          dtype=jnp.float32, rngs=rngs)
 
 
-def _attend(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, dtype) -> jax.Array:
-    """softmax(q k^T / sqrt(head_dim)) v: products in `dtype` with float32 accumulation, softmax in float32;
-    returns [B, T, H*K] float32."""
-    q_BTHK, k_BSHK, v_BSHK = (a.astype(dtype) for a in (q_BTHK, k_BSHK, v_BSHK))
+def _attention_forward(q_BTHK, k_BSHK, v_BSHK, dtype) -> tuple[jax.Array, jax.Array]:
+    """softmax(q k^T / sqrt(head_dim)) v with products in `dtype` (float32 accumulation) and the softmax in
+    float32. Returns the output [B, T, H*K] and the attention weights [B, H, T, S], both float32."""
     logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
-    weights_BHTS = jax.nn.softmax(logits_BHTS * q_BTHK.shape[-1] ** -0.5, axis=-1).astype(dtype)
-    out_BTHK = jnp.einsum("bhts,bshk->bthk", weights_BHTS, v_BSHK, preferred_element_type=jnp.float32)
-    return out_BTHK.reshape(*out_BTHK.shape[:2], -1)
+    weights_BHTS = jax.nn.softmax(logits_BHTS * q_BTHK.shape[-1] ** -0.5, axis=-1)
+    out_BTHK = jnp.einsum("bhts,bshk->bthk", weights_BHTS.astype(dtype), v_BSHK,
+                          preferred_element_type=jnp.float32)
+    return out_BTHK.reshape(*out_BTHK.shape[:2], -1), weights_BHTS
+
+
+def _attention_backward(q_BTHK, k_BSHK, v_BSHK, weights_BHTS, g_BTD, dtype):
+    """Gradients (dq, dk, dv), float32, of `_attention_forward`'s output for the incoming gradient g. All four
+    products take `dtype` operands: autodiff would pair the float32 gradient with `dtype` operands, which
+    XLA computes in float32."""
+    b, t, heads, head_dim = q_BTHK.shape
+    g_BTHK = g_BTD.reshape(b, t, heads, head_dim).astype(dtype)
+    dweights_BHTS = jnp.einsum("bthk,bshk->bhts", g_BTHK, v_BSHK, preferred_element_type=jnp.float32)
+    dv_BSHK = jnp.einsum("bhts,bthk->bshk", weights_BHTS.astype(dtype), g_BTHK, preferred_element_type=jnp.float32)
+    # softmax backward: w * (dw - sum(dw * w)), then the 1/sqrt(head_dim) scale of the logits.
+    dlogits_BHTS = weights_BHTS * (dweights_BHTS - jnp.sum(dweights_BHTS * weights_BHTS, -1, keepdims=True))
+    dlogits_BHTS = (dlogits_BHTS * head_dim**-0.5).astype(dtype)
+    dq_BTHK = jnp.einsum("bhts,bshk->bthk", dlogits_BHTS, k_BSHK, preferred_element_type=jnp.float32)
+    dk_BSHK = jnp.einsum("bhts,bthk->bshk", dlogits_BHTS, q_BTHK, preferred_element_type=jnp.float32)
+    return dq_BTHK, dk_BSHK, dv_BSHK
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def self_attention(qkv_BT3HK: jax.Array, dtype) -> jax.Array:
+    """Multi-head self-attention of the stacked projections qkv [B, T, 3, H, K] -> [B, T, H*K], float32.
+
+    The gradient of qkv is assembled in one stacked array (autodiff of the three slices pads each gradient
+    to the full shape and adds them)."""
+    qkv_BT3HK = qkv_BT3HK.astype(dtype)
+    return _attention_forward(qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2], dtype)[0]
+
+
+def _self_attention_fwd(qkv_BT3HK, dtype):
+    qkv_BT3HK = qkv_BT3HK.astype(dtype)
+    out_BTD, weights_BHTS = _attention_forward(qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2], dtype)
+    return out_BTD, (qkv_BT3HK, weights_BHTS)
+
+
+def _self_attention_bwd(dtype, residuals, g_BTD):
+    qkv_BT3HK, weights_BHTS = residuals
+    grads = _attention_backward(qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2], weights_BHTS, g_BTD,
+                                dtype)
+    return (jnp.stack(grads, axis=2),)
+
+
+self_attention.defvjp(_self_attention_fwd, _self_attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cross_attention(q_BTHK: jax.Array, kv_BS2HK: jax.Array, dtype) -> jax.Array:
+    """Multi-head attention from queries q [B, T, H, K] to stacked keys and values kv [B, S, 2, H, K]."""
+    q_BTHK, kv_BS2HK = q_BTHK.astype(dtype), kv_BS2HK.astype(dtype)
+    return _attention_forward(q_BTHK, kv_BS2HK[:, :, 0], kv_BS2HK[:, :, 1], dtype)[0]
+
+
+def _cross_attention_fwd(q_BTHK, kv_BS2HK, dtype):
+    q_BTHK, kv_BS2HK = q_BTHK.astype(dtype), kv_BS2HK.astype(dtype)
+    out_BTD, weights_BHTS = _attention_forward(q_BTHK, kv_BS2HK[:, :, 0], kv_BS2HK[:, :, 1], dtype)
+    return out_BTD, (q_BTHK, kv_BS2HK, weights_BHTS)
+
+
+def _cross_attention_bwd(dtype, residuals, g_BTD):
+    q_BTHK, kv_BS2HK, weights_BHTS = residuals
+    dq, dk, dv = _attention_backward(q_BTHK, kv_BS2HK[:, :, 0], kv_BS2HK[:, :, 1], weights_BHTS, g_BTD, dtype)
+    return dq, jnp.stack([dk, dv], axis=2)
+
+
+cross_attention.defvjp(_cross_attention_fwd, _cross_attention_bwd)
 
 
 class SelfAttention(nnx.Module):
@@ -308,7 +372,7 @@ class SelfAttention(nnx.Module):
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         b, t, d = x_BTD.shape
         qkv_BT3HK = self.qkv(x_BTD).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-        return self.proj(_attend(qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2], self.dtype))
+        return self.proj(self_attention(qkv_BT3HK, jnp.dtype(self.dtype)))
 
 
 class CrossAttention(nnx.Module):
@@ -325,7 +389,7 @@ class CrossAttention(nnx.Module):
         heads, head_dim = self.num_heads, d // self.num_heads
         q_BTHK = self.q(x_BTD).reshape(b, t, heads, head_dim)
         kv_BS2HK = self.kv(cond_BSD).reshape(b, cond_BSD.shape[1], 2, heads, head_dim)
-        return self.proj(_attend(q_BTHK, kv_BS2HK[:, :, 0], kv_BS2HK[:, :, 1], self.dtype))
+        return self.proj(cross_attention(q_BTHK, kv_BS2HK, jnp.dtype(self.dtype)))
 
 
 class Mlp(nnx.Module):

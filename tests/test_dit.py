@@ -13,11 +13,13 @@ from models.dit import (
     PAPER_MODELS,
     DiT,
     DiTConfig,
+    cross_attention,
     dit_config,
     drop_labels,
     materialize_on_cpu,
     mixed_precision_matmul,
     parse_model_name,
+    self_attention,
     sincos_position_embedding,
     timestep_sinusoid,
     unpatchify,
@@ -203,6 +205,36 @@ def test_mixed_precision_matmul_value_and_gradients_against_float64(dtype, rows)
     np.testing.assert_allclose(value, cast(x) @ cast(w), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx, cast(r) @ cast(w).T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, cast(x).T @ cast(r), rtol=1e-5, atol=1e-5)
+
+
+def _relative_error(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_attention_value_and_gradients_against_autodiff_of_the_formula(dtype, tolerance):
+    rng = np.random.default_rng(2)
+    qkv = jnp.asarray(rng.standard_normal((2, 6, 3, 2, 8)), jnp.float32)
+    q, kv = qkv[:, :, 0], jnp.asarray(rng.standard_normal((2, 3, 2, 2, 8)), jnp.float32)
+    r = jnp.asarray(rng.standard_normal((2, 6, 16)), jnp.float32)
+
+    def formula(q_BTHK, k_BSHK, v_BSHK):  # softmax(q k^T / sqrt(d)) v, float32 throughout
+        logits = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, precision="highest") / np.sqrt(8)
+        out = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(logits, axis=-1), v_BSHK, precision="highest")
+        return out.reshape(2, 6, 16)
+
+    def gradients(function, args):
+        return jax.grad(lambda *a: jnp.sum(r * function(*a)), range(len(args)))(*args)
+
+    cases = [(lambda a: self_attention(a, jnp.dtype(dtype)), lambda a: formula(a[:, :, 0], a[:, :, 1], a[:, :, 2]),
+              (qkv,)),
+             (lambda a, b: cross_attention(a, b, jnp.dtype(dtype)), lambda a, b: formula(a, b[:, :, 0], b[:, :, 1]),
+              (q, kv))]
+    for attention, reference, args in cases:
+        assert _relative_error(attention(*args), reference(*args)) < tolerance
+        for grad, expected in zip(gradients(attention, args), gradients(reference, args), strict=True):
+            assert grad.dtype == jnp.float32 and grad.shape == expected.shape
+            assert _relative_error(grad, expected) < tolerance
 
 
 def test_materialize_on_cpu_is_the_identity_except_on_non_finite_streams():
