@@ -12,7 +12,7 @@ from pathlib import Path
 from models.dit import BLOCKS, LATENT_DOWNSAMPLE, PAPER_MODELS, dit_config
 from scaling.cli_analysis import add_commands as add_analysis_commands
 from scaling.cli_analysis import print_table
-from scaling.host import keep_freed_memory
+from scaling.host import enable_compilation_cache, keep_freed_memory
 
 # ----------------------------------------------------------------------------------------------------------------
 # flops
@@ -297,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("absl", "orbax", "jax", "fontTools"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command in ("train", "grid", "evaluate", "reference"):  # the commands that compile large programs
+        from models.fashion_cnn import CACHE_DIR
+
+        enable_compilation_cache(CACHE_DIR / "jax")
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, ImportError) as e:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc mallopt parameters
 
@@ -26,3 +28,15 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL("libc.so.6")
     return bool(libc.mallopt(_M_ARENA_MAX, 1) and libc.mallopt(_M_MMAP_MAX, 0)
                 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def enable_compilation_cache(cache_dir: Path) -> Path:
+    """Keep compiled XLA programs on disk, so that a resumed run, the next run of a grid and every host of a pod
+    skip recompiling the same step (minutes for a DiT on a GPU, where XLA autotunes every matmul; 10 s -> 4 s
+    for the Fashion-MNIST smoke run on the CPU). `$JAX_COMPILATION_CACHE_DIR`, when set, wins over `cache_dir`.
+    Call before the first computation; returns the directory in use."""
+    import jax
+
+    directory = Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or cache_dir)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    return directory

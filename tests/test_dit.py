@@ -240,7 +240,11 @@ def test_attention_value_and_gradients_against_autodiff_of_the_formula(dtype, to
 def test_materialize_on_cpu_is_the_identity_except_on_non_finite_streams():
     x = jnp.arange(24.0).reshape(2, 3, 4)
     np.testing.assert_array_equal(jax.jit(materialize_on_cpu)(x), x)
-    assert bool(jnp.isnan(jax.jit(materialize_on_cpu)(x.at[0, 0, 0].set(jnp.inf))).all())
+    poisoned = x.at[0, 0, 0].set(jnp.inf)
+    if jax.default_backend() == "cpu":
+        assert bool(jnp.isnan(jax.jit(materialize_on_cpu)(poisoned)).all())
+    else:  # other backends get x itself
+        np.testing.assert_array_equal(jax.jit(materialize_on_cpu)(poisoned), poisoned)
 
 
 def test_bad_configs_and_inputs_give_clear_errors():

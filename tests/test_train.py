@@ -156,11 +156,14 @@ def _wait_for(predicate, timeout=120):
 def test_sigkill_and_resume_gives_the_uninterrupted_result(fmnist_dir, tmp_path):
     args = [*_smoke(fmnist_dir, "--config.train.steps=600", "--config.train.checkpoint_every=100",
                     "--config.train.log_every=10", *[f"--config.{o}" for o in TINY])]
-    assert _cli("train", *args, "--workdir", str(tmp_path / "straight")).returncode == 0
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla")}  # the later runs load the compiled step
+    assert _cli("train", *args, "--workdir", str(tmp_path / "straight"), env=cache).returncode == 0
+    assert list((tmp_path / "xla").glob("jit_train_step-*"))
 
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "scaling.cli", "train", *args, "--workdir", str(killed)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, **cache})
     try:
         # Kill it mid-run: after a checkpoint is committed and some later steps are recorded.
         assert _wait_for(lambda: read_records(killed / "records.jsonl")[-1:] != []
@@ -169,7 +172,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(fmnist_dir, tmp_path)
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert read_records(killed / "records.jsonl")[-1]["step"] < 600
-    resumed = _cli("train", *args, "--workdir", str(killed))
+    resumed = _cli("train", *args, "--workdir", str(killed), env=cache)
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming" in resumed.stderr
 
