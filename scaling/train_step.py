@@ -113,8 +113,8 @@ def make_train_step(model_config: DiTConfig, diffusion: GaussianDiffusion, optim
 def _global_norm(tree) -> jax.Array:
     """sqrt of the sum of squares of every leaf. Behind an optimization barrier: XLA would otherwise share the
     squares with Adam's second moment and write the squares of all gradients to memory to read them back."""
-    leaves = jax.lax.optimization_barrier(jax.tree.leaves(tree))
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves))
+    # One barrier per leaf: a barrier over all leaves would keep every gradient alive until the last is computed.
+    return jnp.sqrt(sum(jnp.sum(jnp.square(jax.lax.optimization_barrier(x))) for x in jax.tree.leaves(tree)))
 
 
 @jax.jit
