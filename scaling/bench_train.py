@@ -4,7 +4,7 @@
 
 For each config (256px: 32x32x4 latents, 1000 classes, learned sigma, the paper's AdamW + EMA step) and compute
 dtype, in a fresh process each: the matmul peak of one device measured in that process (`measure_matmul_peak`,
-same dtype), the mean time of a jitted training step after compilation, images/s, achieved FLOP/s
+same dtype), the median time of a jitted training step after compilation, images/s, achieved FLOP/s
 (2 x 3 x forward MACs x images/s: true FLOPs, backward = 2 x forward) and its ratio to the peak, and the peak
 memory (process RSS on CPU, the device's peak bytes elsewhere).
 """
@@ -19,7 +19,16 @@ import sys
 import time
 
 
-def bench_one(model: str, batch: int, dtype: str, steps: int, remat: bool) -> dict:
+def _recomputes(model: str, remat: str) -> bool:
+    """Whether `model` recomputes block activations under --remat (a comma list, 'all', 'none' or 'auto')."""
+    import jax
+
+    if remat == "auto":  # batch 8 of XL/2 needs it to fit in a 24 GiB CPU machine
+        return model == "XL/2" and jax.default_backend() == "cpu"
+    return remat == "all" or model in remat.split(",")
+
+
+def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str) -> dict:
     from scaling.host import keep_freed_memory
 
     keep_freed_memory()
@@ -34,6 +43,7 @@ def bench_one(model: str, batch: int, dtype: str, steps: int, remat: bool) -> di
     from scaling.train_step import init_state, make_optimizer, make_train_step, measure_matmul_peak
 
     config = base_config()
+    remat = _recomputes(model, remat)
     model_config = dit_config(model, dtype=dtype, remat=remat)
     macs = dit_compute(dit_config(model)).macs
     optimizer = make_optimizer(config)
@@ -73,7 +83,9 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
-    parser.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
+    parser.add_argument("--remat", default="auto",
+                        help="models that recompute block activations in the backward pass: a comma list, 'all' or "
+                             "'none'; auto (default): XL/2 on CPU, whose batch 8 needs it to fit in 24 GiB")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # model,dtype: run in this process, print JSON
     args = parser.parse_args()
     if args.one:
@@ -86,8 +98,7 @@ def main() -> None:
     for model in args.models.split(","):
         for dtype in args.dtypes.split(","):
             result = subprocess.run([sys.executable, "-m", "scaling.bench_train", "--one", f"{model},{dtype}",
-                                     "--batch", str(args.batch), "--steps", str(args.steps)]
-                                    + (["--remat"] if args.remat else []),
+                                     "--batch", str(args.batch), "--steps", str(args.steps), "--remat", args.remat],
                                     capture_output=True, text=True)
             if result.returncode:
                 reason = (result.stderr.strip().splitlines() or [f"killed by signal {-result.returncode} "

@@ -117,11 +117,15 @@ def _load_study_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from scaling.train import train
+    from scaling.train import TrainingDiverged, train
 
     _init_distributed(args)
     config = _load_study_config(args)
-    result = train(config, args.workdir)
+    try:
+        result = train(config, args.workdir)
+    except TrainingDiverged as e:
+        print(f"dit-scaling train: {e}", file=sys.stderr)
+        return 3
     loss = "" if result.final_loss is None else f", final loss {result.final_loss:.4f}"
     print(f"{result.workdir}: {result.status} at step {result.step}{loss}")
     return 0

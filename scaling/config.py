@@ -116,6 +116,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "eval.num_samples and eval.num_reference must exceed 3 (precision/recall use 3 neighbours)"),
         (config.eval.batch_size > 0, "eval.batch_size must be positive"),
         (config.eval.guidance_scale >= 1, "eval.guidance_scale must be >= 1 (1 turns guidance off)"),
+        (config.data.source != "fashion_mnist" or config.eval.guidance_channels in (0, 1),
+         "eval.guidance_channels must be 0 (all) or 1 for Fashion-MNIST's single image channel"),
+        (train.checkpoint_every <= 0 or (train.keep_every >= 0 and train.keep_every % train.checkpoint_every == 0),
+         "train.keep_every must be 0 or a multiple of train.checkpoint_every (it keeps some of those written)"),
         (config.eval.every == 0 or config.data.source == "fashion_mnist",
          "eval.every > 0 works on image data (fashion_mnist) only: scoring latents needs the SD-VAE decoder; "
          "write samples and score them with `dit-scaling evaluate`"),

@@ -49,10 +49,18 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
     base, _, options = config_name.partition(":")
     selected = select_models([m.removeprefix("DiT-") for m in (models or PAPER_MODELS)], only, shard)
     runs_dir = Path(runs_dir)
-    outcome = {}
-    for i, model in enumerate(selected):
+    # Every config is loaded and checked before any run starts: a bad override or variant stops the grid at once,
+    # not hours later when its turn comes.
+    configs = {}
+    for model in selected:
         variant = model + (f",{options}" if options else "")
-        config = config_lib.load_config(f"{base}:{variant}", overrides)
+        try:
+            configs[model] = config_lib.load_config(f"{base}:{variant}", overrides)
+            config_lib.validate(configs[model])
+        except Exception as e:
+            raise ValueError(f"The config of {model} ({base}:{variant}) does not load: {e}") from e
+    outcome = {}
+    for i, (model, config) in enumerate(configs.items()):
         workdir = runs_dir / run_dir_name(model)
         manifest = _read_manifest(workdir)
         if manifest and manifest.get("status") == "finished" and manifest.get("final_step") == config.train.steps:

@@ -18,6 +18,7 @@ newest checkpoint) is checkpointed, and `TrainingDiverged` names the step.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
@@ -46,7 +47,7 @@ from scaling.train_step import (
     make_train_step,
     measure_matmul_peak,
     param_sharding,
-    state_fingerprint,
+    state_checksum,
 )
 
 log = logging.getLogger("dit_scaling.train")
@@ -60,11 +61,14 @@ RECORD_FIELDS = {
     "grad_norm": "global L2 norm of the gradient of this step",
     "gflops_per_image": "forward GMACs per image (the paper's 'Gflops')",
     "train_gflops_cumulative": "3 x gflops_per_image x global batch x step (paper units)",
-    "wall_time": "seconds of training so far, summed over restarts (compilation included)",
+    "wall_time": "seconds of training so far, summed over restarts: compilation, evaluation and checkpoint "
+                 "writes included; start-up (restore, peak measurement) and steps lost to a kill not",
     "time": "Unix time of this record",
-    "step_time": "mean seconds per step since the previous record (excluding the first step after a start)",
+    "step_time": "mean seconds per step since the previous record, evaluation excluded; the first step after a "
+                 "start (compilation) is left out, and a record of that step alone has null here",
     "images_per_s": "global batch / step_time",
-    "utilization": "achieved FLOP/s (2 x 3 x MACs x images/s) over the measured matmul peak of all devices",
+    "utilization": "achieved FLOP/s (2 x 3 x MACs x images/s) over the matmul peak measured on one device times "
+                   "the device count (simulated CPU devices share the cores, so it reads low there)",
 }
 
 
@@ -151,7 +155,7 @@ def _checkpoint_manager(workdir: Path, config) -> ocp.CheckpointManager:
 
 
 def _restore_latest(manager: ocp.CheckpointManager, abstract_state: dict):
-    """Newest checkpoint that restores and matches its fingerprint; corrupt ones are skipped with a warning.
+    """Newest checkpoint that restores and matches its checksum; corrupt ones are skipped with a warning.
     Returns (step, restored, corrupt steps)."""
     corrupt = []
     for step in sorted(manager.all_steps(), reverse=True):
@@ -164,15 +168,20 @@ def _restore_latest(manager: ocp.CheckpointManager, abstract_state: dict):
                         type(e).__name__, str(e).splitlines()[0][:200])
             corrupt.append(step)
             continue
-        expected = restored["meta"]["fingerprint"]
-        found = state_fingerprint(restored["state"])
-        if not math.isclose(found, expected, rel_tol=1e-6):
-            log.warning("Checkpoint at step %d is corrupt (fingerprint %.9g, expected %.9g); skipping it.",
-                        step, found, expected)
+        meta = restored["meta"]
+        found = (state_checksum(restored["state"]), _data_checksum(restored["data"]))
+        expected = (meta.get("checksum"), meta.get("data_checksum"))
+        if found != expected:
+            log.warning("Checkpoint at step %d is corrupt (checksums of state and data-iterator state %s, "
+                        "expected %s); skipping it.", step, found, expected)
             corrupt.append(step)
             continue
         return step, restored, corrupt
     return None, None, corrupt
+
+
+def _data_checksum(data_state) -> str:
+    return hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
 
 
 def _set_aside(workdir: Path, steps: list[int]) -> None:
@@ -276,9 +285,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
     final_loss = None
 
     def save(step: int, state: dict) -> None:
-        meta = {"wall_time": elapsed + time.perf_counter() - run_start, "fingerprint": state_fingerprint(state)}
+        data_state = iterator.get_state()
+        meta = {"wall_time": elapsed + time.perf_counter() - run_start, "checksum": state_checksum(state),
+                "data_checksum": _data_checksum(data_state)}
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   data=ocp.args.JsonSave(iterator.get_state()),
+                                                   data=ocp.args.JsonSave(data_state),
                                                    meta=ocp.args.JsonSave(meta)), force=True)
 
     def rebuild(step: int) -> dict:

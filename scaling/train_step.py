@@ -8,6 +8,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -117,15 +118,36 @@ def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(jax.lax.optimization_barrier(x))) for x in jax.tree.leaves(tree)))
 
 
+def _as_uint32(x: jax.Array) -> jax.Array:
+    """The bits of every element of x as uint32 (8-byte elements gain a trailing axis of two words)."""
+    width = x.dtype.itemsize
+    if width == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if width == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[width]).astype(jnp.uint32)
+
+
 @jax.jit
-def _sum_of_magnitudes(leaves: list) -> jax.Array:
-    return sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves)
+def _checksum(leaves: list) -> jax.Array:
+    total = jnp.uint32(0)
+    for index, leaf in enumerate(leaves):
+        bits = _as_uint32(leaf)
+        # Each element's bits times an odd weight from its position: odd numbers are invertible modulo 2^32, so
+        # any change to one element changes the sum, and moving values between positions or leaves does too.
+        position = jnp.zeros(bits.shape, jnp.uint32)
+        for axis, stride in enumerate(np.cumprod((1, *bits.shape[::-1]))[-2::-1]):
+            position = position + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride)
+        weighted = jnp.sum(bits * (2 * position + 1), dtype=jnp.uint32)
+        total = total + weighted * jnp.uint32(2 * index + 1)
+    return total
 
 
-def state_fingerprint(state: dict) -> float:
-    """Sum of |x| over every floating array of the state: stored with each checkpoint, checked on restore.
+def state_checksum(state: dict) -> int:
+    """An exact checksum of every array of the state (parameters, optimizer, EMA, step, RNG): a weighted sum of
+    the bits modulo 2^32, stored with each checkpoint and checked on restore. Integer sums are exact in any
+    order, so the value does not depend on how the state is sharded.
 
-    One jitted program: per-array eager sums of sharded arrays would put one collective program per array in
-    flight at once, and XLA:CPU's simulated devices can deadlock on those (4 devices, 2 cores)."""
-    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return float(_sum_of_magnitudes(leaves))
+    One jitted program: per-array eager reductions of sharded arrays would put one collective program per
+    array in flight at once, and XLA:CPU's simulated devices can deadlock on those (4 devices, 2 cores)."""
+    return int(_checksum(jax.tree.leaves(state)))

@@ -121,6 +121,31 @@ def test_losses_vanish_for_a_perfect_model():
     assert set(terms) == {"loss", "mse", "vb"}
 
 
+def test_vb_at_step_zero_is_the_decoder_nll():
+    # At t = 0 the posterior mean is the predicted x_0 itself; the model's variance interpolates between beta_0
+    # and the clipped posterior variance (that of t = 1). The reference uses the exact normal CDF.
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(4)
+    x0 = rng.uniform(-0.95, 0.95, (3, 4, 4, 1))
+    x0[0, 0, 0, 0], x0[1, 0, 0, 0] = -1.0, 1.0  # the edge bins reach to -inf and +inf
+    betas = linear_betas(1000)
+    abar0, abar1 = 1 - betas[0], (1 - betas[0]) * (1 - betas[1])
+    true_eps = rng.standard_normal(x0.shape)
+    x_t = np.sqrt(abar0) * x0 + np.sqrt(1 - abar0) * true_eps
+    eps, v = true_eps + 0.3 * rng.standard_normal(x0.shape), rng.uniform(-1, 1, x0.shape)
+    got = DIFFUSION.vb_terms_bpd(jnp.asarray(np.concatenate([eps, v], -1), jnp.float32), jnp.asarray(x0, jnp.float32),
+                                 jnp.asarray(x_t, jnp.float32), jnp.zeros(3, jnp.int32))
+
+    mean = x_t / np.sqrt(abar0) - np.sqrt(1 / abar0 - 1) * eps
+    frac = (v + 1) / 2
+    sigma = np.exp(0.5 * (frac * np.log(betas[0]) + (1 - frac) * np.log(betas[1] * (1 - abar0) / (1 - abar1))))
+    upper = np.where(x0 > 0.999, 1.0, norm.cdf((x0 + 1 / 255 - mean) / sigma))
+    lower = np.where(x0 < -0.999, 0.0, norm.cdf((x0 - 1 / 255 - mean) / sigma))
+    expected = -np.log(upper - lower).mean(axis=(1, 2, 3)) / math.log(2)
+    np.testing.assert_allclose(got, expected, rtol=2e-3)  # ADM's tanh approximation of the CDF
+
+
 def test_vb_gradient_does_not_reach_the_mean():
     x0 = jnp.zeros((2, 2, 2, 1))
     noise = jnp.ones_like(x0)

@@ -4,6 +4,7 @@ import gzip
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -154,8 +155,10 @@ def _wait_for(predicate, timeout=120):
 
 @pytest.mark.slow
 def test_sigkill_and_resume_gives_the_uninterrupted_result(fmnist_dir, tmp_path):
-    args = [*_smoke(fmnist_dir, "--config.train.steps=600", "--config.train.checkpoint_every=100",
-                    "--config.train.log_every=10", *[f"--config.{o}" for o in TINY])]
+    # Asynchronous checkpoints (the default of real runs), often enough that the kill may land during a save.
+    args = [*_smoke(fmnist_dir, "--config.train.steps=600", "--config.train.checkpoint_every=50",
+                    "--config.train.async_checkpoints=true", "--config.train.log_every=10",
+                    *[f"--config.{o}" for o in TINY])]
     cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla")}  # the later runs load the compiled step
     assert _cli("train", *args, "--workdir", str(tmp_path / "straight"), env=cache).returncode == 0
     assert list((tmp_path / "xla").glob("jit_train_step-*"))
@@ -192,29 +195,66 @@ def _leaves(tree):
     return jax.tree.leaves(tree)
 
 
-def test_corrupt_checkpoint_is_skipped_with_a_warning(fmnist_dir, tmp_path, caplog):
-    config = load_config("fmnist:S/8,smoke", [f"data.path={fmnist_dir}", *TINY])
-    train(config, tmp_path / "run")  # checkpoints at 10 and 20
-    newest = tmp_path / "run" / "checkpoints" / "20" / "state"
-    data_files = sorted((p for p in newest.rglob("*") if p.is_file() and p.stat().st_size > 1000),
+def _zero_bytes_in_the_largest_state_file(checkpoint: Path) -> None:
+    data_files = sorted((p for p in (checkpoint / "state").rglob("*") if p.is_file() and p.stat().st_size > 1000),
                         key=lambda p: -p.stat().st_size)
     blob = bytearray(data_files[0].read_bytes())
     blob[len(blob) // 2: len(blob) // 2 + 64] = bytes(64)
     data_files[0].write_bytes(blob)
+
+
+@pytest.mark.parametrize("damage", [_zero_bytes_in_the_largest_state_file,
+                                    lambda checkpoint: shutil.rmtree(checkpoint / "meta")],
+                         ids=["corrupt", "partial"])
+def test_damaged_checkpoint_is_skipped_with_a_warning(fmnist_dir, tmp_path, caplog, damage):
+    config = load_config("fmnist:S/8,smoke", [f"data.path={fmnist_dir}", *TINY])
+    train(config, tmp_path / "run")  # checkpoints at 10 and 20
+    damage(tmp_path / "run" / "checkpoints" / "20")
     apply_override(config, "train.steps=30")
     with caplog.at_level(logging.WARNING):
         train(config, tmp_path / "run")
     assert "step 20" in caplog.text and "skipping it" in caplog.text
+    assert len(list((tmp_path / "run" / "corrupt_checkpoints").iterdir())) == 1
     assert [r["step"] for r in read_records(tmp_path / "run" / "records.jsonl")] == [5, 10, 15, 20, 25, 30]
 
 
-def test_divergence_stops_with_the_last_good_state(tmp_path):
+def test_state_checksum_sees_every_change():
+    import jax
+    import jax.numpy as jnp
+
+    from scaling.train_step import state_checksum
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+    state = {"params": {"w": w, "b": jnp.asarray(rng.standard_normal(5), jnp.bfloat16)},
+             "step": jnp.asarray(7, jnp.int32), "rng": jnp.asarray([1, 2], jnp.uint32)}
+
+    def brute_force(tree):  # sum over leaves l and positions i of (2l+1)(2i+1) bits, modulo 2^32
+        total = 0
+        for index, leaf in enumerate(jax.tree.leaves(tree)):
+            leaf = np.asarray(leaf)
+            bits = leaf.view({2: np.uint16, 4: np.uint32}[leaf.dtype.itemsize]).ravel().astype(np.int64)
+            total += (2 * index + 1) * int(np.sum(bits * (2 * np.arange(bits.size) + 1)))
+        return total % 2**32
+
+    assert state_checksum(state) == brute_force(state)
+    changed = [{**state, "params": {**state["params"], "w": w.at[1, 2].multiply(-1)}},  # a sign
+               {**state, "params": {**state["params"], "w": w.at[0, 0].set(np.nextafter(w[0, 0], np.inf))}},
+               {**state, "params": {**state["params"], "w": w.at[0, 1].set(w[2, 3]).at[2, 3].set(w[0, 1])}},
+               {**state, "params": {**state["params"], "b": state["params"]["b"].at[4].add(1)}},
+               {**state, "step": state["step"] + 1}]
+    for tree in changed:
+        assert state_checksum(tree) != state_checksum(state)
+        assert state_checksum(tree) == brute_force(tree)
+
+
+def test_divergence_stops_with_the_last_good_state(tmp_path, capsys):
     rng = np.random.default_rng(0)
     write_latent_shards(tmp_path / "latents", rng.standard_normal((64, 8, 8, 4)).astype(np.float32),
                         rng.integers(0, 5, 64), num_classes=5, shard_size=40)
-    config = load_config("imagenet256:S/2", [f"data.path={tmp_path / 'latents'}", "train.batch_size=8",
-                                             "train.steps=30", "train.log_every=1", "train.checkpoint_every=10",
-                                             "train.learning_rate=1e4", "train.async_checkpoints=false", *TINY])
+    overrides = [f"data.path={tmp_path / 'latents'}", "train.batch_size=8", "train.steps=30", "train.log_every=1",
+                 "train.checkpoint_every=10", "train.learning_rate=1e4", "train.async_checkpoints=false", *TINY]
+    config = load_config("imagenet256:S/2", overrides)
     with pytest.raises(TrainingDiverged, match=r"at step (\d+)\. The last good state") as error:
         train(config, tmp_path / "run")
     bad_step = int(error.value.args[0].split("at step ")[1].split(".")[0])
@@ -224,6 +264,10 @@ def test_divergence_stops_with_the_last_good_state(tmp_path):
     params = load_final_params(tmp_path / "run", ema=False)
     assert all(np.isfinite(x).all() for x in _leaves(params))
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "diverged"
+    # The command line says so without a traceback (the same command replays the bad step).
+    command = ["train", "--config", "imagenet256:S/2", "--workdir", str(tmp_path / "run")]
+    assert main([*command, *[f"--config.{o}" for o in overrides]]) == 3
+    assert f"at step {bad_step}. The last good state" in capsys.readouterr().err
     # The checkpointed state is exactly that of a run stopped just before the bad step.
     apply_override(config, f"train.steps={bad_step - 1}")
     train(config, tmp_path / "stopped")
@@ -383,6 +427,11 @@ def test_evaluation_settings_are_checked():
         validate(load_config("imagenet256:S/8", ["eval.every=100"]))
     with pytest.raises(ValueError, match="eval.sampler must be ddpm or ddim"):
         validate(load_config("fmnist:S/8", ["eval.sampler=euler"]))
+    validate(load_config("fmnist:S/8", ["eval.guidance_scale=2.0"]))  # guides the one channel there is
+    with pytest.raises(ValueError, match="single image channel"):
+        validate(load_config("fmnist:S/8", ["eval.guidance_scale=2.0", "eval.guidance_channels=3"]))
+    with pytest.raises(ValueError, match="keep_every must be 0 or a multiple of train.checkpoint_every"):
+        validate(load_config("imagenet256:S/8", ["train.keep_every=12345"]))
 
 
 def test_embedded_default_data_is_fashion_mnist():

@@ -29,6 +29,7 @@ def get_config(variant: str = "S/8"):
     config.eval.every = 1000
     config.eval.sampling_steps = (100,)
     config.eval.batch_size = 500
+    config.eval.guidance_channels = 0  # one image channel: the paper's 3-channel mode does not apply
     for option in options:
         if option == "smoke":
             config.train.steps = 20
