@@ -423,7 +423,12 @@ def load_final_params(workdir: str | os.PathLike, *, ema: bool = True) -> dict:
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                             meta=ocp.args.JsonRestore()))
     manager.close()
+    if state_checksum(restored["state"]) != restored["meta"].get("checksum"):
+        raise ValueError(f"The newest checkpoint of {workdir} (step {step}) does not match its checksum: it is "
+                         "corrupt. Run the run's training command again: it sets the checkpoint aside and resumes "
+                         "from an older one.")
     return jax.device_get(restored["state"]["ema" if ema else "params"])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -129,7 +130,7 @@ def _as_uint32(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _checksum(leaves: list) -> jax.Array:
+def _checksum(leaves: list, salts: jax.Array) -> jax.Array:
     total = jnp.uint32(0)
     for index, leaf in enumerate(leaves):
         bits = _as_uint32(leaf)
@@ -138,16 +139,24 @@ def _checksum(leaves: list) -> jax.Array:
         position = jnp.zeros(bits.shape, jnp.uint32)
         for axis, stride in enumerate(np.cumprod((1, *bits.shape[::-1]))[-2::-1]):
             position = position + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride)
-        weighted = jnp.sum(bits * (2 * position + 1), dtype=jnp.uint32)
-        total = total + weighted * jnp.uint32(2 * index + 1)
+        total = total + jnp.sum(bits * (2 * position + 1), dtype=jnp.uint32) * salts[index]
     return total
+
+
+def _path_salt(path) -> int:
+    """An odd number from a leaf's path, the same whether a checkpoint restored its containers as dicts with
+    string keys or as the tuples, named tuples and integer-keyed dicts of the live state."""
+    name = "/".join(str(getattr(key, "name", getattr(key, "idx", getattr(key, "key", key)))) for key in path)
+    return zlib.crc32(name.encode()) | 1
 
 
 def state_checksum(state: dict) -> int:
     """An exact checksum of every array of the state (parameters, optimizer, EMA, step, RNG): a weighted sum of
     the bits modulo 2^32, stored with each checkpoint and checked on restore. Integer sums are exact in any
-    order, so the value does not depend on how the state is sharded.
+    order, so the value depends neither on how the state is sharded nor on the order of its leaves.
 
     One jitted program: per-array eager reductions of sharded arrays would put one collective program per
     array in flight at once, and XLA:CPU's simulated devices can deadlock on those (4 devices, 2 cores)."""
-    return int(_checksum(jax.tree.leaves(state)))
+    paths_and_leaves = jax.tree_util.tree_leaves_with_path(state)
+    salts = jnp.asarray([_path_salt(path) for path, _ in paths_and_leaves], jnp.uint32)
+    return int(_checksum([leaf for _, leaf in paths_and_leaves], salts))

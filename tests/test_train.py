@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -203,13 +204,24 @@ def _zero_bytes_in_the_largest_state_file(checkpoint: Path) -> None:
     data_files[0].write_bytes(blob)
 
 
-@pytest.mark.parametrize("damage", [_zero_bytes_in_the_largest_state_file,
-                                    lambda checkpoint: shutil.rmtree(checkpoint / "meta")],
-                         ids=["corrupt", "partial"])
-def test_damaged_checkpoint_is_skipped_with_a_warning(fmnist_dir, tmp_path, caplog, damage):
+def _alter_the_recorded_checksum(checkpoint: Path) -> None:  # as if a value had changed and still decoded
+    path = checkpoint / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({**meta, "checksum": (meta["checksum"] + 1) % 2**32}))
+
+
+@pytest.mark.parametrize("damage, error", [
+    # Zeros in a chunk either fail to decode or decode to other values, depending on where they land.
+    (_zero_bytes_in_the_largest_state_file, "error while reading array|does not match its checksum"),
+    (lambda checkpoint: shutil.rmtree(checkpoint / "meta"), 'Item "meta" was not found'),
+    (_alter_the_recorded_checksum, "does not match its checksum"),
+], ids=["corrupt", "partial", "altered"])
+def test_damaged_checkpoint_is_skipped_with_a_warning(fmnist_dir, tmp_path, caplog, damage, error):
     config = load_config("fmnist:S/8,smoke", [f"data.path={fmnist_dir}", *TINY])
     train(config, tmp_path / "run")  # checkpoints at 10 and 20
     damage(tmp_path / "run" / "checkpoints" / "20")
+    with pytest.raises(Exception, match=error):  # never read as if it were sound
+        load_final_params(tmp_path / "run")
     apply_override(config, "train.steps=30")
     with caplog.at_level(logging.WARNING):
         train(config, tmp_path / "run")
@@ -229,15 +241,20 @@ def test_state_checksum_sees_every_change():
     state = {"params": {"w": w, "b": jnp.asarray(rng.standard_normal(5), jnp.bfloat16)},
              "step": jnp.asarray(7, jnp.int32), "rng": jnp.asarray([1, 2], jnp.uint32)}
 
-    def brute_force(tree):  # sum over leaves l and positions i of (2l+1)(2i+1) bits, modulo 2^32
+    def brute_force(tree):  # sum over leaves and positions i of (crc32(path) | 1)(2i+1) bits, modulo 2^32
         total = 0
-        for index, leaf in enumerate(jax.tree.leaves(tree)):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
             leaf = np.asarray(leaf)
             bits = leaf.view({2: np.uint16, 4: np.uint32}[leaf.dtype.itemsize]).ravel().astype(np.int64)
-            total += (2 * index + 1) * int(np.sum(bits * (2 * np.arange(bits.size) + 1)))
+            total += (zlib.crc32(name.encode()) | 1) * int(np.sum(bits * (2 * np.arange(bits.size) + 1)))
         return total % 2**32
 
     assert state_checksum(state) == brute_force(state)
+    # The same arrays as a checkpoint restores them (string keys, lists) have the same checksum.
+    restored = {"params": {"b": state["params"]["b"], "w": w}, "rng": state["rng"], "step": state["step"]}
+    assert state_checksum({**restored, "blocks": {str(i): jnp.full(2, i) for i in range(12)}}) == \
+        state_checksum({**state, "blocks": {i: jnp.full(2, i) for i in range(12)}})
     changed = [{**state, "params": {**state["params"], "w": w.at[1, 2].multiply(-1)}},  # a sign
                {**state, "params": {**state["params"], "w": w.at[0, 0].set(np.nextafter(w[0, 0], np.inf))}},
                {**state, "params": {**state["params"], "w": w.at[0, 1].set(w[2, 3]).at[2, 3].set(w[0, 1])}},
