@@ -158,5 +158,5 @@ def state_checksum(state: dict) -> int:
     One jitted program: per-array eager reductions of sharded arrays would put one collective program per
     array in flight at once, and XLA:CPU's simulated devices can deadlock on those (4 devices, 2 cores)."""
     paths_and_leaves = jax.tree_util.tree_leaves_with_path(state)
-    salts = jnp.asarray([_path_salt(path) for path, _ in paths_and_leaves], jnp.uint32)
+    salts = np.asarray([_path_salt(path) for path, _ in paths_and_leaves], np.uint32)
     return int(_checksum([leaf for _, leaf in paths_and_leaves], salts))
