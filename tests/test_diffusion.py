@@ -175,6 +175,29 @@ def test_sampling_a_gaussian_with_the_exact_denoiser(steps, sampler):
     assert float(samples.var()) == pytest.approx(s2, rel=0.05)
 
 
+def test_learned_sigma_sampling_spans_the_two_variances():
+    # v = +1 selects beta_t, the fixed variance of a model without learned sigma (the last step adds no noise,
+    # where the two differ); v = -1 selects the smaller posterior variance: less noise, slightly narrower samples.
+    s2 = 0.25
+    fixed = GaussianDiffusion(linear_betas(1000), learn_sigma=False).respace("250")
+    learned = GaussianDiffusion(linear_betas(1000)).respace("250")
+    abar_by_t = jnp.asarray(DIFFUSION.table("alphas_cumprod"), jnp.float32)
+
+    def exact(x_t, t):
+        abar = abar_by_t[t][:, None, None, None]
+        return jnp.sqrt(1 - abar) * x_t / (abar * s2 + 1 - abar)
+
+    def with_variance_values(v):
+        return lambda x_t, t: jnp.concatenate([exact(x_t, t), jnp.full_like(x_t, v)], axis=-1)
+
+    noise = jax.random.normal(jax.random.key(0), (4000, 2, 2, 1))
+    sample = jax.jit(lambda process, fn: process.sample(fn, noise, jax.random.key(1)), static_argnums=(0, 1))
+    large = sample(learned, with_variance_values(1.0))
+    np.testing.assert_allclose(large, sample(fixed, exact), atol=1e-5)
+    small = sample(learned, with_variance_values(-1.0))
+    assert 0.9 * s2 < float(small.var()) < float(large.var())
+
+
 def test_ddim_recovers_a_point_mass_exactly():
     c = 0.3
     process = GaussianDiffusion(linear_betas(1000), learn_sigma=False).respace("ddim50")
