@@ -320,22 +320,23 @@ def self_attention(qkv_BT3HK: jax.Array, dtype) -> jax.Array:
     """Multi-head self-attention of the stacked projections qkv [B, T, 3, H, K] -> [B, T, H*K], float32.
 
     The gradient of qkv is assembled in one stacked array (autodiff of the three slices pads each gradient
-    to the full shape and adds them)."""
+    to the full shape and adds them). Reverse-mode only: a custom VJP has no forward-mode derivative."""
     qkv_BT3HK = qkv_BT3HK.astype(dtype)
     return _attention_forward(qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2], dtype)[0]
 
 
 def _self_attention_fwd(qkv_BT3HK, dtype):
+    input_dtype = jnp.zeros(0, qkv_BT3HK.dtype)  # the gradient returns in the input's dtype
     qkv_BT3HK = qkv_BT3HK.astype(dtype)
     out_BTD, weights_BHTS = _attention_forward(qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2], dtype)
-    return out_BTD, (qkv_BT3HK, weights_BHTS)
+    return out_BTD, (qkv_BT3HK, weights_BHTS, input_dtype)
 
 
 def _self_attention_bwd(dtype, residuals, g_BTD):
-    qkv_BT3HK, weights_BHTS = residuals
+    qkv_BT3HK, weights_BHTS, input_dtype = residuals
     grads = _attention_backward(qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2], weights_BHTS, g_BTD,
                                 dtype)
-    return (jnp.stack(grads, axis=2),)
+    return (jnp.stack(grads, axis=2).astype(input_dtype.dtype),)
 
 
 self_attention.defvjp(_self_attention_fwd, _self_attention_bwd)
@@ -349,15 +350,16 @@ def cross_attention(q_BTHK: jax.Array, kv_BS2HK: jax.Array, dtype) -> jax.Array:
 
 
 def _cross_attention_fwd(q_BTHK, kv_BS2HK, dtype):
+    input_dtypes = jnp.zeros(0, q_BTHK.dtype), jnp.zeros(0, kv_BS2HK.dtype)
     q_BTHK, kv_BS2HK = q_BTHK.astype(dtype), kv_BS2HK.astype(dtype)
     out_BTD, weights_BHTS = _attention_forward(q_BTHK, kv_BS2HK[:, :, 0], kv_BS2HK[:, :, 1], dtype)
-    return out_BTD, (q_BTHK, kv_BS2HK, weights_BHTS)
+    return out_BTD, (q_BTHK, kv_BS2HK, weights_BHTS, input_dtypes)
 
 
 def _cross_attention_bwd(dtype, residuals, g_BTD):
-    q_BTHK, kv_BS2HK, weights_BHTS = residuals
+    q_BTHK, kv_BS2HK, weights_BHTS, (q_dtype, kv_dtype) = residuals
     dq, dk, dv = _attention_backward(q_BTHK, kv_BS2HK[:, :, 0], kv_BS2HK[:, :, 1], weights_BHTS, g_BTD, dtype)
-    return dq, jnp.stack([dk, dv], axis=2)
+    return dq.astype(q_dtype.dtype), jnp.stack([dk, dv], axis=2).astype(kv_dtype.dtype)
 
 
 cross_attention.defvjp(_cross_attention_fwd, _cross_attention_bwd)

@@ -25,7 +25,7 @@ def _recomputes(model: str, remat: str) -> bool:
 
     if remat == "auto":  # batch 8 of XL/2 needs it to fit in a 24 GiB CPU machine
         return model == "XL/2" and jax.default_backend() == "cpu"
-    return remat == "all" or model in remat.split(",")
+    return remat == "all" or model in [m.strip().removeprefix("DiT-") for m in remat.split(",")]
 
 
 def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str) -> dict:
@@ -83,19 +83,25 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
-    parser.add_argument("--remat", default="auto",
+    parser.add_argument("--remat", nargs="?", const="all", default="auto",
                         help="models that recompute block activations in the backward pass: a comma list, 'all' or "
-                             "'none'; auto (default): XL/2 on CPU, whose batch 8 needs it to fit in 24 GiB")
+                             "'none'; auto (default): XL/2 on CPU, whose batch 8 needs it to fit in 24 GiB; "
+                             "alone: all")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # model,dtype: run in this process, print JSON
     args = parser.parse_args()
     if args.one:
         model, dtype = args.one.split(",")
         print(json.dumps(bench_one(model, args.batch, dtype, args.steps, args.remat)))
         return
+    models = [m.strip().removeprefix("DiT-") for m in args.models.split(",")]
+    if args.remat not in ("auto", "all", "none"):
+        unknown = {m.strip().removeprefix("DiT-") for m in args.remat.split(",")} - set(models)
+        if unknown:
+            parser.error(f"--remat names {sorted(unknown)}, which --models does not list ({', '.join(models)}).")
     header = (f"{'model':9} {'dtype':14} {'batch':>5} {'compile s':>9} {'step s':>8} {'img/s':>8} "
               f"{'TFLOP/s':>8} {'peak':>8} {'util':>6} {'mem GiB':>8}")
     print(header)
-    for model in args.models.split(","):
+    for model in models:
         for dtype in args.dtypes.split(","):
             result = subprocess.run([sys.executable, "-m", "scaling.bench_train", "--one", f"{model},{dtype}",
                                      "--batch", str(args.batch), "--steps", str(args.steps), "--remat", args.remat],

@@ -58,7 +58,7 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
             configs[model] = config_lib.load_config(f"{base}:{variant}", overrides)
             config_lib.validate(configs[model])
         except Exception as e:
-            raise ValueError(f"The config of {model} ({base}:{variant}) does not load: {e}") from e
+            raise ValueError(f"The config of {model} ({base}:{variant}) is not usable: {e}") from e
     outcome = {}
     for i, (model, config) in enumerate(configs.items()):
         workdir = runs_dir / run_dir_name(model)

@@ -169,6 +169,10 @@ def _restore_latest(manager: ocp.CheckpointManager, abstract_state: dict):
             corrupt.append(step)
             continue
         meta = restored["meta"]
+        if "checksum" not in meta:
+            log.warning("Checkpoint at step %d was written before checkpoints carried checksums; loading it "
+                        "unverified.", step)
+            return step, restored, corrupt
         found = (state_checksum(restored["state"]), _data_checksum(restored["data"]))
         expected = (meta.get("checksum"), meta.get("data_checksum"))
         if found != expected:
@@ -426,7 +430,10 @@ def load_final_params(workdir: str | os.PathLike, *, ema: bool = True) -> dict:
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                              meta=ocp.args.JsonRestore()))
     manager.close()
-    if state_checksum(restored["state"]) != restored["meta"].get("checksum"):
+    if "checksum" not in restored["meta"]:
+        log.warning("The newest checkpoint of %s was written before checkpoints carried checksums; loading it "
+                    "unverified.", workdir)
+    elif state_checksum(restored["state"]) != restored["meta"]["checksum"]:
         raise ValueError(f"The newest checkpoint of {workdir} (step {step}) does not match its checksum: it is "
                          "corrupt. Run the run's training command again: it sets the checkpoint aside and resumes "
                          "from an older one.")

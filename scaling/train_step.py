@@ -121,12 +121,13 @@ def _global_norm(tree) -> jax.Array:
 
 def _as_uint32(x: jax.Array) -> jax.Array:
     """The bits of every element of x as uint32 (8-byte elements gain a trailing axis of two words)."""
-    width = x.dtype.itemsize
-    if width == 4:
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if x.dtype.itemsize >= 4:
         return jax.lax.bitcast_convert_type(x, jnp.uint32)
-    if width == 8:
-        return jax.lax.bitcast_convert_type(x, jnp.uint32)
-    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[width]).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]).astype(jnp.uint32)
 
 
 @jax.jit
@@ -135,7 +136,7 @@ def _checksum(leaves: list, salts: jax.Array) -> jax.Array:
     for index, leaf in enumerate(leaves):
         bits = _as_uint32(leaf)
         # Each element's bits times an odd weight from its position: odd numbers are invertible modulo 2^32, so
-        # any change to one element changes the sum, and moving values between positions or leaves does too.
+        # any change to one element changes the sum (several changes can cancel, with odds of about 2^-32).
         position = jnp.zeros(bits.shape, jnp.uint32)
         for axis, stride in enumerate(np.cumprod((1, *bits.shape[::-1]))[-2::-1]):
             position = position + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride)

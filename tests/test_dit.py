@@ -232,6 +232,8 @@ def test_attention_value_and_gradients_against_autodiff_of_the_formula(dtype, to
               (q, kv))]
     for attention, reference, args in cases:
         assert _relative_error(attention(*args), reference(*args)) < tolerance
+        low_precision_inputs = [a.astype(jnp.bfloat16) for a in args]
+        assert all(g.dtype == jnp.bfloat16 for g in gradients(attention, low_precision_inputs))
         for grad, expected in zip(gradients(attention, args), gradients(reference, args), strict=True):
             assert grad.dtype == jnp.float32 and grad.shape == expected.shape
             assert _relative_error(grad, expected) < tolerance

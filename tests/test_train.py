@@ -230,6 +230,19 @@ def test_damaged_checkpoint_is_skipped_with_a_warning(fmnist_dir, tmp_path, capl
     assert [r["step"] for r in read_records(tmp_path / "run" / "records.jsonl")] == [5, 10, 15, 20, 25, 30]
 
 
+def test_checkpoint_without_a_checksum_loads_with_a_warning(fmnist_dir, tmp_path, caplog):
+    config = load_config("fmnist:S/8,smoke", [f"data.path={fmnist_dir}", *TINY])
+    train(config, tmp_path / "run")
+    path = tmp_path / "run" / "checkpoints" / "20" / "meta" / "metadata"
+    path.write_text(json.dumps({"wall_time": json.loads(path.read_text())["wall_time"]}))  # as written before
+    apply_override(config, "train.steps=25")
+    with caplog.at_level(logging.WARNING):
+        train(config, tmp_path / "run")
+    assert "before checkpoints carried checksums" in caplog.text
+    assert [r["step"] for r in read_records(tmp_path / "run" / "records.jsonl")] == [5, 10, 15, 20, 25]
+    assert not (tmp_path / "run" / "corrupt_checkpoints").exists()
+
+
 def test_state_checksum_sees_every_change():
     import jax
     import jax.numpy as jnp
