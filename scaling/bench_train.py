@@ -25,7 +25,7 @@ def _recomputes(model: str, remat: str) -> bool:
 
     if remat == "auto":  # batch 8 of XL/2 needs it to fit in a 24 GiB CPU machine
         return model == "XL/2" and jax.default_backend() == "cpu"
-    return remat == "all" or model in [m.strip().removeprefix("DiT-") for m in remat.split(",")]
+    return remat == "all" or model in remat.split(",")
 
 
 def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str) -> dict:
@@ -93,11 +93,15 @@ def main() -> None:
         model, dtype = args.one.split(",")
         print(json.dumps(bench_one(model, args.batch, dtype, args.steps, args.remat)))
         return
-    models = [m.strip().removeprefix("DiT-") for m in args.models.split(",")]
+    def names(models: str) -> list[str]:
+        return [m.strip().removeprefix("DiT-") for m in models.split(",")]
+
+    models = names(args.models)
     if args.remat not in ("auto", "all", "none"):
-        unknown = {m.strip().removeprefix("DiT-") for m in args.remat.split(",")} - set(models)
+        unknown = set(names(args.remat)) - set(models)
         if unknown:
             parser.error(f"--remat names {sorted(unknown)}, which --models does not list ({', '.join(models)}).")
+        args.remat = ",".join(names(args.remat))
     header = (f"{'model':9} {'dtype':14} {'batch':>5} {'compile s':>9} {'step s':>8} {'img/s':>8} "
               f"{'TFLOP/s':>8} {'peak':>8} {'util':>6} {'mem GiB':>8}")
     print(header)
