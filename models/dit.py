@@ -321,8 +321,7 @@ def self_attention(qkv_BT3HK: jax.Array, dtype) -> jax.Array:
 
     The gradient of qkv is assembled in one stacked array (autodiff of the three slices pads each gradient
     to the full shape and adds them). Reverse-mode only: a custom VJP has no forward-mode derivative."""
-    qkv_BT3HK = qkv_BT3HK.astype(dtype)
-    return _attention_forward(qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2], dtype)[0]
+    return _self_attention_fwd(qkv_BT3HK, dtype)[0]
 
 
 def _self_attention_fwd(qkv_BT3HK, dtype):
@@ -345,8 +344,7 @@ self_attention.defvjp(_self_attention_fwd, _self_attention_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def cross_attention(q_BTHK: jax.Array, kv_BS2HK: jax.Array, dtype) -> jax.Array:
     """Multi-head attention from queries q [B, T, H, K] to stacked keys and values kv [B, S, 2, H, K]."""
-    q_BTHK, kv_BS2HK = q_BTHK.astype(dtype), kv_BS2HK.astype(dtype)
-    return _attention_forward(q_BTHK, kv_BS2HK[:, :, 0], kv_BS2HK[:, :, 1], dtype)[0]
+    return _cross_attention_fwd(q_BTHK, kv_BS2HK, dtype)[0]
 
 
 def _cross_attention_fwd(q_BTHK, kv_BS2HK, dtype):

@@ -168,16 +168,9 @@ def _restore_latest(manager: ocp.CheckpointManager, abstract_state: dict):
                         type(e).__name__, str(e).splitlines()[0][:200])
             corrupt.append(step)
             continue
-        meta = restored["meta"]
-        if "checksum" not in meta:
-            log.warning("Checkpoint at step %d was written before checkpoints carried checksums; loading it "
-                        "unverified.", step)
-            return step, restored, corrupt
-        found = (state_checksum(restored["state"]), _data_checksum(restored["data"]))
-        expected = (meta.get("checksum"), meta.get("data_checksum"))
-        if found != expected:
-            log.warning("Checkpoint at step %d is corrupt (checksums of state and data-iterator state %s, "
-                        "expected %s); skipping it.", step, found, expected)
+        problem = _checksum_problem(restored, f"Checkpoint at step {step}")
+        if problem:
+            log.warning("Checkpoint at step %d is corrupt (%s); skipping it.", step, problem)
             corrupt.append(step)
             continue
         return step, restored, corrupt
@@ -186,6 +179,21 @@ def _restore_latest(manager: ocp.CheckpointManager, abstract_state: dict):
 
 def _data_checksum(data_state) -> str:
     return hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
+
+
+def _checksum_problem(restored: dict, name: str) -> str | None:
+    """How a restored checkpoint (its state, meta and, where restored, data) differs from the checksums stored
+    with it; None when it matches. Checkpoints written before checksums pass, with a warning."""
+    meta = restored["meta"]
+    if "checksum" not in meta:
+        log.warning("%s was written before checkpoints carried checksums; loading it unverified.", name)
+        return None
+    found = state_checksum(restored["state"])
+    if found != meta["checksum"]:
+        return f"state checksum {found}, expected {meta['checksum']}"
+    if "data" in restored and _data_checksum(restored["data"]) != meta.get("data_checksum"):
+        return "the data-iterator state differs from its SHA-256"
+    return None
 
 
 def _set_aside(workdir: Path, steps: list[int]) -> None:
@@ -430,10 +438,7 @@ def load_final_params(workdir: str | os.PathLike, *, ema: bool = True) -> dict:
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                              meta=ocp.args.JsonRestore()))
     manager.close()
-    if "checksum" not in restored["meta"]:
-        log.warning("The newest checkpoint of %s was written before checkpoints carried checksums; loading it "
-                    "unverified.", workdir)
-    elif state_checksum(restored["state"]) != restored["meta"]["checksum"]:
+    if _checksum_problem(restored, f"The newest checkpoint of {workdir}"):
         raise ValueError(f"The newest checkpoint of {workdir} (step {step}) does not match its checksum: it is "
                          "corrupt. Run the run's training command again: it sets the checkpoint aside and resumes "
                          "from an older one.")
