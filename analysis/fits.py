@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.optimize
 import scipy.stats
 
-from analysis.records import RecordsError
+from analysis.schema import RecordsError
 
 DEFAULT_CONFIDENCE = 0.95
 
@@ -69,6 +69,16 @@ class Extrapolation:
     def summary(self) -> dict:
         return {"held_out": self.held_out, "n": int(len(self.x)), "log10_error": self.log10_error,
                 "relative_error": self.relative_error}
+
+
+def describe_extrapolation(extrapolation: Extrapolation | None) -> str:
+    """The leave-largest-out check in one sentence (None: too few configs to leave one out)."""
+    if extrapolation is None:
+        return "not possible (too few configs without the largest)"
+    n = len(extrapolation.x)
+    return (f"refitted without {extrapolation.held_out}, the fit predicts its {n} point{'s' if n > 1 else ''} "
+            f"{extrapolation.relative_error:+.1%} off (log10 error {extrapolation.log10_error:+.3f}; > 0: "
+            "pessimistic)")
 
 
 def _interval_scale(confidence: float, n_configs: int, n_params: int) -> float:

@@ -7,6 +7,14 @@ from pathlib import Path
 import pandas as pd
 
 PAPER_RUNS_DIR = Path(__file__).resolve().parent.parent / "runs" / "paper"
+EVALUATIONS_CSV = PAPER_RUNS_DIR / "evaluations.csv"  # the paper's published numbers as evaluation records
+
+# The scaling study's grid (Table 1, Table 4): model sizes from small to large, patch sizes in the paper's order
+# (decreasing patch size, increasing compute), and the conditioning blocks in Fig. 5's order, worst to best.
+# models.dit describes the same family for the model code; a test checks that the two agree.
+SIZES = ("S", "B", "L", "XL")
+PATCHES = (8, 4, 2)
+BLOCKS = ("in-context", "cross-attention", "adaLN", "adaLN-Zero")
 
 
 def table4() -> pd.DataFrame:

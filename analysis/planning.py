@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.fits import FrontierFit, LogLogFit
-from analysis.records import COMPUTE_UNITS, TRAINING_MULTIPLIER, RecordsError, convert_compute, training_compute
+from analysis.records import COMPUTE_UNITS, convert_compute
+from analysis.schema import RecordsError, training_compute
 
 UNITS = ("gflops", "flops", "accelerator-hours")
 
@@ -82,7 +83,7 @@ def plan_budget(fit: FrontierFit, runs: pd.DataFrame, compute: float) -> BudgetP
     row = _run_row(runs, run)
     curve_end = fit.frontier.curves.loc[fit.frontier.curves["run"] == run, "x"].max()
     batch = row["batch_size"]
-    steps = int(compute / (TRAINING_MULTIPLIER * row["gflops"] * batch)) if pd.notna(batch) else None
+    steps = int(compute / training_compute(row["gflops"], batch, 1)) if pd.notna(batch) else None
     lo, hi = fit.confidence_band(compute)
     plo, phi = fit.prediction_interval(compute)
     return BudgetPlan(compute=float(compute), config=run, model=str(row["model"]),

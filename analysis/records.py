@@ -1,28 +1,26 @@
-"""The record schema shared by every source of scaling data, and its loader.
+"""Records as tidy tables: the loader for every source of scaling data.
 
-Three tidy tables, one row each:
-- runs: one training run (a config): run, model, block, resolution, gflops, params_m, batch_size, source.
-- steps: one logged training step of a run (records.jsonl): run, step, images_seen, loss, mse, vb,
+Three tables, one row each:
+- runs: one training run (a config): run, model, size, patch, block, resolution, gflops, params_m, batch_size,
+  source, status.
+- steps: one logged training step of a run (`schema.StepRecord`): run, step, images_seen, loss, mse, vb,
   train_gflops_cumulative, wall_time, ...
-- evaluations: one sample-quality measurement of a run at a step (evaluations.jsonl, or a CSV row): the run's
-  columns, step, train_gflops_cumulative, metric (e.g. "FID-50K"), value, the protocol columns (sampler,
+- evaluations: one sample-quality measurement of a run at a step (`schema.EvaluationRecord`, or a CSV row): the
+  run's columns, step, train_gflops_cumulative, metric (e.g. "FID-50K"), value, the protocol columns (sampler,
   sampling_steps, guidance_scale, guidance_channels, num_samples, reference, feature_network, decoder),
   sampling_gflops_per_image, protocol (one string naming all of them) and a column named after the metric's
   family holding the value again ("fid" for FID-*, "fd_fashioncnn" for FD-FashionCNN-*), so `--y fid` works.
 
-Units: "gflops" are forward multiply-accumulates per image in units of 1e9 (the paper's Gflops). A CSV may give
-compute as `gmacs` (the same), `macs` (raw multiply-accumulates) or `flops` (true FLOPs, 2 per multiply-add)
-instead; they are converted. Training compute is 3 x gflops x batch_size x step (paper units); sampling compute
-is gflops x sampling_steps (x2 with guidance).
-
-Sources: a directory of runs (each with manifest.json, records.jsonl, evaluations.jsonl, as `dit-scaling train`
-writes them), one run directory, a JSONL file of evaluation or step records, or a CSV in the evaluation schema
-(a user's own runs). `load()` accepts any of these, or a list of them.
+Sources: a directory of runs (each as `analysis.schema` defines it), one run directory, a JSONL file of evaluation
+records, or a CSV in the evaluation schema (a user's own runs: run or model, a compute column, metric, value,
+step, and batch_size or train_gflops_cumulative; optionally size and patch for DiT configs, block, resolution,
+params_m and the protocol columns). Compute given as `gmacs` (the same as gflops), `macs` (raw
+multiply-accumulates) or `flops` (true FLOPs, 2 per multiply-add) is converted to gflops. `load()` accepts any of
+these, or a list of them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-RUN_COLUMNS = ["run", "model", "block", "resolution", "gflops", "params_m", "batch_size", "source"]
+from analysis import schema
+from analysis.schema import RecordsError, metric_column, training_compute
+
+RUN_COLUMNS = ["run", "model", "size", "patch", "block", "resolution", "gflops", "params_m", "batch_size", "source"]
 PROTOCOL_COLUMNS = ["metric", "sampler", "sampling_steps", "guidance_scale", "guidance_channels", "num_samples",
                     "reference", "feature_network", "decoder"]
 EVALUATION_COLUMNS = [*RUN_COLUMNS, "step", "train_gflops_cumulative", "metric", "value", *PROTOCOL_COLUMNS[1:],
@@ -40,17 +41,6 @@ STEP_COLUMNS = ["run", "step", "images_seen", "loss", "train_gflops_cumulative"]
 # Compute columns a CSV may use, with the factor that turns them into paper Gflops (GMACs per image).
 COMPUTE_UNITS = {"gflops": 1.0, "gmacs": 1.0, "macs": 1e-9, "flops": 0.5e-9}
 _GFLOPS_PLAUSIBLE_MAX = 1e7  # no image model needs 10 PMACs per image: larger "gflops" are raw counts
-TRAINING_MULTIPLIER = 3  # training compute per image = 3 x forward (backward ~ 2x forward)
-
-
-def training_compute(gflops, batch_size, steps):
-    """Training compute in paper units: 3 x forward GMACs per image x batch x steps."""
-    return TRAINING_MULTIPLIER * gflops * batch_size * steps
-
-
-class RecordsError(ValueError):
-    """Records that do not follow the schema; the message names the problem and the fix."""
-
 
 @dataclass(frozen=True)
 class Records:
@@ -78,17 +68,6 @@ class Records:
         return Records(runs, of_kept_runs(self.steps), of_kept_runs(self.evaluations))
 
 
-def metric_family(metric: str) -> str:
-    """"FID-50K" -> "FID", "FD-FashionCNN-400" -> "FD-FashionCNN": the name without its sample count."""
-    head, _, tail = metric.rpartition("-")
-    return head if head and (tail[:-1].isdigit() and tail[-1] in "KM" or tail.isdigit()) else metric
-
-
-def metric_column(metric: str) -> str:
-    """The column a metric's values are also stored under: "FID-50K" -> "fid"."""
-    return metric_family(metric).lower().replace("-", "_")
-
-
 def load(*sources: str | Path | pd.DataFrame) -> Records:
     """Load and validate records from runs directories, run directories, JSONL or CSV files, or DataFrames in
     the evaluation schema; several sources are concatenated (run names must not collide)."""
@@ -112,7 +91,7 @@ def _concat(parts: list[Records]) -> Records:
 
 
 def _empty(columns: list[str]) -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=float if c not in ("run", "metric", "protocol") else object)
+    return pd.DataFrame({c: pd.Series(dtype=float if c not in ("run", "size", "metric", "protocol") else object)
                          for c in columns})
 
 
@@ -160,9 +139,9 @@ def _load_one(source) -> Records:
         raise RecordsError(f"records source {path} does not exist; give a runs directory, a run directory "
                            "(with manifest.json), a .jsonl or a .csv file.")
     if path.is_dir():
-        if (path / "manifest.json").is_file():
+        if (path / schema.MANIFEST_FILE).is_file():
             return _load_run_dir(path)
-        run_dirs = sorted(p.parent for p in path.glob("*/manifest.json"))
+        run_dirs = sorted(p.parent for p in path.glob(f"*/{schema.MANIFEST_FILE}"))
         tables = sorted(path.glob("*.csv"))
         if not run_dirs and not tables:
             raise RecordsError(f"{path} holds no runs (no */manifest.json) and no .csv records; point at a "
@@ -184,69 +163,45 @@ def _is_evaluation_csv(path: Path) -> bool:
     return {"metric", "value"} <= columns and bool(columns & {"run", "model"})
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise RecordsError(f"{path}:{number} is not valid JSON ({e.msg}); fix or delete that line.") from e
-    return rows
-
-
 def _load_run_dir(workdir: Path) -> Records:
-    """A run as `dit-scaling train` writes it: manifest.json, records.jsonl, evaluations.jsonl."""
-    try:
-        manifest = json.loads((workdir / "manifest.json").read_text())
-    except json.JSONDecodeError as e:
-        raise RecordsError(f"{workdir / 'manifest.json'} is not valid JSON ({e.msg}).") from e
-    config = manifest.get("config", {})
-    model = manifest.get("model", {})
+    """A run as `analysis.schema` defines it: manifest.json, records.jsonl, evaluations.jsonl."""
+    manifest = schema.read_manifest(workdir)
     run = {
-        "run": workdir.name,
-        "model": manifest.get("model_name"),
-        "block": model.get("block", "adaLN-Zero"),
-        # input_size counts latent pixels on latent sources (the SD-VAE downsamples by 8)
-        "resolution": (model.get("input_size") or 0) * (8 if config.get("data", {}).get("source") == "latent_shards"
-                                                         else 1) or None,
-        "gflops": manifest.get("gflops_per_image"),
-        "params_m": manifest["params"] / 1e6 if manifest.get("params") is not None else np.nan,
-        "batch_size": manifest.get("global_batch", config.get("train", {}).get("batch_size")),
-        "source": str(workdir),
-        "status": manifest.get("status"),  # running, finished or failed
+        "run": workdir.name, "model": manifest.model_name, "size": manifest.size, "patch": manifest.patch,
+        "block": manifest.block, "resolution": manifest.resolution, "gflops": manifest.gflops_per_image,
+        "params_m": manifest.params / 1e6, "batch_size": manifest.global_batch, "source": str(workdir),
+        "status": manifest.status,
     }
-    missing = [k for k in ("model", "gflops", "batch_size") if run[k] is None]
-    if missing:
-        raise RecordsError(f"{workdir / 'manifest.json'} lacks {missing}; it was not written by `dit-scaling "
-                           "train`, so load its records as a CSV in the evaluation schema instead.")
-    steps = pd.DataFrame(_read_jsonl(workdir / "records.jsonl")) if (workdir / "records.jsonl").is_file() else None
-    if steps is None or steps.empty:
+    steps = pd.DataFrame([record.to_json() for record in schema.read_steps(workdir)])
+    if steps.empty:
         steps = _empty(STEP_COLUMNS)
-    steps.insert(0, "run", run["run"])
-    evaluations = []
-    if (workdir / "evaluations.jsonl").is_file():
-        for record in _read_jsonl(workdir / "evaluations.jsonl"):
-            protocol = record.get("protocol", {})
-            evaluations.append({**run, **{k: v for k, v in record.items() if k != "protocol"},
-                                **{k: protocol.get(k) for k in PROTOCOL_COLUMNS[1:] if k in protocol}})
+    else:
+        steps.insert(0, "run", run["run"])
+    evaluations = [{**run, **_flat_evaluation(record)} for record in schema.read_evaluations(workdir)]
     runs = pd.DataFrame([run])
     table = pd.DataFrame(evaluations) if evaluations else None
     return Records(_validate_runs(runs, workdir), _validate_steps(steps, run, workdir),
                    _validate_evaluations(table, workdir) if table is not None else _empty(EVALUATION_COLUMNS))
 
 
+def _flat_evaluation(record: schema.EvaluationRecord) -> dict:
+    """One evaluation as a table row: its fields, its details and its protocol's fields side by side."""
+    row = record.to_json()
+    protocol = row.pop("protocol")
+    return {**row, **{k: protocol[k] for k in PROTOCOL_COLUMNS[1:]}}
+
+
 def _load_jsonl(path: Path) -> Records:
-    rows = _read_jsonl(path)
+    rows = schema.read_jsonl(path)
     if not rows:
         raise RecordsError(f"{path} holds no records.")
-    table = pd.DataFrame([{**{k: v for k, v in r.items() if k != "protocol"}, **r.get("protocol", {})}
-                          for r in rows])
-    if "metric" in table.columns:
-        return from_evaluation_table(table, origin=str(path))
-    raise RecordsError(f"{path} holds step records without their run's manifest; load the run directory "
-                       f"({path.parent}) instead, or give evaluation records (with metric and value).")
+    if not all(isinstance(row, dict) and "metric" in row for row in rows):
+        raise RecordsError(f"{path} holds step records without their run's manifest; load the run directory "
+                           f"({path.parent}) instead, or give evaluation records (with metric and value).")
+    if all("protocol" in row for row in rows):  # evaluation records as a run writes them: checked by the schema
+        rows = [_flat_evaluation(schema.EvaluationRecord.from_json(row, f"{path}:{i + 1}"))
+                for i, row in enumerate(rows)]
+    return from_evaluation_table(pd.DataFrame(rows), origin=str(path))
 
 
 def _load_csv(path: Path) -> Records:
@@ -354,9 +309,10 @@ def _validate_evaluations(table: pd.DataFrame, origin) -> pd.DataFrame:
     if np.any(compute[np.isfinite(compute)] < 0):
         raise RecordsError(f"{origin}: negative train_gflops_cumulative; training compute is 3 x gflops x batch x "
                            "steps in paper units and cannot be negative.")
-    guided = np.where(table["guidance_scale"].fillna(1.0).astype(float) != 1.0, 2.0, 1.0)
-    table["sampling_gflops_per_image"] = table["sampling_gflops_per_image"].fillna(
-        table["gflops"] * table["sampling_steps"] * guided)
+    derived = [schema.sampling_compute(g, s, scale) for g, s, scale in
+               zip(table["gflops"], table["sampling_steps"], table["guidance_scale"], strict=True)]
+    table["sampling_gflops_per_image"] = table["sampling_gflops_per_image"].fillna(pd.Series(derived,
+                                                                                             index=table.index))
     table["protocol"] = [protocol_string(row) for row in table[PROTOCOL_COLUMNS].to_dict("records")]
     for metric in table["metric"].unique():
         table.loc[table["metric"] == metric, metric_column(metric)] = table.loc[table["metric"] == metric, "value"]

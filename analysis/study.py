@@ -20,12 +20,11 @@ from analysis.fits import Frontier, FrontierFit, LogLogFit, compute_frontier, fi
 from analysis.records import (
     PROTOCOL_COLUMNS,
     Records,
-    RecordsError,
     filter_rows,
-    metric_column,
     protocol_string,
     require_one_protocol,
 )
+from analysis.schema import RecordsError, metric_column
 
 SCALING_BLOCK = "adaLN-Zero"
 FAMILY_COLUMNS = ("block", "resolution")

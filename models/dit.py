@@ -129,6 +129,12 @@ def parse_model_name(name: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
+def canonical_name(name: str) -> str:
+    """"XL/2" or "DiT-XL/2" -> "DiT-XL/2", the name records and tables use."""
+    size, patch = parse_model_name(name)
+    return f"DiT-{size}/{patch}"
+
+
 def dit_config(name: str, **overrides) -> DiTConfig:
     """The config of a named DiT ("DiT-XL/2" or "XL/2"), with field overrides (e.g. input_size=64, block=...)."""
     size, patch = parse_model_name(name)

@@ -1,4 +1,6 @@
-"""The `dit-scaling` command line."""
+"""The `dit-scaling` command line: the one entry point. The commands that train, sample and evaluate live here;
+the analysis commands (fit, plan, compare, figures) are analysis.cli's, registered below. JAX and the models are
+imported only by the commands that use them, so the analysis commands run without JAX."""
 
 from __future__ import annotations
 
@@ -7,11 +9,11 @@ import importlib
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
-from models.dit import BLOCKS, LATENT_DOWNSAMPLE, PAPER_MODELS, dit_config
-from scaling.cli_analysis import add_commands as add_analysis_commands
-from scaling.cli_analysis import print_table
+from analysis.cli import add_commands as add_analysis_commands
+from analysis.cli import print_table
 from scaling.host import enable_compilation_cache, keep_freed_memory
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -21,6 +23,7 @@ from scaling.host import enable_compilation_cache, keep_freed_memory
 
 def _dit_rows(models: list[str], resolution: int, block: str) -> list[dict]:
     from analysis.paper import table4_compute
+    from models.dit import LATENT_DOWNSAMPLE, dit_config
     from models.flops import dit_compute
 
     if resolution % LATENT_DOWNSAMPLE:
@@ -77,6 +80,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
         rows = _torch_rows(args.torch)
         columns = [("model", "model"), ("params_m", "params (M)"), ("gflops", "Gflops/image")]
     else:
+        from models.dit import PAPER_MODELS
+
         rows = _dit_rows(args.models or list(PAPER_MODELS), args.resolution, args.block)
         columns = [("model", "model"), ("block", "block"), ("resolution", "res"), ("tokens", "tokens"),
                    ("params_m", "params (M)"), ("gflops", "Gflops"), ("paper_params_m", "paper params (M)"),
@@ -174,20 +179,38 @@ def _inception(args: argparse.Namespace):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import time
+    from analysis import schema
+    from scaling.evaluation.inception import evaluate_samples
+    from scaling.evaluation.npz import read_reference, read_sample_batch
 
-    from scaling.evaluate import evaluate_samples, metric_name, read_reference, read_sample_batch
-    from scaling.train import append_record
-
+    run = None
+    if args.run is not None:  # checked before minutes of Inception features
+        run = schema.read_manifest(args.run)
+        if run is None:
+            raise FileNotFoundError(f"--run {args.run} holds no run ({schema.MANIFEST_FILE}); point at a run "
+                                    "directory that `dit-scaling train` wrote.")
+        if args.step is None:
+            raise ValueError("--run needs --step: the training step of the parameters the samples came from.")
     samples, reference = read_sample_batch(args.samples), read_reference(args.ref)
     result = evaluate_samples(samples, reference, _inception(args), args.batch_size)
-    record = {"time": time.time(), "samples": str(args.samples), "reference": str(args.ref), **result}
-    append_record(Path(args.out) if args.out else args.samples.parent / "evaluations.jsonl", record)
-    if args.json:
-        print(json.dumps(record, indent=2))
-        return 0
     n = result["n"]
-    rows = [{"metric": metric_name(name, n), "value": result[key]}
+    if run is not None:
+        protocol = schema.Protocol(
+            sampler=args.sampler, sampling_steps=args.sampling_steps, guidance_scale=args.guidance_scale,
+            guidance_channels=args.guidance_channels, num_samples=n, seed=args.seed,
+            uint8_convention=samples.convention, reference=args.ref.name, feature_network=result["feature_network"],
+            decoder=args.decoder)
+        details = {k: result[k] for k in ("sfid", "inception_score", "precision", "recall", "n_reference")}
+        record = schema.EvaluationRecord.of(
+            step=args.step, metric=schema.metric_name("FID", n), value=result["fid"], protocol=protocol,
+            gflops_per_image=run.gflops_per_image, global_batch=run.global_batch, details=details,
+            time=time.time())
+        schema.append_jsonl(args.run / schema.EVALUATIONS_FILE, record.to_json())
+        print(f"recorded {record.metric} at step {args.step} in {args.run / schema.EVALUATIONS_FILE}")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    rows = [{"metric": schema.metric_name(name, n), "value": result[key]}
             for name, key in (("FID", "fid"), ("sFID", "sfid"), ("IS", "inception_score"),
                               ("Precision", "precision"), ("Recall", "recall"))]
     print_table(rows, [("metric", "metric"), ("value", "value")])
@@ -199,7 +222,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    from scaling.evaluate import write_reference
+    from scaling.evaluation.inception import write_reference
 
     write_reference(args.source, args.out, _inception(args), args.batch_size)
     print(f"wrote {args.out}")
@@ -241,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "MODEL, lists the 12 configs of the paper's scaling study.")
     flops.add_argument("models", nargs="*", metavar="MODEL", help="e.g. XL/2 or DiT-S/8 (default: all 12)")
     flops.add_argument("--resolution", type=int, default=256, help="image resolution (latents are 1/8 of it)")
-    flops.add_argument("--block", choices=BLOCKS, default="adaLN-Zero", help="conditioning block")
+    flops.add_argument("--block", default="adaLN-Zero",
+                       help="conditioning block: adaLN-Zero, adaLN, cross-attention or in-context")
     flops.add_argument("--torch", metavar="MODULE:FACTORY",
                        help="count a PyTorch model instead: FACTORY() returns (model, example_inputs)")
     flops.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -272,8 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score SAMPLES.npz (arr_0 uint8 NHWC) against a reference batch in ADM's .npz layout.")
     evaluate.add_argument("samples", type=Path)
     evaluate.add_argument("--ref", required=True, type=Path, help="reference batch (arr_0 and/or mu, sigma, ...)")
-    evaluate.add_argument("--out", help="JSONL file the result is appended to (default: evaluations.jsonl next to "
-                                        "SAMPLES)")
+    evaluate.add_argument("--run", type=Path, help="record the result as an evaluation of this run directory (in its "
+                                                   "evaluations.jsonl, with the protocol below)")
+    evaluate.add_argument("--step", type=int, help="with --run: training step of the sampled parameters")
+    evaluate.add_argument("--sampler", choices=("ddpm", "ddim"), help="with --run: how the samples were drawn")
+    evaluate.add_argument("--sampling-steps", type=int, help="with --run: sampling steps")
+    evaluate.add_argument("--guidance-scale", type=float, default=1.0, help="with --run: classifier-free guidance")
+    evaluate.add_argument("--guidance-channels", type=int, help="with --run: guided channels (3: the paper's mode)")
+    evaluate.add_argument("--seed", type=int, help="with --run: sampling seed")
+    evaluate.add_argument("--decoder", help="with --run: the autoencoder decoder (e.g. ft-MSE)")
     evaluate.add_argument("--json", action="store_true")
     _add_inception_arguments(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
@@ -304,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "grid", "evaluate", "reference"):  # the commands that compile large programs
         from models.fashion_cnn import CACHE_DIR
 
-        enable_compilation_cache(CACHE_DIR / "jax")
+        enable_compilation_cache(CACHE_DIR / "jax")  # keeps the analysis commands free of JAX
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, ImportError) as e:

@@ -20,6 +20,8 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from models.dit import LATENT_DOWNSAMPLE
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -59,6 +61,7 @@ class FashionMNIST:
 
     num_classes = 10
     image_shape = (32, 32, 1)
+    pixels_per_input = 1  # the model sees pixels
 
     def __init__(self, path: str = "", split: str = "train"):
         directory = Path(path or FASHION_MNIST_DIR)
@@ -97,6 +100,8 @@ def write_latent_shards(directory: str | os.PathLike, latents: np.ndarray, label
 
 class LatentShards:
     """Pre-extracted autoencoder latents written by `write_latent_shards`, read memory-mapped."""
+
+    pixels_per_input = LATENT_DOWNSAMPLE  # one latent pixel stands for 8x8 image pixels
 
     def __init__(self, path: str):
         directory = Path(path)

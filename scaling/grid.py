@@ -2,35 +2,33 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 import traceback
 from pathlib import Path
 
 import jax
 
-from models.dit import PAPER_MODELS
+from analysis import schema
+from models.dit import PAPER_MODELS, canonical_name
 from scaling import config as config_lib
-from scaling.train import read_records, train, write_json
+from scaling.train import train
 
 log = logging.getLogger("dit_scaling.grid")
 
 
 def run_dir_name(model: str) -> str:
     """Directory name of a model's run: "S/8" or "DiT-S/8" -> "DiT-S-8"."""
-    return "DiT-" + model.removeprefix("DiT-").replace("/", "-")
+    return schema.run_dir_name(canonical_name(model))
 
 
 def select_models(models: list[str], only: list[str] | None, shard: str | None) -> list[str]:
     """Filter by --only, then take this machine's share (--shard i/n: every n-th config from the i-th)."""
-    normalise = {m.removeprefix("DiT-"): m for m in models}
     if only:
-        unknown = [m for m in only if m.removeprefix("DiT-") not in normalise]
+        unknown = [m for m in only if canonical_name(m) not in {canonical_name(n) for n in models}]
         if unknown:
             raise ValueError(f"--only names configs outside the study: {unknown}; the study has {models}.")
-        wanted = {m.removeprefix("DiT-") for m in only}
-        models = [m for m in models if m.removeprefix("DiT-") in wanted]
+        wanted = {canonical_name(m) for m in only}
+        models = [m for m in models if canonical_name(m) in wanted]
     if shard:
         try:
             index, count = (int(x) for x in shard.split("/"))
@@ -47,7 +45,7 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
     """Train every selected config into runs_dir/<run>; skip finished runs, resume the rest, keep going on
     failures. Returns {model: "finished" | "skipped" | "failed: ..."}."""
     base, _, options = config_name.partition(":")
-    selected = select_models([m.removeprefix("DiT-") for m in (models or PAPER_MODELS)], only, shard)
+    selected = select_models([canonical_name(m).removeprefix("DiT-") for m in (models or PAPER_MODELS)], only, shard)
     runs_dir = Path(runs_dir)
     # Every config is loaded and checked before any run starts: a bad override or variant stops the grid at once,
     # not hours later when its turn comes.
@@ -62,8 +60,8 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
     outcome = {}
     for i, (model, config) in enumerate(configs.items()):
         workdir = runs_dir / run_dir_name(model)
-        manifest = _read_manifest(workdir)
-        if manifest and manifest.get("status") == "finished" and manifest.get("final_step") == config.train.steps:
+        manifest = schema.read_manifest(workdir)
+        if manifest and manifest.status == "finished" and manifest.final_step == config.train.steps:
             outcome[model] = "skipped"
             log.info("[%d/%d] %s: finished already, skipped.", i + 1, len(selected), model)
             continue
@@ -74,34 +72,28 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
         except Exception as e:  # one failed run must not stop the grid
             outcome[model] = f"failed: {type(e).__name__}: {e}"
             log.error("%s failed:\n%s", model, traceback.format_exc())
-            if jax.process_index() == 0 and (workdir / "manifest.json").is_file():
-                manifest = _read_manifest(workdir)
-                manifest.update(status="failed", error=f"{type(e).__name__}: {e}", failed_at=time.time())
-                write_json(workdir / "manifest.json", manifest)
+            manifest = schema.read_manifest(workdir)
+            if jax.process_index() == 0 and manifest is not None:
+                schema.write_manifest(workdir, manifest.with_changes(status="failed", error=f"{type(e).__name__}: {e}"))
     return outcome
-
-
-def _read_manifest(workdir: Path) -> dict | None:
-    path = workdir / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def run_status(runs_dir: str | Path) -> list[dict]:
     """One row per run under runs_dir: model, status, progress, compute spent, last loss, latest evaluation."""
     rows = []
-    for manifest_path in sorted(Path(runs_dir).glob("*/manifest.json")):
+    for manifest_path in sorted(Path(runs_dir).glob(f"*/{schema.MANIFEST_FILE}")):
         workdir = manifest_path.parent
-        manifest = json.loads(manifest_path.read_text())
-        records = read_records(workdir / "records.jsonl")
-        last = records[-1] if records else {}
-        evaluations = read_records(workdir / "evaluations.jsonl")
+        manifest = schema.read_manifest(workdir)
+        steps = schema.read_steps(workdir)
+        evaluations = schema.read_evaluations(workdir)
+        last = steps[-1] if steps else None
         rows.append({
-            "run": workdir.name, "model": manifest.get("model_name"), "status": manifest.get("status"),
-            "step": last.get("step", 0), "total_steps": manifest.get("total_steps"),
-            "images_seen": last.get("images_seen", 0),
-            "train_gflops_cumulative": last.get("train_gflops_cumulative", 0.0),
-            "loss": last.get("loss"), "wall_time": last.get("wall_time"),
-            "latest_evaluation": evaluations[-1] if evaluations else None,
-            "error": manifest.get("error"),
+            "run": workdir.name, "model": manifest.model_name, "status": manifest.status,
+            "step": last.step if last else 0, "total_steps": manifest.total_steps,
+            "images_seen": last.images_seen if last else 0,
+            "train_gflops_cumulative": last.train_gflops_cumulative if last else 0.0,
+            "loss": last.loss if last else None, "wall_time": last.wall_time if last else None,
+            "latest_evaluation": evaluations[-1].to_json() if evaluations else None,
+            "error": manifest.error,
         })
     return rows

@@ -13,12 +13,9 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import paper
-from analysis.paper import PAPER_RUNS_DIR
+from analysis.schema import FID_FEATURE_NETWORK
 from models.dit import LATENT_DOWNSAMPLE, dit_config
 from models.flops import dit_compute
-
-FID_FEATURES = "Inception-v3 2015-12-05 pool_3"
-EVALUATIONS_FILE = "evaluations.csv"
 
 
 def run_name(model: str, resolution: int, block: str) -> str:
@@ -43,25 +40,26 @@ def paper_evaluations() -> pd.DataFrame:
         count = counted(r.model, r.resolution, r.block)
         from_paper = pd.notna(r.gflops)
         rows.append({
-            "run": run_name(r.model, r.resolution, r.block), "model": r.model, "block": r.block,
+            "run": run_name(r.model, r.resolution, r.block), "model": r.model, "size": r.size, "patch": r.patch,
+            "block": r.block,
             "resolution": r.resolution,
             "gflops": float(r.gflops) if from_paper else round(count.gflops, 2),
             "gflops_source": "paper" if from_paper else "counter",
             "params_m": float(r.params_m) if pd.notna(r.params_m) else round(count.params / 1e6, 1),
             "batch_size": r.batch_size, "step": r.train_steps, "metric": "FID-50K", "value": r.fid50k_noguidance,
             "sampler": "ddpm", "sampling_steps": 250, "guidance_scale": 1.0, "num_samples": 50_000,
-            "reference": f"VIRTUAL_imagenet{r.resolution}_labeled", "feature_network": FID_FEATURES,
+            "reference": f"VIRTUAL_imagenet{r.resolution}_labeled", "feature_network": FID_FEATURE_NETWORK,
             "decoder": "ft-MSE", "source": "DiT paper, Table 4",
         })
     by_model = {row["model"]: row for row in rows if row["run"] == f"paper:{row['model']}"}
-    for r in pd.read_csv(PAPER_RUNS_DIR / "sampling_compute_points.csv").itertuples():
+    for r in pd.read_csv(paper.PAPER_RUNS_DIR / "sampling_compute_points.csv").itertuples():
         run = by_model[r.model]
         rows.append({
-            **{k: run[k] for k in ("run", "model", "block", "resolution", "gflops", "gflops_source", "params_m",
-                                   "batch_size")},
+            **{k: run[k] for k in ("run", "model", "size", "patch", "block", "resolution", "gflops", "gflops_source",
+                                   "params_m", "batch_size")},
             "step": 400_000, "metric": "FID-10K", "value": r.fid10k, "sampler": "ddpm",
             "sampling_steps": r.sampling_steps, "guidance_scale": 1.0, "num_samples": 10_000,
-            "reference": "VIRTUAL_imagenet256_labeled", "feature_network": FID_FEATURES, "decoder": None,
+            "reference": "VIRTUAL_imagenet256_labeled", "feature_network": FID_FEATURE_NETWORK, "decoder": None,
             "source": "DiT paper, Section 5.2",
         })
     return pd.DataFrame(rows)
@@ -69,7 +67,7 @@ def paper_evaluations() -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=PAPER_RUNS_DIR / EVALUATIONS_FILE)
+    parser.add_argument("--out", type=Path, default=paper.EVALUATIONS_CSV)
     args = parser.parse_args(argv)
     paper_evaluations().to_csv(args.out, index=False)
     print(f"wrote {args.out}")

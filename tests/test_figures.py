@@ -1,6 +1,5 @@
 """Paper figures, Table 4 and the report, from the paper's records and from a small synthetic study."""
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -9,9 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from records_factory import a_manifest
 
-from analysis import figures, study
-from analysis.records import RecordsError, load
+from analysis import figures, report, schema, study, style, tables
+from analysis.records import load
+from analysis.schema import RecordsError
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_DIR = REPO / "runs" / "paper"
@@ -31,43 +32,31 @@ STUDY_EVAL_STEPS = (400, 800, 1200)
 STUDY_SAMPLING_STEPS = (10, 25, 50)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
 def write_study_run(runs_dir: Path, model: str, block: str, *, evaluations: bool = True) -> Path:
-    """One run directory as `dit-scaling train` writes it (manifest.json, records.jsonl, evaluations.jsonl)."""
+    """One run directory written through the schema, as `dit-scaling train` writes it."""
     gflops, params = STUDY_RUNS[(model, block)]
     name = model.replace("/", "-") + ("" if block == "adaLN-Zero" else f"-{block}")
-    size, patch = figures.size_and_patch(model)
+    size, patch = model.removeprefix("DiT-").split("/")
     workdir = runs_dir / name
-    workdir.mkdir(parents=True)
-    manifest = {
-        "config": {"data": {"source": "fashion_mnist"}, "train": {"batch_size": STUDY_BATCH, "steps": 1200},
-                   "model": {"name": f"{size}/{patch}", "block": block}},
-        "model": {"patch_size": patch, "input_size": 32, "in_channels": 1, "num_classes": 10, "block": block},
-        "model_name": model, "gflops_per_image": gflops, "macs_per_image": int(gflops * 1e9), "params": params,
-        "global_batch": STUDY_BATCH, "data": {"source": "fashion_mnist", "examples": 60000}, "status": "finished",
-        "total_steps": 1200, "final_step": 1200,
-    }
-    (workdir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    schema.write_manifest(workdir, a_manifest(model_name=model, size=size, patch=int(patch), block=block,
+                                              gflops_per_image=gflops, macs_per_image=int(gflops * 1e9),
+                                              params=params, global_batch=STUDY_BATCH))
     rng = np.random.default_rng(len(name))
-    _write_jsonl(workdir / "records.jsonl", [
-        {"step": step, "images_seen": step * STUDY_BATCH,
-         "loss": 0.05 + 0.2 * (step / 50) ** -0.5 / (1 + 50 * gflops) + 0.01 * rng.random(), "mse": 0.1,
-         "vb": 0.002, "train_gflops_cumulative": 3 * gflops * STUDY_BATCH * step}
+    schema.write_jsonl(workdir / schema.STEPS_FILE, [schema.StepRecord.of(
+        step=step, global_batch=STUDY_BATCH, gflops_per_image=gflops,
+        loss=0.05 + 0.2 * (step / 50) ** -0.5 / (1 + 50 * gflops) + 0.01 * rng.random(), mse=0.1, vb=0.002,
+        grad_norm=1.0, wall_time=step / 10, time=0.0, step_time=0.1, flops_per_step=1e9, peak_flops=1e12).to_json()
         for step in range(50, 1201, 50)])
     if evaluations:
         # Bigger models reach lower FD in fewer steps; fewer sampling steps and other blocks cost a little.
         penalty = 1.3 if block != "adaLN-Zero" else 1.0
-        _write_jsonl(workdir / "evaluations.jsonl", [
-            {"step": step, "metric": "FD-FashionCNN-400",
-             "value": penalty * (15 + 150 * (step / 400) ** -0.5 * (gflops / 5e-4) ** -0.3) * (1 + 1 / sampling_steps),
-             "protocol": {"sampler": "ddim", "sampling_steps": sampling_steps, "guidance_scale": 1.0,
-                          "guidance_channels": None, "num_samples": 400, "seed": 0,
-                          "reference": "fashion_mnist:train[:10000]", "feature_network": "FashionCNN(epochs=2)"},
-             "sampling_gflops_per_image": gflops * sampling_steps,
-             "train_gflops_cumulative": 3 * gflops * STUDY_BATCH * step}
+        schema.write_jsonl(workdir / schema.EVALUATIONS_FILE, [schema.EvaluationRecord.of(
+            step=step, metric="FD-FashionCNN-400",
+            value=penalty * (15 + 150 * (step / 400) ** -0.5 * (gflops / 5e-4) ** -0.3) * (1 + 1 / sampling_steps),
+            protocol=schema.Protocol(sampler="ddim", sampling_steps=sampling_steps, guidance_scale=1.0,
+                                     guidance_channels=None, num_samples=400, seed=0, uint8_convention="dit",
+                                     reference="fashion_mnist:train[:10000]", feature_network="FashionCNN(epochs=2)"),
+            gflops_per_image=gflops, global_batch=STUDY_BATCH).to_json()
             for step in STUDY_EVAL_STEPS for sampling_steps in STUDY_SAMPLING_STEPS])
     return workdir
 
@@ -99,13 +88,13 @@ def study_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def paper_rendered(paper, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("paper_figures")
-    return out_dir, *figures.render_all(paper, out_dir)
+    return out_dir, *report.render_all(paper, out_dir)
 
 
 @pytest.fixture(scope="module")
 def study_rendered(study_dir, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("study_figures")
-    return out_dir, *figures.render_all(load(study_dir), out_dir)
+    return out_dir, *report.render_all(load(study_dir), out_dir)
 
 
 def _assert_valid_outputs(paths):
@@ -118,10 +107,11 @@ def _assert_valid_outputs(paths):
             assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF"), path
 
 
-def test_size_and_patch_parses_dit_names():
-    assert figures.size_and_patch("DiT-XL/2") == ("XL", 2)
-    assert figures.size_and_patch("S/8") == ("S", 8)
-    assert figures.size_and_patch("ADM") == (None, None)
+def test_a_runs_size_and_patch_come_from_its_columns():
+    assert style.dit_size_and_patch("XL", 2.0) == ("XL", 2)
+    assert style.dit_size_and_patch(np.nan, np.nan) == (None, None)
+    assert style.dit_size_and_patch("M", 2) == (None, None)  # not one of the paper's sizes
+    assert style.short_name("DiT-XL/2", "XL", 2) == "XL/2" and style.short_name("ADM", None, None) == "ADM"
 
 
 def test_render_all_on_the_paper_records(paper_rendered):
@@ -137,27 +127,27 @@ def test_render_all_on_the_paper_records(paper_rendered):
     assert "two or more steps" in skipped["fig6_curves"]
     assert "training-step records" in skipped["fig13_loss"]
 
-    report = (out_dir / "report.md").read_text()
+    text = (out_dir / "report.md").read_text()
     # The 512px run and the other blocks are left out of the scaling figures, and the report says so.
-    assert "left out: paper:DiT-XL/2-512px, paper:DiT-XL/2-in-context" in report
-    assert "Fig. 10 uses FID-10K" in report
-    assert "Leave-largest-out check" in report and "Convergence: converged" in report
+    assert "left out: paper:DiT-XL/2-512px, paper:DiT-XL/2-in-context" in text
+    assert "Fig. 10 uses FID-10K" in text
+    assert "Leave-largest-out check" in text and "Convergence: converged" in text
     for name in drawn:
-        assert f"]({name}.png)" in report
+        assert f"]({name}.png)" in text
     for name in skipped:
-        assert f"- {name}: " in report
+        assert f"- {name}: " in text
 
 
 def test_the_report_states_the_study_fits(paper, paper_rendered, paper_frontier_fit):
     out_dir, _, _ = paper_rendered
-    report = (out_dir / "report.md").read_text()
+    text = (out_dir / "report.md").read_text()
     fit = study.model_compute_fit(paper)
     lo, hi = fit.slope_ci
     assert (f"log10 FID-50K = {fit.intercept:.3f} - {abs(fit.slope):.3f} log10 Gflops at 400K steps: slope "
-            f"{fit.slope:.3f} (95% CI {lo:.3f} to {hi:.3f}, bootstrap over 12 configs)") in report
+            f"{fit.slope:.3f} (95% CI {lo:.3f} to {hi:.3f}, bootstrap over 12 configs)") in text
     law = paper_frontier_fit.law
-    assert (f"scale {law.scale:.3g} " in report and f"exponent {law.exponent:.3f} " in report
-            and f"(C / {law.x_ref:.3g})^-exponent" in report)
+    assert (f"scale {law.scale:.3g} " in text and f"exponent {law.exponent:.3f} " in text
+            and f"(C / {law.x_ref:.3g})^-exponent" in text)
 
 
 def test_render_all_on_a_study_writes_every_figure(study_rendered):
@@ -166,15 +156,15 @@ def test_render_all_on_a_study_writes_every_figure(study_rendered):
     expected = {f"{name}.{ext}" for name in figures.FIGURES for ext in ("png", "pdf")}
     assert expected | {"table4.md", "table4.tex", "report.md"} == {p.name for p in written}
     _assert_valid_outputs(written)
-    report = (out_dir / "report.md").read_text()
+    text = (out_dir / "report.md").read_text()
     # Three equally common protocols (one per sampling-step count): the most faithful sampler is kept.
-    assert "Protocol: FD-FashionCNN-400 sampler=ddim sampling_steps=50" in report
-    assert "sampling_steps=10 (" in report and "sampling_steps=25 (" in report
-    assert "left out: DiT-S-2-in-context" in report
+    assert "Protocol: FD-FashionCNN-400 sampler=ddim sampling_steps=50" in text
+    assert "sampling_steps=10 (" in text and "sampling_steps=25 (" in text
+    assert "left out: DiT-S-2-in-context" in text
 
 
 def test_table4_lists_the_papers_fids(paper):
-    markdown = figures.table4_markdown(paper)
+    markdown = tables.table4_markdown(paper)
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines()[2:]]
     header = [cell.strip() for cell in markdown.splitlines()[0].strip("|").split("|")]
     assert header == ["Model", "Res.", "Block", "Gflops", "Params (M)", "Steps", "FID-50K"]
@@ -190,7 +180,7 @@ def test_table4_lists_the_papers_fids(paper):
     assert ["DiT-XL/2", "256", "adaLN-Zero", "118.64", "675", "7000K", "9.62"] in rows
     assert ["DiT-XL/2", "512", "adaLN-Zero", "524.54", "675", "3000K", "11.93"] in rows
 
-    latex = figures.table4_latex(paper)
+    latex = tables.table4_latex(paper)
     assert latex.startswith("\\begin{tabular}{lrlrrrr}") and "\\toprule" in latex and "\\bottomrule" in latex
     assert "DiT-XL/2 & 256 & adaLN-Zero & 118.64 & 675 & 400K & 19.47 \\\\" in latex
     assert latex.count("\\\\") == len(table4) + 1  # the rows and the header
@@ -302,7 +292,7 @@ def test_fig9_without_enough_frontier_points_draws_the_curves_and_says_why(paper
 def test_render_all_without_evaluations_draws_the_loss_only(tmp_path):
     for model in ("DiT-S/8", "DiT-S/2"):
         write_study_run(tmp_path / "runs", model, "adaLN-Zero", evaluations=False)
-    written, skipped = figures.render_all(load(tmp_path / "runs"), tmp_path / "out")
+    written, skipped = report.render_all(load(tmp_path / "runs"), tmp_path / "out")
     assert {p.name for p in written} == {"fig13_loss.png", "fig13_loss.pdf", "report.md"}
     assert set(skipped) == {*figures.FIGURES, "table4"} - {"fig13_loss"}
     assert all("no evaluations" in reason for reason in skipped.values())
@@ -323,7 +313,7 @@ def test_where_keeps_the_steps_and_evaluations_of_the_runs_it_keeps(study_dir):
     assert len(ax.get_lines()) == 2 * 6
 
 
-# A user's own runs as a CSV: no block, resolution or sampling columns, models not named DiT-SIZE/PATCH.
+# A user's own runs as a CSV: no block, resolution or sampling columns, no DiT size and patch.
 USER_RUNS = {"mynet-tiny": 0.5, "mynet-small": 1.0, "mynet-base": 2.0, "mynet-large": 4.0, "mynet-huge": 8.0}
 USER_STEPS = (1000, 2000, 4000)
 
@@ -345,7 +335,7 @@ def test_render_all_on_a_users_csv_draws_what_it_supports(user_csv, tmp_path, ca
     caplog.set_level(logging.INFO)  # as `dit-scaling` sets it: font subsetting must not flood the console
     records = load(user_csv)
     assert records.runs["block"].isna().all() and records.evaluations["sampling_steps"].isna().all()
-    written, skipped = figures.render_all(records, tmp_path)
+    written, skipped = report.render_all(records, tmp_path)
     drawn = ["fig2_bubble", "fig6_curves", "fig8_gflops_fit", "fig9_training_compute"]
     assert {p.name for p in written} == ({f"{name}.{ext}" for name in drawn for ext in ("png", "pdf")}
                                          | {"table4.md", "table4.tex", "report.md"})
@@ -362,11 +352,11 @@ def test_render_all_on_a_users_csv_draws_what_it_supports(user_csv, tmp_path, ca
     assert lines[0] == "| Model | Gflops | Steps | FID-10K |"
     models = [line.strip("|").split("|")[0].strip() for line in lines[2:]]
     assert models == [run for run in USER_RUNS for _ in USER_STEPS]
-    report = (tmp_path / "report.md").read_text()
-    assert markdown in report and "bootstrap over 5 configs" in report
-    assert "one curve per run (not grouped by patch and size" in report
+    text = (tmp_path / "report.md").read_text()
+    assert markdown in text and "bootstrap over 5 configs" in text
+    assert "one curve per run (not grouped by patch and size" in text
     for name in skipped:
-        assert f"- {name}: " in report
+        assert f"- {name}: " in text
 
 
 def test_fig6_draws_runs_not_named_dit_in_one_panel(user_csv):
@@ -376,7 +366,7 @@ def test_fig6_draws_runs_not_named_dit_in_one_panel(user_csv):
     lines = ax.get_lines()
     assert [line.get_label().split(" (")[0] for line in lines] == list(USER_RUNS)
     assert all(list(line.get_xdata()) == list(USER_STEPS) for line in lines)
-    assert "no run is named DiT-SIZE/PATCH" in fig._suptitle.get_text()
+    assert "no run is a DiT config with a size and patch" in fig._suptitle.get_text()
     # With one curve left, the reason counts every run, not only DiT-named ones.
     one_curve = records.evaluations
     one_curve = one_curve[(one_curve["run"] == "mynet-huge") | (one_curve["step"] == 4000)]
@@ -386,7 +376,7 @@ def test_fig6_draws_runs_not_named_dit_in_one_panel(user_csv):
 
 def test_fig6_names_the_runs_it_leaves_out_of_the_dit_panels(study_dir):
     points = load(study_dir).where(sampling_steps=50, block="adaLN-Zero").evaluations
-    other = points[points["run"] == "DiT-S-8"].assign(run="mynet", model="mynet")
+    other = points[points["run"] == "DiT-S-8"].assign(run="mynet", model="mynet", size=None, patch=None)
     fig = figures.fig6_curves(pd.concat([points, other]))
     assert [ax.get_title() for ax in fig.axes] == ["Patch size 8", "Patch size 4", "Patch size 2", "DiT-S", "DiT-B"]
     assert fig._suptitle.get_text().endswith("not grouped by patch and size): mynet")
@@ -397,7 +387,7 @@ def test_saving_figures_keeps_font_subsetting_quiet(paper_scaling, tmp_path, cap
     font_logger = logging.getLogger("fontTools")
     level = font_logger.level
     fig = figures.fig2_bubble(paper_scaling)
-    figures._save(fig, tmp_path, "fig2_bubble")
+    style.save_figure(fig, tmp_path, "fig2_bubble")
     assert (tmp_path / "fig2_bubble.pdf").stat().st_size > 1000
     assert _font_log_records(caplog) == []
     assert font_logger.level == level  # restored after the save
@@ -405,8 +395,8 @@ def test_saving_figures_keeps_font_subsetting_quiet(paper_scaling, tmp_path, cap
 
 def test_the_report_answers_the_sampling_question(study_dir, study_rendered):
     out_dir, _, _ = study_rendered
-    report = (out_dir / "report.md").read_text()
-    section = report.split("## Sampling compute (Fig. 10)\n")[1].split("\n## ")[0]
+    text = (out_dir / "report.md").read_text()
+    section = text.split("## Sampling compute (Fig. 10)\n")[1].split("\n## ")[0]
     tradeoff = study.sampling_tradeoff(load(study_dir), metric="FD-FashionCNN-400")
     assert f"at {tradeoff.metadata['step']} training steps" in section
     *ranges, last = tradeoff.winners.itertuples()
@@ -417,7 +407,7 @@ def test_the_report_answers_the_sampling_question(study_dir, study_rendered):
     assert ("Yes:" if tradeoff.sampling_compensates else "Only with more sampling compute:") in section
     row = tradeoff.smaller_beats_larger.iloc[0]
     assert f"in {len(tradeoff.smaller_beats_larger)} case(s) a smaller model sampled with more steps" in section
-    assert " beats " in section and f"{row.model_smaller} with " in report
+    assert " beats " in section and f"{row.model_smaller} with " in text
 
 
 def _tradeoff(winners: list[tuple], beats: list[tuple]) -> SimpleNamespace:
@@ -431,18 +421,18 @@ def _tradeoff(winners: list[tuple], beats: list[tuple]) -> SimpleNamespace:
 
 
 def test_the_sampling_section_reads_pairs_of_any_name():
-    text = "\n".join(figures._sampling_lines(_tradeoff([("run-a @ 10", 1.0, 5.0), ("run-b @ 50", 5.0, 40.0)], [])))
+    text = "\n".join(report._sampling_lines(_tradeoff([("run-a @ 10", 1.0, 5.0), ("run-b @ 50", 5.0, 40.0)], [])))
     assert "4 (model, sampling steps) pairs" in text and "at 400K training steps" in text
     assert "- run-a @ 10: 1 to 5\n- run-b @ 50: 5 to 40" in text
     assert "No: no smaller model sampled with more steps" in text
 
     costly = [("DiT-S/2", 50, 20.0, "DiT-B/2", 10, 21.0, False)]
-    text = "\n".join(figures._sampling_lines(_tradeoff([("run-b @ 50", 1.0, 40.0)], costly)))
+    text = "\n".join(report._sampling_lines(_tradeoff([("run-b @ 50", 1.0, 40.0)], costly)))
     assert "Only with more sampling compute: in 1 case(s)" in text
     assert "- DiT-S/2 with 50 steps (20.00) beats DiT-B/2 with 10 steps (21.00), with more sampling compute." in text
 
     cheap = [*costly, ("DiT-S/4", 25, 18.0, "DiT-B/2", 10, 21.0, True)]
-    text = "\n".join(figures._sampling_lines(_tradeoff([("run-b @ 50", 1.0, 40.0)], cheap)))
+    text = "\n".join(report._sampling_lines(_tradeoff([("run-b @ 50", 1.0, 40.0)], cheap)))
     assert "Yes: in 2 case(s)" in text and "1 of them at no more sampling compute" in text
     assert "- DiT-S/4 with 25 steps (18.00) beats DiT-B/2 with 10 steps (21.00)." in text
     assert "DiT-S/2 with 50" not in text  # the examples are those at no more compute

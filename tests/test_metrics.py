@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from scaling.metrics import (
+from scaling.evaluation.metrics import (
     FeatureStatistics,
     frechet_distance,
     frechet_distance_symmetric,

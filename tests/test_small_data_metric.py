@@ -8,7 +8,7 @@ import scipy.ndimage
 
 from models.fashion_cnn import Recipe, trained_fashion_cnn
 from scaling.data import FashionMNIST
-from scaling.evaluate import classifier_outputs, small_data_metrics
+from scaling.evaluation.small_data import classifier_outputs, small_data_metrics
 
 RECIPE = Recipe(epochs=1, batch_size=128, seed=0)
 

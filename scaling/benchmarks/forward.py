@@ -1,6 +1,6 @@
 """Benchmark: DiT forward throughput on the default JAX device.
 
-    python -m scaling.bench_forward --models S/2,B/4,XL/2 --batch 8 --dtypes float32,bfloat16
+    python -m scaling.benchmarks.forward --models S/2,B/4,XL/2 --batch 8 --dtypes float32,bfloat16
 
 Prints, per config and compute dtype: ms per batch, images/s, achieved TFLOP/s (2 x MACs, true FLOPs) and the
 device's peak memory where the backend reports it. Weights are random (a fresh model outputs zeros, which some

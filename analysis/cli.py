@@ -1,4 +1,5 @@
-"""The analysis commands of `dit-scaling`: fit, plan, compare, figures (they use analysis/ only)."""
+"""The analysis commands of `dit-scaling` (fit, plan, compare, figures): registered by `add_commands` with the one
+entry point (scaling.cli), they import analysis/ only, so they run without JAX."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-PAPER_RECORDS = Path(__file__).resolve().parent.parent / "runs" / "paper"
+from analysis.paper import PAPER_RUNS_DIR
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
@@ -91,8 +92,9 @@ def _fit_table(path: Path, where: dict, x: str):
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from analysis.fits import fit_frontier, fit_loglog
-    from analysis.records import RecordsError, require_one_protocol
+    from analysis.fits import describe_extrapolation, fit_frontier, fit_loglog
+    from analysis.records import require_one_protocol
+    from analysis.schema import RecordsError
 
     table, notes = _fit_table(args.file, _where(args.where), args.x)
     for column in (args.x, args.y):
@@ -121,7 +123,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             ("convergence", f"{'converged' if c['converged'] else 'NOT converged'}; {c['starts_at_best']} of "
                             f"{c['starts']} starts reach the best fit" + (f"; at bound: {', '.join(c['at_bound'])}"
                                                                           if c["at_bound"] else "")),
-            *_extrapolation_line(summary),
+            ("leave-largest-out", describe_extrapolation(fit.leave_largest_out)),
         ])
         print("optimal runs along the frontier:")
         for r in summary["optimal_ranges"]:
@@ -143,7 +145,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         ("spearman_r", f"{fit.spearman_r:.4f} (p={fit.spearman_p:.2g})"),
         ("n", f"{fit.n} points, {fit.n_configs} configs"),
         ("residual sd", f"{fit.residual_std:.4f} (log10)"),
-        *_extrapolation_line(summary),
+        ("leave-largest-out", describe_extrapolation(fit.leave_largest_out)),
     ])
     _print_notes(notes)
     return 0
@@ -155,18 +157,10 @@ def _print_notes(notes: list[str]) -> None:
         print(f"note: {note}")
 
 
-def _extrapolation_line(summary: dict) -> list[tuple[str, str]]:
-    held = summary.get("leave_largest_out")
-    if not held:
-        return [("leave-largest-out", "not possible (too few configs)")]
-    return [("leave-largest-out", f"refit without {held['held_out']} predicts it {held['relative_error']:+.1%} "
-                                  f"off ({held['n']} point{'s' if held['n'] > 1 else ''})")]
-
-
 def _load_records(sources: list[Path]):
     from analysis.records import load
 
-    return load(*(sources or [PAPER_RECORDS]))
+    return load(*(sources or [PAPER_RUNS_DIR]))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -219,7 +213,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from analysis.planning import compare_architecture
-    from analysis.records import RecordsError, load
+    from analysis.records import load
+    from analysis.schema import RecordsError
     from analysis.study import model_compute_fit, select, training_compute_fit
 
     records = _load_records(args.records)
@@ -263,7 +258,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    from analysis.figures import render_all
+    from analysis.report import render_all
 
     source = Path(args.runs_dir)
     default = source / "figures" if source.is_dir() else source.parent / f"{source.stem}_figures"

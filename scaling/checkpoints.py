@@ -1,0 +1,113 @@
+"""A run's checkpoints: saving, restoring the newest sound one, verifying checksums, setting damaged ones aside,
+and loading a finished run's parameters.
+
+A checkpoint holds the train state (parameters, EMA, optimizer, step, RNG), the data iterator's state and
+metadata: the wall time so far, an exact checksum of every array of the state (`train_step.state_checksum`) and
+a SHA-256 of the iterator state. A checkpoint that fails to restore or to match its checksums is never used: it
+is moved to corrupt_checkpoints/ and an older one is taken.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from analysis import schema
+from scaling.train_step import state_checksum
+
+log = logging.getLogger("dit_scaling.checkpoints")
+
+
+def manager(workdir: Path, config) -> ocp.CheckpointManager:
+    """The run's checkpoint manager, keeping the newest `train.keep_checkpoints` and every `train.keep_every`-th."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.train.keep_checkpoints, keep_period=config.train.keep_every or None,
+        enable_async_checkpointing=config.train.async_checkpoints, create=True)
+    return ocp.CheckpointManager(workdir.resolve() / schema.CHECKPOINTS_DIR, options=options)
+
+
+def _data_checksum(data_state) -> str:
+    return hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
+
+
+def save(checkpoints: ocp.CheckpointManager, step: int, state: dict, data_state, wall_time: float) -> None:
+    meta = {"wall_time": wall_time, "checksum": state_checksum(state), "data_checksum": _data_checksum(data_state)}
+    checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=ocp.args.JsonSave(data_state),
+                                                   meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def checksum_problem(restored: dict, name: str) -> str | None:
+    """How a restored checkpoint (its state, meta and, where restored, data) differs from the checksums stored
+    with it; None when it matches. Checkpoints written before checksums pass, with a warning."""
+    meta = restored["meta"]
+    if "checksum" not in meta:
+        log.warning("%s was written before checkpoints carried checksums; loading it unverified.", name)
+        return None
+    found = state_checksum(restored["state"])
+    if found != meta["checksum"]:
+        return f"state checksum {found}, expected {meta['checksum']}"
+    if "data" in restored and _data_checksum(restored["data"]) != meta.get("data_checksum"):
+        return "the data-iterator state differs from its SHA-256"
+    return None
+
+
+def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state: dict):
+    """The newest checkpoint that restores and matches its checksums; damaged ones are skipped with a warning.
+    Returns (step, restored, damaged steps); (None, None, damaged) when none is usable."""
+    damaged = []
+    for step in sorted(checkpoints.all_steps(), reverse=True):
+        try:
+            restored = checkpoints.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types for damaged files
+            log.warning("Checkpoint at step %d cannot be restored (%s: %s); skipping it.", step,
+                        type(e).__name__, str(e).splitlines()[0][:200])
+            damaged.append(step)
+            continue
+        problem = checksum_problem(restored, f"Checkpoint at step {step}")
+        if problem:
+            log.warning("Checkpoint at step %d is corrupt (%s); skipping it.", step, problem)
+            damaged.append(step)
+            continue
+        return step, restored, damaged
+    return None, None, damaged
+
+
+def set_aside(workdir: Path, steps: list[int]) -> None:
+    """Move unusable checkpoints to workdir/corrupt_checkpoints/ (kept for inspection, out of the way)."""
+    if jax.process_index() == 0:
+        target = workdir / schema.CORRUPT_CHECKPOINTS_DIR
+        target.mkdir(exist_ok=True)
+        for step in steps:
+            destination = target / f"{step}-{int(time.time())}"
+            os.replace(workdir / schema.CHECKPOINTS_DIR / str(step), destination)
+            log.warning("Moved the unusable checkpoint of step %d to %s.", step, destination)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("set aside corrupt checkpoints")
+
+
+def load_final_params(workdir: str | os.PathLike, *, ema: bool = True) -> dict:
+    """The parameters (EMA by default) of the newest checkpoint of a run, as a pure dict of numpy arrays."""
+    checkpoints = ocp.CheckpointManager(Path(workdir).resolve() / schema.CHECKPOINTS_DIR)
+    step = checkpoints.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"No checkpoint in {workdir}/{schema.CHECKPOINTS_DIR}.")
+    restored = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                 meta=ocp.args.JsonRestore()))
+    checkpoints.close()
+    if checksum_problem(restored, f"The newest checkpoint of {workdir}"):
+        raise ValueError(f"The newest checkpoint of {workdir} (step {step}) does not match its checksum: it is "
+                         "corrupt. Run the run's training command again: it sets the checkpoint aside and resumes "
+                         "from an older one.")
+    return jax.device_get(restored["state"]["ema" if ema else "params"])

@@ -1,0 +1,91 @@
+"""ADM's evaluation suite with the FID Inception in JAX: features of uint8 images, reference batches, and FID,
+sFID, Inception Score, precision and recall of a sample batch."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.special
+
+from analysis.schema import FID_FEATURE_NETWORK
+from scaling.evaluation import metrics
+from scaling.evaluation.npz import ReferenceBatch, SampleBatch, atomic_savez, check_images, read_images
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _jitted_forward():
+    import jax
+
+    return jax.jit(lambda model, images: model(images))
+
+
+@dataclasses.dataclass
+class Activations:
+    pool: np.ndarray  # [N, 2048]
+    spatial: np.ndarray  # [N, 2023]
+    probs: np.ndarray | None  # [N, 1008] softmax of the bias-free logits, when the logits weight is loaded
+
+
+def inception_activations(model, images: np.ndarray, batch_size: int = 64) -> Activations:
+    """Inception features of uint8 images, in batches (the last one padded to keep one compiled shape)."""
+    import jax.numpy as jnp
+
+    images = check_images(images, "images")
+    forward = _jitted_forward()
+    pool, spatial, probs = [], [], []
+    start_time = time.perf_counter()
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)]) \
+            if len(chunk) < batch_size and len(images) > batch_size else chunk
+        features = forward(model, jnp.asarray(padded, jnp.float32))
+        pool.append(np.asarray(features.pool[: len(chunk)], np.float64))
+        spatial.append(np.asarray(features.spatial[: len(chunk)], np.float64))
+        if features.logits is not None:
+            probs.append(scipy.special.softmax(np.asarray(features.logits[: len(chunk)], np.float64), axis=1))
+        done = start + len(chunk)
+        rate = done / (time.perf_counter() - start_time)
+        log.info("inception: %d/%d images, %.1f images/s, ETA %.0f s", done, len(images), rate,
+                 (len(images) - done) / rate)
+    return Activations(np.concatenate(pool), np.concatenate(spatial), np.concatenate(probs) if probs else None)
+
+
+def write_reference(source: str | os.PathLike, out: str | os.PathLike, model, batch_size: int = 64) -> None:
+    """A reference batch in ADM's layout from an image folder or array file: arr_0 plus mu/sigma/mu_s/sigma_s."""
+    images = read_images(source)
+    acts = inception_activations(model, images, batch_size)
+    (mu, sigma), (mu_s, sigma_s) = metrics.gaussian_statistics(acts.pool), metrics.gaussian_statistics(acts.spatial)
+    atomic_savez(Path(out), {"arr_0": images, "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s})
+
+
+def evaluate_samples(samples: SampleBatch, reference: ReferenceBatch, model, batch_size: int = 64) -> dict:
+    """ADM's five numbers for a sample batch against a reference batch. Inception Score is None without the
+    logits weight; precision and recall are None when the reference file holds statistics only."""
+    acts = inception_activations(model, samples.images, batch_size)
+    ref_acts = inception_activations(model, reference.images, batch_size) if reference.images is not None \
+        else None
+    ref_pool = reference.pool or metrics.gaussian_statistics(ref_acts.pool)
+    ref_spatial = reference.spatial or metrics.gaussian_statistics(ref_acts.spatial)
+    precision = recall = None
+    if ref_acts is not None:
+        precision, recall = metrics.precision_recall(ref_acts.pool, acts.pool)
+    n = len(samples.images)
+    return {
+        "n": n,
+        "n_reference": None if reference.images is None else len(reference.images),
+        "fid": metrics.frechet_distance(*metrics.gaussian_statistics(acts.pool), *ref_pool),
+        "sfid": metrics.frechet_distance(*metrics.gaussian_statistics(acts.spatial), *ref_spatial),
+        "inception_score": None if acts.probs is None else metrics.inception_score(acts.probs),
+        "precision": precision,
+        "recall": recall,
+        "uint8_convention": samples.convention,
+        "feature_network": FID_FEATURE_NETWORK,
+    }

@@ -1,0 +1,55 @@
+"""Drawing samples from a DiT for evaluation: batches sharded over every device (and host), compiled once per
+sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def make_sampler(model_config, diffusion, *, sampling_steps: int, sampler: str, guidance_scale: float,
+                 guidance_channels: int, batch_size: int, mesh):
+    """sample(params, labels, seed) -> samples in [-1, 1] (NHWC float32) of the DiT with `params` for `labels`,
+    in batches sharded over the mesh's data axis (compiled once per sampler). Batch b starts from the noise of
+    fold_in(key(seed), b), so equal seeds give equal starting noise."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from models.diffusion import guided_model_fn
+    from models.dit import abstract_dit
+
+    if batch_size % jax.device_count():
+        raise ValueError(f"eval.batch_size {batch_size} must be a multiple of the device count "
+                         f"{jax.device_count()}.")
+    graphdef = nnx.graphdef(abstract_dit(model_config))
+    spaced = diffusion.respace(f"ddim{sampling_steps}" if sampler == "ddim" else str(sampling_steps))
+    data_sharding = NamedSharding(mesh, P("data"))
+    shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
+
+    @jax.jit
+    def sample_batch(params, key, y):
+        model = nnx.merge(graphdef, params)
+        noise = jax.lax.with_sharding_constraint(jax.random.normal(key, (y.shape[0], *shape)), data_sharding)
+        if guidance_scale == 1.0:
+            model_fn = lambda x, t: model(x, t, y)  # noqa: E731
+        else:
+            model_fn = guided_model_fn(model, y, guidance_scale, null_label=model_config.num_classes,
+                                       cfg_channels=guidance_channels or None)
+        return spaced.sample(model_fn, noise, jax.random.fold_in(key, 1), sampler=sampler)
+
+    def sample(params, labels: np.ndarray, seed: int) -> np.ndarray:
+        out = []
+        for b, start in enumerate(range(0, len(labels), batch_size)):
+            y = labels[start:start + batch_size]
+            y = np.concatenate([y, np.zeros(batch_size - len(y), y.dtype)])  # one compiled shape
+            y = jax.make_array_from_callback(y.shape, data_sharding, lambda index, y=y: y[index])
+            samples = sample_batch(params, jax.random.fold_in(jax.random.key(seed), b), y)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                samples = multihost_utils.process_allgather(samples, tiled=True)
+            out.append(np.asarray(samples, np.float32)[: min(batch_size, len(labels) - start)])
+        return np.concatenate(out)
+
+    return sample
