@@ -1,5 +1,6 @@
 # `make run`: set up .venv and run the main job (the compute table, then the scaling fits and figures of the
-# committed records).  `make test`: set up .venv (with dev extras) and run the tests.
+# committed records).  `make test`: set up .venv (with dev extras) and run the tests, one worker per core (each
+# test file stays on one worker, so its module fixtures are built once).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -35,7 +36,7 @@ run: $(VENV)/.installed-core
 	$(BIN)/dit-scaling figures runs/fmnist_miniature
 
 test: $(VENV)/.installed-dev $(FASHION_MNIST)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -38,6 +38,7 @@ from analysis.style import (
     plot_curves,
     run_styles,
     sci,
+    size_label,
     size_legend,
     styled,
     with_dit_columns,
@@ -194,9 +195,9 @@ def fig6_curves(records: Records | pd.DataFrame, *, metric: str | None = None, *
     top, bottom = fig.subfigures(2, 1, hspace=0.04)
     rows = [
         (top, patches, "patch", "size", "Holding patch size constant, increasing model size",
-         lambda p: f"Patch size {p}", lambda s: (SIZE_COLORS[s], f"DiT-{s}")),
+         lambda p: f"Patch size {p}", lambda s: (SIZE_COLORS[s], size_label(s))),
         (bottom, sizes, "size", "patch", "Holding model size constant, decreasing patch size",
-         lambda s: f"DiT-{s}", lambda p: (PATCH_COLORS.get(p, "gray"), f"patch {p}")),
+         size_label, lambda p: (PATCH_COLORS.get(p, "gray"), f"patch {p}")),
     ]
     # Every panel on the same axes, so curves compare across panels too.
     y_values = pd.concat(curves.values())

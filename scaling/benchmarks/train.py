@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from models.dit import canonical_name
+from models.dit import canonical_name, short_name
 
 
 def _recomputes(model: str, remat: str) -> bool:
@@ -96,7 +96,7 @@ def main() -> None:
         print(json.dumps(bench_one(model, args.batch, dtype, args.steps, args.remat)))
         return
     def names(models: str) -> list[str]:
-        return [canonical_name(m.strip()).removeprefix("DiT-") for m in models.split(",")]
+        return [short_name(m.strip()) for m in models.split(",")]
 
     models = names(args.models)
     if args.remat not in ("auto", "all", "none"):
