@@ -8,8 +8,6 @@ import json
 import math
 from pathlib import Path
 
-from analysis.paper import PAPER_RUNS_DIR
-
 
 def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
     """Print rows as an aligned text table; columns are (key, header)."""
@@ -158,6 +156,7 @@ def _print_notes(notes: list[str]) -> None:
 
 
 def _load_records(sources: list[Path]):
+    from analysis.paper import PAPER_RUNS_DIR
     from analysis.records import load
 
     return load(*(sources or [PAPER_RUNS_DIR]))

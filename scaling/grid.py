@@ -24,7 +24,8 @@ def run_dir_name(model: str) -> str:
 def select_models(models: list[str], only: list[str] | None, shard: str | None) -> list[str]:
     """Filter by --only, then take this machine's share (--shard i/n: every n-th config from the i-th)."""
     if only:
-        unknown = [m for m in only if canonical_name(m) not in {canonical_name(n) for n in models}]
+        known = {canonical_name(m) for m in models}
+        unknown = [m for m in only if canonical_name(m) not in known]
         if unknown:
             raise ValueError(f"--only names configs outside the study: {unknown}; the study has {models}.")
         wanted = {canonical_name(m) for m in only}

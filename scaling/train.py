@@ -290,9 +290,10 @@ class _StepLog:
             flops_per_step=self.flops_per_step, peak_flops=run.peak_flops)
         self.last_time, self.last_step = now, step
         if run.primary:
-            schema.append_jsonl(run.workdir / schema.STEPS_FILE, record.to_json())
+            written = record.to_json()
+            schema.append_jsonl(run.workdir / schema.STEPS_FILE, written)
             if self.writer is not None:
-                self.writer.write_scalars(step, {k: v for k, v in record.to_json().items()
+                self.writer.write_scalars(step, {k: v for k, v in written.items()
                                                  if isinstance(v, float) and k not in ("time", "wall_time")})
             rate = f"{1 / step_time:.2f} steps/s, {record.images_per_s:.0f} img/s" if step_time else "compiling"
             eta = f"ETA {format_duration((run.total_steps - step) * step_time)}" if step_time else ""
