@@ -332,6 +332,14 @@ def _log_residuals(params, log_x, log_y):
     return np.log(floor + np.exp(log_scale - exponent * log_x)) - log_y
 
 
+def _log_residuals_jacobian(params, log_x):
+    """d residual / d (floor, log_scale, exponent), in closed form (finite differences cost a third of a fit)."""
+    floor, log_scale, exponent = params
+    power = np.exp(log_scale - exponent * log_x)
+    share = power / (floor + power)
+    return np.stack([1 / (floor + power), share, -log_x * share], axis=1)
+
+
 def _fit_offset_power_law(x: np.ndarray, y: np.ndarray, x_ref: float, f_scale: float,
                           starts: list[tuple[float, float]] | None = None,
                           weights: np.ndarray | None = None) -> tuple[OffsetPowerLaw, dict]:
@@ -349,7 +357,7 @@ def _fit_offset_power_law(x: np.ndarray, y: np.ndarray, x_ref: float, f_scale: f
         try:
             result = scipy.optimize.least_squares(
                 lambda p: root_weights * _log_residuals(p, log_x, log_y), x0=[floor, log_scale, exponent],
-                loss="soft_l1",
+                jac=lambda p: np.reshape(root_weights, (-1, 1)) * _log_residuals_jacobian(p, log_x), loss="soft_l1",
                 f_scale=f_scale, bounds=([0.0, -np.inf, EXPONENT_BOUNDS[0]], [floor_max, np.inf, EXPONENT_BOUNDS[1]]),
                 x_scale="jac", max_nfev=2000)
         except ValueError:

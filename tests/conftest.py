@@ -1,12 +1,14 @@
 import os
+import tempfile
+
+import pytest
+from run_helpers import write_small_fashion_mnist  # imports no JAX: the settings below still apply
 
 # Tests run on the CPU; keep JAX from probing for accelerators.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Cached feature networks (the FashionCNN) go to a fresh directory, not the user's cache.
 if "DIT_SCALING_CACHE" not in os.environ:
-    import tempfile
-
     os.environ["DIT_SCALING_CACHE"] = tempfile.mkdtemp(prefix="dit-scaling-cache-")
 
 # One persistent XLA cache for the session, shared with the subprocesses tests start: the same train step,
@@ -14,3 +16,9 @@ if "DIT_SCALING_CACHE" not in os.environ:
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["DIT_SCALING_CACHE"], "jax"))
 # Small programs too (a random FID Inception compiles one sampler per kernel shape, 94 in all).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+@pytest.fixture(scope="module")
+def fmnist_dir(tmp_path_factory):
+    """A small dataset in Fashion-MNIST's IDX layout (run_helpers.write_small_fashion_mnist)."""
+    return write_small_fashion_mnist(tmp_path_factory.mktemp("fmnist"))

@@ -231,10 +231,13 @@ def test_guided_model_fn_at_scale_one_is_the_conditional_model():
     nnx.update(model, jax.tree.map(lambda p: 0.1 * jax.random.normal(jax.random.key(1), p.shape), params))
     x = jax.random.normal(jax.random.key(2), (3, 4, 4, 4))
     t, y = jnp.array([5, 50, 500]), jnp.array([0, 3, 4])
+    # Compiled: eagerly, every operation of a first call compiles on its own.
+    forward = nnx.jit(lambda model, labels: model(x, t, labels))
+    guided = nnx.jit(lambda model, scale, channels: guided_model_fn(model, y, scale, null_label=5,
+                                                                    cfg_channels=channels)(x, t),
+                     static_argnames="channels")
     for channels in (3, None):
-        guided = guided_model_fn(model, y, 1.0, null_label=5, cfg_channels=channels)(x, t)
-        np.testing.assert_allclose(guided, model(x, t, y), atol=1e-5)
-    stronger = guided_model_fn(model, y, 4.0, null_label=5, cfg_channels=None)(x, t)
-    unguided = model(x, t, jnp.full_like(y, 5))
-    np.testing.assert_allclose(stronger[..., :4], unguided[..., :4] + 4.0 * (model(x, t, y) - unguided)[..., :4],
-                               atol=1e-4)
+        np.testing.assert_allclose(guided(model, 1.0, channels=channels), forward(model, y), atol=1e-5)
+    unguided = forward(model, jnp.full_like(y, 5))
+    np.testing.assert_allclose(guided(model, 4.0, channels=None)[..., :4],
+                               unguided[..., :4] + 4.0 * (forward(model, y) - unguided)[..., :4], atol=1e-4)

@@ -46,6 +46,12 @@ def _randomize(model: nnx.Module, seed: int = 0, std: float = 0.02) -> nnx.Modul
     return model
 
 
+# Compiled forwards: eagerly, every operation of a first call compiles on its own (15 s for one small DiT).
+_forward = nnx.jit(lambda model, x, t, y, dropout_key=None: model(x, t, y, dropout_key=dropout_key))
+_forward_with_cfg = nnx.jit(lambda model, x, t, y, scale, cfg_channels: model.forward_with_cfg(
+    x, t, y, scale, cfg_channels=cfg_channels), static_argnames="cfg_channels")
+
+
 def test_paper_names_cover_the_grid():
     assert len(PAPER_MODELS) == 12
     assert PAPER_MODELS[0] == "DiT-S/8" and PAPER_MODELS[-1] == "DiT-XL/2"
@@ -146,9 +152,9 @@ def test_label_dropout():
     model = _randomize(DiT(DiTConfig(**SMALL, class_dropout_prob=0.5), rngs=nnx.Rngs(0)))
     x, t, y = _inputs(n=16)
     key = jax.random.key(3)
-    expected = model(x, t, drop_labels(key, y, 0.5, null_label=10))
-    np.testing.assert_allclose(model(x, t, y, dropout_key=key), expected, rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(model(x, t, y), model(x, t, y))  # no key: deterministic, no dropout
+    expected = _forward(model, x, t, drop_labels(key, y, 0.5, null_label=10))
+    np.testing.assert_allclose(_forward(model, x, t, y, dropout_key=key), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(_forward(model, x, t, y), _forward(model, x, t, y))  # no key: no dropout
 
 
 @pytest.mark.parametrize("cfg_channels", [3, None])
@@ -157,10 +163,10 @@ def test_forward_with_cfg_semantics(cfg_channels):
     x, t, y = _inputs(n=6)
     y = y.at[3:].set(10)
     scale = 4.0
-    guided = model.forward_with_cfg(x, t, y, scale, cfg_channels=cfg_channels)
+    guided = _forward_with_cfg(model, x, t, y, scale, cfg_channels=cfg_channels)
     half = x[:3]
-    cond = model(half, t[:3], y[:3])
-    uncond = model(half, t[3:], y[3:])
+    cond = _forward(model, half, t[:3], y[:3])
+    uncond = _forward(model, half, t[3:], y[3:])
     k = 4 if cfg_channels is None else cfg_channels
     expected_eps = uncond[..., :k] + scale * (cond[..., :k] - uncond[..., :k])
     np.testing.assert_allclose(guided[:3, ..., :k], expected_eps, atol=1e-5)

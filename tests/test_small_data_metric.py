@@ -57,15 +57,17 @@ def test_distance_grows_monotonically_with_noise_and_blur(setup):
 def test_classifier_is_cached_by_data_and_seed(setup, caplog):
     classifier, train, _, cache = setup
     images = train.images[:200]
+    before = set((cache / "fashion_cnn").glob("*.npz"))
     with caplog.at_level(logging.INFO, logger="models.fashion_cnn"):
         again = trained_fashion_cnn(train.images[:6400], train.labels[:6400], 10, RECIPE, cache_dir=cache)
     assert "training" not in caplog.text
     np.testing.assert_array_equal(classifier_outputs(again, images)[0], classifier_outputs(classifier, images)[0])
-    # A corrupt cache file is reported and replaced by a fresh training run.
-    (entry,) = (cache / "fashion_cnn").glob("*.npz")
+    # A corrupt cache file is reported and replaced by a fresh training run (on fewer images: a new entry).
+    small = trained_fashion_cnn(train.images[:640], train.labels[:640], 10, RECIPE, cache_dir=cache)
+    (entry,) = set((cache / "fashion_cnn").glob("*.npz")) - before
     entry.write_bytes(b"garbage")
     with caplog.at_level(logging.WARNING, logger="models.fashion_cnn"):
-        retrained = trained_fashion_cnn(train.images[:6400], train.labels[:6400], 10, RECIPE, cache_dir=cache)
+        retrained = trained_fashion_cnn(train.images[:640], train.labels[:640], 10, RECIPE, cache_dir=cache)
     assert "unreadable" in caplog.text
-    np.testing.assert_allclose(classifier_outputs(retrained, images)[0], classifier_outputs(classifier, images)[0],
+    np.testing.assert_allclose(classifier_outputs(retrained, images)[0], classifier_outputs(small, images)[0],
                                rtol=1e-5, atol=1e-5)

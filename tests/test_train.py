@@ -1,20 +1,15 @@
-"""Training runs: records, resume after SIGKILL, corrupt checkpoints, divergence, devices, hosts, the grid."""
+"""Training runs in one process: configs, data, records, corrupt checkpoints, divergence, the grid, evaluation."""
 
 import gzip
 import json
 import logging
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from run_helpers import TINY, leaves, smoke
 
 from analysis import records, schema
 from analysis.schema import read_jsonl as read_records
@@ -24,39 +19,6 @@ from scaling.config import apply_override, load_config, validate
 from scaling.data import FashionMNIST, LatentShards, make_dataset, read_idx, write_latent_shards
 from scaling.grid import run_grid, select_models
 from scaling.train import TrainingDiverged, train
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=1"]
-
-
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    codes = {np.dtype(np.uint8): 0x08}
-    header = bytes([0, 0, codes[array.dtype], array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
-@pytest.fixture(scope="module")
-def fmnist_dir(tmp_path_factory) -> Path:
-    """A small dataset in Fashion-MNIST's IDX layout: class k images have mean brightness 20 k."""
-    directory = tmp_path_factory.mktemp("fmnist")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 256), ("t10k", 64)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = np.clip(rng.normal(20.0 * labels[:, None, None], 30, (n, 28, 28)), 0, 255).astype(np.uint8)
-        _write_idx(directory / f"{split}-images-idx3-ubyte.gz", images)
-        _write_idx(directory / f"{split}-labels-idx1-ubyte.gz", labels)
-    return directory
-
-
-def _cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "scaling.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def _smoke(fmnist_dir, *extra):
-    return ["--config", "fmnist:S/8,smoke", f"--config.data.path={fmnist_dir}", *extra]
-
 
 # -- configs and data ----------------------------------------------------------------------------------------------
 
@@ -123,7 +85,7 @@ def test_latent_shards_round_trip(tmp_path):
 
 
 def test_smoke_run_writes_documented_records_and_manifest(fmnist_dir, tmp_path, capsys):
-    assert main(["train", *_smoke(fmnist_dir), "--workdir", str(tmp_path / "run")]) == 0
+    assert main(["train", *smoke(fmnist_dir), "--workdir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "step 20/20" in out and "steps/s" in out and "ETA" in out
     records = read_records(tmp_path / "run" / "records.jsonl")
@@ -145,57 +107,6 @@ def test_the_same_command_refuses_a_different_config(fmnist_dir, tmp_path):
     apply_override(config, "train.learning_rate=0.5")
     with pytest.raises(ValueError, match="train.learning_rate differ"):
         train(config, tmp_path / "run")
-
-
-def _wait_for(predicate, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-@pytest.mark.slow
-def test_sigkill_and_resume_gives_the_uninterrupted_result(fmnist_dir, tmp_path):
-    # Asynchronous checkpoints (the default of real runs), often enough that the kill may land during a save.
-    args = [*_smoke(fmnist_dir, "--config.train.steps=600", "--config.train.checkpoint_every=50",
-                    "--config.train.async_checkpoints=true", "--config.train.log_every=10",
-                    *[f"--config.{o}" for o in TINY])]
-    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla")}  # the later runs load the compiled step
-    assert _cli("train", *args, "--workdir", str(tmp_path / "straight"), env=cache).returncode == 0
-    assert list((tmp_path / "xla").glob("jit_train_step-*"))
-
-    killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "scaling.cli", "train", *args, "--workdir", str(killed)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, **cache})
-    try:
-        # Kill it mid-run: after a checkpoint is committed and some later steps are recorded.
-        assert _wait_for(lambda: read_records(killed / "records.jsonl")[-1:] != []
-                         and read_records(killed / "records.jsonl")[-1]["step"] > 250)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert read_records(killed / "records.jsonl")[-1]["step"] < 600
-    resumed = _cli("train", *args, "--workdir", str(killed), env=cache)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "Resuming" in resumed.stderr
-
-    steps = [r["step"] for r in read_records(killed / "records.jsonl")]
-    assert steps == list(range(10, 601, 10))  # every step exactly once
-    straight_records = read_records(tmp_path / "straight" / "records.jsonl")
-    assert [r["loss"] for r in read_records(killed / "records.jsonl")] == [r["loss"] for r in straight_records]
-    for ema in (True, False):
-        a, b = load_final_params(killed, ema=ema), load_final_params(tmp_path / "straight", ema=ema)
-        for x, y in zip(_leaves(a), _leaves(b), strict=True):
-            np.testing.assert_array_equal(x, y)
-
-
-def _leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)
 
 
 def _zero_bytes_in_the_largest_state_file(checkpoint: Path) -> None:
@@ -294,7 +205,7 @@ def test_divergence_stops_with_the_last_good_state(tmp_path, capsys):
     assert [r["step"] for r in records] == list(range(1, bad_step))
     assert all(np.isfinite(r["loss"]) for r in records)
     params = load_final_params(tmp_path / "run", ema=False)
-    assert all(np.isfinite(x).all() for x in _leaves(params))
+    assert all(np.isfinite(x).all() for x in leaves(params))
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "diverged"
     # The command line says so without a traceback (the same command replays the bad step).
     command = ["train", "--config", "imagenet256:S/2", "--workdir", str(tmp_path / "run")]
@@ -303,7 +214,7 @@ def test_divergence_stops_with_the_last_good_state(tmp_path, capsys):
     # The checkpointed state is exactly that of a run stopped just before the bad step.
     apply_override(config, f"train.steps={bad_step - 1}")
     train(config, tmp_path / "stopped")
-    for a, b in zip(_leaves(params), _leaves(load_final_params(tmp_path / "stopped", ema=False)), strict=True):
+    for a, b in zip(leaves(params), leaves(load_final_params(tmp_path / "stopped", ema=False)), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -325,65 +236,13 @@ def test_train_step_reports_the_gradient_norm():
     batch = {"image": jnp.asarray(rng.standard_normal((4, 8, 8, 4)), jnp.float32),
              "label": jnp.asarray(rng.integers(0, 10, 4), jnp.int32)}
     state, metrics = step(init_state(model_config, optimizer, 0), batch)
-    first_moment = np.concatenate([np.ravel(x) for x in _leaves(state["opt_state"][0].mu)]).astype(np.float64)
+    first_moment = np.concatenate([np.ravel(x) for x in leaves(state["opt_state"][0].mu)]).astype(np.float64)
     expected = np.linalg.norm(first_moment) / (1 - config.train.b1)
     assert bool(metrics["finite"])
     np.testing.assert_allclose(float(metrics["grad_norm"]), expected, rtol=1e-5)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["replicated", "fsdp"])
-def test_four_simulated_devices_give_the_losses_of_one(fmnist_dir, tmp_path, sharding):
-    evaluation = ["--config.eval.every=20", "--config.eval.num_samples=16", "--config.eval.batch_size=8",
-                  "--config.eval.sampling_steps=(5,)", "--config.eval.num_reference=64",
-                  "--config.eval.classifier_epochs=1"]
-    args = [*_smoke(fmnist_dir, f"--config.train.param_sharding={sharding}", *evaluation)]
-    one = _cli("train", *args, "--workdir", str(tmp_path / "one"))
-    four = _cli("train", *args, "--workdir", str(tmp_path / "four"),
-                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
-    assert one.returncode == 0 and four.returncode == 0, four.stderr
-    manifest = json.loads((tmp_path / "four" / "manifest.json").read_text())
-    assert manifest["starts"][0]["devices"]["count"] == 4
-    losses_one = [r["loss"] for r in read_records(tmp_path / "one" / "records.jsonl")]
-    losses_four = [r["loss"] for r in read_records(tmp_path / "four" / "records.jsonl")]
-    np.testing.assert_allclose(losses_four, losses_one, rtol=1e-5)
-    # Sampling for evaluation is sharded over the devices too: the same starting noise, the same samples.
-    (eval_one,), (eval_four,) = (read_records(tmp_path / run / "evaluations.jsonl") for run in ("one", "four"))
-    assert eval_four["value"] == pytest.approx(eval_one["value"], rel=1e-3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_two_processes_train_one_model_together(fmnist_dir, tmp_path):
-    evaluation = ["--config.eval.every=10", "--config.eval.num_samples=16", "--config.eval.batch_size=8",
-                  "--config.eval.sampling_steps=(5,)", "--config.eval.num_reference=64",
-                  "--config.eval.classifier_epochs=1"]
-    args = [*_smoke(fmnist_dir, "--config.train.steps=10", *evaluation)]
-    reference = _cli("train", *args, "--workdir", str(tmp_path / "single"),
-                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-    assert reference.returncode == 0, reference.stderr
-    port = _free_port()
-    processes = [subprocess.Popen(
-        [sys.executable, "-m", "scaling.cli", "train", *args, "--workdir", str(tmp_path / "pair"),
-         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=300) for p in processes]
-    assert all(p.returncode == 0 for p in processes), outputs[0][1][-3000:] + outputs[1][1][-3000:]
-    assert "step 10/10" in outputs[0][0] and "step 10/10" not in outputs[1][0]  # only process 0 reports
-    manifest = json.loads((tmp_path / "pair" / "manifest.json").read_text())
-    assert manifest["starts"][0]["devices"]["processes"] == 2
-    np.testing.assert_allclose([r["loss"] for r in read_records(tmp_path / "pair" / "records.jsonl")],
-                               [r["loss"] for r in read_records(tmp_path / "single" / "records.jsonl")], rtol=1e-5)
-    # Evaluation samples are drawn by both hosts together and recorded once.
-    (pair,), (single,) = (read_records(tmp_path / run / "evaluations.jsonl") for run in ("pair", "single"))
-    assert pair["value"] == pytest.approx(single["value"], rel=1e-3)
-
-
+# Ten steps with one evaluation: the same run on one device, four simulated devices, and two processes.
 # -- the grid --------------------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,47 @@
+"""Helpers of the training tests: a small Fashion-MNIST in its IDX files, and the command line as a user runs it."""
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=1"]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    codes = {np.dtype(np.uint8): 0x08}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def write_small_fashion_mnist(directory: Path) -> Path:
+    """A small dataset in Fashion-MNIST's IDX layout: class k images have mean brightness 20 k."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 256), ("t10k", 64)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = np.clip(rng.normal(20.0 * labels[:, None, None], 30, (n, 28, 28)), 0, 255).astype(np.uint8)
+        write_idx(directory / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(directory / f"{split}-labels-idx1-ubyte.gz", labels)
+    return directory
+
+
+def cli(*args, env=None, timeout=300):
+    """`python -m scaling.cli ARGS` in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "scaling.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def smoke(fmnist_dir, *extra):
+    """The arguments of a seconds-long S/8 run on the small dataset."""
+    return ["--config", "fmnist:S/8,smoke", f"--config.data.path={fmnist_dir}", *extra]
+
+
+def leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
