@@ -111,6 +111,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         (train.log_every > 0, "train.log_every must be positive"),
         (train.checkpoint_every > 0, "train.checkpoint_every must be positive"),
         (train.keep_checkpoints > 0, "train.keep_checkpoints must be positive"),
+        (train.steps_per_call > 0 and all(n % train.steps_per_call == 0 for n in (
+            train.steps, train.log_every, train.checkpoint_every, config.eval.every)),
+         f"train.steps_per_call ({train.steps_per_call}) must divide train.steps ({train.steps}), train.log_every "
+         f"({train.log_every}), train.checkpoint_every ({train.checkpoint_every}) and eval.every "
+         f"({config.eval.every}): records, checkpoints and evaluations fall between calls"),
         (train.param_sharding in ("replicated", "fsdp"), "train.param_sharding must be replicated or fsdp"),
         (config.diffusion.num_timesteps > 1, "diffusion.num_timesteps must be > 1"),
         (config.eval.every >= 0, "eval.every must be >= 0 (0 turns evaluation off)"),

@@ -42,6 +42,7 @@ from scaling.evaluation.in_training import build_evaluator, pending_protocols
 from scaling.train_step import (
     init_state,
     make_mesh,
+    make_multi_step,
     make_optimizer,
     make_train_step,
     measure_matmul_peak,
@@ -83,7 +84,8 @@ class _Run:
     init: object  # () -> a fresh sharded state
     abstract_state: dict
     data_sharding: NamedSharding
-    step_fn: object
+    step_fn: object  # one step: (state, batch) -> (state, metrics)
+    multi_step_fn: object | None  # train.steps_per_call > 1: (state, batches [n, ...]) -> (state, metrics [n])
     checkpoints: object
     iterator: object
     initial_data_state: dict
@@ -96,6 +98,27 @@ class _Run:
         """The next global batch, sharded over the mesh (each host gives its rows)."""
         local = next(self.iterator)
         return {k: jax.make_array_from_process_local_data(self.data_sharding, v) for k, v in local.items()}
+
+    def batches(self, n: int) -> dict:
+        """The next n global batches, stacked on a leading axis of steps."""
+        local = [next(self.iterator) for _ in range(n)]
+        sharding = NamedSharding(self.data_sharding.mesh, P(None, *self.data_sharding.spec))
+        return {k: jax.make_array_from_process_local_data(sharding, np.stack([b[k] for b in local]))
+                for k in local[0]}
+
+    def call_size(self, step: int) -> int:
+        """Steps in the call that starts after `step`: train.steps_per_call, less after a resume off its grid."""
+        per_call = self.config.train.steps_per_call
+        return min(per_call - step % per_call, self.total_steps - step)
+
+    def advance(self, step: int) -> tuple[int, dict]:
+        """Dispatch the steps after `step` (one call); returns how many and their metrics (on the device)."""
+        if self.multi_step_fn is None:
+            self.state, metrics = self.step_fn(self.state, self.batch())
+            return 1, metrics
+        n = self.call_size(step)
+        self.state, metrics = self.multi_step_fn(self.state, self.batches(n))
+        return n, metrics
 
     def is_eval_step(self, step: int) -> bool:
         return self.evaluator is not None and step > 0 and (step % self.config.eval.every == 0
@@ -167,14 +190,18 @@ def _prepare(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
             starts=[*manifest.starts, start], status="running", total_steps=config.train.steps, config=config_dict))
 
     data_sharding = NamedSharding(mesh, P("data"))
-    step_fn = jax.jit(make_train_step(model_config, diffusion, optimizer, config.train.ema_decay),
-                      in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, None),
-                      donate_argnums=(0,))
+    train_step = make_train_step(model_config, diffusion, optimizer, config.train.ema_decay)
+    step_fn = jax.jit(train_step, in_shardings=(state_sharding, data_sharding),
+                      out_shardings=(state_sharding, None), donate_argnums=(0,))
+    multi_step_fn = None if config.train.steps_per_call == 1 else jax.jit(
+        make_multi_step(train_step), in_shardings=(state_sharding, NamedSharding(mesh, P(None, "data"))),
+        out_shardings=(state_sharding, None), donate_argnums=(0,))
     evaluator = build_evaluator(config, source, model_config, diffusion, compute, mesh) if config.eval.every \
         else None
     return _Run(config=config, workdir=workdir, primary=primary, model_config=model_config, compute=compute,
                 global_batch=global_batch, total_steps=config.train.steps, peak_flops=peak, init=init,
-                abstract_state=abstract_state, data_sharding=data_sharding, step_fn=step_fn, checkpoints=manager,
+                abstract_state=abstract_state, data_sharding=data_sharding, step_fn=step_fn,
+                multi_step_fn=multi_step_fn, checkpoints=manager,
                 iterator=iterator, initial_data_state=initial_data_state, evaluator=evaluator,
                 start_step=start_step, elapsed=elapsed, state=state)
 
@@ -193,9 +220,9 @@ def _new_manifest(config, config_dict: dict, model_config, compute, source) -> s
 
 def _check_same_run(previous: dict, current: dict, workdir: Path) -> None:
     """A workdir continues only the run it holds; train.steps and the eval section may change."""
-    def without_steps(config):  # evaluation settings do not change training either
+    def without_steps(config):  # evaluation settings, and how many steps a call runs, do not change training
         return {**{k: v for k, v in config.items() if k != "eval"},
-                "train": {k: v for k, v in config["train"].items() if k != "steps"}}
+                "train": {k: v for k, v in config["train"].items() if k not in ("steps", "steps_per_call")}}
 
     before, after = without_steps(previous), without_steps(current)
     if before != after:
@@ -257,6 +284,7 @@ class _StepLog:
 
     def __init__(self, run: _Run):
         self.run = run
+        self.first_call_end = run.start_step + run.call_size(run.start_step)  # its steps include compilation
         self.run_start = time.perf_counter()
         self.last_time, self.last_step = None, run.start_step
         self.final_loss = None
@@ -277,8 +305,8 @@ class _StepLog:
             _stop_diverged(run, step, metrics, self.wall_time())
         self.final_loss = float(metrics["loss"])
         now = time.perf_counter()
-        if step == run.start_step + 1:
-            self.last_time, self.last_step = now, step  # the first step after a start includes compilation
+        if step <= self.first_call_end:
+            self.last_time, self.last_step = now, step  # the first call after a start includes compilation
         if step % run.config.train.log_every and step != run.total_steps:
             return
         step_time = (now - self.last_time) / (step - self.last_step) if step > self.last_step else None
@@ -299,6 +327,15 @@ class _StepLog:
             eta = f"ETA {format_duration((run.total_steps - step) * step_time)}" if step_time else ""
             print(f"[{run.workdir.name}] step {step}/{run.total_steps}  loss {record.loss:.4f}  {rate}  {eta}",
                   flush=True)
+
+    def handle_call(self, first_step: int, n: int, metrics: dict) -> None:
+        """The records of the n steps after first_step, dispatched in one call."""
+        if self.run.multi_step_fn is None:
+            self.handle(first_step + 1, metrics)
+            return
+        metrics = jax.device_get(metrics)
+        for i in range(n):
+            self.handle(first_step + 1 + i, {k: v[i] for k, v in metrics.items()})
 
     def close(self) -> None:
         if self.writer is not None:
@@ -368,21 +405,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
     steps = _StepLog(run)
     if run.is_eval_step(run.start_step):  # a run stopped during the evaluation that follows its checkpoint
         _evaluate(run, run.start_step)
-    pending = None  # (step, metrics) of the step dispatched last: fetched after the next dispatch, so the host
-    for step in range(run.start_step + 1, run.total_steps + 1):  # never stalls the device
-        run.state, metrics = run.step_fn(run.state, run.batch())
+    # (first step, steps, metrics) of the call dispatched last: fetched after the next dispatch, so the host never
+    # stalls the device.
+    pending, step = None, run.start_step
+    while step < run.total_steps:
+        n, metrics = run.advance(step)
         if pending is not None:
-            steps.handle(*pending)
-        pending = (step, metrics)
+            steps.handle_call(*pending)
+        pending, step = (step, n, metrics), step + n
         if run.is_checkpoint_step(step):
-            steps.handle(*pending)
+            steps.handle_call(*pending)
             pending = None
             checkpoints.save(run.checkpoints, step, run.state, run.iterator.get_state(), steps.wall_time())
         if run.is_eval_step(step):
             _evaluate(run, step)
             steps.restart_clock(step)
     if pending is not None:
-        steps.handle(*pending)
+        steps.handle_call(*pending)
     run.checkpoints.wait_until_finished()
     run.checkpoints.close()
     steps.close()

@@ -112,6 +112,11 @@ def make_train_step(model_config: DiTConfig, diffusion: GaussianDiffusion, optim
     return train_step
 
 
+def make_multi_step(train_step):
+    """Several steps in one call: (state, batches with a leading axis of steps) -> (state, metrics per step)."""
+    return lambda state, batches: jax.lax.scan(train_step, state, batches)
+
+
 def _global_norm(tree) -> jax.Array:
     """sqrt of the sum of squares of every leaf. Behind an optimization barrier: XLA would otherwise share the
     squares with Adam's second moment and write the squares of all gradients to memory to read them back."""

@@ -218,6 +218,25 @@ def test_divergence_stops_with_the_last_good_state(tmp_path, capsys):
         np.testing.assert_array_equal(a, b)
 
 
+def test_several_steps_per_call_compute_what_single_steps_do(fmnist_dir, tmp_path):
+    def run(name, *overrides):
+        config = load_config("fmnist:S/8,smoke", [f"data.path={fmnist_dir}", "train.log_every=10", *TINY, *overrides])
+        train(config, tmp_path / name)
+        return {r["step"]: r["loss"] for r in read_records(tmp_path / name / "records.jsonl")}
+
+    single = run("single")
+    # Five steps per call, stopped at step 15; resumed with ten per call: the first call (5 steps) regains the grid.
+    run("called", "train.steps=15", "train.steps_per_call=5")
+    called = run("called", "train.steps_per_call=10")
+    assert sorted(called) == [10, 15, 20]
+    np.testing.assert_allclose([called[10], called[20]], [single[10], single[20]], rtol=1e-5)
+    for a, b in zip(leaves(load_final_params(tmp_path / "called")), leaves(load_final_params(tmp_path / "single")),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"steps_per_call \(3\) must divide train.steps \(20\)"):
+        validate(load_config("fmnist:S/8,smoke", ["train.steps_per_call=3"]))
+
+
 def test_train_step_reports_the_gradient_norm():
     # After AdamW's first step its first moment is (1 - b1) g: an independent read of the gradient.
     import jax
