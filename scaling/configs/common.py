@@ -36,9 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.eps = 1e-8
     config.train.ema_decay = 0.9999
     config.train.seed = 0
-    # Optimizer steps per compiled call (a scan over that many batches): small models on a CPU spend most of a
-    # step dispatching it. The steps compute what single steps do; log_every, checkpoint_every, eval.every and
-    # steps must be multiples of it.
+    # Optimizer steps per compiled call (a scan over that many batches): one dispatch from the host per call.
+    # On a 2-core CPU 20 per call gained 3-14% for miniature configs (XLA's per-operation cost dominates there).
+    # The steps compute what single steps do; log_every, checkpoint_every, eval.every and steps must be
+    # multiples of it.
     config.train.steps_per_call = 1
     config.train.log_every = 100
     config.train.checkpoint_every = 5000
