@@ -84,6 +84,7 @@ class _Run:
     init: object  # () -> a fresh sharded state
     abstract_state: dict
     data_sharding: NamedSharding
+    stacked_data_sharding: NamedSharding  # batches of several steps: [steps, batch, ...]
     step_fn: object  # one step: (state, batch) -> (state, metrics)
     multi_step_fn: object | None  # train.steps_per_call > 1: (state, batches [n, ...]) -> (state, metrics [n])
     checkpoints: object
@@ -102,8 +103,7 @@ class _Run:
     def batches(self, n: int) -> dict:
         """The next n global batches, stacked on a leading axis of steps."""
         local = [next(self.iterator) for _ in range(n)]
-        sharding = NamedSharding(self.data_sharding.mesh, P(None, *self.data_sharding.spec))
-        return {k: jax.make_array_from_process_local_data(sharding, np.stack([b[k] for b in local]))
+        return {k: jax.make_array_from_process_local_data(self.stacked_data_sharding, np.stack([b[k] for b in local]))
                 for k in local[0]}
 
     def call_size(self, step: int) -> int:
@@ -189,19 +189,20 @@ def _prepare(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
         schema.write_manifest(workdir, manifest.with_changes(
             starts=[*manifest.starts, start], status="running", total_steps=config.train.steps, config=config_dict))
 
-    data_sharding = NamedSharding(mesh, P("data"))
+    data_sharding, stacked_data_sharding = NamedSharding(mesh, P("data")), NamedSharding(mesh, P(None, "data"))
     train_step = make_train_step(model_config, diffusion, optimizer, config.train.ema_decay)
     step_fn = jax.jit(train_step, in_shardings=(state_sharding, data_sharding),
                       out_shardings=(state_sharding, None), donate_argnums=(0,))
     multi_step_fn = None if config.train.steps_per_call == 1 else jax.jit(
-        make_multi_step(train_step), in_shardings=(state_sharding, NamedSharding(mesh, P(None, "data"))),
+        make_multi_step(train_step), in_shardings=(state_sharding, stacked_data_sharding),
         out_shardings=(state_sharding, None), donate_argnums=(0,))
     evaluator = build_evaluator(config, source, model_config, diffusion, compute, mesh) if config.eval.every \
         else None
     return _Run(config=config, workdir=workdir, primary=primary, model_config=model_config, compute=compute,
                 global_batch=global_batch, total_steps=config.train.steps, peak_flops=peak, init=init,
-                abstract_state=abstract_state, data_sharding=data_sharding, step_fn=step_fn,
-                multi_step_fn=multi_step_fn, checkpoints=manager,
+                abstract_state=abstract_state, data_sharding=data_sharding,
+                stacked_data_sharding=stacked_data_sharding, step_fn=step_fn, multi_step_fn=multi_step_fn,
+                checkpoints=manager,
                 iterator=iterator, initial_data_state=initial_data_state, evaluator=evaluator,
                 start_step=start_step, elapsed=elapsed, state=state)
 
@@ -219,7 +220,8 @@ def _new_manifest(config, config_dict: dict, model_config, compute, source) -> s
 
 
 def _check_same_run(previous: dict, current: dict, workdir: Path) -> None:
-    """A workdir continues only the run it holds; train.steps and the eval section may change."""
+    """A workdir continues only the run it holds; train.steps, train.steps_per_call and the eval section may
+    change."""
     def without_steps(config):  # evaluation settings, and how many steps a call runs, do not change training
         return {**{k: v for k, v in config.items() if k != "eval"},
                 "train": {k: v for k, v in config["train"].items() if k not in ("steps", "steps_per_call")}}
