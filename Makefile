@@ -1,13 +1,14 @@
-# `make run`: set up .venv and run the main job (the compute table, then the scaling fits and figures of the
-# committed records).  `make test`: set up .venv (with dev extras) and run the tests, one worker per core (each
-# test file stays on one worker, so its module fixtures are built once).
+# `make run`: set up .venv and run the main job, the miniature scaling study (`dit-scaling study`, into
+# studies/fmnist-default; run again, it resumes or re-renders).  `make test`: set up .venv (with dev extras) and
+# run the tests, one worker per core (each test file stays on one worker, so its module fixtures are built once).
+# `make paper`: the analysis of the paper's own numbers (compute table, Fig. 8's fit, a plan, every figure).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: run test lint clean
+.PHONY: run paper test lint clean
 
 # The embedded default data: Debian's dataset-fashion-mnist (needs root, as on CI; else install it yourself).
 $(FASHION_MNIST):
@@ -28,12 +29,14 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install -qq -e ".[dev]"
 	touch $@ $(VENV)/.installed-core
 
-run: $(VENV)/.installed-core
+run: $(VENV)/.installed-core $(FASHION_MNIST)
+	$(BIN)/dit-scaling study
+
+paper: $(VENV)/.installed-core
 	$(BIN)/dit-scaling flops
 	$(BIN)/dit-scaling fit runs/paper --x gflops --y fid
 	$(BIN)/dit-scaling plan --compute 1e11
 	$(BIN)/dit-scaling figures runs/paper
-	$(BIN)/dit-scaling figures runs/fmnist_miniature
 
 test: $(VENV)/.installed-dev $(FASHION_MNIST)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile

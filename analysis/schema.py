@@ -39,11 +39,13 @@ EVALUATIONS_FILE = "evaluations.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 CORRUPT_CHECKPOINTS_DIR = "corrupt_checkpoints"
 TENSORBOARD_DIR = "tensorboard"
+LOG_FILE = "train.log"  # the run's printed output, where a grid ran it in a worker process
 
 RUN_STATUSES = ("running", "finished", "failed", "diverged")
 TRAINING_MULTIPLIER = 3  # training compute per image = 3 x forward (the backward pass costs ~2 forwards)
 GUIDANCE_MULTIPLIER = 2  # classifier-free guidance runs the model on the conditional and the null label
 # The feature network of FID as ADM's evaluator (and so the paper) computes it; protocols name it.
+VALIDATION_FAMILY = "val-loss"  # the held-out diffusion loss at fixed timesteps, recorded beside sample metrics
 FID_FEATURE_NETWORK = "Inception-v3 2015-12-05 pool_3"
 
 log = logging.getLogger(__name__)

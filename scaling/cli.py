@@ -14,7 +14,7 @@ from pathlib import Path
 
 from analysis.cli import add_commands as add_analysis_commands
 from analysis.cli import print_table
-from scaling.host import enable_compilation_cache, keep_freed_memory
+from scaling.host import confine_worker, enable_compilation_cache, keep_freed_memory
 
 # ----------------------------------------------------------------------------------------------------------------
 # flops
@@ -142,9 +142,33 @@ def cmd_grid(args: argparse.Namespace) -> int:
     _init_distributed(args)
     outcome = run_grid(args.config, args.workdir, models=args.models.split(",") if args.models else None,
                        only=args.only.split(",") if args.only else None, shard=args.shard,
-                       overrides=[o.removeprefix("--config.") for o in args.overrides])
+                       overrides=[o.removeprefix("--config.") for o in args.overrides], workers=args.workers)
     print_table([{"model": m, "outcome": o} for m, o in outcome.items()], [("model", "model"), ("outcome", "outcome")])
     return 1 if any(o.startswith("failed") for o in outcome.values()) else 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from scaling.study import run_study
+    from scaling.train import format_duration
+
+    try:
+        result = run_study(args.preset, args.workdir, seed=args.seed, overrides=args.overrides,
+                           workers=args.workers)
+    except KeyboardInterrupt:
+        print("\ndit-scaling study: interrupted; run the same command to resume.", file=sys.stderr)
+        return 130
+    print(f"\nstudy    {result.workdir} ({format_duration(result.seconds)} this time)")
+    print(f"report   {result.report}")
+    print(f"figures  {result.workdir / 'figures'} ({sum(p.suffix == '.png' for p in result.figures)} figures)")
+    if result.findings is not None:
+        print(f"\nThe paper's findings ({result.findings.metric} at step {result.findings.step}):")
+        for line in result.findings.markdown():
+            print(line.replace("**", ""))
+    if result.failed:
+        print(f"\nfailed runs: {', '.join(result.failed)} (their train.log says why; run the same command to "
+              "retry them)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -284,7 +308,26 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--models", help="comma-separated configs of the study (default: the paper's 12)")
     grid.add_argument("--only", help="comma-separated subset to run, e.g. XL/2,L/2")
     grid.add_argument("--shard", help="i/n: run every n-th config starting at i (for n machines)")
+    grid.add_argument("--workers", type=int, default=1,
+                      help="runs at once on this machine, each on its share of the cores (default: 1)")
     grid.set_defaults(handler=cmd_grid)
+
+    study = commands.add_parser(
+        "study", help="The paper's scaling study in miniature: train the 12 configs, evaluate, fit, render.",
+        description="Train the 12 miniature DiT configs on Fashion-MNIST with one recipe, evaluate them during "
+                    "training and over several sampling-step counts at the end, fit and render the paper's figures "
+                    "and check its findings: WORKDIR/report.md, WORKDIR/figures/, one run directory per config. The "
+                    "same command resumes an interrupted study; a finished one re-renders in seconds.")
+    study.add_argument("--preset", choices=("smoke", "default", "full"), default="default",
+                       help="smoke: about 3 minutes (the tests'); default: within 20 minutes on a 2-core CPU; "
+                            "full: longer runs that sharpen every finding")
+    study.add_argument("--workdir", help="where the study goes (default: studies/fmnist-PRESET[-seedN])")
+    study.add_argument("--seed", type=int, default=0, help="training seed of every run")
+    study.add_argument("--workers", type=int, help="runs at once, one per share of the cores (default: one per "
+                                                   "core)")
+    study.add_argument("overrides", nargs="*", metavar="--config.KEY=VALUE",
+                       help="config overrides for every run, e.g. --config.data.path=DIR")
+    study.set_defaults(handler=cmd_study)
 
     status = commands.add_parser("status", help="Progress of every run under a directory.")
     status.add_argument("runs_dir")
@@ -323,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    confine_worker()
     keep_freed_memory()
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
@@ -332,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("absl", "orbax", "jax", "fontTools"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command in ("train", "grid", "evaluate", "reference"):  # the commands that compile large programs
+    if args.command in ("train", "grid", "study", "evaluate", "reference"):  # the commands that compile large programs
         from models.fashion_cnn import CACHE_DIR
 
         enable_compilation_cache(CACHE_DIR / "jax")  # keeps the analysis commands free of JAX

@@ -1,8 +1,20 @@
-"""The grid: one training run per config of a study, resumable and splittable across machines."""
+"""The grid: one training run per config of a study, resumable and splittable across machines.
+
+With `workers` > 1 the runs go to that many worker processes at once, each confined to its share of this
+machine's cores (single-threaded XLA on a single core): miniature DiTs spend much of a step in per-operation
+overhead that extra threads do not shorten, so two one-core runs finish sooner than the same two runs one after
+the other on two cores. The costliest runs start first, so the workers finish together.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -10,7 +22,10 @@ import jax
 
 from analysis import schema
 from models.dit import PAPER_MODELS, canonical_name, short_name
+from models.flops import dit_compute
 from scaling import config as config_lib
+from scaling import data as data_lib
+from scaling.host import WORKER_CORES_VARIABLE
 from scaling.train import train
 
 log = logging.getLogger("dit_scaling.grid")
@@ -41,34 +56,82 @@ def select_models(models: list[str], only: list[str] | None, shard: str | None) 
     return models
 
 
-def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None = None,
-             only: list[str] | None = None, shard: str | None = None, overrides: list[str] = ()) -> dict[str, str]:
-    """Train every selected config into runs_dir/<run>; skip finished runs, resume the rest, keep going on
-    failures. Returns {model: "finished" | "skipped" | "failed: ..."}."""
+# A cost model of one run on a CPU, for the order of the runs and the ETA before any run has finished: seconds per
+# step = STEP_OVERHEAD_S + training FLOPs / TRAIN_FLOP_RATE; per evaluation, EVAL_OVERHEAD_S + forward FLOPs of
+# sampling and the held-out loss / EVAL_FLOP_RATE. Fitted to a study on one core each of a 2-core AMD EPYC (the
+# slowest CPU seen: DiT-XL/2 trained at 0.22 s per step of batch 16, and sampled 91 images x steps per second);
+# the study rescales it by the runs that finish.
+STEP_OVERHEAD_S = 0.003
+TRAIN_FLOP_RATE = 50e9
+EVAL_FLOP_RATE = 22e9
+EVAL_OVERHEAD_S = 5.0
+RUN_OVERHEAD_S = 20.0  # start, compilation, checkpoints
+
+
+def predicted_seconds(config) -> float:
+    """The cost model's seconds for one run of `config` on one core of the reference CPU."""
+    source = data_lib.FashionMNIST if config.data.source == "fashion_mnist" else data_lib.open_source(config)
+    height, _, channels = source.image_shape
+    model = config_lib.model_config(config, input_size=height, in_channels=channels,
+                                    num_classes=source.num_classes)
+    macs = dit_compute(dataclasses.replace(model, dtype="float32")).macs
+    train_flops = 2 * 3 * macs * config.train.batch_size
+    seconds = RUN_OVERHEAD_S + config.train.steps * (STEP_OVERHEAD_S + train_flops / TRAIN_FLOP_RATE)
+    e = config.eval
+    if e.every:
+        evaluations = config.train.steps // e.every + (config.train.steps % e.every != 0)
+        forward_passes = evaluations * (e.num_samples * sum(e.sampling_steps)
+                                        + e.validation_examples * e.validation_timesteps)
+        forward_passes += e.num_samples * sum(s for s in e.final_sampling_steps if s not in e.sampling_steps)
+        seconds += evaluations * EVAL_OVERHEAD_S + 2 * macs * forward_passes / EVAL_FLOP_RATE
+    return seconds
+
+
+def load_grid_configs(config_name: str, models: list[str], overrides: list[str] = ()) -> dict:
+    """{model: config} for every model of a grid, each loaded and checked before any run starts: a bad override
+    or variant stops the grid at once, not hours later when its turn comes."""
     base, _, options = config_name.partition(":")
-    selected = select_models([short_name(m) for m in (models or PAPER_MODELS)], only, shard)
-    runs_dir = Path(runs_dir)
-    # Every config is loaded and checked before any run starts: a bad override or variant stops the grid at once,
-    # not hours later when its turn comes.
     configs = {}
-    for model in selected:
+    for model in models:
         variant = model + (f",{options}" if options else "")
         try:
             configs[model] = config_lib.load_config(f"{base}:{variant}", overrides)
             config_lib.validate(configs[model])
         except Exception as e:
             raise ValueError(f"The config of {model} ({base}:{variant}) is not usable: {e}") from e
-    outcome = {}
-    for i, (model, config) in enumerate(configs.items()):
-        workdir = runs_dir / run_dir_name(model)
-        manifest = schema.read_manifest(workdir)
-        if manifest and manifest.status == "finished" and manifest.final_step == config.train.steps:
+    return configs
+
+
+def is_finished(workdir: Path, config) -> bool:
+    manifest = schema.read_manifest(workdir)
+    return manifest is not None and manifest.status == "finished" and manifest.final_step == config.train.steps
+
+
+def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None = None,
+             only: list[str] | None = None, shard: str | None = None, overrides: list[str] = (),
+             workers: int = 1, on_finish=None) -> dict[str, str]:
+    """Train every selected config into runs_dir/<run>; skip finished runs, resume the rest, keep going on
+    failures. With workers > 1, that many runs at once in worker processes (see the module docstring).
+    `on_finish(model, outcome)` is called as each run ends. Returns {model: "finished" | "skipped" | "failed: ..."}."""
+    selected = select_models([short_name(m) for m in (models or PAPER_MODELS)], only, shard)
+    runs_dir = Path(runs_dir)
+    configs = load_grid_configs(config_name, selected, overrides)
+    outcome, pending = {}, []
+    for model, config in configs.items():
+        if is_finished(runs_dir / run_dir_name(model), config):
             outcome[model] = "skipped"
-            log.info("[%d/%d] %s: finished already, skipped.", i + 1, len(selected), model)
-            continue
-        log.info("[%d/%d] %s -> %s", i + 1, len(selected), model, workdir)
+            log.info("%s: finished already, skipped.", model)
+        else:
+            pending.append(model)
+    if workers > 1 and len(pending) > 1:
+        pending.sort(key=lambda m: -predicted_seconds(configs[m]))  # costliest first: the workers end together
+        outcome.update(_run_in_workers(config_name, runs_dir, pending, overrides, workers, on_finish))
+        return {model: outcome[model] for model in configs}
+    for i, model in enumerate(pending):
+        workdir = runs_dir / run_dir_name(model)
+        log.info("[%d/%d] %s -> %s", i + 1, len(pending), model, workdir)
         try:
-            train(config, workdir)
+            train(configs[model], workdir)
             outcome[model] = "finished"
         except Exception as e:  # one failed run must not stop the grid
             outcome[model] = f"failed: {type(e).__name__}: {e}"
@@ -76,6 +139,99 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
             manifest = schema.read_manifest(workdir)
             if jax.process_index() == 0 and manifest is not None:
                 schema.write_manifest(workdir, manifest.with_changes(status="failed", error=f"{type(e).__name__}: {e}"))
+        if on_finish is not None:
+            on_finish(model, outcome[model])
+    return {model: outcome[model] for model in configs}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several runs at once
+# ----------------------------------------------------------------------------------------------------------------
+
+def core_shares(workers: int) -> list[list[int]]:
+    """This process's cores split into `workers` shares of equal size (at least one core each)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if workers > len(cores):
+        raise ValueError(f"--workers {workers} exceeds the {len(cores)} cores this process may use.")
+    size = len(cores) // workers
+    return [cores[i * size:(i + 1) * size] for i in range(workers)]
+
+
+def worker_environment(cores: list[int]) -> dict[str, str]:
+    """The environment of a worker on `cores` (see host.confine_worker): on a single core, single-threaded XLA."""
+    env = {**os.environ, WORKER_CORES_VARIABLE: ",".join(map(str, cores)), "PYTHONUNBUFFERED": "1"}
+    if len(cores) == 1:
+        flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
+    return env
+
+
+def _run_in_workers(config_name: str, runs_dir: Path, models: list[str], overrides: list[str], workers: int,
+                    on_finish) -> dict[str, str]:
+    shares = core_shares(workers)
+    queue, outcome, lock = list(models), {}, threading.Lock()
+    children: set[subprocess.Popen] = set()
+
+    def work(cores: list[int]) -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                model = queue.pop(0)
+            workdir = runs_dir / run_dir_name(model)
+            workdir.mkdir(parents=True, exist_ok=True)
+            base, _, options = config_name.partition(":")
+            command = [sys.executable, "-m", "scaling.cli", "train", "--workdir", str(workdir),
+                       "--config", f"{base}:{model}" + (f",{options}" if options else ""),
+                       *(f"--config.{o}" for o in overrides)]
+            log.info("%s -> %s (worker on core%s %s)", model, workdir, "s" if len(cores) > 1 else "",
+                     ",".join(map(str, cores)))
+            tail: list[str] = []
+            with open(workdir / schema.LOG_FILE, "a") as log_file:
+                child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                         env=worker_environment(cores))
+                with lock:
+                    children.add(child)
+                for line in child.stdout:
+                    log_file.write(line)
+                    log_file.flush()
+                    tail = [*tail[-19:], line.rstrip()]
+                    if line.startswith("["):  # the run's progress and evaluation lines
+                        print(line.rstrip(), flush=True)
+                code = child.wait()
+            with lock:
+                children.discard(child)
+            if code == 0:
+                result = "finished"
+            else:
+                reason = next((t for t in reversed(tail) if "error" in t.lower() or "Error" in t), "") or \
+                    (tail[-1] if tail else "")
+                result = f"failed: exit code {code}: {reason}"
+                manifest = schema.read_manifest(workdir)
+                if manifest is not None and manifest.status == "running":  # a diverged run says so itself
+                    schema.write_manifest(workdir, manifest.with_changes(status="failed", error=reason))
+                log.error("%s failed (exit code %d); its output is in %s:\n%s", model, code,
+                          workdir / schema.LOG_FILE, "\n".join(tail))
+            with lock:
+                outcome[model] = result
+                if on_finish is not None:
+                    on_finish(model, result)
+
+    threads = [threading.Thread(target=work, args=(cores,), daemon=True) for cores in shares]
+    for thread in threads:
+        thread.start()
+    try:
+        while any(thread.is_alive() for thread in threads):
+            for thread in threads:
+                thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        with lock:
+            queue.clear()
+            for child in children:
+                child.send_signal(signal.SIGINT)
+        for child in list(children):
+            child.wait()
+        raise
     return outcome
 
 

@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
+import signal
 import sys
 from pathlib import Path
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc mallopt parameters
+_PR_SET_PDEATHSIG = 1
+WORKER_CORES_VARIABLE = "DIT_SCALING_WORKER_CORES"  # set by the grid for the worker processes it starts
+
+
+def confine_worker() -> None:
+    """In a worker process of the grid (WORKER_CORES_VARIABLE set: comma-separated core ids), keep to those cores
+    and end with the grid's process, even when it is killed by SIGKILL: an orphaned run would keep writing to a
+    directory that the next grid resumes. Done by the worker itself, so the grid starts it without forking a
+    multithreaded process."""
+    cores = os.environ.get(WORKER_CORES_VARIABLE)
+    if not cores:
+        return
+    os.sched_setaffinity(0, [int(c) for c in cores.split(",")])
+    if sys.platform == "linux":
+        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the grid died before the line above
+        sys.exit("the grid that started this worker has ended")
 
 
 def keep_freed_memory() -> bool:

@@ -385,14 +385,19 @@ def _stop_diverged(run: _Run, step: int, metrics: dict, wall_time: float) -> Non
 
 
 def _evaluate(run: _Run, step: int) -> None:
-    """Score the EMA parameters under every protocol not yet recorded at this step."""
-    protocols = pending_protocols(schema.read_evaluations(run.workdir), step, run.evaluator.protocols)
+    """Score the EMA parameters under every protocol not yet recorded at this step (the final protocols too at
+    the last step)."""
+    wanted = run.evaluator.protocols + (run.evaluator.final_protocols if step == run.total_steps else [])
+    protocols = pending_protocols(schema.read_evaluations(run.workdir), step, wanted)
     for record in run.evaluator.run(step, run.state["ema"], protocols) if protocols else []:
         if run.primary:
             schema.append_jsonl(run.workdir / schema.EVALUATIONS_FILE, record.to_json())
-            print(f"[{run.workdir.name}] eval step {step}: {record.metric} {record.value:.4f} "
-                  f"({record.protocol.sampler} {record.protocol.sampling_steps} steps, {record.seconds:.0f} s)",
-                  flush=True)
+            how = (f"{record.protocol.sampler} {record.protocol.sampling_steps} steps"
+                   if record.protocol.sampler else "held-out images")
+            accuracy = record.details.get("class_accuracy")
+            accuracy = "" if accuracy is None else f", class accuracy {accuracy:.2f}"
+            print(f"[{run.workdir.name}] eval step {step}: {record.metric} {record.value:.4f}{accuracy} "
+                  f"({how}, {record.seconds:.0f} s)", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def test_config_overrides_are_typed_and_checked():
     config = load_config("fmnist:B/4,smoke", ["train.steps=7", "train.learning_rate=3e-4", "data.flip=false",
                                               "model.dtype=bfloat16"])
     assert (config.train.steps, config.train.learning_rate, config.data.flip) == (7, 3e-4, False)
-    assert config.model.hidden_size == 64 and config.model.name == "B/4"
+    assert config.model.hidden_size == 48 and config.model.name == "B/4"
     with pytest.raises(ValueError, match="no field 'train.stepz'"):
         apply_override(config, "train.stepz=3")
     with pytest.raises(ValueError, match="expected true or false"):
@@ -305,7 +305,7 @@ def test_evaluations_are_recorded_with_their_protocol_and_never_repeated(fmnist_
         assert record["metric"] == "FD-FashionCNN-24" and record["value"] > 0
         assert 0 <= record["precision"] <= 1 and 0 <= record["class_accuracy"] <= 1
         assert 1 <= record["classifier_score"] <= 10
-        assert record["protocol"]["num_samples"] == 24 and record["protocol"]["sampler"] == "ddpm"
+        assert record["protocol"]["num_samples"] == 24 and record["protocol"]["sampler"] == "ddim"
         assert record["sampling_gflops_per_image"] == pytest.approx(
             manifest["gflops_per_image"] * record["protocol"]["sampling_steps"])
         assert record["train_gflops_cumulative"] == pytest.approx(3 * manifest["gflops_per_image"] * 8 * record["step"])

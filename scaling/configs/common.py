@@ -56,10 +56,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.batch_size = 250  # samples per sampling batch (a multiple of the device count)
     config.eval.sampler = "ddpm"  # ddpm (ancestral) | ddim (eta 0)
     config.eval.sampling_steps = (250,)  # one evaluation per entry (the paper's Fig. 10: 16 ... 1000)
+    config.eval.final_sampling_steps = ()  # more entries evaluated at the last step only (Fig. 10 of the end)
     config.eval.guidance_scale = 1.0  # 1.0: no classifier-free guidance
     config.eval.guidance_channels = 3  # guided latent channels: 3 is the paper's mode, 0 guides all
     config.eval.seed = 0  # noise and labels: the same at every step, so evaluations compare directly
     config.eval.num_reference = 10_000  # real images the samples are compared with
     config.eval.classifier_epochs = 2  # FashionCNN feature network (trained once per data and seed, cached)
     config.eval.classifier_examples = 0  # training images for it (0: the whole training split)
+    # Held-out diffusion loss at every evaluation step: noise-prediction MSE on the first N test images at
+    # validation_timesteps fixed timesteps, with fixed noise (0: off).
+    config.eval.validation_examples = 0
+    config.eval.validation_timesteps = 8
     return config

@@ -1,10 +1,12 @@
 """Evaluation during training: the evaluator a run builds once and calls at its evaluation steps.
 
-Every evaluator follows one interface (`Evaluator`): `protocols` lists what it measures (one `schema.Protocol`
-per entry of eval.sampling_steps), and `run(step, params, protocols)` samples from the EMA parameters and returns
-one `schema.EvaluationRecord` per protocol. `build_evaluator(config, ...)` picks the evaluator of the run's data:
-Fashion-MNIST runs are scored with FD-FashionCNN against the training split (latent runs need the autoencoder's
-decoder and are scored from written samples with `dit-scaling evaluate`).
+Every evaluator follows one interface (`Evaluator`): `protocols` lists what it measures at every evaluation
+step, `final_protocols` what it measures at the last step only, and `run(step, params, protocols)` scores the EMA
+parameters and returns one `schema.EvaluationRecord` per protocol. `build_evaluator(config, ...)` builds the
+evaluators of the run's data: Fashion-MNIST runs are scored with FD-FashionCNN against the training split (one
+protocol per eval.sampling_steps entry, and per eval.final_sampling_steps entry at the last step) and, with
+eval.validation_examples, with the diffusion loss on held-out test images at fixed timesteps (latent runs need
+the autoencoder's decoder and are scored from written samples with `dit-scaling evaluate`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from analysis import schema
 from analysis.schema import EvaluationRecord, Protocol
+from scaling import data as data_lib
 from scaling.evaluation.npz import to_uint8
 from scaling.evaluation.sampling import make_sampler
 from scaling.evaluation.small_data import classifier_outputs, small_data_metrics_of_features
@@ -25,13 +28,15 @@ SMALL_DATA_FAMILY = "FD-FashionCNN"
 
 class Evaluator(Interface):
     protocols: list[Protocol]
+    final_protocols: list[Protocol]
 
     def run(self, step: int, params, protocols: list[Protocol]) -> list[EvaluationRecord]:
         """Score the model with `params` (trained for `step` steps) under each protocol."""
 
 
-def evaluation_protocols(config) -> list[Protocol]:
-    """One protocol per eval.sampling_steps entry: everything that makes two evaluation points comparable."""
+def evaluation_protocols(config, sampling_steps=None) -> list[Protocol]:
+    """One protocol per entry of `sampling_steps` (default: eval.sampling_steps): everything that makes two
+    evaluation points comparable."""
     e = config.eval
     guided = schema.is_guided(float(e.guidance_scale))
     return [Protocol(sampler=e.sampler, sampling_steps=int(steps), guidance_scale=float(e.guidance_scale),
@@ -40,7 +45,24 @@ def evaluation_protocols(config) -> list[Protocol]:
                      reference=f"{config.data.source}:train[:{int(e.num_reference)}]",
                      feature_network=f"FashionCNN(epochs={int(e.classifier_epochs)}, "
                                      f"examples={int(e.classifier_examples) or 'all'}, seed={int(config.train.seed)})")
-            for steps in e.sampling_steps]
+            for steps in (e.sampling_steps if sampling_steps is None else sampling_steps)]
+
+
+def final_evaluation_protocols(config) -> list[Protocol]:
+    """The protocols of eval.final_sampling_steps not already among eval.sampling_steps'."""
+    extra = [s for s in config.eval.final_sampling_steps if s not in tuple(config.eval.sampling_steps)]
+    return evaluation_protocols(config, extra)
+
+
+def prepare_feature_network(config, source):
+    """The FashionCNN of a run's evaluation (trained once per data and recipe, then loaded from the cache): a
+    grid running several runs at once prepares it first, so that they do not all train it."""
+    from models.fashion_cnn import Recipe, trained_fashion_cnn
+
+    e = config.eval
+    n_train = int(e.classifier_examples) or len(source)
+    recipe = Recipe(epochs=int(e.classifier_epochs), seed=int(config.train.seed))
+    return trained_fashion_cnn(source.images[:n_train], source.labels[:n_train], source.num_classes, recipe)
 
 
 def pending_protocols(done: list[EvaluationRecord], step: int, protocols: list[Protocol]) -> list[Protocol]:
@@ -57,20 +79,15 @@ class SmallDataEvaluator:
         self.config, self.source, self.model_config = config, source, model_config
         self.diffusion, self.compute, self.mesh = diffusion, compute, mesh
         self.protocols = evaluation_protocols(config)
+        self.final_protocols = final_evaluation_protocols(config)
         self._classifier = None
         self._reference_features = None
         self._samplers = {}
 
     def _prepare(self) -> None:
-        from models.fashion_cnn import Recipe, trained_fashion_cnn
-
-        e = self.config.eval
-        n_train = int(e.classifier_examples) or len(self.source)
-        recipe = Recipe(epochs=int(e.classifier_epochs), seed=int(self.config.train.seed))
-        self._classifier = trained_fashion_cnn(self.source.images[:n_train], self.source.labels[:n_train],
-                                               self.source.num_classes, recipe)
+        self._classifier = prepare_feature_network(self.config, self.source)
         self._reference_features, _ = classifier_outputs(self._classifier,
-                                                         self.source.images[: int(e.num_reference)])
+                                                         self.source.images[: int(self.config.eval.num_reference)])
 
     def _sampler(self, protocol: Protocol):
         key = (protocol.sampler, protocol.sampling_steps, protocol.guidance_scale)
@@ -100,9 +117,110 @@ class SmallDataEvaluator:
         return records
 
 
+def validation_timesteps(config) -> list[int]:
+    """eval.validation_timesteps timesteps spread evenly over the diffusion: the middle of equal intervals."""
+    count, total = int(config.eval.validation_timesteps), int(config.diffusion.num_timesteps)
+    return [int((i + 0.5) * total / count) for i in range(count)]
+
+
+class ValidationLossEvaluator:
+    """The diffusion loss of the EMA model on held-out images (Fashion-MNIST's test split) at fixed timesteps, with
+    fixed noise: the same inputs at every evaluation, so the values compare across steps and runs. The metric is
+    the mean squared error of the predicted noise (the paper's L_simple) averaged over images and timesteps: the
+    cheap proxy of sample quality that scaling work after DiT uses."""
+
+    def __init__(self, config, model_config, diffusion, compute, mesh):
+        self.config, self.model_config, self.diffusion = config, model_config, diffusion
+        self.compute, self.mesh = compute, mesh
+        self.timesteps = validation_timesteps(config)
+        n = int(config.eval.validation_examples)
+        self.protocols = [Protocol(
+            sampler=None, sampling_steps=None, guidance_scale=None, guidance_channels=None, num_samples=n,
+            seed=int(config.eval.seed), uint8_convention=None, reference=f"{config.data.source}:test[:{n}]",
+            feature_network=f"none: noise-prediction MSE at timesteps {self.timesteps}")]
+        self.final_protocols = []
+        self._loss = None
+        self._inputs = None
+
+    def _prepare(self) -> None:
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from models.dit import abstract_dit
+
+        e = self.config.eval
+        held_out = data_lib.FashionMNIST(self.config.data.path, split="test")
+        n = int(e.validation_examples)
+        if n > len(held_out):
+            raise ValueError(f"eval.validation_examples={n} exceeds the {len(held_out)} held-out test images.")
+        sharding = NamedSharding(self.mesh, P("data"))
+        images = held_out.images[:n].astype(np.float32) / 127.5 - 1.0
+        labels = held_out.labels[:n]
+        key = jax.random.key(int(e.seed))
+        # One row per (timestep, image): fixed noise, drawn once, so every evaluation sees the same inputs.
+        t = np.repeat(np.asarray(self.timesteps, np.int32), n)
+        noise = np.asarray(jax.random.normal(key, (len(t), *images.shape[1:])), np.float32)
+        self._inputs = {"x": np.tile(images, (len(self.timesteps), 1, 1, 1)),
+                        "y": np.tile(labels, len(self.timesteps)), "t": t, "noise": noise}
+        graphdef = nnx.graphdef(abstract_dit(self.model_config))
+        diffusion = self.diffusion
+
+        @jax.jit
+        def batch_mse(params, x, y, t, noise, weight):
+            model = nnx.merge(graphdef, params)
+            x, y, t, noise, weight = (jax.lax.with_sharding_constraint(a, sharding) for a in (x, y, t, noise, weight))
+            mse = diffusion.training_losses(lambda xt, tt: model(xt, tt, y), x, t, noise)["mse"]
+            return jnp.sum(mse * weight)
+
+        self._loss = batch_mse
+
+    def run(self, step: int, params, protocols: list[Protocol]) -> list[EvaluationRecord]:
+        if not protocols:
+            return []
+        if self._loss is None:
+            self._prepare()
+        start = time.perf_counter()
+        batch_size, rows = int(self.config.eval.batch_size), len(self._inputs["t"])
+        total = 0.0
+        for first in range(0, rows, batch_size):
+            chunk = {k: v[first:first + batch_size] for k, v in self._inputs.items()}
+            real = len(chunk["t"])
+            # One compiled shape: the last batch is padded with rows of weight 0.
+            chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - real, axis=0)]) for k, v in chunk.items()}
+            weight = (np.arange(batch_size) < real).astype(np.float32)
+            total += float(self._loss(params, chunk["x"], chunk["y"], chunk["t"], chunk["noise"], weight))
+        protocol = self.protocols[0]
+        return [EvaluationRecord.of(
+            step=step, metric=schema.metric_name(schema.VALIDATION_FAMILY, protocol.num_samples), value=total / rows,
+            protocol=protocol, gflops_per_image=self.compute.gflops, global_batch=self.config.train.batch_size,
+            seconds=time.perf_counter() - start, time=time.time())]
+
+
+class Evaluators:
+    """Several evaluators behind the one interface: each protocol goes to the evaluator that measures it."""
+
+    def __init__(self, evaluators: list):
+        self.evaluators = evaluators
+        self.protocols = [p for e in evaluators for p in e.protocols]
+        self.final_protocols = [p for e in evaluators for p in e.final_protocols]
+
+    def run(self, step: int, params, protocols: list[Protocol]) -> list[EvaluationRecord]:
+        records = []
+        for evaluator in self.evaluators:
+            mine = set(evaluator.protocols) | set(evaluator.final_protocols)
+            records += evaluator.run(step, params, [p for p in protocols if p in mine])
+        return records
+
+
 def build_evaluator(config, source, model_config, diffusion, compute, mesh) -> Evaluator:
-    """The evaluator of a run's data source (config.validate has refused sources without one)."""
+    """The evaluators of a run's data source (config.validate has refused sources without one)."""
     if config.data.source != "fashion_mnist":
         raise ValueError(f"No evaluator during training for data.source={config.data.source!r}: write samples and "
                          "score them with `dit-scaling evaluate`.")
-    return SmallDataEvaluator(config, source, model_config, diffusion, compute, mesh)
+    evaluators = [SmallDataEvaluator(config, source, model_config, diffusion, compute, mesh)]
+    if config.eval.validation_examples:
+        evaluators.append(ValidationLossEvaluator(config, model_config, diffusion, compute, mesh))
+    return Evaluators(evaluators)

@@ -1,0 +1,164 @@
+"""The paper's findings, checked on a study's records: each a number, the paper's claim and whether it holds.
+
+- Model compute: Pearson r(log Gflops, log metric) at the final step, at most `MAX_PEARSON_R`.
+- Ordering: bigger size at equal patch and smaller patch at equal size score better; of the 17 adjacent pairs of
+  the 12-config grid, at least `MIN_ORDERED_PAIRS` in the right order at the final step.
+- Compute efficiency: the training-compute frontier is owned by ever larger models as compute grows.
+- Sampling compute: no smaller model sampled with more steps beats a larger one at no more sampling compute.
+- The held-out validation loss (a metric of family `VALIDATION_FAMILY`): its own model-compute correlation and
+  frontier, and how well it predicts the sample metric across configs (Pearson r of the logs).
+
+Numbers are reported whether or not a finding holds; nothing here is tuned to the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+
+from analysis import study
+from analysis.records import Records
+from analysis.schema import VALIDATION_FAMILY, RecordsError, metric_family
+
+MAX_PEARSON_R = -0.8
+MIN_ORDERED_PAIRS = 14  # of the 17 adjacent (size, patch) pairs of the paper's 12 configs
+SIZES = ("S", "B", "L", "XL")
+PATCHES = (8, 4, 2)
+
+
+@dataclass(frozen=True)
+class Finding:
+    name: str
+    holds: bool | None  # None: not measurable on these records
+    text: str
+
+
+@dataclass
+class Findings:
+    metric: str
+    step: int
+    findings: list[Finding] = field(default_factory=list)
+    numbers: dict = field(default_factory=dict)
+
+    def markdown(self) -> list[str]:
+        mark = {True: "holds", False: "**does not hold**", None: "not measured"}
+        return [f"- {f.name}: {mark[f.holds]}. {f.text}" for f in self.findings]
+
+
+def ordered_pairs(points: pd.DataFrame) -> pd.DataFrame:
+    """The adjacent pairs of the size x patch grid among `points` (one value per run: columns size, patch, run,
+    value; lower is better): bigger size at equal patch, and smaller patch at equal size, with `right` true where
+    the bigger model scores better."""
+    values = {(row.size, int(row.patch)): (row.run, row.value) for row in points.itertuples()}
+    rows = []
+    for kind, pairs in (
+            ("size", [((a, p), (b, p)) for p in PATCHES for a, b in zip(SIZES, SIZES[1:], strict=False)]),
+            ("patch", [((s, a), (s, b)) for s in SIZES for a, b in zip(PATCHES, PATCHES[1:], strict=False)])):
+        for smaller, bigger in pairs:
+            if smaller in values and bigger in values:
+                rows.append({"kind": kind, "smaller": values[smaller][0], "bigger": values[bigger][0],
+                             "value_smaller": values[smaller][1], "value_bigger": values[bigger][1],
+                             "right": values[bigger][1] < values[smaller][1]})
+    return pd.DataFrame(rows, columns=["kind", "smaller", "bigger", "value_smaller", "value_bigger", "right"])
+
+
+def frontier_owners(frontier, runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that own the frontier, in order of compute, with their Gflops: run, gflops, x_start, x_end."""
+    ranges = frontier.optimal_ranges()
+    gflops = runs.drop_duplicates("run").set_index("run")["gflops"]
+    return ranges.assign(gflops=ranges["run"].map(gflops))[["run", "gflops", "x_start", "x_end"]]
+
+
+def _final(records: Records, metric: str | None) -> pd.DataFrame:
+    """One value per run of `metric` (default: the study's), under its main protocol at the final step."""
+    points = study.model_compute_points(records, metric=metric)
+    return points.drop_duplicates("run")
+
+
+def proxy_agreement(records: Records, proxy: str, metric: str) -> dict:
+    """How well the proxy metric predicts the metric: Pearson r of their logs across configs at the final step,
+    and across every (run, step) both were evaluated at."""
+    everything = {m: study.select_protocol(records, metric=m)[["run", "step", "value"]] for m in (proxy, metric)}
+    both = everything[proxy].merge(everything[metric], on=["run", "step"], suffixes=("_proxy", "_metric"))
+    if len(both) < 3:
+        raise RecordsError(f"{proxy} and {metric} share fewer than 3 evaluation points.")
+    final = both[both["step"] == both["step"].max()]
+    log = lambda frame: (np.log10(frame["value_proxy"]), np.log10(frame["value_metric"]))  # noqa: E731
+    return {"final_r": float(scipy.stats.pearsonr(*log(final))[0]) if len(final) >= 3 else None,
+            "final_n": len(final), "all_r": float(scipy.stats.pearsonr(*log(both))[0]), "all_n": len(both)}
+
+
+def paper_findings(records: Records, *, metric: str | None = None) -> Findings:
+    """Check the paper's findings on `records` (see the module docstring)."""
+    selection = study.select(records, metric=metric)
+    metric = selection.metric
+    fit = study.model_compute_fit(records, metric=metric)
+    final = _final(records, metric)
+    out = Findings(metric=metric, step=int(fit.metadata["step"]))
+    r = fit.pearson_r
+    out.numbers.update(pearson_r=r, slope=fit.slope, n_configs=fit.n_configs)
+    out.findings.append(Finding(
+        "FD falls with model Gflops", r <= MAX_PEARSON_R,
+        f"Pearson r(log Gflops, log {metric}) = {r:.3f} over {fit.n_configs} configs at step {out.step} "
+        f"(claim: at most {MAX_PEARSON_R}); slope {fit.slope:.3f}."))
+
+    pairs = ordered_pairs(final)
+    right = int(pairs["right"].sum())
+    out.numbers.update(pairs_right=right, pairs=len(pairs))
+    wrong = pairs[~pairs["right"]]
+    out.findings.append(Finding(
+        "Bigger size and smaller patch score better", right >= MIN_ORDERED_PAIRS if len(pairs) == 17 else None,
+        f"{right} of {len(pairs)} adjacent pairs in the right order (claim: at least {MIN_ORDERED_PAIRS} of 17)"
+        + ("; out of order: " + ", ".join(f"{w.bigger} {w.value_bigger:.1f} vs {w.smaller} {w.value_smaller:.1f}"
+                                         for w in wrong.itertuples()) if len(wrong) else "") + "."))
+
+    frontier = study.training_compute_frontier(records, metric=metric)
+    owners = frontier_owners(frontier, selection.points)
+    growing = bool(np.all(np.diff(owners["gflops"].to_numpy()) > 0))
+    out.numbers.update(frontier_owners=owners["run"].tolist())
+    out.findings.append(Finding(
+        "Larger models are more compute-efficient", growing and len(owners) > 1,
+        "The training-compute frontier is owned, as compute grows, by "
+        + " -> ".join(f"{o.run} ({o.gflops:.3g} Gflops)" for o in owners.itertuples())
+        + " (claim: ever larger models)."))
+
+    try:
+        tradeoff = study.sampling_tradeoff(records, metric=metric)
+        beats = tradeoff.smaller_beats_larger
+        cheap = beats[beats["at_most_the_compute"].astype(bool)] if len(beats) else beats
+        out.numbers.update(smaller_beats_larger_at_no_more_compute=len(cheap))
+        pairs_evaluated = tradeoff.points.groupby(["run", "sampling_steps"]).ngroups
+        out.findings.append(Finding(
+            "More sampling steps do not make up for less model compute", len(cheap) == 0,
+            f"over {pairs_evaluated} (model, sampling steps) pairs at step {tradeoff.metadata['step']}, "
+            + (f"{len(cheap)} case(s) of a smaller model sampled with more steps beating a larger one at no more "
+               "sampling compute" + (": " + ", ".join(
+                   f"{c.model_smaller}@{c.sampling_steps_smaller:g} {c.value_smaller:.1f} vs "
+                   f"{c.model_larger}@{c.sampling_steps_larger:g} {c.value_larger:.1f}"
+                   for c in cheap.head(3).itertuples()) if len(cheap) else "")
+               if len(cheap) else "no smaller model sampled with more steps beats a larger one at no more "
+               "sampling compute") + " (Fig. 10)."))
+    except RecordsError as e:
+        out.findings.append(Finding("More sampling steps do not make up for less model compute", None, str(e)))
+
+    proxies = [m for m in study.metrics_by_count(records) if metric_family(m) == VALIDATION_FAMILY]
+    if proxies:
+        proxy = proxies[0]
+        proxy_fit = study.model_compute_fit(records, metric=proxy)
+        agreement = proxy_agreement(records, proxy, metric)
+        proxy_owners = frontier_owners(study.training_compute_frontier(records, metric=proxy),
+                                       study.select_protocol(records, metric=proxy))
+        out.numbers.update(proxy=proxy, proxy_pearson_r=proxy_fit.pearson_r, proxy_final_r=agreement["final_r"],
+                           proxy_all_r=agreement["all_r"], proxy_frontier_owners=proxy_owners["run"].tolist())
+        final_r = "n/a" if agreement["final_r"] is None else f"{agreement['final_r']:.3f}"
+        out.findings.append(Finding(
+            "The held-out validation loss scales the same way", proxy_fit.pearson_r <= MAX_PEARSON_R,
+            f"Pearson r(log Gflops, log {proxy}) = {proxy_fit.pearson_r:.3f} at step "
+            f"{proxy_fit.metadata['step']}; its frontier is owned by "
+            + " -> ".join(proxy_owners["run"]) + f". As a predictor of {metric}: Pearson r of the logs "
+            f"{final_r} across the {agreement['final_n']} configs at the final step, {agreement['all_r']:.3f} "
+            f"across all {agreement['all_n']} (run, step) points."))
+    return out

@@ -1,0 +1,61 @@
+"""Benchmark: how robust the miniature study's findings are to the training seed.
+
+    python -m scaling.benchmarks.study_seeds --preset default --seeds 0,1,2
+
+Runs `dit-scaling study --preset PRESET --seed N` for each seed (into studies/fmnist-PRESET[-seedN]; a finished
+study is only re-rendered, an interrupted one resumes) and prints, per seed: Pearson r(log Gflops, log FD) at
+the final step, the adjacent (size, patch) pairs in the right order, the owners of the training-compute
+frontier, the largest configs' class accuracy, the held-out loss's agreement with FD, and the study's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+from analysis import findings as findings_lib
+from analysis import records as records_lib
+from analysis import study as study_lib
+from analysis.cli import print_table
+from scaling.study import default_workdir
+
+
+def seed_row(preset: str, seed: int, seconds: float | None) -> dict:
+    records = records_lib.load(default_workdir(preset, seed))
+    found = findings_lib.paper_findings(records)
+    final = study_lib.model_compute_points(records, metric=found.metric)
+    accuracy = final.set_index("model")["class_accuracy"] if "class_accuracy" in final else {}
+    largest = final.sort_values("gflops", ascending=False)["model"].head(2).tolist()
+    return {"seed": seed, "pearson_r": found.numbers["pearson_r"],
+            "pairs": f"{found.numbers['pairs_right']}/{found.numbers['pairs']}",
+            "frontier": " > ".join(o.removeprefix("DiT-") for o in found.numbers["frontier_owners"]),
+            "class_accuracy": ", ".join(f"{m.removeprefix('DiT-')} {accuracy[m]:.2f}" for m in largest
+                                        if m in accuracy),
+            "proxy_r": found.numbers.get("proxy_final_r"),
+            "minutes": None if seconds is None else seconds / 60}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--seeds", default="0,1,2")
+    args = parser.parse_args()
+    rows = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        start = time.perf_counter()
+        command = [sys.executable, "-m", "scaling.cli", "study", "--preset", args.preset, "--seed", str(seed)]
+        if subprocess.run(command).returncode != 0:
+            print(f"seed {seed}: the study failed; see its output above", file=sys.stderr)
+            return 1
+        rows.append(seed_row(args.preset, seed, time.perf_counter() - start))
+    print()
+    print_table(rows, [("seed", "seed"), ("pearson_r", "r(log Gflops, log FD)"), ("pairs", "pairs ordered"),
+                       ("frontier", "frontier owners (by compute)"), ("class_accuracy", "class accuracy"),
+                       ("proxy_r", "r(log val-loss, log FD)"), ("minutes", "minutes (this time)")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""`dit-scaling study`: the paper's scaling study in miniature, in one command.
+
+It trains the 12 miniature configs of `scaling.configs.fmnist` (S, B, L, XL x patch 8, 4, 2) with one recipe (the
+preset's) through the grid, two runs at once on a 2-core CPU; each run records compute at every step and is
+evaluated at several steps (FD-FashionCNN and the held-out validation loss) and, at its last step, at several
+sampling-step counts. Then it fits and renders: WORKDIR/<run>/ holds each run's records, WORKDIR/figures/ every
+figure and the fit report, WORKDIR/report.md the paper's findings checked on these runs (`analysis.findings`)
+with the key figures.
+
+Interrupted (Ctrl-C, SIGKILL), the same command resumes: finished runs are kept, unfinished ones continue from
+their newest checkpoint. A finished study only re-renders (seconds). WORKDIR/study.json names the preset, seed
+and overrides; a workdir holds one study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+from analysis import schema
+from models.dit import PAPER_MODELS, short_name
+from scaling import grid
+from scaling.train import code_revision, format_duration
+
+log = logging.getLogger("dit_scaling.study")
+
+PRESETS = ("smoke", "default", "full")
+# The config option of each preset: the fmnist config's own ",smoke" is a seconds-long run without evaluation.
+CONFIG_OPTIONS = {"smoke": "study-smoke", "default": "default", "full": "full"}
+STUDY_FILE = "study.json"
+FIGURES_DIR = "figures"
+REPORT_FILE = "report.md"
+KEY_FIGURES = ("fig6_curves", "fig8_gflops_fit", "fig9_training_compute", "fig10_sampling_compute",
+               "fig9_validation_loss")
+VALIDATION_FIGURE_CAPTION = ("The held-out validation loss vs training compute, with its compute frontier (the "
+                             "proxy of sample quality, beside the sample metric's Fig. 9).")
+
+
+@dataclasses.dataclass
+class StudyResult:
+    workdir: Path
+    outcome: dict[str, str]
+    findings: object | None  # analysis.findings.Findings, None when too few runs finished to fit
+    report: Path
+    figures: list[Path]
+    seconds: float
+
+    @property
+    def failed(self) -> list[str]:
+        return [m for m, o in self.outcome.items() if o.startswith("failed")]
+
+
+def default_workdir(preset: str, seed: int) -> Path:
+    """studies/fmnist-PRESET (and -seedN for other seeds than 0), under the current directory."""
+    return Path("studies") / (f"fmnist-{preset}" + (f"-seed{seed}" if seed else ""))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), for the report: speeds differ across CPUs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _claim_workdir(workdir: Path, settings: dict) -> None:
+    """Write study.json, or check that the workdir's study is this one (same preset, seed and overrides)."""
+    path = workdir / STUDY_FILE
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        differing = [k for k in settings if previous.get(k) != settings[k]]
+        if differing:
+            held = ", ".join(f"{k} {previous.get(k)!r}" for k in differing)
+            wanted = ", ".join(f"{k} {settings[k]!r}" for k in differing)
+            raise ValueError(f"{workdir} holds another study ({held}; this one has {wanted}). Use another --workdir, "
+                             "or the same settings to resume it.")
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    schema.write_json_atomic(path, {**settings, "code_revision": code_revision(), "cpu": cpu_model(),
+                                    "cores": len(os.sched_getaffinity(0))})
+
+
+class _Progress:
+    """The study's own progress lines: runs done, elapsed time and the ETA. Before any run has finished the ETA
+    is the grid's cost model; afterwards the model is rescaled by how long the finished runs took."""
+
+    def __init__(self, workdir: Path, configs: dict, pending: list[str], workers: int):
+        self.workdir, self.configs, self.workers = workdir, configs, workers
+        self.predicted = {m: grid.predicted_seconds(configs[m]) for m in pending}
+        self.remaining = set(pending)
+        self.done = {}  # model -> seconds it took
+        self.start = time.perf_counter()
+
+    def eta(self) -> float:
+        scale = 1.0
+        if self.done:
+            scale = sum(self.done.values()) / sum(self.predicted[m] for m in self.done)
+        remaining = sum(self.predicted[m] for m in self.remaining) * scale
+        return remaining / min(self.workers, max(1, len(self.remaining)))
+
+    def started(self) -> None:
+        total = len(self.configs)
+        if not self.remaining:
+            print(f"[study] {total}/{total} runs finished already: fitting and rendering", flush=True)
+            return
+        print(f"[study] {total - len(self.remaining)}/{total} runs finished already; {len(self.remaining)} to "
+              f"train ({self.workers} at once); ETA {format_duration(self.eta())} (from a cost model measured on "
+              "a 2-core AMD EPYC)", flush=True)
+
+    def finished(self, model: str, outcome: str) -> None:
+        run_dir = self.workdir / grid.run_dir_name(model)
+        steps = schema.read_steps(run_dir)
+        manifest = schema.read_manifest(run_dir)
+        # This start's seconds, from its start to the end of its last evaluation.
+        self.done[model] = time.time() - manifest.starts[-1]["time"] if manifest and manifest.starts \
+            else self.predicted[model]
+        self.remaining.discard(model)
+        elapsed = time.perf_counter() - self.start
+        main = [r for r in schema.read_evaluations(run_dir) if r.metric.startswith(
+            "FD") and r.step == (steps[-1].step if steps else -1)]
+        result = outcome
+        if outcome == "finished" and main:
+            first = main[0]
+            accuracy = first.details.get("class_accuracy")
+            result = (f"{first.metric} {first.value:.1f}" + (f", class accuracy {accuracy:.2f}" if accuracy is not None
+                                                              else "") + f", loss {steps[-1].loss:.4f}")
+        total = len(self.configs)
+        print(f"[study] {short_name(model)} {result} ({format_duration(self.done[model])}); "
+              f"{total - len(self.remaining)}/{total} runs done, {format_duration(elapsed)} elapsed, "
+              f"ETA {format_duration(self.eta())}", flush=True)
+
+
+def run_study(preset: str = "default", workdir: str | os.PathLike | None = None, *, seed: int = 0,
+              overrides: list[str] = (), workers: int | None = None) -> StudyResult:
+    """Run (or resume, or re-render) the miniature study; see the module docstring."""
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}: use one of {', '.join(PRESETS)}.")
+    start = time.perf_counter()
+    workdir = Path(workdir) if workdir is not None else default_workdir(preset, seed)
+    overrides = [o.removeprefix("--config.") for o in overrides]
+    _claim_workdir(workdir, {"preset": preset, "seed": seed, "overrides": list(overrides)})
+    models = [short_name(m) for m in PAPER_MODELS]
+    all_overrides = [f"train.seed={seed}", *overrides]
+    config_name = f"fmnist:{CONFIG_OPTIONS[preset]}"
+    configs = grid.load_grid_configs(config_name, models, all_overrides)
+    pending = [m for m in models if not grid.is_finished(workdir / grid.run_dir_name(m), configs[m])]
+    workers = min(workers or len(os.sched_getaffinity(0)), max(1, len(pending)))
+    progress = _Progress(workdir, configs, pending, workers)
+    outcome = {m: "skipped" for m in models if m not in pending}
+    progress.started()
+    if pending:
+        if workers > 1 and any(configs[m].eval.every for m in pending):
+            _prepare_feature_network(configs[pending[0]])
+        outcome.update(grid.run_grid(config_name, workdir, models=pending, overrides=all_overrides,
+                                     workers=workers, on_finish=progress.finished))
+    findings, figures = _render(workdir, preset, seed)
+    return StudyResult(workdir=workdir, outcome={m: outcome[m] for m in models}, findings=findings,
+                       report=workdir / REPORT_FILE, figures=figures, seconds=time.perf_counter() - start)
+
+
+def _prepare_feature_network(config) -> None:
+    """Train (or load) the evaluation's FashionCNN once, before the workers start: else each would train it."""
+    from models.fashion_cnn import CACHE_DIR
+    from scaling import data as data_lib
+    from scaling.evaluation.in_training import prepare_feature_network
+    from scaling.host import enable_compilation_cache
+
+    enable_compilation_cache(CACHE_DIR / "jax")
+    prepare_feature_network(config, data_lib.open_source(config))
+
+
+def _render(workdir: Path, preset: str, seed: int):
+    """Fit and render everything the finished runs support; the study's report on top of the fit report."""
+    from analysis import figures as figures_lib
+    from analysis import findings as findings_lib
+    from analysis import records as records_lib
+    from analysis.report import CAPTIONS, render_all
+    from analysis.style import save_figure
+
+    records = records_lib.load(workdir)
+    figures_dir = workdir / FIGURES_DIR
+    written, skipped = render_all(records, figures_dir)
+    findings, problem = None, None
+    try:
+        findings = findings_lib.paper_findings(records)
+    except schema.RecordsError as e:
+        problem = str(e)
+    if findings is not None and findings.numbers.get("proxy"):
+        proxy = findings.numbers["proxy"]
+        written += save_figure(figures_lib.fig9_training_compute(records, metric=proxy), figures_dir,
+                               "fig9_validation_loss")
+    settings = json.loads((workdir / STUDY_FILE).read_text())
+    lines = [f"# Miniature scaling study: preset {preset}, seed {seed}", "",
+             f"12 DiT configs on Fashion-MNIST ({records.runs['run'].nunique()} runs recorded), trained by "
+             f"`dit-scaling study --preset {preset}" + (f" --seed {seed}" if seed else "") + "` at code revision "
+             f"{settings.get('code_revision')} on {settings.get('cpu')} ({settings.get('cores')} cores).", ""]
+    if findings is None:
+        lines += [f"The findings could not be checked: {problem}", ""]
+    else:
+        lines += [f"## The paper's findings ({findings.metric} at step {findings.step})", "", *findings.markdown(), ""]
+    captions = {**CAPTIONS, "fig9_validation_loss": VALIDATION_FIGURE_CAPTION}
+    pngs = {p.stem for p in written if p.suffix == ".png"}
+    shown = [name for name in KEY_FIGURES if name in pngs]
+    if shown:
+        lines += ["## Key figures", ""]
+        for name in shown:
+            lines += [f"![{captions[name]}]({FIGURES_DIR}/{name}.png)", "", f"*{captions[name]}*", ""]
+    lines += [f"Every fit with its intervals, Table 4 and every figure: [{FIGURES_DIR}/report.md]"
+              f"({FIGURES_DIR}/report.md)."]
+    if skipped:
+        lines += ["", "Not drawn: " + "; ".join(f"{name} ({reason})" for name, reason in skipped.items()) + "."]
+    (workdir / REPORT_FILE).write_text("\n".join(lines) + "\n")
+    return findings, written

@@ -1,0 +1,220 @@
+"""The study: the paper's findings checked on records, the held-out validation loss, and `dit-scaling study` end to
+end (interrupted, resumed, re-rendered)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from run_helpers import REPO
+
+from analysis import findings, records, schema
+from models.dit import PAPER_MODELS, parse_model_name
+
+GFLOPS = {"S": 1.0, "B": 4.0, "L": 14.0, "XL": 20.0}  # per patch 8; each halving of the patch x4
+
+
+def _protocol(sampling_steps, n=250, sampler="ddim"):
+    return schema.Protocol(sampler=sampler, sampling_steps=sampling_steps, guidance_scale=1.0, guidance_channels=None,
+                           num_samples=n, seed=0, uint8_convention="dit", reference="fashion_mnist:train[:1000]",
+                           feature_network="FashionCNN")
+
+
+VALIDATION = schema.Protocol(sampler=None, sampling_steps=None, guidance_scale=None, guidance_channels=None,
+                             num_samples=100, seed=0, uint8_convention=None, reference="fashion_mnist:test[:100]",
+                             feature_network="none: noise-prediction MSE")
+
+
+def write_study(directory, value_of, steps=(500, 1000, 1500, 2000), final_sampling=(4, 8, 32)):
+    """A finished 12-config study whose metric at (gflops, step, sampling steps) is value_of(...)."""
+    for name in PAPER_MODELS:
+        size, patch = parse_model_name(name)
+        gflops = GFLOPS[size] * (8 // patch) ** 2 / 1000
+        run = directory / schema.run_dir_name(name)
+        run.mkdir(parents=True)
+        schema.write_manifest(run, schema.Manifest(
+            model_name=name, size=size, patch=patch, block="adaLN-Zero", resolution=32, gflops_per_image=gflops,
+            macs_per_image=int(gflops * 1e9), params=1000, tokens=(32 // patch) ** 2, global_batch=16, seed=0,
+            total_steps=steps[-1], config={}, model={}, data={}, status="finished", final_step=steps[-1]))
+        for step in steps:
+            evaluations = [(_protocol(16), value_of(gflops, step, 16), "FD-FashionCNN-250"),
+                           (VALIDATION, value_of(gflops, step, None) / 1000, "val-loss-100")]
+            if step == steps[-1]:
+                evaluations += [(_protocol(s), value_of(gflops, step, s), "FD-FashionCNN-250") for s in final_sampling]
+            for protocol, value, metric in evaluations:
+                record = schema.EvaluationRecord.of(step=step, metric=metric, value=value, protocol=protocol,
+                                                    gflops_per_image=gflops, global_batch=16)
+                schema.append_jsonl(run / schema.EVALUATIONS_FILE, record.to_json())
+    return directory
+
+
+def paper_like(gflops, step, sampling_steps):
+    """Better with model compute, training steps and (less) sampling steps; larger models win at equal compute."""
+    sampling = 1.0 if sampling_steps is None else 1 + 0.2 / sampling_steps
+    return 300 * gflops ** -0.3 * (step / 2000) ** -0.4 * sampling
+
+
+def test_findings_hold_on_records_that_follow_the_paper(tmp_path):
+    result = findings.paper_findings(records.load(write_study(tmp_path, paper_like)))
+    assert result.metric == "FD-FashionCNN-250" and result.step == 2000
+    assert result.numbers["pairs_right"] == 17 and result.numbers["pairs"] == 17
+    # The closed form: log value = const - 0.3 log gflops exactly, so r = -1 and the slope is -0.3.
+    assert result.numbers["pearson_r"] == pytest.approx(-1.0) and result.numbers["slope"] == pytest.approx(-0.3)
+    assert result.numbers["frontier_owners"][-1] == "DiT-XL-2"  # and ever larger models before it:
+    assert all(f.holds for f in result.findings), result.markdown()
+    assert result.numbers["proxy"] == "val-loss-100"
+    assert result.numbers["proxy_final_r"] == pytest.approx(1.0)  # the proxy is the metric / 1000
+
+
+def test_findings_name_what_fails(tmp_path):
+    def swapped(gflops, step, sampling_steps):  # DiT-S/8 and DiT-XL/2 (0.001 and 0.32 Gflops) trade places
+        swap = {0.001: 0.32, 0.32: 0.001}
+        return paper_like(swap.get(round(gflops, 6), gflops), step, sampling_steps)
+
+    result = findings.paper_findings(records.load(write_study(tmp_path, swapped)))
+    ordering = next(f for f in result.findings if f.name.startswith("Bigger size"))
+    # Out of order: B/8 and S/4 against the best S/8; XL/2 against L/2 and XL/4.
+    assert result.numbers["pairs_right"] == 13 and ordering.holds is False
+    assert "DiT-S-8" in ordering.text and "DiT-XL-2" in ordering.text
+    assert result.numbers["pearson_r"] > findings.MAX_PEARSON_R
+    with_flat_sampling = findings.paper_findings(records.load(write_study(
+        tmp_path / "flat", lambda g, s, k: paper_like(g, s, None) * (1 + 400 / k if k else 1))))
+    sampling = next(f for f in with_flat_sampling.findings if f.name.startswith("More sampling"))
+    assert sampling.holds is False and "at no more sampling compute" in sampling.text
+
+
+def test_ordered_pairs_is_the_seventeen_adjacent_pairs():
+    import pandas as pd
+
+    rows = [{"run": f"{s}{p}", "size": s, "patch": p, "value": 10.0 * (4 - i) + p}
+            for i, s in enumerate(findings.SIZES) for p in findings.PATCHES]
+    pairs = findings.ordered_pairs(pd.DataFrame(rows))
+    assert len(pairs) == 17 and (pairs["kind"] == "size").sum() == 9 and pairs["right"].all()
+    rows[0]["value"] = 0.0  # S/8 best of all: wrong against B/8 and S/4
+    pairs = findings.ordered_pairs(pd.DataFrame(rows))
+    assert sorted(pairs.loc[~pairs["right"], "bigger"]) == ["B8", "S4"]
+
+
+# -- the held-out validation loss -----------------------------------------------------------------------------
+
+
+def test_validation_loss_is_the_noise_prediction_error_on_held_out_images(fmnist_dir):
+    """The evaluator's value against a direct computation: x_t from the closed form q(x_t | x_0), the model's noise
+    prediction, the squared error averaged over images, timesteps and pixels; a batch size that does not divide
+    the rows checks the padded last batch."""
+    import jax
+    from flax import nnx
+
+    from models.diffusion import GaussianDiffusion, linear_betas
+    from models.dit import DiT
+    from models.flops import dit_compute
+    from scaling import data as data_lib
+    from scaling.config import load_config, model_config
+    from scaling.evaluation.in_training import ValidationLossEvaluator, validation_timesteps
+    from scaling.train_step import make_mesh
+
+    config = load_config("fmnist:S/4,study-smoke", [f"data.path={fmnist_dir}", "eval.validation_examples=10",
+                                                     "eval.validation_timesteps=3", "eval.batch_size=7"])
+    dit = model_config(config, input_size=32, in_channels=1, num_classes=10)
+    graphdef, state = nnx.split(DiT(dit, rngs=nnx.Rngs(3)))
+    leaves, treedef = jax.tree.flatten(state)  # a trained-looking model: adaLN-Zero starts at a zero output
+    params = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(jax.random.key(i), x.shape)
+                                          for i, x in enumerate(leaves)])
+    model = nnx.merge(graphdef, params)
+    diffusion = GaussianDiffusion(linear_betas(1000), learn_sigma=True)
+    evaluator = ValidationLossEvaluator(config, dit, diffusion, dit_compute(dit), make_mesh())
+    [record] = evaluator.run(100, params, evaluator.protocols)
+    assert record.metric == "val-loss-10" and record.protocol.reference == "fashion_mnist:test[:10]"
+    assert validation_timesteps(config) == [166, 500, 833]
+
+    held_out = data_lib.FashionMNIST(str(fmnist_dir), split="test")
+    x0 = held_out.images[:10].astype(np.float64) / 127.5 - 1
+    noise = np.asarray(jax.random.normal(jax.random.key(config.eval.seed), (30, 32, 32, 1)), np.float64)
+    alphas_bar = np.cumprod(1 - linear_betas(1000))
+    errors = []
+    for i, t in enumerate([166, 500, 833]):
+        eps = noise[i * 10:(i + 1) * 10]
+        x_t = np.sqrt(alphas_bar[t]) * x0 + np.sqrt(1 - alphas_bar[t]) * eps
+        predicted = np.asarray(model(x_t.astype(np.float32), np.full(10, t), held_out.labels[:10]))[..., :1]
+        errors.append(np.mean((predicted - eps) ** 2))
+    assert record.value == pytest.approx(np.mean(errors), rel=1e-4)
+    assert evaluator.run(200, params, evaluator.protocols)[0].value == pytest.approx(record.value)  # fixed inputs
+
+
+# -- dit-scaling study ----------------------------------------------------------------------------------------
+
+
+SMALL = ["--config.model.depth=1"]  # every config one block deep: the same study, compiled in half the time
+
+
+def _study(workdir, fmnist_dir, **popen):
+    return subprocess.Popen([sys.executable, "-m", "scaling.cli", "study", "--preset", "smoke", "--workdir",
+                             str(workdir), f"--config.data.path={fmnist_dir}", *SMALL], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.slow
+def test_smoke_study_killed_resumes_and_renders(fmnist_dir, tmp_path):
+    """SIGKILL the study once its first runs have finished, while workers train: the workers end with it, the same
+    command finishes the study without training the finished runs again, and a finished study only re-renders."""
+    workdir = tmp_path / "study"
+    first = _study(workdir, fmnist_dir)
+    lines = []
+    for line in first.stdout:
+        lines.append(line)
+        if line.startswith("[study]") and "runs done" in line:
+            break
+    else:
+        pytest.fail("the study ended before its first run finished:\n" + "".join(lines))
+    workers = _children(first.pid)
+    assert workers, "the study runs its configs in worker processes"
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    for pid in workers:  # the workers die with the study (no second writer on a run it resumes)
+        for _ in range(100):
+            if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+                break
+            __import__("time").sleep(0.1)
+        else:
+            pytest.fail(f"worker {pid} outlived the study")
+    done_before = {run.name: (run / schema.STEPS_FILE).read_text() for run in workdir.iterdir()
+                   if (run / schema.MANIFEST_FILE).is_file() and schema.read_manifest(run).status == "finished"}
+    assert done_before
+
+    second = _study(workdir, fmnist_dir)
+    out = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, out
+    assert f"{len(done_before)}/12 runs finished already" in out
+    for run, steps in done_before.items():  # finished runs were not trained again
+        assert (workdir / run / schema.STEPS_FILE).read_text() == steps
+    loaded = records.load(workdir)
+    assert loaded.runs["run"].nunique() == 12
+    manifests = [schema.read_manifest(workdir / run) for run in loaded.runs["run"]]
+    assert all(m.status == "finished" and m.final_step == 40 for m in manifests)
+    evaluations = loaded.evaluations
+    assert set(evaluations["metric"]) == {"FD-FashionCNN-60", "val-loss-32"}
+    final = evaluations[(evaluations["step"] == 40) & (evaluations["metric"] == "FD-FashionCNN-60")]
+    assert sorted(final["sampling_steps"].unique()) == [4, 8]  # Fig. 10's sampling-step counts at the end
+    figures = sorted(p.stem for p in (workdir / "figures").glob("*.png"))
+    assert len(figures) >= 4 and {"fig8_gflops_fit", "fig9_training_compute", "fig10_sampling_compute"} <= set(figures)
+    report = (workdir / "report.md").read_text()
+    assert "## The paper's findings" in report and "Pearson r(log Gflops" in report
+    for name in ("fig8_gflops_fit", "fig10_sampling_compute"):
+        assert f"(figures/{name}.png)" in report
+    assert json.loads((workdir / "study.json").read_text())["preset"] == "smoke"
+
+    third = _study(workdir, fmnist_dir)
+    out = third.communicate(timeout=300)[0]
+    assert third.returncode == 0 and "12/12 runs finished already" in out and "] step " not in out, out
+
+    other = subprocess.run([sys.executable, "-m", "scaling.cli", "study", "--preset", "smoke", "--seed", "1",
+                            "--workdir", str(workdir)], cwd=REPO, capture_output=True, text=True)
+    assert other.returncode == 2 and "holds another study" in other.stderr
