@@ -150,8 +150,8 @@ def test_regenerate_paper_figures_writes_only_to_the_chosen_directory(tmp_path, 
                    and r.endswith(f"| {row.fid50k_noguidance:.2f} |") for r in rows), row
     assert len(displayed(notebook, "image/png")) >= 3
 
-    assert (tmp_path / "fmnist_miniature" / "report.md").is_file()
-    assert (tmp_path / "fmnist_miniature" / "fig9_training_compute.png").is_file()
+    assert (tmp_path / "fmnist-default" / "report.md").is_file()
+    assert (tmp_path / "fmnist-default" / "fig9_training_compute.png").is_file()
     assert sorted(NOTEBOOKS.iterdir()) == notebooks_before
     assert _files_under(ROOT / "runs") == runs_before  # nothing written beside the records (`make run` may have)
 
