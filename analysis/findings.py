@@ -5,6 +5,8 @@
   the 12-config grid, at least `MIN_ORDERED_PAIRS` in the right order at the final step.
 - Compute efficiency: the training-compute frontier is owned by ever larger models as compute grows.
 - Sampling compute: no smaller model sampled with more steps beats a larger one at no more sampling compute.
+- Class conditioning: the samples of the `LARGEST_CONFIGS` configs with the most Gflops are classified as the
+  class they were drawn for at least `MIN_CLASS_ACCURACY` of the time (where the metric records class_accuracy).
 - The held-out validation loss (a metric of family `VALIDATION_FAMILY`): its own model-compute correlation and
   frontier, and how well it predicts the sample metric across configs (Pearson r of the logs).
 
@@ -25,6 +27,8 @@ from analysis.schema import VALIDATION_FAMILY, RecordsError, metric_family
 
 MAX_PEARSON_R = -0.8
 MIN_ORDERED_PAIRS = 14  # of the 17 adjacent (size, patch) pairs of the paper's 12 configs
+MIN_CLASS_ACCURACY = 0.7  # of the largest configs' samples, where the metric records it
+LARGEST_CONFIGS = 2
 SIZES = ("S", "B", "L", "XL")
 PATCHES = (8, 4, 2)
 
@@ -114,6 +118,16 @@ def paper_findings(records: Records, *, metric: str | None = None) -> Findings:
         f"{right} of {len(pairs)} adjacent pairs in the right order (claim: at least {MIN_ORDERED_PAIRS} of 17)"
         + ("; out of order: " + ", ".join(f"{w.bigger} {w.value_bigger:.1f} vs {w.smaller} {w.value_smaller:.1f}"
                                          for w in wrong.itertuples()) if len(wrong) else "") + "."))
+
+    if "class_accuracy" in final.columns and final["class_accuracy"].notna().any():
+        largest = final.sort_values("gflops", ascending=False).head(LARGEST_CONFIGS)
+        accuracy = dict(zip(largest["run"], largest["class_accuracy"].astype(float), strict=True))
+        out.numbers.update(class_accuracy=accuracy)
+        out.findings.append(Finding(
+            "The largest configs' samples are class-conditional", min(accuracy.values()) >= MIN_CLASS_ACCURACY,
+            "class accuracy of the samples by the feature network: " + ", ".join(
+                f"{run} {value:.2f}" for run, value in accuracy.items())
+            + f" (claim: at least {MIN_CLASS_ACCURACY}; chance is 1 / the number of classes)."))
 
     frontier = study.training_compute_frontier(records, metric=metric)
     owners = frontier_owners(frontier, selection.points)
