@@ -22,6 +22,7 @@ import pandas as pd
 import scipy.stats
 
 from analysis import study
+from analysis.paper import PATCHES, SIZES
 from analysis.records import Records
 from analysis.schema import VALIDATION_FAMILY, RecordsError, metric_family
 
@@ -29,8 +30,6 @@ MAX_PEARSON_R = -0.8
 MIN_ORDERED_PAIRS = 14  # of the 17 adjacent (size, patch) pairs of the paper's 12 configs
 MIN_CLASS_ACCURACY = 0.7  # of the largest configs' samples, where the metric records it
 LARGEST_CONFIGS = 2
-SIZES = ("S", "B", "L", "XL")
-PATCHES = (8, 4, 2)
 
 
 @dataclass(frozen=True)
@@ -76,12 +75,6 @@ def frontier_owners(frontier, runs: pd.DataFrame) -> pd.DataFrame:
     return ranges.assign(gflops=ranges["run"].map(gflops))[["run", "gflops", "x_start", "x_end"]]
 
 
-def _final(records: Records, metric: str | None) -> pd.DataFrame:
-    """One value per run of `metric` (default: the study's), under its main protocol at the final step."""
-    points = study.model_compute_points(records, metric=metric)
-    return points.drop_duplicates("run")
-
-
 def proxy_agreement(records: Records, proxy: str, metric: str) -> dict:
     """How well the proxy metric predicts the metric: Pearson r of their logs across configs at the final step,
     and across every (run, step) both were evaluated at."""
@@ -99,8 +92,8 @@ def paper_findings(records: Records, *, metric: str | None = None) -> Findings:
     """Check the paper's findings on `records` (see the module docstring)."""
     selection = study.select(records, metric=metric)
     metric = selection.metric
-    fit = study.model_compute_fit(records, metric=metric)
-    final = _final(records, metric)
+    fit = study.model_compute_fit(selection.points)  # points already selected are kept whole
+    final = study.at_step(selection.points).drop_duplicates("run")
     out = Findings(metric=metric, step=int(fit.metadata["step"]))
     r = fit.pearson_r
     out.numbers.update(pearson_r=r, slope=fit.slope, n_configs=fit.n_configs)
@@ -129,8 +122,7 @@ def paper_findings(records: Records, *, metric: str | None = None) -> Findings:
                 f"{run} {value:.2f}" for run, value in accuracy.items())
             + f" (claim: at least {MIN_CLASS_ACCURACY}; chance is 1 / the number of classes)."))
 
-    frontier = study.training_compute_frontier(records, metric=metric)
-    owners = frontier_owners(frontier, selection.points)
+    owners = frontier_owners(study.training_compute_frontier(selection.points), selection.points)
     growing = bool(np.all(np.diff(owners["gflops"].to_numpy()) > 0))
     out.numbers.update(frontier_owners=owners["run"].tolist())
     out.findings.append(Finding(

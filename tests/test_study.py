@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from run_helpers import REPO
 
-from analysis import findings, records, schema
+from analysis import findings, paper, records, schema
 from models.dit import PAPER_MODELS, parse_model_name
 
 GFLOPS = {"S": 1.0, "B": 4.0, "L": 14.0, "XL": 20.0}  # per patch 8; each halving of the patch x4
@@ -96,7 +96,7 @@ def test_ordered_pairs_is_the_seventeen_adjacent_pairs():
     import pandas as pd
 
     rows = [{"run": f"{s}{p}", "size": s, "patch": p, "value": 10.0 * (4 - i) + p}
-            for i, s in enumerate(findings.SIZES) for p in findings.PATCHES]
+            for i, s in enumerate(paper.SIZES) for p in paper.PATCHES]
     pairs = findings.ordered_pairs(pd.DataFrame(rows))
     assert len(pairs) == 17 and (pairs["kind"] == "size").sum() == 9 and pairs["right"].all()
     rows[0]["value"] = 0.0  # S/8 best of all: wrong against B/8 and S/4

@@ -31,19 +31,19 @@ MINIATURE_SIZES = {"S": (2, 24, 3), "B": (2, 48, 6), "L": (4, 64, 8), "XL": (5, 
 #   took 12.7 of a study's 18 minutes there, so 1500 steps with 3 evaluations fit the 20-minute budget.
 # - 250 samples per evaluation: FD-FashionCNN's bias at 250 samples is the same for every config, so orderings
 #   and fits hold.
-PRESETS = {
-    "study-smoke": dict(steps=40, batch_size=8, eval_every=20, num_samples=60, sampling_steps=(4,),
-                        final_sampling_steps=(8,), validation_examples=32, validation_timesteps=4,
-                        classifier_epochs=1, classifier_examples=4000, num_reference=1000, log_every=20,
-                        steps_per_call=10),
-    "default": dict(steps=1500, batch_size=16, eval_every=500, num_samples=250, sampling_steps=(8,),
-                    final_sampling_steps=(16, 32), validation_examples=200, validation_timesteps=4,
-                    classifier_epochs=2, classifier_examples=0, num_reference=10_000, log_every=250,
-                    steps_per_call=25),
-    "full": dict(steps=15_000, batch_size=16, eval_every=2500, num_samples=1000, sampling_steps=(8,),
-                 final_sampling_steps=(16, 32, 64), validation_examples=1000, validation_timesteps=8,
-                 classifier_epochs=2, classifier_examples=0, num_reference=10_000, log_every=500,
-                 steps_per_call=25),
+PRESETS = {  # config fields by path; checkpoints fall at the evaluation steps
+    "study-smoke": {"train.steps": 40, "train.batch_size": 8, "eval.every": 20, "eval.num_samples": 60,
+                    "eval.sampling_steps": (4,), "eval.final_sampling_steps": (8,), "eval.validation_examples": 32,
+                    "eval.validation_timesteps": 4, "eval.classifier_epochs": 1, "eval.classifier_examples": 4000,
+                    "eval.num_reference": 1000, "train.log_every": 20, "train.steps_per_call": 10},
+    "default": {"train.steps": 1500, "train.batch_size": 16, "eval.every": 500, "eval.num_samples": 250,
+                "eval.sampling_steps": (8,), "eval.final_sampling_steps": (16, 32), "eval.validation_examples": 200,
+                "eval.validation_timesteps": 4, "eval.classifier_epochs": 2, "eval.classifier_examples": 0,
+                "eval.num_reference": 10_000, "train.log_every": 250, "train.steps_per_call": 25},
+    "full": {"train.steps": 15_000, "train.batch_size": 16, "eval.every": 2500, "eval.num_samples": 1000,
+             "eval.sampling_steps": (8,), "eval.final_sampling_steps": (16, 32, 64), "eval.validation_examples": 1000,
+             "eval.validation_timesteps": 8, "eval.classifier_epochs": 2, "eval.classifier_examples": 0,
+             "eval.num_reference": 10_000, "train.log_every": 500, "train.steps_per_call": 25},
 }
 
 
@@ -74,20 +74,7 @@ def get_config(variant: str = "S/8"):
         config.train.async_checkpoints = False
         config.eval.every = 0
         return config
-    preset = PRESETS[option]
-    config.train.steps = preset["steps"]
-    config.train.batch_size = preset["batch_size"]
-    config.train.log_every = preset["log_every"]
-    config.train.steps_per_call = preset["steps_per_call"]
-    config.train.checkpoint_every = preset["eval_every"]
-    config.eval.every = preset["eval_every"]
-    config.eval.num_samples = preset["num_samples"]
-    config.eval.batch_size = min(250, preset["num_samples"])
-    config.eval.sampling_steps = preset["sampling_steps"]
-    config.eval.final_sampling_steps = preset["final_sampling_steps"]
-    config.eval.validation_examples = preset["validation_examples"]
-    config.eval.validation_timesteps = preset["validation_timesteps"]
-    config.eval.classifier_epochs = preset["classifier_epochs"]
-    config.eval.classifier_examples = preset["classifier_examples"]
-    config.eval.num_reference = preset["num_reference"]
+    config.update_from_flattened_dict(PRESETS[option])
+    config.train.checkpoint_every = config.eval.every
+    config.eval.batch_size = min(250, config.eval.num_samples)
     return config
