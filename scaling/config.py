@@ -20,6 +20,7 @@ from pathlib import Path
 import ml_collections
 
 from models.dit import DIT_SIZES, DiTConfig, parse_model_name
+from scaling import precision
 
 BUILTIN = ("fmnist", "imagenet256")
 
@@ -88,15 +89,18 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
 
 
 def model_config(config: ml_collections.ConfigDict, *, input_size: int, in_channels: int,
-                 num_classes: int) -> DiTConfig:
-    """The DiTConfig of a study config, for data of the given shape."""
+                 num_classes: int, dtype: str | None = None) -> DiTConfig:
+    """The DiTConfig of a study config, for data of the given shape. `dtype`: the compute dtype (default: the
+    config's model.dtype, "auto" resolved for this machine and the model's width by scaling.precision)."""
     size, patch = parse_model_name(config.model.name)
     depth, width, heads = DIT_SIZES[size]
+    width = config.model.hidden_size or width
     return DiTConfig(
-        depth=config.model.depth or depth, hidden_size=config.model.hidden_size or width,
+        depth=config.model.depth or depth, hidden_size=width,
         num_heads=config.model.num_heads or heads, patch_size=patch, input_size=input_size,
         in_channels=in_channels, num_classes=num_classes, learn_sigma=config.model.learn_sigma,
-        class_dropout_prob=config.model.class_dropout_prob, block=config.model.block, dtype=config.model.dtype,
+        class_dropout_prob=config.model.class_dropout_prob, block=config.model.block,
+        dtype=dtype or precision.resolve(config.model.dtype, width).dtype,
         remat=config.model.remat)
 
 
@@ -117,6 +121,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"({train.log_every}), train.checkpoint_every ({train.checkpoint_every}) and eval.every "
          f"({config.eval.every}): records, checkpoints and evaluations fall between calls"),
         (train.param_sharding in ("replicated", "fsdp"), "train.param_sharding must be replicated or fsdp"),
+        (config.model.dtype in (precision.AUTO, *precision.DTYPES),
+         f"model.dtype must be {precision.AUTO} or one of {', '.join(precision.DTYPES)}"),
         (config.diffusion.num_timesteps > 1, "diffusion.num_timesteps must be > 1"),
         (config.eval.every >= 0, "eval.every must be >= 0 (0 turns evaluation off)"),
         (config.eval.sampler in ("ddpm", "ddim"), "eval.sampler must be ddpm or ddim"),

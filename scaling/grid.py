@@ -8,7 +8,6 @@ the other on two cores. The costliest runs start first, so the workers finish to
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -73,8 +72,8 @@ def predicted_seconds(config) -> float:
     source = data_lib.FashionMNIST if config.data.source == "fashion_mnist" else data_lib.open_source(config)
     height, _, channels = source.image_shape
     model = config_lib.model_config(config, input_size=height, in_channels=channels,
-                                    num_classes=source.num_classes)
-    macs = dit_compute(dataclasses.replace(model, dtype="float32")).macs
+                                    num_classes=source.num_classes, dtype="float32")
+    macs = dit_compute(model).macs
     train_flops = 2 * 3 * macs * config.train.batch_size
     seconds = RUN_OVERHEAD_S + config.train.steps * (STEP_OVERHEAD_S + train_flops / TRAIN_FLOP_RATE)
     e = config.eval

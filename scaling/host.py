@@ -1,4 +1,4 @@
-"""Process-level settings for the host (CPU) side of the JAX runtime."""
+"""Process-level settings for the host (CPU) side of the JAX runtime, and what the host's CPU is."""
 
 from __future__ import annotations
 
@@ -59,3 +59,24 @@ def enable_compilation_cache(cache_dir: Path) -> Path:
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(cache_dir))
     return Path(jax.config.jax_compilation_cache_dir)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux): speeds differ across CPUs."""
+    name = _cpuinfo_field("model name")
+    return name or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (from /proc/cpuinfo on Linux; empty elsewhere)."""
+    return frozenset((_cpuinfo_field("flags") or "").split())
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":", 1)[0].strip() == name:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None

@@ -18,13 +18,13 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import time
 from pathlib import Path
 
 from analysis import schema
 from models.dit import PAPER_MODELS, short_name
 from scaling import grid
+from scaling.host import cpu_model
 from scaling.train import code_revision, format_duration
 
 log = logging.getLogger("dit_scaling.study")
@@ -58,17 +58,6 @@ class StudyResult:
 def default_workdir(preset: str, seed: int) -> Path:
     """studies/fmnist-PRESET (and -seedN for other seeds than 0), under the current directory."""
     return Path("studies") / (f"fmnist-{preset}" + (f"-seed{seed}" if seed else ""))
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), for the report: speeds differ across CPUs."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _claim_workdir(workdir: Path, settings: dict) -> None:

@@ -35,7 +35,7 @@ from analysis import schema
 from models.diffusion import GaussianDiffusion, linear_betas
 from models.dit import canonical_name, parse_model_name
 from models.flops import dit_compute
-from scaling import checkpoints
+from scaling import checkpoints, precision
 from scaling import config as config_lib
 from scaling import data as data_lib
 from scaling.evaluation.in_training import build_evaluator, pending_protocols
@@ -179,10 +179,14 @@ def _prepare(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
         start_step, elapsed, state = 0, 0.0, init()
 
     peak = measure_matmul_peak(model_config.dtype) * jax.device_count()
+    chosen_precision = precision.resolve(config.model.dtype, model_config.hidden_size)
+    if chosen_precision.requested == precision.AUTO:
+        log.info("model.dtype auto: %s (%s).", chosen_precision.dtype, chosen_precision.reason)
     if primary:
         _truncate_records(workdir / schema.STEPS_FILE, start_step)
         manifest = previous or _new_manifest(config, config_dict, model_config, compute, source)
         start = {"time": time.time(), "step": start_step, "versions": _versions(),
+                 "precision": chosen_precision.to_json(),
                  "devices": {"count": jax.device_count(), "processes": jax.process_count(),
                              "kind": jax.devices()[0].device_kind, "platform": jax.default_backend()},
                  "matmul_peak_flops": peak}

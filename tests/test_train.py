@@ -93,6 +93,9 @@ def test_smoke_run_writes_documented_records_and_manifest(fmnist_dir, tmp_path, 
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["model_name"] == "DiT-S/8"
     assert manifest["params"] > 0 and manifest["starts"][0]["versions"]["jax"]
+    # model.dtype "auto": the chosen dtype is the one the model ran in, with the evidence for it.
+    chosen = manifest["starts"][0]["precision"]
+    assert chosen["requested"] == "auto" and chosen["dtype"] == manifest["model"]["dtype"] and chosen["reason"]
     for record in records:
         assert set(schema.StepRecord.field_docs()) == set(record)
         assert record["images_seen"] == 8 * record["step"]
@@ -348,6 +351,8 @@ def test_evaluation_settings_are_checked():
         validate(load_config("fmnist:S/8", ["eval.guidance_scale=2.0", "eval.guidance_channels=3"]))
     with pytest.raises(ValueError, match="keep_every must be 0 or a multiple of train.checkpoint_every"):
         validate(load_config("imagenet256:S/8", ["train.keep_every=12345"]))
+    with pytest.raises(ValueError, match="model.dtype must be auto or one of float32, bfloat16, float16"):
+        validate(load_config("fmnist:S/8", ["model.dtype=fp8"]))
 
 
 def test_embedded_default_data_is_fashion_mnist():

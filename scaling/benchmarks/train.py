@@ -6,7 +6,8 @@ For each config (256px: 32x32x4 latents, 1000 classes, learned sigma, the paper'
 dtype, in a fresh process each: the matmul peak of one device measured in that process (`measure_matmul_peak`,
 same dtype), the median time of a jitted training step after compilation, images/s, achieved FLOP/s
 (2 x 3 x forward MACs x images/s: true FLOPs, backward = 2 x forward) and its ratio to the peak, and the peak
-memory (process RSS on CPU, the device's peak bytes elsewhere).
+memory (process RSS on CPU, the device's peak bytes elsewhere). With both float32 and bfloat16, it says which
+of them `model.dtype = "auto"` picks on this machine and whether that is the faster one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import subprocess
 import sys
 import time
 
-from models.dit import canonical_name, short_name
+from models.dit import canonical_name, dit_config, short_name
+from scaling import precision
 
 
 def _recomputes(model: str, remat: str) -> bool:
@@ -31,7 +33,7 @@ def _recomputes(model: str, remat: str) -> bool:
 
 
 def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str) -> dict:
-    from scaling.host import keep_freed_memory
+    from scaling.host import cpu_model, keep_freed_memory
 
     keep_freed_memory()
     import jax
@@ -73,7 +75,7 @@ def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str) -> dic
     stats = jax.devices()[0].memory_stats() or {}
     memory = stats.get("peak_bytes_in_use") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"model": canonical_name(model), "dtype": dtype + ("+remat" if remat else ""), "batch": batch,
-            "device": jax.devices()[0].device_kind,
+            "device": cpu_model() if jax.default_backend() == "cpu" else jax.devices()[0].device_kind,
             "compile_s": compile_s, "step_s": step_s, "images_per_s": batch / step_s,
             "achieved_tflops": achieved / 1e12, "peak_tflops": peak / 1e12, "utilization": achieved / peak,
             "peak_memory_gib": memory / 2**30, "loss": float(metrics["loss"])}
@@ -108,6 +110,8 @@ def main() -> None:
               f"{'TFLOP/s':>8} {'peak':>8} {'util':>6} {'mem GiB':>8}")
     print(header)
     for model in models:
+        auto = precision.resolve(precision.AUTO, dit_config(model).hidden_size)
+        step_seconds = {}
         for dtype in args.dtypes.split(","):
             result = subprocess.run([sys.executable, "-m", "scaling.benchmarks.train", "--one", f"{model},{dtype}",
                                      "--batch", str(args.batch), "--steps", str(args.steps), "--remat", args.remat],
@@ -118,9 +122,16 @@ def main() -> None:
                 print(f"{canonical_name(model):9} {dtype:14} failed: {reason}", flush=True)
                 continue
             r = json.loads(result.stdout.strip().splitlines()[-1])
+            step_seconds[dtype] = r["step_s"]
             print(f"{r['model']:9} {r['dtype']:14} {r['batch']:5d} {r['compile_s']:9.1f} {r['step_s']:8.3f} "
                   f"{r['images_per_s']:8.2f} {r['achieved_tflops']:8.3f} {r['peak_tflops']:8.3f} "
                   f"{r['utilization']:6.1%} {r['peak_memory_gib']:8.2f}", flush=True)
+        if {"float32", "bfloat16"} <= step_seconds.keys():
+            faster = min(("float32", "bfloat16"), key=step_seconds.get)
+            ratio = step_seconds["float32"] / step_seconds["bfloat16"]
+            verdict = "the faster one" if auto.dtype == faster else f"THE SLOWER ONE (faster here: {faster})"
+            print(f"  auto picks {auto.dtype} ({auto.reason}), {verdict}: bf16 runs at {ratio:.2f}x the float32 "
+                  "speed", flush=True)
     print(f"device: {r['device'] if 'r' in locals() else '?'}; peak = measured matmul FLOP/s of one device in the "
           "same dtype; FLOP/s = 2 x 3 x forward MACs x images/s")
 

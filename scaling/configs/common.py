@@ -14,7 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.block = "adaLN-Zero"
     config.model.learn_sigma = True
     config.model.class_dropout_prob = 0.1
-    config.model.dtype = "float32"  # matmul compute dtype; "bfloat16" for mixed precision
+    config.model.dtype = "auto"  # matmul dtype; auto: bf16 where the device has bf16 units, else float32
     config.model.remat = False  # recompute block activations in the backward pass to save memory
 
     config.data = ml_collections.ConfigDict()
