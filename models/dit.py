@@ -36,6 +36,7 @@ PATCH_SIZES = (8, 4, 2)
 TIMESTEP_FREQUENCY_DIM = 256
 LATENT_DOWNSAMPLE = 8  # the SD autoencoder maps 256x256x3 images to 32x32x4 latents
 LATENT_CHANNELS = 4
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # matmul dtypes; parameters, norms and softmax stay float32
 
 # Paper order (Table 4): sizes S, B, L, XL, each with patch 8, 4, 2.
 PAPER_MODELS = tuple(f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in PATCH_SIZES)  # see canonical_name
@@ -86,7 +87,7 @@ class DiTConfig:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}.")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}.")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}.")
 
     @property

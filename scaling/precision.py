@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from models.dit import COMPUTE_DTYPES as DTYPES
 from scaling.host import cpu_flags
 
-DTYPES = ("float32", "bfloat16", "float16")
 AUTO = "auto"
 FAST_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo names
 FIRST_FAST_BF16_NVIDIA = (8, 0)
