@@ -238,36 +238,40 @@ def _is_state_dict(obj) -> bool:
 # Name and layout mapping
 # ----------------------------------------------------------------------------------------------------------------
 
-# Each entry: official module prefix -> (our module path, layer kind). Kinds: "linear" (torch weight is [out, in],
-# ours [in, out]), "conv" (OIHW vs HWIO), "embed" (same layout).
-def _module_map(config: DiTConfig) -> list[tuple[str, tuple, str]]:
+# Each entry: official module prefix -> (our module path, layer kind, block index). Kinds: "linear" (torch weight is
+# [out, in], ours [in, out]), "conv" (OIHW vs HWIO), "embed" (same layout). With scan_blocks our blocks are stacked:
+# official block i is slice i of the leading axis of every array under "blocks"; the block index is None elsewhere.
+def _module_map(config: DiTConfig) -> list[tuple[str, tuple, str, int | None]]:
     modules = [
-        ("x_embedder.proj", ("patch_embed",), "conv"),
-        ("t_embedder.mlp.0", ("t_embedder", "fc1"), "linear"),
-        ("t_embedder.mlp.2", ("t_embedder", "fc2"), "linear"),
-        ("y_embedder.embedding_table", ("y_embedder", "table"), "embed"),
+        ("x_embedder.proj", ("patch_embed",), "conv", None),
+        ("t_embedder.mlp.0", ("t_embedder", "fc1"), "linear", None),
+        ("t_embedder.mlp.2", ("t_embedder", "fc2"), "linear", None),
+        ("y_embedder.embedding_table", ("y_embedder", "table"), "embed", None),
     ]
     for i in range(config.depth):
         for official, ours in (("attn.qkv", ("attn", "qkv")), ("attn.proj", ("attn", "proj")),
                                ("mlp.fc1", ("mlp", "fc1")), ("mlp.fc2", ("mlp", "fc2")),
                                ("adaLN_modulation.1", ("modulation",))):
-            modules.append((f"blocks.{i}.{official}", ("blocks", i, *ours), "linear"))
+            if config.scan_blocks:
+                modules.append((f"blocks.{i}.{official}", ("blocks", *ours), "linear", i))
+            else:
+                modules.append((f"blocks.{i}.{official}", ("blocks", i, *ours), "linear", None))
     modules += [
-        ("final_layer.linear", ("final_layer", "linear"), "linear"),
-        ("final_layer.adaLN_modulation.1", ("final_layer", "modulation"), "linear"),
+        ("final_layer.linear", ("final_layer", "linear"), "linear", None),
+        ("final_layer.adaLN_modulation.1", ("final_layer", "modulation"), "linear", None),
     ]
     return modules
 
 
-def _tensor_map(config: DiTConfig) -> dict[str, tuple[tuple, str]]:
-    """Official tensor name -> (our state path, transform)."""
+def _tensor_map(config: DiTConfig) -> dict[str, tuple[tuple, str, int | None]]:
+    """Official tensor name -> (our state path, transform, block index or None)."""
     tensors = {}
-    for official, ours, kind in _module_map(config):
+    for official, ours, kind, block in _module_map(config):
         if kind == "embed":
-            tensors[f"{official}.weight"] = ((*ours, "embedding"), "none")
+            tensors[f"{official}.weight"] = ((*ours, "embedding"), "none", block)
         else:
-            tensors[f"{official}.weight"] = ((*ours, "kernel"), kind)
-            tensors[f"{official}.bias"] = ((*ours, "bias"), "none")
+            tensors[f"{official}.weight"] = ((*ours, "kernel"), kind, block)
+            tensors[f"{official}.bias"] = ((*ours, "bias"), "none", block)
     return tensors
 
 
@@ -295,8 +299,9 @@ def official_state_dict_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
     _require_official_block(config)
     our_state = dict(nnx.to_flat_state(nnx.state(abstract_dit(config), nnx.Param)))
     shapes = {"pos_embed": (1, config.num_tokens, config.hidden_size)}
-    for name, (path, transform) in _tensor_map(config).items():
-        shapes[name] = _official_shape(tuple(our_state[path].shape), transform)
+    for name, (path, transform, block) in _tensor_map(config).items():
+        our_shape = tuple(our_state[path].shape)
+        shapes[name] = _official_shape(our_shape if block is None else our_shape[1:], transform)
     return shapes
 
 
@@ -310,7 +315,8 @@ def _require_official_block(config: DiTConfig) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _infer_config(state: Mapping[str, np.ndarray], num_heads: int | None, input_size: int | None) -> DiTConfig:
+def _infer_config(state: Mapping[str, np.ndarray], num_heads: int | None, input_size: int | None,
+                  scan_blocks: bool) -> DiTConfig:
     def shape(name):
         if name not in state:
             raise TorchFileError(f"missing tensor {name!r}: this is not an official DiT state dict.")
@@ -337,21 +343,22 @@ def _infer_config(state: Mapping[str, np.ndarray], num_heads: int | None, input_
         num_heads = standard[(depth, hidden)]
     return DiTConfig(depth=depth, hidden_size=hidden, num_heads=num_heads, patch_size=patch, input_size=input_size,
                      in_channels=in_channels, num_classes=num_classes, learn_sigma=out_channels == 2 * in_channels,
-                     mlp_ratio=mlp_ratio)
+                     mlp_ratio=mlp_ratio, scan_blocks=scan_blocks)
 
 
 def dit_from_torch(source: str | os.PathLike | Mapping[str, np.ndarray], num_heads: int | None = None, *,
-                   input_size: int | None = None, key: str | None = None) -> DiT:
+                   input_size: int | None = None, key: str | None = None, scan_blocks: bool = False) -> DiT:
     """A DiT (adaLN-Zero) carrying the weights of an official PyTorch state dict.
 
     `source` is a .pt/.pth path (read without torch when it is a zip-format file; `key` picks an entry of a
     training checkpoint, default "ema") or a mapping from official key names to arrays. Depth, width, patch size,
     input size (from pos_embed, or `input_size`), channels, classes and learned sigma are inferred from the
-    shapes; num_heads from the argument or from the standard config of that depth and width.
+    shapes; num_heads from the argument or from the standard config of that depth and width. `scan_blocks`
+    stacks the blocks for a scan (see DiTConfig).
     """
     state = read_torch_file(source, key=key) if isinstance(source, str | os.PathLike) else source
     state = {k: np.asarray(v) for k, v in state.items()}
-    config = _infer_config(state, num_heads, input_size)
+    config = _infer_config(state, num_heads, input_size, scan_blocks)
     expected = official_state_dict_shapes(config)
     if input_size is not None and "pos_embed" not in state:
         expected.pop("pos_embed")
@@ -373,8 +380,15 @@ def dit_from_torch(source: str | os.PathLike | Mapping[str, np.ndarray], num_hea
 
     graphdef, abstract_state = nnx.split(abstract_dit(config))
     flat = dict(nnx.to_flat_state(abstract_state))
-    for name, (path, transform) in _tensor_map(config).items():
-        flat[path] = flat[path].replace(jnp.asarray(_to_ours(state[name], transform), jnp.float32))
+    arrays = {}  # our path -> the array, or (stacked blocks) the list of per-block arrays in block order
+    for name, (path, transform, block) in _tensor_map(config).items():
+        ours = _to_ours(state[name], transform).astype(np.float32)
+        if block is None:
+            arrays[path] = ours
+        else:
+            arrays.setdefault(path, []).append(ours)
+    for path, array in arrays.items():
+        flat[path] = flat[path].replace(jnp.asarray(np.stack(array) if isinstance(array, list) else array))
     return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
 
 
@@ -384,8 +398,9 @@ def dit_to_torch(model: DiT) -> OrderedDict[str, np.ndarray]:
     _require_official_block(config)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     state = OrderedDict(pos_embed=sincos_position_embedding(config.hidden_size, config.grid_size)[None].copy())
-    for name, (path, transform) in _tensor_map(config).items():
-        state[name] = np.ascontiguousarray(_to_official(np.asarray(flat[path][...], np.float32), transform))
+    for name, (path, transform, block) in _tensor_map(config).items():
+        ours = np.asarray(flat[path][...], np.float32)
+        state[name] = np.ascontiguousarray(_to_official(ours if block is None else ours[block], transform))
     return state
 
 

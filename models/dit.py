@@ -61,6 +61,10 @@ class DiTConfig:
     block: str = "adaLN-Zero"
     dtype: str = "float32"  # compute dtype of matmuls; parameters, norms and softmax stay float32
     remat: bool = False  # recompute each block's activations in the backward pass (less memory, ~1/3 more compute)
+    # The blocks as one lax.scan over stacked arrays (block i is slice i of every array under `blocks`): the step
+    # compiles one block whatever the depth. On XLA:CPU unrolled blocks (the default) train S/2 and B/4 faster,
+    # scanned ones XL/2 with remat (docs/benchmarks.md).
+    scan_blocks: bool = False
 
     def __post_init__(self):
         for field in ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "num_classes"):
@@ -375,6 +379,19 @@ def _cross_attention_bwd(dtype, residuals, g_BTD):
 cross_attention.defvjp(_cross_attention_fwd, _cross_attention_bwd)
 
 
+def fused_attention_implementation(dtype) -> str | None:
+    """"cudnn" where jax.nn.dot_product_attention has cuDNN's fused (flash) kernel for `dtype`: an NVIDIA GPU of
+    compute capability 8.0 or more, computing in bf16 or fp16. None elsewhere: the einsum attention above, whose
+    products and custom gradient reach the fast kernels of CPUs and TPUs."""
+    if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return None
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return "cudnn" if float(capability) >= 8.0 else None
+    except (TypeError, ValueError):  # ROCm names its chips ("gfx90a"); cuDNN is NVIDIA's
+        return None
+
+
 class SelfAttention(nnx.Module):
     def __init__(self, hidden_size: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
         self.num_heads, self.dtype = num_heads, dtype
@@ -384,7 +401,13 @@ class SelfAttention(nnx.Module):
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         b, t, d = x_BTD.shape
         qkv_BT3HK = self.qkv(x_BTD).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-        return self.proj(self_attention(qkv_BT3HK, jnp.dtype(self.dtype)))
+        dtype = jnp.dtype(self.dtype)
+        fused = fused_attention_implementation(dtype)
+        if fused is None:
+            return self.proj(self_attention(qkv_BT3HK, dtype))
+        q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i].astype(dtype) for i in range(3))
+        out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, implementation=fused)
+        return self.proj(out_BTHK.reshape(b, t, d))
 
 
 class CrossAttention(nnx.Module):
@@ -495,6 +518,12 @@ class FinalLayer(nnx.Module):
         return self.linear(x_BTD)
 
 
+def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
+    """Modules of one structure as one module whose arrays carry a leading layer axis (layer i is slice i)."""
+    graphdef = nnx.graphdef(layers[0])
+    return nnx.merge(graphdef, jax.tree.map(lambda *arrays: jnp.stack(arrays), *map(nnx.state, layers)))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------------------
@@ -513,11 +542,11 @@ class DiT(nnx.Module):
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob, rngs=rngs)
         if config.block in ("adaLN-Zero", "adaLN"):
             gated = config.block == "adaLN-Zero"
-            self.blocks = nnx.List([ModulatedBlock(config, gated=gated, rngs=rngs) for _ in range(config.depth)])
+            layers = [ModulatedBlock(config, gated=gated, rngs=rngs) for _ in range(config.depth)]
         else:
             cross = config.block == "cross-attention"
-            self.blocks = nnx.List([TransformerBlock(config, cross_attention=cross, rngs=rngs)
-                                    for _ in range(config.depth)])
+            layers = [TransformerBlock(config, cross_attention=cross, rngs=rngs) for _ in range(config.depth)]
+        self.blocks = stack_layers(layers) if config.scan_blocks else nnx.List(layers)
         self.final_layer = FinalLayer(config, modulated=config.block in ("adaLN-Zero", "adaLN"), rngs=rngs)
 
     def __call__(self, x_NHWC: jax.Array, t_N: jax.Array, y_N: jax.Array, *,
@@ -535,21 +564,42 @@ class DiT(nnx.Module):
         y_ND = self.y_embedder(y_N, dropout_key).astype(jnp.float32)
         c_ND = t_ND + y_ND
 
-        apply = nnx.remat(lambda block, *args: block(*args)) if cfg.remat else (lambda block, *args: block(*args))
         if cfg.block == "in-context":
             x_NTD = jnp.concatenate([x_NTD, t_ND[:, None], y_ND[:, None]], axis=1)
-            for block in self.blocks:
-                x_NTD = materialize_on_cpu(apply(block, x_NTD))
-            x_NTD = x_NTD[:, : cfg.num_tokens]
+            x_NTD = self._apply_blocks(x_NTD)[:, : cfg.num_tokens]
         elif cfg.block == "cross-attention":
-            cond_N2D = jnp.stack([t_ND, y_ND], axis=1)
-            for block in self.blocks:
-                x_NTD = materialize_on_cpu(apply(block, x_NTD, cond_N2D))
+            x_NTD = self._apply_blocks(x_NTD, jnp.stack([t_ND, y_ND], axis=1))
         else:
-            for block in self.blocks:
-                x_NTD = materialize_on_cpu(apply(block, x_NTD, c_ND))
+            x_NTD = self._apply_blocks(x_NTD, c_ND)
         patches_NTO = self.final_layer(x_NTD, c_ND)
         return unpatchify(patches_NTO, cfg.patch_size, cfg.out_channels)
+
+    def block(self, index: int) -> nnx.Module:
+        """Block `index`: the module itself, or with scan_blocks a copy of its slice of the stacked arrays."""
+        if not self.config.scan_blocks:
+            return self.blocks[index]
+        graphdef, layers = nnx.split(self.blocks)
+        return nnx.merge(graphdef, jax.tree.map(lambda array: array[index], layers))
+
+    def _apply_blocks(self, x_NTD: jax.Array, *context: jax.Array) -> jax.Array:
+        """The blocks in order: one scan over their stacked arrays (scan_blocks), or one after the other."""
+        if not self.config.scan_blocks:
+            def apply(block, *args):
+                return block(*args)
+
+            if self.config.remat:
+                apply = nnx.remat(apply)
+            for block in self.blocks:
+                x_NTD = materialize_on_cpu(apply(block, x_NTD, *context))
+            return x_NTD
+        graphdef, layers = nnx.split(self.blocks)
+
+        def layer(x_NTD, layer_state):
+            return nnx.merge(graphdef, layer_state)(x_NTD, *context), None
+
+        if self.config.remat:
+            layer = jax.checkpoint(layer)
+        return jax.lax.scan(layer, x_NTD, layers)[0]
 
     def forward_with_cfg(self, x_NHWC: jax.Array, t_N: jax.Array, y_N: jax.Array, cfg_scale: float, *,
                          cfg_channels: int | None = 3) -> jax.Array:

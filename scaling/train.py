@@ -38,6 +38,7 @@ from models.flops import dit_compute
 from scaling import checkpoints, precision
 from scaling import config as config_lib
 from scaling import data as data_lib
+from scaling.configs.common import base_config
 from scaling.evaluation.in_training import build_evaluator, pending_protocols
 from scaling.train_step import (
     init_state,
@@ -225,11 +226,15 @@ def _new_manifest(config, config_dict: dict, model_config, compute, source) -> s
 
 def _check_same_run(previous: dict, current: dict, workdir: Path) -> None:
     """A workdir continues only the run it holds; train.steps, train.steps_per_call and the eval section may
-    change."""
+    change. A field the run's config lacks (added since it started) counts as its default, which keeps the
+    behaviour from before the field existed."""
     def without_steps(config):  # evaluation settings, and how many steps a call runs, do not change training
         return {**{k: v for k, v in config.items() if k != "eval"},
                 "train": {k: v for k, v in config["train"].items() if k not in ("steps", "steps_per_call")}}
 
+    defaults = base_config().to_dict()
+    previous = {section: {**defaults[section], **values} if isinstance(values, dict) and section in defaults
+                else values for section, values in previous.items()}
     before, after = without_steps(previous), without_steps(current)
     if before != after:
         changed = sorted(f"{section}.{key}" for section in set(before) | set(after)

@@ -24,7 +24,7 @@ from models.convert import (
 from models.dit import DiT, DiTConfig, dit_config, sincos_position_embedding
 
 torch = pytest.importorskip("torch")
-from torch_reference_dit import ReferenceDiT, randomize_  # noqa: E402
+from models.torch_dit import ReferenceDiT, randomize_  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(input_size=16, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
@@ -54,13 +54,14 @@ def _theirs(reference, fn, x, t, y, *args, **kwargs):
                                       **kwargs).numpy()
 
 
-@pytest.mark.parametrize("learn_sigma", [True, False])
-def test_forward_matches_pytorch_reference(learn_sigma, tmp_path):
+@pytest.mark.parametrize("learn_sigma, scan_blocks", [(True, False), (False, False), (True, True)])
+def test_forward_matches_pytorch_reference(learn_sigma, scan_blocks, tmp_path):
     reference = _reference(learn_sigma=learn_sigma)
     path = tmp_path / "dit.pt"
     torch.save(reference.state_dict(), path)
-    model = dit_from_torch(path, num_heads=4)
+    model = dit_from_torch(path, num_heads=4, scan_blocks=scan_blocks)  # stacked: official block i is slice i
     assert model.config.learn_sigma == learn_sigma and model.config.num_classes == 10
+    assert model.config.scan_blocks == scan_blocks
     x, t, y = _inputs()
     expected = _theirs(reference, "forward", x, t, y)
     assert np.abs(expected).max() > 0.1  # random weights: a non-trivial output
@@ -173,9 +174,10 @@ def test_state_dict_mismatches_are_named():
         dit_from_torch(state)
 
 
-def test_export_round_trip_and_official_loading(tmp_path):
-    model = DiT(DiTConfig(depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=16, num_classes=10),
-                rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("scan_blocks", [False, True])
+def test_export_round_trip_and_official_loading(scan_blocks, tmp_path):
+    model = DiT(DiTConfig(depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=16, num_classes=10,
+                          scan_blocks=scan_blocks), rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
     rng = np.random.default_rng(0)
     nnx.update(model, jax.tree.map(lambda p: jnp.asarray(rng.normal(0, 0.02, p.shape), jnp.float32), params))
@@ -188,7 +190,7 @@ def test_export_round_trip_and_official_loading(tmp_path):
     ours = _ours(model, "__call__", x, t, y)
     np.testing.assert_allclose(_theirs(reference, "forward", x, t, y), ours, atol=2e-6, rtol=1e-5)
 
-    reloaded = dit_from_torch(path, num_heads=4)
+    reloaded = dit_from_torch(path, num_heads=4, scan_blocks=scan_blocks)
     assert reloaded.config == model.config
     np.testing.assert_array_equal(_ours(reloaded, "__call__", x, t, y), ours)
 
@@ -220,3 +222,24 @@ def test_config_inference_from_standard_shapes():
 def test_only_adaln_zero_has_an_official_layout():
     with pytest.raises(ValueError, match="only for adaLN-Zero"):
         official_state_dict_shapes(dit_config("S/8", block="in-context"))
+
+
+def test_the_pytorch_benchmark_peer_trains_on_the_projects_loss():
+    from models.diffusion import GaussianDiffusion, linear_betas
+    from scaling.benchmarks.compare import torch_training_loss
+
+    reference = _reference()
+    model = dit_from_torch({k: v.numpy() for k, v in reference.state_dict().items()}, num_heads=4)
+    diffusion = GaussianDiffusion(linear_betas(1000))
+    x, _, y = _inputs()
+    x = np.clip(x / 2, -1, 1)  # latents in [-1, 1] with some at the ends, where the decoder NLL takes its edge bins
+    t = np.array([0, 0, 1, 500, 998, 999])
+    noise = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    def nhwc(a):
+        return jnp.asarray(a.transpose(0, 2, 3, 1))
+
+    ours = diffusion.training_losses(lambda x_t, tt: model(x_t, tt, jnp.asarray(y)), nhwc(x), jnp.asarray(t),
+                                     nhwc(noise))["loss"].mean()
+    with torch.no_grad():
+        theirs = torch_training_loss(reference, diffusion)(*map(torch.from_numpy, (x, t, noise, y)))
+    np.testing.assert_allclose(float(theirs), float(ours), rtol=1e-5)

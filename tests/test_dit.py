@@ -1,5 +1,6 @@
 """The DiT model: shapes, initialisation, embeddings, label dropout and guidance."""
 
+import dataclasses
 import math
 
 import jax
@@ -77,8 +78,8 @@ def test_adaln_zero_blocks_start_as_identity():
     model = DiT(DiTConfig(**SMALL), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (3, 16, 64))
     c = jax.random.normal(jax.random.key(2), (3, 64))
-    for block in model.blocks:
-        np.testing.assert_array_equal(block(x, c), x)
+    for i in range(model.config.depth):
+        np.testing.assert_array_equal(model.block(i)(x, c), x)
 
 
 def test_initialisation_follows_the_official_scheme():
@@ -92,15 +93,15 @@ def test_initialisation_follows_the_official_scheme():
         # Uniform on [-limit, limit]: bounded, and its std is limit / sqrt(3).
         return np.abs(values).max() <= limit and abs(values.std() - limit / math.sqrt(3)) < 0.1 * limit
 
-    assert within_xavier(model.blocks[0].attn.qkv.kernel[...], d, 3 * d)
-    assert within_xavier(model.blocks[0].mlp.fc1.kernel[...], d, 4 * d)
+    assert within_xavier(model.block(0).attn.qkv.kernel[...], d, 3 * d)
+    assert within_xavier(model.block(0).mlp.fc1.kernel[...], d, 4 * d)
     # The patch embedding's fan-out is the width (official: Xavier on the [d, C*p*p] view), not width * p * p.
     assert within_xavier(model.patch_embed.kernel[...], c * p * p, d)
     for table in (model.t_embedder.fc1.kernel[...], model.y_embedder.table.embedding[...]):
         assert abs(float(np.std(table)) - 0.02) < 0.002
-    for zero in (model.blocks[0].modulation.kernel[...], model.final_layer.modulation.kernel[...],
+    for zero in (model.block(0).modulation.kernel[...], model.final_layer.modulation.kernel[...],
                  model.final_layer.linear.kernel[...], model.final_layer.linear.bias[...],
-                 model.blocks[0].attn.qkv.bias[...], model.patch_embed.bias[...]):
+                 model.block(0).attn.qkv.bias[...], model.patch_embed.bias[...]):
         assert float(jnp.abs(zero).max()) == 0.0
 
 
@@ -287,3 +288,52 @@ def test_remat_changes_memory_not_results():
 
     for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("block, remat", [*((b, False) for b in BLOCKS), ("adaLN-Zero", True)])
+def test_scanned_blocks_compute_what_the_unrolled_blocks_do(block, remat):
+    config = DiTConfig(**{**SMALL, "depth": 3}, block=block, remat=remat)
+    unrolled = _randomize(DiT(config, rngs=nnx.Rngs(0)))
+    scanned = DiT(dataclasses.replace(config, scan_blocks=True), rngs=nnx.Rngs(0))
+    stacked = jax.tree.map(lambda *blocks: jnp.stack(blocks), *(nnx.state(b, nnx.Param) for b in unrolled.blocks))
+    nnx.update(scanned, {**nnx.state(unrolled, nnx.Param), "blocks": stacked})
+    assert scanned.blocks.attn.qkv.kernel.shape == (3, 64, 192)  # one array per parameter, block i = slice i
+    np.testing.assert_array_equal(scanned.block(2).mlp.fc1.kernel[...], unrolled.blocks[2].mlp.fc1.kernel[...])
+    x, t, y = _inputs()
+
+    def value_and_grads(model):
+        graphdef, params = nnx.split(model, nnx.Param)
+        loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, t, y) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (loss, grads), (scanned_loss, scanned_grads) = value_and_grads(unrolled), value_and_grads(scanned)
+    np.testing.assert_allclose(scanned_loss, loss, rtol=1e-6)
+    blocks = grads.pop("blocks")
+    scanned_blocks = scanned_grads.pop("blocks")
+    for a, b in zip(jax.tree.leaves(scanned_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    for i in range(config.depth):
+        per_block = jax.tree.map(lambda array: array[i], scanned_blocks)  # noqa: B023
+        for a, b in zip(jax.tree.leaves(per_block), jax.tree.leaves(blocks[i]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_the_fused_attention_path_computes_what_the_einsum_attention_does(monkeypatch):
+    import models.dit as dit
+
+    model = _randomize(DiT(DiTConfig(**SMALL), rngs=nnx.Rngs(0)), std=0.2)
+    x, t, y = _inputs()
+
+    def value_and_grads():
+        graphdef, params = nnx.split(model, nnx.Param)
+        loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, t, y) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    assert dit.fused_attention_implementation(jnp.bfloat16) is None  # on this CPU: the einsum attention
+    einsum_loss, einsum_grads = value_and_grads()
+    # The branch NVIDIA GPUs take (with "cudnn"), here with the XLA implementation of the same function.
+    monkeypatch.setattr(dit, "fused_attention_implementation", lambda dtype: "xla")
+    fused_loss, fused_grads = value_and_grads()
+    np.testing.assert_allclose(fused_loss, einsum_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(einsum_grads), strict=True):
+        assert _relative_error(a, b) < 1e-4  # float32 sums in another order

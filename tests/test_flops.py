@@ -50,6 +50,13 @@ def test_jaxpr_count_equals_closed_form_for_every_config(block):
         assert dit_compute(config).macs == dit_macs_analytic(config), (model, block)
 
 
+@pytest.mark.parametrize("block", ["adaLN-Zero", "in-context"])
+def test_the_counter_counts_scanned_blocks_times_their_number(block):
+    config = dit_config("XL/2", block=block, scan_blocks=True)
+    assert dit_compute(config).macs == dit_macs_analytic(config)
+    assert dit_compute(config).params == dit_compute(dit_config("XL/2", block=block)).params
+
+
 def test_counter_that_skips_attention_products_gets_thops_number():
     # dit_paper.md section 4: skipping q.k^T and attn.v gives XL/4 = 28.8 instead of 29.05.
     terms = dit_macs_by_term(dit_config("XL/4"))
@@ -142,8 +149,7 @@ def test_xla_cost_analysis_counts_about_twice_the_macs():
 def test_fvcore_counts_a_pytorch_dit_like_the_jaxpr_counter():
     torch = pytest.importorskip("torch")
     pytest.importorskip("fvcore")
-    from torch_reference_dit import ReferenceDiT
-
+    from models.torch_dit import ReferenceDiT
     from models.torch_flops import count_torch_macs, count_torch_params
 
     config = DiTConfig(depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=16, num_classes=10)

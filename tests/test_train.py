@@ -110,6 +110,16 @@ def test_the_same_command_refuses_a_different_config(fmnist_dir, tmp_path):
     apply_override(config, "train.learning_rate=0.5")
     with pytest.raises(ValueError, match="train.learning_rate differ"):
         train(config, tmp_path / "run")
+    # A run written before a field existed resumes with the field at its default, and only there.
+    manifest_path = tmp_path / "run" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["config"]["model"]["scan_blocks"]
+    manifest_path.write_text(json.dumps(manifest))
+    scanned = load_config("fmnist:S/8,smoke", [f"data.path={fmnist_dir}", "train.steps=6", "model.scan_blocks=True"])
+    with pytest.raises(ValueError, match="model.scan_blocks differ"):
+        train(scanned, tmp_path / "run")
+    train(load_config("fmnist:S/8,smoke", [f"data.path={fmnist_dir}", "train.steps=6"]), tmp_path / "run")
+    assert json.loads(manifest_path.read_text())["status"] == "finished"
 
 
 def _zero_bytes_in_the_largest_state_file(checkpoint: Path) -> None:
