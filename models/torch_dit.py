@@ -1,11 +1,12 @@
-"""Independent PyTorch reference implementation of DiT (Peebles & Xie, 2023).
+"""An independent PyTorch DiT (Peebles & Xie, 2023), the adaLN-Zero model of the official models.py. Needs torch.
 
-Test-support code: a second implementation to compare the JAX model against.
-Written from the architecture spec (dit_paper.md, section 9); the module tree
-is laid out so that ``state_dict()`` keys and shapes match the official
-checkpoints exactly (e.g. ``blocks.0.adaLN_modulation.1.weight``).
+The second implementation the tests compare the JAX model against, and the PyTorch peer the benchmarks time
+(scaling.benchmarks.compare). Written from the architecture spec (dit_paper.md, section 9); the module tree
+is laid out so that ``state_dict()`` keys and shapes match the official checkpoints exactly
+(e.g. ``blocks.0.adaLN_modulation.1.weight``).
 
-Eval semantics only: no label dropout, no dropout anywhere.
+No label dropout and no dropout anywhere (the official model drops labels in training only, at no cost that
+matters to a benchmark).
 """
 
 import math

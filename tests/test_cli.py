@@ -55,9 +55,8 @@ def test_flops_counts_a_pytorch_model_from_a_factory(tmp_path):
     pytest.importorskip("fvcore")
     factory = tmp_path / "my_model.py"
     factory.write_text(
-        "import sys, torch\n"
-        f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
-        "from torch_reference_dit import ReferenceDiT\n"
+        "import torch\n"
+        "from models.torch_dit import ReferenceDiT\n"
         "def build():\n"
         "    model = ReferenceDiT(input_size=32, patch_size=8, hidden_size=384, depth=12, num_heads=6)\n"
         "    labels = torch.zeros(2, dtype=torch.long)\n"

@@ -4,7 +4,7 @@
 
 For each config (256px: 32x32x4 latents, 1000 classes, learned sigma, the paper's AdamW + EMA step) and compute
 dtype, in a fresh process each: the matmul peak of one device measured in that process (`measure_matmul_peak`,
-same dtype), the median time of a jitted training step after compilation, images/s, achieved FLOP/s
+same dtype), the compile time of the training step, the median time of a step, images/s, achieved FLOP/s
 (2 x 3 x forward MACs x images/s: true FLOPs, backward = 2 x forward) and its ratio to the peak, and the peak
 memory (process RSS on CPU, the device's peak bytes elsewhere). With both float32 and bfloat16, it says which
 of them `model.dtype = "auto"` picks on this machine and whether that is the faster one.
@@ -32,7 +32,7 @@ def _recomputes(model: str, remat: str) -> bool:
     return remat == "all" or model in remat.split(",")
 
 
-def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str) -> dict:
+def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str, scan_blocks: bool = False) -> dict:
     from scaling.host import cpu_model, keep_freed_memory
 
     keep_freed_memory()
@@ -48,7 +48,7 @@ def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str) -> dic
 
     config = base_config()
     remat = _recomputes(model, remat)
-    model_config = dit_config(model, dtype=dtype, remat=remat)
+    model_config = dit_config(model, dtype=dtype, remat=remat, scan_blocks=scan_blocks)
     macs = dit_compute(dit_config(model)).macs
     optimizer = make_optimizer(config)
     diffusion = GaussianDiffusion(linear_betas(1000))
@@ -58,11 +58,11 @@ def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str) -> dic
     batch_data = {"image": jnp.asarray(rng.standard_normal((batch, 32, 32, 4)), jnp.float32),
                   "label": jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)}
     start = time.perf_counter()
-    state, metrics = step(state, batch_data)
-    jax.block_until_ready(metrics)
+    step = step.lower(state, batch_data).compile()
     compile_s = time.perf_counter() - start
-    state, metrics = step(state, batch_data)
-    jax.block_until_ready(metrics)
+    for _ in range(2):  # warm-up, one step at a time: a step queued behind another holds its memory too
+        state, metrics = step(state, batch_data)
+        jax.block_until_ready(metrics)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -74,7 +74,8 @@ def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str) -> dic
     achieved = 2 * 3 * macs * batch / step_s
     stats = jax.devices()[0].memory_stats() or {}
     memory = stats.get("peak_bytes_in_use") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"model": canonical_name(model), "dtype": dtype + ("+remat" if remat else ""), "batch": batch,
+    variant = dtype + ("+remat" if remat else "") + ("+scan" if scan_blocks else "")
+    return {"model": canonical_name(model), "dtype": variant, "batch": batch,
             "device": cpu_model() if jax.default_backend() == "cpu" else jax.devices()[0].device_kind,
             "compile_s": compile_s, "step_s": step_s, "images_per_s": batch / step_s,
             "achieved_tflops": achieved / 1e12, "peak_tflops": peak / 1e12, "utilization": achieved / peak,
@@ -91,11 +92,12 @@ def main() -> None:
                         help="models that recompute block activations in the backward pass: a comma list, 'all' or "
                              "'none'; auto (default): XL/2 on CPU, whose batch 8 needs it to fit in 24 GiB; "
                              "alone: all")
+    parser.add_argument("--scan-blocks", action="store_true", help="run the blocks as one scan (model.scan_blocks)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # model,dtype: run in this process, print JSON
     args = parser.parse_args()
     if args.one:
         model, dtype = args.one.split(",")
-        print(json.dumps(bench_one(model, args.batch, dtype, args.steps, args.remat)))
+        print(json.dumps(bench_one(model, args.batch, dtype, args.steps, args.remat, args.scan_blocks)))
         return
     def names(models: str) -> list[str]:
         return [short_name(m.strip()) for m in models.split(",")]
@@ -106,7 +108,7 @@ def main() -> None:
         if unknown:
             parser.error(f"--remat names {sorted(unknown)}, which --models does not list ({', '.join(models)}).")
         args.remat = ",".join(names(args.remat))
-    header = (f"{'model':9} {'dtype':14} {'batch':>5} {'compile s':>9} {'step s':>8} {'img/s':>8} "
+    header = (f"{'model':9} {'dtype':19} {'batch':>5} {'compile s':>9} {'step s':>8} {'img/s':>8} "
               f"{'TFLOP/s':>8} {'peak':>8} {'util':>6} {'mem GiB':>8}")
     print(header)
     for model in models:
@@ -114,16 +116,17 @@ def main() -> None:
         step_seconds = {}
         for dtype in args.dtypes.split(","):
             result = subprocess.run([sys.executable, "-m", "scaling.benchmarks.train", "--one", f"{model},{dtype}",
-                                     "--batch", str(args.batch), "--steps", str(args.steps), "--remat", args.remat],
+                                     "--batch", str(args.batch), "--steps", str(args.steps), "--remat", args.remat,
+                                     *(["--scan-blocks"] if args.scan_blocks else [])],
                                     capture_output=True, text=True)
             if result.returncode:
                 reason = (result.stderr.strip().splitlines() or [f"killed by signal {-result.returncode} "
                                                                   "(out of memory?)"])[-1]
-                print(f"{canonical_name(model):9} {dtype:14} failed: {reason}", flush=True)
+                print(f"{canonical_name(model):9} {dtype:19} failed: {reason}", flush=True)
                 continue
             r = json.loads(result.stdout.strip().splitlines()[-1])
             step_seconds[dtype] = r["step_s"]
-            print(f"{r['model']:9} {r['dtype']:14} {r['batch']:5d} {r['compile_s']:9.1f} {r['step_s']:8.3f} "
+            print(f"{r['model']:9} {r['dtype']:19} {r['batch']:5d} {r['compile_s']:9.1f} {r['step_s']:8.3f} "
                   f"{r['images_per_s']:8.2f} {r['achieved_tflops']:8.3f} {r['peak_tflops']:8.3f} "
                   f"{r['utilization']:6.1%} {r['peak_memory_gib']:8.2f}", flush=True)
         if {"float32", "bfloat16"} <= step_seconds.keys():
