@@ -392,6 +392,14 @@ def fused_attention_implementation(dtype) -> str | None:
         return None
 
 
+def fused_self_attention(qkv_BT3HK: jax.Array, dtype, implementation: str) -> jax.Array:
+    """`self_attention` through jax.nn.dot_product_attention with `implementation` ("cudnn", or "xla"):
+    [B, T, 3, H, K] -> [B, T, H*K] in `dtype`."""
+    q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i].astype(dtype) for i in range(3))
+    out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, implementation=implementation)
+    return out_BTHK.reshape(*out_BTHK.shape[:2], -1)
+
+
 class SelfAttention(nnx.Module):
     def __init__(self, hidden_size: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
         self.num_heads, self.dtype = num_heads, dtype
@@ -405,9 +413,7 @@ class SelfAttention(nnx.Module):
         fused = fused_attention_implementation(dtype)
         if fused is None:
             return self.proj(self_attention(qkv_BT3HK, dtype))
-        q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i].astype(dtype) for i in range(3))
-        out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, implementation=fused)
-        return self.proj(out_BTHK.reshape(b, t, d))
+        return self.proj(fused_self_attention(qkv_BT3HK, dtype, fused))
 
 
 class CrossAttention(nnx.Module):

@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-from models.dit import canonical_name, dit_config, short_name
+from models.dit import canonical_name, dit_config
+from scaling.benchmarks import model_names, run_measurement
 
 JAX_VARIANTS = ("jax-float32", "jax-bfloat16")
 TORCH_VARIANTS = ("torch-eager", "torch-compile")
@@ -161,11 +160,8 @@ def main() -> None:
                         help="models whose JAX blocks run as one scan (model.scan_blocks): a comma list or 'none'")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # variant,model: measure in this process, print JSON
     args = parser.parse_args()
-    models = [short_name(m.strip()) for m in args.models.split(",")]
-    def model_set(names: str) -> set[str]:
-        return set() if names == "none" else {short_name(m.strip()) for m in names.split(",")}
-
-    remat, scanned = model_set(args.remat), model_set(args.scan_blocks)
+    models = model_names(args.models)
+    remat, scanned = set(model_names(args.remat)), set(model_names(args.scan_blocks))
     if args.one:
         variant, model = args.one.split(",")
         print(json.dumps(measure(variant, model, args.batch, args.steps, model in remat, model in scanned)))
@@ -190,18 +186,14 @@ def main() -> None:
             order = variants if round_index % 2 == 0 else variants[::-1]
             for variant in order:
                 load = other_load()
-                command = [sys.executable, "-m", "scaling.benchmarks.compare", "--one", f"{variant},{model}",
-                           "--batch", str(args.batch), "--steps", str(args.steps), "--remat", args.remat,
-                           "--scan-blocks", args.scan_blocks]
-                result = subprocess.run(command, capture_output=True, text=True)
+                r = run_measurement("scaling.benchmarks.compare", "--one", f"{variant},{model}", "--batch",
+                                    str(args.batch), "--steps", str(args.steps), "--remat", args.remat,
+                                    "--scan-blocks", args.scan_blocks)
                 busy = f"  (other processes kept {load:.0%} of the cores busy)" if load > BUSY_FRACTION else ""
-                if result.returncode:
-                    reason = (result.stderr.strip().splitlines() or [f"killed by signal {-result.returncode} "
-                                                                      "(out of memory?)"])[-1]
-                    print(f"{canonical_name(model):9} {variant:14} round {round_index + 1}: failed: {reason}{busy}",
+                if isinstance(r, str):
+                    print(f"{canonical_name(model):9} {variant:14} round {round_index + 1}: failed: {r}{busy}",
                           flush=True)
                     continue
-                r = json.loads(result.stdout.strip().splitlines()[-1])
                 times.setdefault((model, variant), []).append(r["step_s"])
                 print(f"{r['model']:9} {variant:14} round {round_index + 1}: {r['step_s']:8.3f} s/step "
                       f"(compile or first step {r['setup_s']:.1f} s, loss {r['loss']:.3f}){busy}", flush=True)

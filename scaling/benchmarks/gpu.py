@@ -18,12 +18,11 @@ GPU; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
+
+from scaling.benchmarks import run_measurement
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s, by device-kind substring; the
 # first match wins, so the more specific names come first.
@@ -47,15 +46,9 @@ def published_peak(device_kind: str) -> float | None:
 
 
 def _run_train_benchmark(model: str, batch: int, steps: int, env: dict | None = None) -> dict | str:
-    """One `scaling.benchmarks.train` measurement in a fresh process: its JSON, or why it failed."""
-    command = [sys.executable, "-m", "scaling.benchmarks.train", "--one", f"{model},bfloat16", "--batch", str(batch),
-               "--steps", str(steps), "--remat", "none"]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if result.returncode:
-        lines = result.stderr.strip().splitlines()
-        return next((line for line in reversed(lines) if "RESOURCE_EXHAUSTED" in line or "out of memory" in line),
-                    lines[-1] if lines else f"killed by signal {-result.returncode}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """One bf16 `scaling.benchmarks.train` measurement in a fresh process: its JSON, or why it failed."""
+    return run_measurement("scaling.benchmarks.train", "--one", f"{model},bfloat16", "--batch", str(batch),
+                           "--steps", str(steps), "--remat", "none", env=env)
 
 
 def describe_device() -> None:
@@ -75,7 +68,7 @@ def check_fused_attention(smoke: bool) -> bool:
     import jax
     import jax.numpy as jnp
 
-    from models.dit import fused_attention_implementation, self_attention
+    from models.dit import fused_attention_implementation, fused_self_attention, self_attention
 
     dtype = jnp.bfloat16
     implementation = fused_attention_implementation(dtype)
@@ -92,9 +85,7 @@ def check_fused_attention(smoke: bool) -> bool:
         return self_attention(qkv, jnp.dtype(dtype))
 
     def fused(qkv):
-        q, k, v = (qkv[:, :, i].astype(dtype) for i in range(3))
-        out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-        return out.reshape(batch, tokens, -1).astype(jnp.float32)
+        return fused_self_attention(qkv, jnp.dtype(dtype), implementation).astype(jnp.float32)
 
     def value_and_grad(fn):
         out, pullback = jax.vjp(fn, qkv)

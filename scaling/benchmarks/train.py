@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 
-from models.dit import canonical_name, dit_config, short_name
+from models.dit import canonical_name, dit_config
 from scaling import precision
+from scaling.benchmarks import model_names, run_measurement
 
 
 def _recomputes(model: str, remat: str) -> bool:
@@ -99,15 +98,12 @@ def main() -> None:
         model, dtype = args.one.split(",")
         print(json.dumps(bench_one(model, args.batch, dtype, args.steps, args.remat, args.scan_blocks)))
         return
-    def names(models: str) -> list[str]:
-        return [short_name(m.strip()) for m in models.split(",")]
-
-    models = names(args.models)
+    models = model_names(args.models)
     if args.remat not in ("auto", "all", "none"):
-        unknown = set(names(args.remat)) - set(models)
+        unknown = set(model_names(args.remat)) - set(models)
         if unknown:
             parser.error(f"--remat names {sorted(unknown)}, which --models does not list ({', '.join(models)}).")
-        args.remat = ",".join(names(args.remat))
+        args.remat = ",".join(model_names(args.remat))
     header = (f"{'model':9} {'dtype':19} {'batch':>5} {'compile s':>9} {'step s':>8} {'img/s':>8} "
               f"{'TFLOP/s':>8} {'peak':>8} {'util':>6} {'mem GiB':>8}")
     print(header)
@@ -115,16 +111,12 @@ def main() -> None:
         auto = precision.resolve(precision.AUTO, dit_config(model).hidden_size)
         step_seconds = {}
         for dtype in args.dtypes.split(","):
-            result = subprocess.run([sys.executable, "-m", "scaling.benchmarks.train", "--one", f"{model},{dtype}",
-                                     "--batch", str(args.batch), "--steps", str(args.steps), "--remat", args.remat,
-                                     *(["--scan-blocks"] if args.scan_blocks else [])],
-                                    capture_output=True, text=True)
-            if result.returncode:
-                reason = (result.stderr.strip().splitlines() or [f"killed by signal {-result.returncode} "
-                                                                  "(out of memory?)"])[-1]
-                print(f"{canonical_name(model):9} {dtype:19} failed: {reason}", flush=True)
+            r = run_measurement("scaling.benchmarks.train", "--one", f"{model},{dtype}", "--batch", str(args.batch),
+                                "--steps", str(args.steps), "--remat", args.remat,
+                                *(["--scan-blocks"] if args.scan_blocks else []))
+            if isinstance(r, str):
+                print(f"{canonical_name(model):9} {dtype:19} failed: {r}", flush=True)
                 continue
-            r = json.loads(result.stdout.strip().splitlines()[-1])
             step_seconds[dtype] = r["step_s"]
             print(f"{r['model']:9} {r['dtype']:19} {r['batch']:5d} {r['compile_s']:9.1f} {r['step_s']:8.3f} "
                   f"{r['images_per_s']:8.2f} {r['achieved_tflops']:8.3f} {r['peak_tflops']:8.3f} "
