@@ -37,6 +37,11 @@ TIMESTEP_FREQUENCY_DIM = 256
 LATENT_DOWNSAMPLE = 8  # the SD autoencoder maps 256x256x3 images to 32x32x4 latents
 LATENT_CHANNELS = 4
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # matmul dtypes; parameters, norms and softmax stay float32
+# What a block that recomputes (remat) keeps from its forward pass: names of jax.checkpoint_policies.
+# nothing_saveable recomputes the whole block; dots_saveable keeps every matmul's output and recomputes only
+# the elementwise work (norms, modulation, GELU, softmax), so no matmul runs twice;
+# dots_with_no_batch_dims_saveable keeps the linear layers' outputs and recomputes attention's products too.
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 # Paper order (Table 4): sizes S, B, L, XL, each with patch 8, 4, 2.
 PAPER_MODELS = tuple(f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in PATCH_SIZES)  # see canonical_name
@@ -61,6 +66,7 @@ class DiTConfig:
     block: str = "adaLN-Zero"
     dtype: str = "float32"  # compute dtype of matmuls; parameters, norms and softmax stay float32
     remat: bool = False  # recompute each block's activations in the backward pass (less memory, ~1/3 more compute)
+    remat_policy: str = "nothing_saveable"  # with remat: what each block keeps (REMAT_POLICIES)
     # The blocks as one lax.scan over stacked arrays (block i is slice i of every array under `blocks`): the step
     # compiles one block whatever the depth. On XLA:CPU unrolled blocks (the default) train S/2 and B/4 faster,
     # scanned ones XL/2 with remat (docs/benchmarks.md).
@@ -93,6 +99,8 @@ class DiTConfig:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}.")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}.")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {', '.join(REMAT_POLICIES)}, got {self.remat_policy!r}.")
 
     @property
     def grid_size(self) -> int:
@@ -594,7 +602,7 @@ class DiT(nnx.Module):
                 return block(*args)
 
             if self.config.remat:
-                apply = nnx.remat(apply)
+                apply = nnx.remat(apply, policy=self._remat_policy())
             for block in self.blocks:
                 x_NTD = materialize_on_cpu(apply(block, x_NTD, *context))
             return x_NTD
@@ -604,8 +612,11 @@ class DiT(nnx.Module):
             return nnx.merge(graphdef, layer_state)(x_NTD, *context), None
 
         if self.config.remat:
-            layer = jax.checkpoint(layer)
+            layer = jax.checkpoint(layer, policy=self._remat_policy())
         return jax.lax.scan(layer, x_NTD, layers)[0]
+
+    def _remat_policy(self):
+        return getattr(jax.checkpoint_policies, self.config.remat_policy)
 
     def forward_with_cfg(self, x_NHWC: jax.Array, t_N: jax.Array, y_N: jax.Array, cfg_scale: float, *,
                          cfg_channels: int | None = 3) -> jax.Array:

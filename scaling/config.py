@@ -101,7 +101,7 @@ def model_config(config: ml_collections.ConfigDict, *, input_size: int, in_chann
         in_channels=in_channels, num_classes=num_classes, learn_sigma=config.model.learn_sigma,
         class_dropout_prob=config.model.class_dropout_prob, block=config.model.block,
         dtype=dtype or precision.resolve(config.model.dtype, width).dtype,
-        remat=config.model.remat, scan_blocks=config.model.scan_blocks)
+        remat=config.model.remat, remat_policy=config.model.remat_policy, scan_blocks=config.model.scan_blocks)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -40,6 +40,7 @@ from scaling import config as config_lib
 from scaling import data as data_lib
 from scaling.configs.common import base_config
 from scaling.evaluation.in_training import build_evaluator, pending_protocols
+from scaling.host import return_freed_memory_if_large
 from scaling.train_step import (
     init_state,
     make_mesh,
@@ -48,6 +49,7 @@ from scaling.train_step import (
     make_train_step,
     measure_matmul_peak,
     param_sharding,
+    state_bytes,
 )
 
 log = logging.getLogger("dit_scaling.train")
@@ -155,6 +157,10 @@ def _prepare(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
 
     # -- state: restore the newest sound checkpoint, or initialise ---------------------------------------------
     abstract = jax.eval_shape(lambda: init_state(model_config, optimizer, config.train.seed))
+    if jax.default_backend() == "cpu" and return_freed_memory_if_large(
+            state_bytes(abstract) // jax.process_count()):
+        log.info("The training state takes over a quarter of this machine's memory: freed large blocks go back "
+                 "to the kernel.")
     state_sharding = jax.tree.map(lambda leaf: param_sharding(leaf, mesh, config.train.param_sharding), abstract)
     abstract_state = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                                   abstract, state_sharding)
@@ -225,11 +231,12 @@ def _new_manifest(config, config_dict: dict, model_config, compute, source) -> s
 
 
 def _check_same_run(previous: dict, current: dict, workdir: Path) -> None:
-    """A workdir continues only the run it holds; train.steps, train.steps_per_call and the eval section may
-    change. A field the run's config lacks (added since it started) counts as its default, which keeps the
-    behaviour from before the field existed."""
-    def without_steps(config):  # evaluation settings, and how many steps a call runs, do not change training
-        return {**{k: v for k, v in config.items() if k != "eval"},
+    """A workdir continues only the run it holds; train.steps, train.steps_per_call, model.remat,
+    model.remat_policy and the eval section may change. A field the run's config lacks (added since it started)
+    counts as its default, which keeps the behaviour from before the field existed."""
+    def without_steps(config):  # evaluation, steps per call and what the backward pass recomputes: same training
+        return {**{k: v for k, v in config.items() if k not in ("eval", "model", "train")},
+                "model": {k: v for k, v in config["model"].items() if k not in ("remat", "remat_policy")},
                 "train": {k: v for k, v in config["train"].items() if k not in ("steps", "steps_per_call")}}
 
     defaults = base_config().to_dict()

@@ -80,6 +80,11 @@ def init_state(model_config: DiTConfig, optimizer, seed: int) -> dict:
     }
 
 
+def state_bytes(state) -> int:
+    """Bytes of a (possibly abstract) training state's arrays."""
+    return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+
+
 def make_train_step(model_config: DiTConfig, diffusion: GaussianDiffusion, optimizer, ema_decay: float):
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: DiT(model_config, rngs=nnx.Rngs(0))))
 

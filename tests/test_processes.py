@@ -110,3 +110,38 @@ def test_two_processes_train_one_model_together(fmnist_dir, one_device_run, tmp_
     manifest = json.loads((tmp_path / "pair" / "manifest.json").read_text())
     assert manifest["starts"][0]["devices"]["processes"] == 2
     _assert_same_run(tmp_path / "pair", one_device_run)
+
+
+_HEAP_PROBE = """
+import ctypes, os
+from scaling.host import keep_freed_memory, return_freed_memory_if_large
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+
+def mapped_after_malloc(size):  # bytes that go into memory maps while a fresh block of `size` is held
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(size)
+    mapped = libc.mallinfo2().hblkhd - before
+    libc.free(ctypes.c_void_p(block))
+    return mapped
+
+memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+assert keep_freed_memory()
+# Each block is larger than the last, so none fits into the heap's room from an earlier one.
+print(mapped_after_malloc(64 << 20), return_freed_memory_if_large(memory // 8), mapped_after_malloc(128 << 20),
+      return_freed_memory_if_large(memory // 2), mapped_after_malloc(256 << 20))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_freed_memory_stays_in_the_heap_unless_the_state_is_large():
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE], cwd=REPO, capture_output=True, text=True, check=True)
+    held, small_state, held_again, large_state, mapped = out.stdout.split()
+    assert (int(held), small_state, int(held_again)) == (0, "False", 0)  # from the heap, kept there when freed
+    assert large_state == "True" and int(mapped) >= 256 << 20  # a memory map, given back when freed

@@ -118,7 +118,9 @@ def test_the_same_command_refuses_a_different_config(fmnist_dir, tmp_path):
     scanned = load_config("fmnist:S/8,smoke", [f"data.path={fmnist_dir}", "train.steps=6", "model.scan_blocks=True"])
     with pytest.raises(ValueError, match="model.scan_blocks differ"):
         train(scanned, tmp_path / "run")
-    train(load_config("fmnist:S/8,smoke", [f"data.path={fmnist_dir}", "train.steps=6"]), tmp_path / "run")
+    # What the backward pass recomputes may change (a resume on a machine with less memory).
+    train(load_config("fmnist:S/8,smoke", [f"data.path={fmnist_dir}", "train.steps=6", "model.remat=True",
+                                           "model.remat_policy=dots_saveable"]), tmp_path / "run")
     assert json.loads(manifest_path.read_text())["status"] == "finished"
 
 

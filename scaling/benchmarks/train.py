@@ -17,7 +17,7 @@ import json
 import resource
 import time
 
-from models.dit import canonical_name, dit_config
+from models.dit import REMAT_POLICIES, canonical_name, dit_config
 from scaling import precision
 from scaling.benchmarks import model_names, run_measurement
 
@@ -31,8 +31,9 @@ def _recomputes(model: str, remat: str) -> bool:
     return remat == "all" or model in remat.split(",")
 
 
-def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str, scan_blocks: bool = False) -> dict:
-    from scaling.host import cpu_model, keep_freed_memory
+def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str, scan_blocks: bool = False,
+              remat_policy: str = "nothing_saveable") -> dict:
+    from scaling.host import cpu_model, keep_freed_memory, return_freed_memory_if_large
 
     keep_freed_memory()
     import jax
@@ -43,14 +44,17 @@ def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str, scan_b
     from models.dit import dit_config
     from models.flops import dit_compute
     from scaling.configs.common import base_config
-    from scaling.train_step import init_state, make_optimizer, make_train_step, measure_matmul_peak
+    from scaling.train_step import init_state, make_optimizer, make_train_step, measure_matmul_peak, state_bytes
 
     config = base_config()
     remat = _recomputes(model, remat)
-    model_config = dit_config(model, dtype=dtype, remat=remat, scan_blocks=scan_blocks)
+    model_config = dit_config(model, dtype=dtype, remat=remat, remat_policy=remat_policy, scan_blocks=scan_blocks)
     macs = dit_compute(dit_config(model)).macs
     optimizer = make_optimizer(config)
     diffusion = GaussianDiffusion(linear_betas(1000))
+    abstract = jax.eval_shape(lambda: init_state(model_config, optimizer, 0))
+    if jax.default_backend() == "cpu":
+        return_freed_memory_if_large(state_bytes(abstract))
     state = jax.jit(lambda: init_state(model_config, optimizer, 0))()
     step = jax.jit(make_train_step(model_config, diffusion, optimizer, config.train.ema_decay), donate_argnums=0)
     rng = np.random.default_rng(0)
@@ -73,7 +77,8 @@ def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str, scan_b
     achieved = 2 * 3 * macs * batch / step_s
     stats = jax.devices()[0].memory_stats() or {}
     memory = stats.get("peak_bytes_in_use") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    variant = dtype + ("+remat" if remat else "") + ("+scan" if scan_blocks else "")
+    kept = "" if remat_policy == "nothing_saveable" else f"({remat_policy.removesuffix('_saveable')})"
+    variant = dtype + (f"+remat{kept}" if remat else "") + ("+scan" if scan_blocks else "")
     return {"model": canonical_name(model), "dtype": variant, "batch": batch,
             "device": cpu_model() if jax.default_backend() == "cpu" else jax.devices()[0].device_kind,
             "compile_s": compile_s, "step_s": step_s, "images_per_s": batch / step_s,
@@ -91,12 +96,15 @@ def main() -> None:
                         help="models that recompute block activations in the backward pass: a comma list, 'all' or "
                              "'none'; auto (default): XL/2 on CPU, whose batch 8 needs it to fit in 24 GiB; "
                              "alone: all")
+    parser.add_argument("--remat-policy", default="nothing_saveable", choices=REMAT_POLICIES,
+                        help="what a recomputing block keeps (model.remat_policy)")
     parser.add_argument("--scan-blocks", action="store_true", help="run the blocks as one scan (model.scan_blocks)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # model,dtype: run in this process, print JSON
     args = parser.parse_args()
     if args.one:
         model, dtype = args.one.split(",")
-        print(json.dumps(bench_one(model, args.batch, dtype, args.steps, args.remat, args.scan_blocks)))
+        print(json.dumps(bench_one(model, args.batch, dtype, args.steps, args.remat, args.scan_blocks,
+                                   args.remat_policy)))
         return
     models = model_names(args.models)
     if args.remat not in ("auto", "all", "none"):
@@ -107,17 +115,18 @@ def main() -> None:
     header = (f"{'model':9} {'dtype':19} {'batch':>5} {'compile s':>9} {'step s':>8} {'img/s':>8} "
               f"{'TFLOP/s':>8} {'peak':>8} {'util':>6} {'mem GiB':>8}")
     print(header)
+    device = "? (no measurement succeeded)"
     for model in models:
         auto = precision.resolve(precision.AUTO, dit_config(model).hidden_size)
         step_seconds = {}
         for dtype in args.dtypes.split(","):
             r = run_measurement("scaling.benchmarks.train", "--one", f"{model},{dtype}", "--batch", str(args.batch),
                                 "--steps", str(args.steps), "--remat", args.remat,
-                                *(["--scan-blocks"] if args.scan_blocks else []))
+                                "--remat-policy", args.remat_policy, *(["--scan-blocks"] if args.scan_blocks else []))
             if isinstance(r, str):
                 print(f"{canonical_name(model):9} {dtype:19} failed: {r}", flush=True)
                 continue
-            step_seconds[dtype] = r["step_s"]
+            step_seconds[dtype], device = r["step_s"], r["device"]
             print(f"{r['model']:9} {r['dtype']:19} {r['batch']:5d} {r['compile_s']:9.1f} {r['step_s']:8.3f} "
                   f"{r['images_per_s']:8.2f} {r['achieved_tflops']:8.3f} {r['peak_tflops']:8.3f} "
                   f"{r['utilization']:6.1%} {r['peak_memory_gib']:8.2f}", flush=True)
@@ -127,7 +136,7 @@ def main() -> None:
             verdict = "the faster one" if auto.dtype == faster else f"THE SLOWER ONE (faster here: {faster})"
             print(f"  auto picks {auto.dtype} ({auto.reason}), {verdict}: bf16 runs at {ratio:.2f}x the float32 "
                   "speed", flush=True)
-    print(f"device: {r['device'] if 'r' in locals() else '?'}; peak = measured matmul FLOP/s of one device in the "
+    print(f"device: {device}; peak = measured matmul FLOP/s of one device in the "
           "same dtype; FLOP/s = 2 x 3 x forward MACs x images/s")
 
 

@@ -16,6 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.class_dropout_prob = 0.1
     config.model.dtype = "auto"  # matmul dtype; auto: bf16 where the device has bf16 units, else float32
     config.model.remat = False  # recompute block activations in the backward pass to save memory
+    config.model.remat_policy = "nothing_saveable"  # what remat keeps: nothing_saveable | dots_saveable | ...
     config.model.scan_blocks = False  # the blocks as one scan (compile time flat in depth); see DiTConfig
 
     config.data = ml_collections.ConfigDict()
