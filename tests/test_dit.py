@@ -285,23 +285,21 @@ def test_remat_policies_change_what_is_recomputed_not_results(scan_blocks):
     plain = _randomize(DiT(DiTConfig(**SMALL, scan_blocks=scan_blocks), rngs=nnx.Rngs(0)))
     params = nnx.state(plain, nnx.Param)
 
-    def lowered_grad(config):
-        model = DiT(config, rngs=nnx.Rngs(0))
-        graphdef = nnx.graphdef(model)
+    def jitted_grad(config):
+        graphdef = nnx.graphdef(DiT(config, rngs=nnx.Rngs(0)))
         loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, t, y) ** 2)  # noqa: E731
-        return jax.jit(jax.grad(loss)), params
+        return jax.jit(jax.grad(loss))
 
     def matmuls(config):  # dot_general ops in the program JAX hands to XLA, recomputed ones included
-        grad, p = lowered_grad(config)
-        return grad.lower(p).as_text().count("stablehlo.dot_general")
+        return jitted_grad(config).lower(params).as_text().count("stablehlo.dot_general")
 
-    reference_grads = None if scan_blocks else lowered_grad(plain.config)[0](params)
+    reference_grads = None if scan_blocks else jitted_grad(plain.config)(params)
     counts = {}
     for policy in REMAT_POLICIES:
         config = DiTConfig(**SMALL, scan_blocks=scan_blocks, remat=True, remat_policy=policy)
         if not scan_blocks:  # scanned gradients equal unrolled ones (test_scanned_blocks_compute_what_...)
-            grad, p = lowered_grad(config)
-            for a, b in zip(jax.tree.leaves(grad(p)), jax.tree.leaves(reference_grads), strict=True):
+            for a, b in zip(jax.tree.leaves(jitted_grad(config)(params)), jax.tree.leaves(reference_grads),
+                            strict=True):
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
         counts[policy] = matmuls(config)
     # Recomputing the whole block runs its forward matmuls again; keeping the matmuls' outputs runs none twice;

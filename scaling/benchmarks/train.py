@@ -17,7 +17,7 @@ import json
 import resource
 import time
 
-from models.dit import REMAT_POLICIES, canonical_name, dit_config
+from models.dit import REMAT_POLICIES, DiTConfig, canonical_name, dit_config
 from scaling import precision
 from scaling.benchmarks import model_names, run_measurement
 
@@ -32,7 +32,7 @@ def _recomputes(model: str, remat: str) -> bool:
 
 
 def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str, scan_blocks: bool = False,
-              remat_policy: str = "nothing_saveable") -> dict:
+              remat_policy: str = DiTConfig.remat_policy) -> dict:
     from scaling.host import cpu_model, keep_freed_memory, return_freed_memory_if_large
 
     keep_freed_memory()
@@ -77,7 +77,7 @@ def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str, scan_b
     achieved = 2 * 3 * macs * batch / step_s
     stats = jax.devices()[0].memory_stats() or {}
     memory = stats.get("peak_bytes_in_use") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    kept = "" if remat_policy == "nothing_saveable" else f"({remat_policy.removesuffix('_saveable')})"
+    kept = "" if remat_policy == DiTConfig.remat_policy else f"({remat_policy.removesuffix('_saveable')})"
     variant = dtype + (f"+remat{kept}" if remat else "") + ("+scan" if scan_blocks else "")
     return {"model": canonical_name(model), "dtype": variant, "batch": batch,
             "device": cpu_model() if jax.default_backend() == "cpu" else jax.devices()[0].device_kind,
@@ -96,7 +96,7 @@ def main() -> None:
                         help="models that recompute block activations in the backward pass: a comma list, 'all' or "
                              "'none'; auto (default): XL/2 on CPU, whose batch 8 needs it to fit in 24 GiB; "
                              "alone: all")
-    parser.add_argument("--remat-policy", default="nothing_saveable", choices=REMAT_POLICIES,
+    parser.add_argument("--remat-policy", default=DiTConfig.remat_policy, choices=REMAT_POLICIES,
                         help="what a recomputing block keeps (model.remat_policy)")
     parser.add_argument("--scan-blocks", action="store_true", help="run the blocks as one scan (model.scan_blocks)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # model,dtype: run in this process, print JSON
