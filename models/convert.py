@@ -1,4 +1,4 @@
-"""Official PyTorch DiT checkpoints <-> this package's Flax DiT.
+"""Weight files (PyTorch .pt/.bin, .safetensors) and official PyTorch DiT checkpoints <-> this package's Flax DiT.
 
 `dit_from_torch(source)` builds a DiT from an official state dict (a .pt path or a mapping of official key names
 to arrays); `dit_to_torch(model)` returns the official state dict of one of our models, and
@@ -7,12 +7,16 @@ to arrays); `dit_to_torch(model)` returns the official state dict of one of our 
 PyTorch files are read without executing code from them: the zip format that torch.save has written since
 PyTorch 1.6 is parsed here with a restricted unpickler that builds numpy arrays and refuses every global outside
 a short allow-list, so torch is not needed. Other formats fall back to torch.load(weights_only=True) when torch
-is installed. Every loader checks the exact set of tensor names and their shapes.
+is installed. `read_safetensors` parses .safetensors files (a JSON header and raw tensors) without the
+safetensors package; `read_weights` picks the reader by file name. Every loader checks the exact set of tensor
+names and their shapes.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import math
 import os
 import pickle
 import re
@@ -223,6 +227,56 @@ def read_torch_file(path: str | os.PathLike, *, key: str | None = None) -> dict[
     if not _is_state_dict(obj):
         raise TorchFileError(f"{path} is not a state dict of tensors (entries: {sorted(obj)[:10]}).")
     return OrderedDict(obj)
+
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a .safetensors file (an 8-byte header length, a JSON header, then raw little-endian tensors) into
+    {name: numpy array}, checking that every tensor lies inside the file and matches its declared size."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No safetensors file at {path}.")
+    data = np.memmap(path, np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
+
+    def fail(problem: str):
+        raise TorchFileError(f"Cannot read {path} as safetensors: {problem}.")
+
+    if data.size < 8:
+        fail("shorter than its 8-byte header length (truncated or not a safetensors file)")
+    header_size = int.from_bytes(bytes(data[:8]), "little")
+    if header_size > data.size - 8:
+        fail(f"its header claims {header_size} bytes but the file has {data.size - 8} after the length "
+             "(truncated or not a safetensors file)")
+    try:
+        header = json.loads(bytes(data[8: 8 + header_size]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"its header is not JSON ({e})")
+    body = data[8 + header_size:]
+    tensors = OrderedDict()
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry.get("dtype") not in _SAFETENSORS_DTYPES:
+            fail(f"tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]).newbyteorder("<")
+        shape = tuple(int(n) for n in entry["shape"])
+        begin, end = (int(n) for n in entry["data_offsets"])
+        if not 0 <= begin <= end <= body.size or end - begin != math.prod(shape) * dtype.itemsize:
+            fail(f"tensor {name!r} ({entry['dtype']} {list(shape)}) spans bytes {begin}..{end} of a "
+                 f"{body.size}-byte body (truncated or corrupt file)")
+        tensors[name] = np.frombuffer(body[begin:end], dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    return tensors
+
+
+def read_weights(path: str | os.PathLike, *, key: str | None = None) -> dict[str, np.ndarray]:
+    """A weight file as {name: numpy array}: .safetensors by its format, anything else as a PyTorch file."""
+    if os.fspath(path).endswith(".safetensors"):
+        return read_safetensors(path)
+    return read_torch_file(path, key=key)
 
 
 def _starts_like_zip(path: str) -> bool:

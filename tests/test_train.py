@@ -16,8 +16,9 @@ from analysis.schema import read_jsonl as read_records
 from scaling.checkpoints import load_final_params
 from scaling.cli import main
 from scaling.config import apply_override, load_config, validate
-from scaling.data import FashionMNIST, LatentShards, make_dataset, read_idx, write_latent_shards
+from scaling.data import FashionMNIST, make_dataset, read_idx
 from scaling.grid import run_grid, select_models
+from scaling.latents import write_latents
 from scaling.train import TrainingDiverged, train
 
 # -- configs and data ----------------------------------------------------------------------------------------------
@@ -66,19 +67,6 @@ def test_hosts_share_each_global_batch(fmnist_dir):
     np.testing.assert_array_equal(np.sort(first_epoch), np.sort(source.labels))  # each example once per epoch
     images = whole[0]["image"]
     assert images.dtype == np.float32 and images.min() >= -1 and images.max() <= 1
-
-
-def test_latent_shards_round_trip(tmp_path):
-    rng = np.random.default_rng(0)
-    latents, labels = rng.standard_normal((25, 4, 4, 4)).astype(np.float32), rng.integers(0, 3, 25)
-    write_latent_shards(tmp_path / "shards", latents, labels, num_classes=3, shard_size=10)
-    shards = LatentShards(str(tmp_path / "shards"))
-    assert len(shards) == 25 and shards.image_shape == (4, 4, 4)
-    for i in (0, 9, 10, 24):
-        np.testing.assert_array_equal(shards[i]["image"], latents[i])
-        assert shards[i]["label"] == labels[i]
-    with pytest.raises(FileNotFoundError, match="Extract latents"):
-        LatentShards(str(tmp_path / "nothing"))
 
 
 # -- one run ---------------------------------------------------------------------------------------------------------
@@ -208,10 +196,13 @@ def test_state_checksum_sees_every_change():
 
 def test_divergence_stops_with_the_last_good_state(tmp_path, capsys):
     rng = np.random.default_rng(0)
-    write_latent_shards(tmp_path / "latents", rng.standard_normal((64, 8, 8, 4)).astype(np.float32),
-                        rng.integers(0, 5, 64), num_classes=5, shard_size=40)
-    overrides = [f"data.path={tmp_path / 'latents'}", "train.batch_size=8", "train.steps=30", "train.log_every=1",
-                 "train.checkpoint_every=10", "train.learning_rate=1e4", "train.async_checkpoints=false", *TINY]
+    moments = rng.standard_normal((64, 2, 8, 8, 8)).astype(np.float32)
+    moments[..., 4:] = -3.0  # log-variance
+    write_latents(tmp_path / "latents", moments, rng.integers(0, 5, 64), classes=list("abcde"), resolution=64,
+                  scale=0.18215, autoencoder={}, shard_size=40)
+    overrides = [f"data.path={tmp_path / 'latents'}", "data.resolution=64", "train.batch_size=8", "train.steps=30",
+                 "train.log_every=1", "train.checkpoint_every=10", "train.learning_rate=1e4",
+                 "train.async_checkpoints=false", *TINY]
     config = load_config("imagenet256:S/2", overrides)
     with pytest.raises(TrainingDiverged, match=r"at step (\d+)\. The last good state") as error:
         train(config, tmp_path / "run")

@@ -21,7 +21,12 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "fashion_mnist"  # fashion_mnist | latent_shards
-    config.data.path = ""  # "" = the source's default location
+    config.data.path = ""  # "" = the source's default location (latent_shards: the extract-latents OUT)
+    # Latent runs: the image resolution the latents must come from (0: any), and the autoencoder that encoded
+    # them (a diffusers folder or weights file; its SHA-256 must match the latents' manifest), which decodes
+    # samples for FID.
+    config.data.resolution = 0
+    config.data.autoencoder = ""
     config.data.flip = True  # random horizontal flips (the paper's only augmentation)
     config.data.num_threads = 2  # grain read threads
 

@@ -11,4 +11,5 @@ def get_config(variant: str = "XL/2"):
     config = base_config()
     config.model.name = variant
     config.data.source = "latent_shards"
+    config.data.resolution = 256
     return config
