@@ -92,9 +92,10 @@ def metric_column(metric: str) -> str:
     return metric_family(metric).lower().replace("-", "_")
 
 
-def run_dir_name(model_name: str) -> str:
-    """The directory of a model's run in a grid: "DiT-S/8" -> "DiT-S-8"."""
-    return model_name.replace("/", "-")
+def run_dir_name(model_name: str, block: str = "adaLN-Zero") -> str:
+    """The directory of a model's run in a grid: "DiT-S/8" -> "DiT-S-8"; a conditioning block other than the
+    paper's adaLN-Zero is appended ("DiT-XL-2-in-context"), so the block ablation shares one grid directory."""
+    return model_name.replace("/", "-") + ("" if block == "adaLN-Zero" else f"-{block}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -97,17 +97,27 @@ def set_aside(workdir: Path, steps: list[int]) -> None:
         multihost_utils.sync_global_devices("set aside corrupt checkpoints")
 
 
-def load_final_params(workdir: str | os.PathLike, *, ema: bool = True) -> dict:
-    """The parameters (EMA by default) of the newest checkpoint of a run, as a pure dict of numpy arrays."""
+def load_params(workdir: str | os.PathLike, *, step: int | None = None, ema: bool = True) -> tuple[int, dict]:
+    """(step, parameters) of a run's checkpoint at `step` (default: the newest), EMA by default, as a pure dict
+    of numpy arrays."""
     checkpoints = ocp.CheckpointManager(Path(workdir).resolve() / schema.CHECKPOINTS_DIR)
-    step = checkpoints.latest_step()
-    if step is None:
+    steps = checkpoints.all_steps()
+    if not steps:
         raise FileNotFoundError(f"No checkpoint in {workdir}/{schema.CHECKPOINTS_DIR}.")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; it keeps steps {sorted(steps)}.")
     restored = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                                  meta=ocp.args.JsonRestore()))
     checkpoints.close()
-    if checksum_problem(restored, f"The newest checkpoint of {workdir}"):
-        raise ValueError(f"The newest checkpoint of {workdir} (step {step}) does not match its checksum: it is "
-                         "corrupt. Run the run's training command again: it sets the checkpoint aside and resumes "
-                         "from an older one.")
-    return jax.device_get(restored["state"]["ema" if ema else "params"])
+    if checksum_problem(restored, f"The checkpoint of {workdir} at step {step}"):
+        raise ValueError(f"The checkpoint of {workdir} at step {step} does not match its checksum: it is corrupt. "
+                         "Run the run's training command again: it sets the checkpoint aside and resumes from an "
+                         "older one.")
+    return step, jax.device_get(restored["state"]["ema" if ema else "params"])
+
+
+def load_final_params(workdir: str | os.PathLike, *, ema: bool = True) -> dict:
+    """The parameters (EMA by default) of the newest checkpoint of a run, as a pure dict of numpy arrays."""
+    return load_params(workdir, ema=ema)[1]

@@ -207,7 +207,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from analysis import schema
     from scaling.evaluation.inception import evaluate_samples
     from scaling.evaluation.npz import read_reference, read_sample_batch
+    from scaling.evaluation.write_samples import sidecar
 
+    written = json.loads(sidecar(args.samples).read_text()) if sidecar(args.samples).is_file() else {}
+    for arg, key in (("step", "step"), ("sampler", "sampler"), ("sampling_steps", "sampling_steps"),
+                     ("guidance_scale", "guidance_scale"), ("guidance_channels", "guidance_channels"),
+                     ("seed", "seed"), ("decoder", "decoder")):
+        if getattr(args, arg) is None and key in written:  # what `dit-scaling sample` recorded beside the file
+            setattr(args, arg, written[key])
+    args.guidance_scale = 1.0 if args.guidance_scale is None else args.guidance_scale
     run = None
     if args.run is not None:  # checked before minutes of Inception features
         run = schema.read_manifest(args.run)
@@ -251,6 +259,21 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
     write_reference(args.source, args.out, _inception(args), args.batch_size)
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from scaling.evaluation.write_samples import SamplingOptions, sidecar, write_samples
+
+    _init_distributed(args)
+    options = SamplingOptions(num_samples=args.num, sampler=args.sampler, sampling_steps=args.sampling_steps,
+                              guidance_scale=args.guidance_scale, guidance_channels=args.guidance_channels,
+                              seed=args.seed, labels=args.labels, batch_size=args.batch_size,
+                              chunk_batches=args.chunk_batches, uint8_convention=args.uint8)
+    write_samples(args.source, args.out, options, step=args.step, num_heads=args.num_heads,
+                  autoencoder=args.autoencoder,
+                  autoencoder_dtype=args.autoencoder_dtype)
+    print(f"wrote {args.out} ({args.num} images) and its protocol {sidecar(args.out)}")
     return 0
 
 
@@ -356,11 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("samples", type=Path)
     evaluate.add_argument("--ref", required=True, type=Path, help="reference batch (arr_0 and/or mu, sigma, ...)")
     evaluate.add_argument("--run", type=Path, help="record the result as an evaluation of this run directory (in its "
-                                                   "evaluations.jsonl, with the protocol below)")
+                                                   "evaluations.jsonl, with the protocol below; what `dit-scaling "
+                                                   "sample` wrote beside SAMPLES fills the options not given)")
     evaluate.add_argument("--step", type=int, help="with --run: training step of the sampled parameters")
     evaluate.add_argument("--sampler", choices=("ddpm", "ddim"), help="with --run: how the samples were drawn")
     evaluate.add_argument("--sampling-steps", type=int, help="with --run: sampling steps")
-    evaluate.add_argument("--guidance-scale", type=float, default=1.0, help="with --run: classifier-free guidance")
+    evaluate.add_argument("--guidance-scale", type=float, help="with --run: classifier-free guidance (default 1)")
     evaluate.add_argument("--guidance-channels", type=int, help="with --run: guided channels (3: the paper's mode)")
     evaluate.add_argument("--seed", type=int, help="with --run: sampling seed")
     evaluate.add_argument("--decoder", help="with --run: the autoencoder decoder (e.g. ft-MSE)")
@@ -376,6 +400,36 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_argument("out", type=Path)
     _add_inception_arguments(reference)
     reference.set_defaults(handler=cmd_reference)
+
+    sample = commands.add_parser(
+        "sample", help="Sample images from a run or an official DiT checkpoint into ADM's .npz.",
+        description="Draw --num images from SOURCE (a run directory: the EMA weights of its newest checkpoint or "
+                    "--step; or an official DiT .pt checkpoint), decode latents with the autoencoder, and write "
+                    "OUT in ADM's sample layout with the protocol beside it (OUT with .json). Sharded over every "
+                    "device and host; written in chunks, so the same command resumes a killed job.")
+    sample.add_argument("source", type=Path, metavar="RUN_OR_CHECKPOINT")
+    sample.add_argument("--out", type=Path, required=True, help="the .npz to write")
+    sample.add_argument("--num", type=int, default=50_000, help="images (50000 for FID-50K)")
+    sample.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
+    sample.add_argument("--num-heads", type=int, help="an official checkpoint's head count, where its depth and "
+                                                      "width are not a standard config's")
+    sample.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    sample.add_argument("--sampling-steps", type=int, default=250)
+    sample.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1: none; "
+                                                                          "the paper's headline numbers: 1.5)")
+    sample.add_argument("--guidance-channels", type=int, default=3, help="guided latent channels (3: the paper's "
+                                                                         "mode; 0: all)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--labels", choices=("balanced", "random"), default="balanced",
+                        help="balanced: the same number of each class; random: uniform draws (DiT's sample_ddp)")
+    sample.add_argument("--batch-size", type=int, default=64, help="images per sampling call over all devices")
+    sample.add_argument("--chunk-batches", type=int, default=8, help="batches per resumable chunk")
+    sample.add_argument("--uint8", choices=("dit", "adm"), default="dit", help="how [-1, 1] becomes bytes")
+    sample.add_argument("--autoencoder", help="the SD autoencoder that decodes latents (default: the run's "
+                                              "data.autoencoder)")
+    sample.add_argument("--autoencoder-dtype", choices=("float32", "bfloat16"), default="float32")
+    _add_distributed_arguments(sample)
+    sample.set_defaults(handler=cmd_sample)
 
     extract = commands.add_parser(
         "extract-latents", help="Encode an ImageFolder tree (ImageNet) into the latents latent runs train on.",
@@ -411,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax", "fontTools"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # The commands that compile large programs:
-    if args.command in ("train", "grid", "study", "evaluate", "reference", "extract-latents"):
+    if args.command in ("train", "grid", "study", "evaluate", "reference", "extract-latents", "sample"):
         from models.fashion_cnn import CACHE_DIR
 
         enable_compilation_cache(CACHE_DIR / "jax")  # keeps the analysis commands free of JAX

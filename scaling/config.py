@@ -140,9 +140,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "eval.guidance_channels must be 0 (all) or 1 for Fashion-MNIST's single image channel"),
         (train.checkpoint_every <= 0 or (train.keep_every >= 0 and train.keep_every % train.checkpoint_every == 0),
          "train.keep_every must be 0 or a multiple of train.checkpoint_every (it keeps some of those written)"),
-        (config.eval.every == 0 or config.data.source == "fashion_mnist",
-         "eval.every > 0 works on image data (fashion_mnist) only: scoring latents needs the SD-VAE decoder; "
-         "write samples and score them with `dit-scaling evaluate`"),
+        (config.eval.every == 0 or config.data.source == "fashion_mnist"
+         or (config.data.autoencoder and config.eval.reference),
+         "eval.every > 0 on latents needs data.autoencoder (the decoder) and eval.reference (an ADM reference batch, "
+         "e.g. from `dit-scaling reference`) for FID"),
+        (config.eval.validation_examples == 0 or config.data.source == "fashion_mnist",
+         "eval.validation_examples > 0 (the held-out loss) needs Fashion-MNIST's test split; set it to 0 for latents"),
     ]
     problems = [message for ok, message in checks if not ok]
     if problems:

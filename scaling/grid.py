@@ -30,9 +30,9 @@ from scaling.train import train
 log = logging.getLogger("dit_scaling.grid")
 
 
-def run_dir_name(model: str) -> str:
-    """Directory name of a model's run: "S/8" or "DiT-S/8" -> "DiT-S-8"."""
-    return schema.run_dir_name(canonical_name(model))
+def run_dir_name(model: str, block: str = "adaLN-Zero") -> str:
+    """Directory name of a model's run: "S/8" or "DiT-S/8" -> "DiT-S-8" (see schema.run_dir_name for blocks)."""
+    return schema.run_dir_name(canonical_name(model), block)
 
 
 def select_models(models: list[str], only: list[str] | None, shard: str | None) -> list[str]:
@@ -115,19 +115,20 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
     selected = select_models([short_name(m) for m in (models or PAPER_MODELS)], only, shard)
     runs_dir = Path(runs_dir)
     configs = load_grid_configs(config_name, selected, overrides)
+    workdirs = {model: runs_dir / run_dir_name(model, config.model.block) for model, config in configs.items()}
     outcome, pending = {}, []
     for model, config in configs.items():
-        if is_finished(runs_dir / run_dir_name(model), config):
+        if is_finished(workdirs[model], config):
             outcome[model] = "skipped"
             log.info("%s: finished already, skipped.", model)
         else:
             pending.append(model)
     if workers > 1 and len(pending) > 1:
         pending.sort(key=lambda m: -predicted_seconds(configs[m]))  # costliest first: the workers end together
-        outcome.update(_run_in_workers(config_name, runs_dir, pending, overrides, workers, on_finish))
+        outcome.update(_run_in_workers(config_name, workdirs, pending, overrides, workers, on_finish))
         return {model: outcome[model] for model in configs}
     for i, model in enumerate(pending):
-        workdir = runs_dir / run_dir_name(model)
+        workdir = workdirs[model]
         log.info("[%d/%d] %s -> %s", i + 1, len(pending), model, workdir)
         try:
             train(configs[model], workdir)
@@ -165,8 +166,8 @@ def worker_environment(cores: list[int]) -> dict[str, str]:
     return env
 
 
-def _run_in_workers(config_name: str, runs_dir: Path, models: list[str], overrides: list[str], workers: int,
-                    on_finish) -> dict[str, str]:
+def _run_in_workers(config_name: str, workdirs: dict[str, Path], models: list[str], overrides: list[str],
+                    workers: int, on_finish) -> dict[str, str]:
     shares = core_shares(workers)
     queue, outcome, lock = list(models), {}, threading.Lock()
     children: set[subprocess.Popen] = set()
@@ -177,7 +178,7 @@ def _run_in_workers(config_name: str, runs_dir: Path, models: list[str], overrid
                 if not queue:
                     return
                 model = queue.pop(0)
-            workdir = runs_dir / run_dir_name(model)
+            workdir = workdirs[model]
             workdir.mkdir(parents=True, exist_ok=True)
             base, _, options = config_name.partition(":")
             command = [sys.executable, "-m", "scaling.cli", "train", "--workdir", str(workdir),

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from run_helpers import cli, write_fake_imagenet, write_tiny_autoencoder
 
+from analysis.schema import FID_FEATURE_NETWORK
 from scaling.latents import LatentShards, adm_center_crop, list_image_folder, write_latents
 
 
@@ -156,3 +157,121 @@ def test_extraction_resumes_without_rewriting_and_refuses_other_inputs(extractio
     assert result.returncode == 2 and "holds an extraction of other inputs" in result.stderr
     assert "images_sha256" in result.stderr and "num_examples" in result.stderr
     (root / "images" / "n00000001" / "new.png").unlink()
+
+
+# -- images to FID: a latent run evaluated with FID during training, `sample`, `evaluate`, `figures` -------------
+
+def _reference_batch(root):
+    """An ADM reference batch of the fake ImageNet's crops, written by `dit-scaling reference`."""
+    paths, _, _ = list_image_folder(root / "images")
+    np.save(root / "crops.npy", np.stack([adm_center_crop(Image.open(p), 32) for p in paths]))
+    result = cli("reference", str(root / "crops.npy"), str(root / "reference.npz"), "--batch-size", "16")
+    assert result.returncode == 0, result.stderr
+    return root / "reference.npz"
+
+
+@pytest.fixture(scope="module")
+def latent_run(extraction):
+    """A 4-step DiT run on the extracted latents, on two simulated devices, with FID-8 at steps 2 and 4."""
+    root, _, env, _ = extraction
+    reference = _reference_batch(root)
+    overrides = [f"--config.data.path={root / 'latents'}", "--config.data.resolution=32",
+                 f"--config.data.autoencoder={root / 'vae'}", f"--config.eval.reference={reference}",
+                 "--config.eval.every=2", "--config.eval.num_samples=8", "--config.eval.batch_size=4",
+                 "--config.eval.sampling_steps=[2]", "--config.train.steps=4", "--config.train.batch_size=4",
+                 "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.train.keep_every=0",
+                 "--config.model.depth=1", "--config.model.hidden_size=32", "--config.model.num_heads=1"]
+    result = cli("train", "--config", "imagenet256:S/4", "--workdir", str(root / "runs" / "S-4"), *overrides,
+                 env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return root, root / "runs" / "S-4", reference, env
+
+
+def test_latent_runs_record_fid_with_the_decoder_in_the_protocol(latent_run):
+    root, run, reference, _ = latent_run
+    evaluations = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["metric"]) for e in evaluations] == [(2, "FID-8"), (4, "FID-8")]
+    assert all(np.isfinite(e["value"]) and e["value"] > 0 for e in evaluations)
+    protocol = evaluations[0]["protocol"]
+    assert protocol["reference"] == "reference.npz" and protocol["feature_network"] == FID_FEATURE_NETWORK
+    assert protocol["decoder"].startswith("diffusion_pytorch_model.safetensors sha256:")
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["resolution"] == 32  # 8x8 latents x the KL-f4 autoencoder's 4
+
+
+def test_sample_writes_an_adm_batch_that_resumes_after_a_kill_to_the_same_images(latent_run, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from run_helpers import REPO
+
+    root, run, _, env = latent_run
+    command = ["sample", str(run), "--num", "48", "--sampling-steps", "2", "--batch-size", "4",
+               "--chunk-batches", "1", "--seed", "3"]
+    whole = cli(*command, "--out", str(tmp_path / "whole.npz"), env=env)
+    assert whole.returncode == 0, whole.stderr
+    assert "images/s, ETA" in whole.stderr
+
+    killed_out = tmp_path / "killed.npz"
+    process = subprocess.Popen([sys.executable, "-m", "scaling.cli", *command, "--out", str(killed_out)], cwd=REPO,
+                               env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    chunks = tmp_path / "killed.npz.chunks"
+    while not (chunks / "chunk-00001.npz").exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not killed_out.exists() and 2 <= len(list(chunks.glob("chunk-*.npz"))) < 12
+    resumed = cli(*command, "--out", str(killed_out), env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert " of 12 chunks to do" in resumed.stderr and "12 of 12" not in resumed.stderr
+
+    with np.load(tmp_path / "whole.npz") as a, np.load(killed_out) as b:
+        assert a["arr_0"].shape == (48, 32, 32, 3) and a["arr_0"].dtype == np.uint8
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+        assert np.bincount(a["arr_1"]).tolist() == [16, 16, 16]  # class-balanced
+    protocol = json.loads((tmp_path / "whole.json").read_text())
+    assert protocol["step"] == 4 and protocol["sampling_steps"] == 2 and protocol["decoder"].startswith("diffusion")
+    assert not chunks.exists()
+
+
+def test_evaluate_and_figures_on_sampled_images(latent_run, tmp_path):
+    root, run, reference, env = latent_run
+    result = cli("sample", str(run), "--out", str(tmp_path / "s.npz"), "--num", "8", "--sampling-steps", "2",
+                 "--batch-size", "4", "--step", "2", env=env)
+    assert result.returncode == 0, result.stderr
+    result = cli("evaluate", str(tmp_path / "s.npz"), "--ref", str(reference), "--run", str(run), "--json",
+                 "--batch-size", "8")
+    assert result.returncode == 0, result.stderr
+    last = json.loads((run / "evaluations.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and last["metric"] == "FID-8"  # the step and protocol from the sidecar
+    assert last["protocol"]["sampling_steps"] == 2 and last["protocol"]["decoder"].startswith("diffusion")
+    printed = json.loads(result.stdout[result.stdout.index("{"):])
+    assert last["value"] == printed["fid"] and printed["n"] == 8
+    result = cli("figures", str(root / "runs"), "--out", str(tmp_path / "figures"))
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout
+
+
+def test_sampling_an_official_checkpoint_decodes_with_the_given_autoencoder(extraction, tmp_path):
+    from flax import nnx
+
+    from models.convert import dit_to_torch, save_torch_file
+    from models.dit import DiT, dit_config
+
+    root, _, env, _ = extraction
+    model = DiT(dit_config("S/4", input_size=8, num_classes=3, depth=1, hidden_size=32, num_heads=1),
+                rngs=nnx.Rngs(0))
+    save_torch_file(dit_to_torch(model), tmp_path / "official.pt")
+    result = cli("sample", str(tmp_path / "official.pt"), "--out", str(tmp_path / "o.npz"), "--num", "4",
+                 "--sampling-steps", "2", "--batch-size", "4", "--num-heads", "1", env=env)
+    assert result.returncode != 0 and "give --autoencoder" in result.stderr
+    result = cli("sample", str(tmp_path / "official.pt"), "--out", str(tmp_path / "o.npz"), "--num", "4",
+                 "--sampling-steps", "2", "--batch-size", "4", "--guidance-scale", "1.5", "--num-heads", "1",
+                 "--autoencoder", str(root / "vae"), env=env)
+    assert result.returncode == 0, result.stderr
+    with np.load(tmp_path / "o.npz") as batch:
+        assert batch["arr_0"].shape == (4, 32, 32, 3)
+    assert json.loads((tmp_path / "o.json").read_text())["guidance_channels"] == 3

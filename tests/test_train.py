@@ -40,6 +40,13 @@ def test_config_overrides_are_typed_and_checked():
     paper = load_config("imagenet256:XL/2")
     assert (paper.train.batch_size, paper.train.learning_rate, paper.train.ema_decay) == (256, 1e-4, 0.9999)
     assert (paper.train.weight_decay, paper.model.class_dropout_prob, paper.data.flip) == (0.0, 0.1, True)
+    # The paper's schedule: checkpoints (all kept) every 50K steps, unguided FID-50K with 250 DDPM steps at 400K.
+    assert (paper.train.checkpoint_every, paper.train.keep_every, paper.eval.every) == (50_000, 50_000, 400_000)
+    assert (paper.eval.num_samples, tuple(paper.eval.sampling_steps), paper.eval.guidance_scale) == (50_000, (250,), 1)
+    headline = load_config("imagenet256:XL/2,cfg,512,block=in-context")
+    assert (headline.eval.guidance_scale, headline.data.resolution, headline.model.block) == (1.5, 512, "in-context")
+    with pytest.raises(ValueError, match="unknown option 'block=film'"):
+        load_config("imagenet256:XL/2,block=film")
 
 
 def test_idx_reader_and_fashion_mnist_layout(fmnist_dir, tmp_path):
@@ -200,7 +207,8 @@ def test_divergence_stops_with_the_last_good_state(tmp_path, capsys):
     moments[..., 4:] = -3.0  # log-variance
     write_latents(tmp_path / "latents", moments, rng.integers(0, 5, 64), classes=list("abcde"), resolution=64,
                   scale=0.18215, autoencoder={}, shard_size=40)
-    overrides = [f"data.path={tmp_path / 'latents'}", "data.resolution=64", "train.batch_size=8", "train.steps=30",
+    overrides = [f"data.path={tmp_path / 'latents'}", "data.resolution=64", "eval.every=0", "train.batch_size=8",
+                 "train.steps=30",
                  "train.log_every=1", "train.checkpoint_every=10", "train.learning_rate=1e4",
                  "train.async_checkpoints=false", *TINY]
     config = load_config("imagenet256:S/2", overrides)
@@ -292,6 +300,11 @@ def test_grid_skips_finished_runs_and_survives_a_failure(fmnist_dir, tmp_path, c
     assert main(["status", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "DiT-S-8" in out and "finished" in out and "5/5" in out
+    # Another conditioning block of the same model is another run in the same grid directory (the ablation).
+    ablation = run_grid("fmnist:smoke", tmp_path, models=["S/8"], overrides=[*overrides, "model.block=in-context"])
+    assert ablation == {"S/8": "finished"}
+    assert json.loads((tmp_path / "DiT-S-8-in-context" / "manifest.json").read_text())["block"] == "in-context"
+    assert json.loads((tmp_path / "DiT-S-8" / "manifest.json").read_text())["block"] == "adaLN-Zero"
 
 
 # -- evaluation during training -------------------------------------------------------------------------------
@@ -345,8 +358,9 @@ def test_evaluations_are_recorded_with_their_protocol_and_never_repeated(fmnist_
 
 
 def test_evaluation_settings_are_checked():
-    with pytest.raises(ValueError, match="needs the SD-VAE decoder"):
+    with pytest.raises(ValueError, match="needs data.autoencoder .* and eval.reference"):
         validate(load_config("imagenet256:S/8", ["eval.every=100"]))
+    validate(load_config("imagenet256:S/8", ["data.autoencoder=vae", "eval.reference=ref.npz"]))
     with pytest.raises(ValueError, match="eval.sampler must be ddpm or ddim"):
         validate(load_config("fmnist:S/8", ["eval.sampler=euler"]))
     validate(load_config("fmnist:S/8", ["eval.guidance_scale=2.0"]))  # guides the one channel there is

