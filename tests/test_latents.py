@@ -275,3 +275,28 @@ def test_sampling_an_official_checkpoint_decodes_with_the_given_autoencoder(extr
     with np.load(tmp_path / "o.npz") as batch:
         assert batch["arr_0"].shape == (4, 32, 32, 3)
     assert json.loads((tmp_path / "o.json").read_text())["guidance_channels"] == 3
+
+
+def test_sweep_scores_kept_checkpoints_once_per_protocol(latent_run, tmp_path):
+    root, run, reference, env = latent_run
+    sampling = ["--num", "8", "--batch-size", "4", "--seed", "5"]
+    result = cli("sample", str(run), "--out", str(tmp_path / "s.npz"), "--sampling-steps", "3", "--step", "4",
+                 *sampling, env=env)
+    assert result.returncode == 0, result.stderr
+    assert cli("evaluate", str(tmp_path / "s.npz"), "--ref", str(reference), "--run", str(run)).returncode == 0
+    before = (run / "evaluations.jsonl").read_text().splitlines()
+
+    command = ["sweep", str(run), "--ref", str(reference), "--steps", "2,4", "--sampling-steps", "3", *sampling,
+               "--samples-dir", str(tmp_path / "sweep")]
+    result = cli(*command, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    new = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()[len(before):]]
+    # (4, 3) is the batch `evaluate --run` recorded above, with the protocol `sample` wrote beside it: not redone.
+    assert [(r["step"], r["protocol"]["sampling_steps"]) for r in new] == [(2, 3)]
+    assert "step 4, ddpm 3 steps: recorded already" in result.stderr
+    assert all(r["metric"] == "FID-8" and r["protocol"]["seed"] == 5 and r["precision"] is not None for r in new)
+    again = cli(*command, env=env)
+    assert again.returncode == 0 and "0 new evaluation record(s)" in again.stdout
+    assert len((run / "evaluations.jsonl").read_text().splitlines()) == len(before) + 1
+    missing = cli("sweep", str(run), "--ref", str(reference), "--steps", "3", env=env)
+    assert missing.returncode == 2 and "keeps no checkpoint at steps [3]" in missing.stderr

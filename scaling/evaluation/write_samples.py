@@ -170,7 +170,12 @@ def write_samples(source: str | os.PathLike, out: str | os.PathLike, options: Sa
     labels = sample_labels(options, config.num_classes)
     chunk_size = options.batch_size * options.chunk_batches
     chunk_files = [chunks_dir / f"chunk-{c:05d}.npz" for c in range(-(-options.num_samples // chunk_size))]
-    todo = [c for c, f in enumerate(chunk_files) if not f.is_file()]
+    missing = np.asarray([not f.is_file() for f in chunk_files])
+    if jax.process_count() > 1:  # every host samples the same chunks (collectives): process 0's view decides
+        from jax.experimental import multihost_utils
+
+        missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
+    todo = [c for c in range(len(chunk_files)) if missing[c]]
     already = options.num_samples - sum(len(labels[c * chunk_size:(c + 1) * chunk_size]) for c in todo)
     start, done = time.perf_counter(), already
     print(f"sample: {len(todo)} of {len(chunk_files)} chunks to do on {jax.device_count()} device(s)",
