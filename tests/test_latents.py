@@ -226,6 +226,8 @@ def test_sample_writes_an_adm_batch_that_resumes_after_a_kill_to_the_same_images
     resumed = cli(*command, "--out", str(killed_out), env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert " of 12 chunks to do" in resumed.stderr and "12 of 12" not in resumed.stderr
+    again = cli(*command, "--out", str(killed_out), env=env)
+    assert again.returncode == 0 and "is complete (48 images with these settings)" in again.stderr
 
     with np.load(tmp_path / "whole.npz") as a, np.load(killed_out) as b:
         assert a["arr_0"].shape == (48, 32, 32, 3) and a["arr_0"].dtype == np.uint8

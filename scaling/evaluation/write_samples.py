@@ -150,6 +150,9 @@ def write_samples(source: str | os.PathLike, out: str | os.PathLike, options: Sa
                 "labels": options.labels, "num_samples": options.num_samples, "batch_size": options.batch_size,
                 "decoder": decoder, "uint8_convention": options.uint8_convention,
                 "gflops_per_image": dit_compute(config).gflops}
+    if out.is_file() and sidecar(out).is_file() and json.loads(sidecar(out).read_text()) == protocol:
+        print(f"sample: {out} is complete ({options.num_samples} images with these settings).", file=sys.stderr)
+        return protocol
     chunks_dir = out.with_name(out.name + ".chunks")
     primary = jax.process_index() == 0
     protocol_file = chunks_dir / "protocol.json"
