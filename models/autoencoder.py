@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.convert import TorchFileError, read_weights
+from models.convert import TorchFileError, read_weights, state_dict_problems
 
 LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clipped to this, as diffusers and CompVis do
 NORM_EPSILON = 1e-6
@@ -343,19 +343,14 @@ def load_autoencoder(path: str | os.PathLike, *, dtype: str = "float32") -> Auto
             raise ValueError(f"Cannot read the autoencoder config {config_path}: {e}") from e
     state = {_modern_name(k): np.asarray(v) for k, v in read_weights(weights_path).items()}
     expected = diffusers_state_shapes(config)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: {tuple(state[k].shape)} (expected {expected[k]})" for k in expected
-             if k in state and tuple(state[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
-        problems = [f"missing {missing[:6]}" if missing else "", f"unexpected {unexpected[:6]}" if unexpected else "",
-                    f"wrong shapes {wrong[:6]}" if wrong else ""]
+    problems = state_dict_problems(state, expected, shown=6)
+    if problems:
         size = sum(math.prod(s) for s in expected.values())
         found = sum(v.size for v in state.values())
         source = f"the config {config_path}" if config_path else "the published KL-f8 config (no config.json)"
         raise TorchFileError(
             f"{weights_path} does not hold the autoencoder of {source}: that has {len(expected)} tensors "
-            f"({size:,} parameters), the file {len(state)} ({found:,}); " + "; ".join(p for p in problems if p))
+            f"({size:,} parameters), the file {len(state)} ({found:,}); {problems}")
 
     graphdef, abstract_state = nnx.split(abstract_autoencoder(config))
     flat = []

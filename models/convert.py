@@ -279,6 +279,19 @@ def read_weights(path: str | os.PathLike, *, key: str | None = None) -> dict[str
     return read_torch_file(path, key=key)
 
 
+def state_dict_problems(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple], shown: int) -> str:
+    """How a state dict differs from the expected names and shapes (its first `shown` missing, unexpected and
+    mis-shaped tensors), or "" when it matches exactly."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: {tuple(state[k].shape)} (expected {expected[k]})" for k in expected
+             if k in state and tuple(state[k].shape) != expected[k]]
+    problems = [f"missing {missing[:shown]}" if missing else "",
+                f"unexpected {unexpected[:shown]}" if unexpected else "",
+                f"wrong shapes {wrong[:shown]}" if wrong else ""]
+    return "; ".join(p for p in problems if p)
+
+
 def _starts_like_zip(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
@@ -416,15 +429,10 @@ def dit_from_torch(source: str | os.PathLike | Mapping[str, np.ndarray], num_hea
     expected = official_state_dict_shapes(config)
     if input_size is not None and "pos_embed" not in state:
         expected.pop("pos_embed")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: {tuple(state[k].shape)} (expected {expected[k]})" for k in expected
-             if k in state and tuple(state[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
-        problems = [f"missing {missing[:8]}" if missing else "", f"unexpected {unexpected[:8]}" if unexpected else "",
-                    f"wrong shapes {wrong[:8]}" if wrong else ""]
+    problems = state_dict_problems(state, expected, shown=8)
+    if problems:
         raise TorchFileError(f"State dict does not match an official {config.name} at input size "
-                             f"{config.input_size}: " + "; ".join(p for p in problems if p))
+                             f"{config.input_size}: {problems}")
     if "pos_embed" in state:
         fixed = sincos_position_embedding(config.hidden_size, config.grid_size)
         error = float(np.max(np.abs(state["pos_embed"].reshape(fixed.shape).astype(np.float64) - fixed)))

@@ -19,8 +19,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from models.autoencoder import find_autoencoder_files
-from scaling.latents import LatentShards, file_sha256
+from scaling.latents import LatentShards, autoencoder_sha256
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -96,8 +95,7 @@ def open_source(config):
     if config.data.source == "latent_shards":
         autoencoder = config.data.autoencoder
         return LatentShards(config.data.path, resolution=config.data.resolution,
-                            autoencoder_sha256=file_sha256(find_autoencoder_files(autoencoder)[0]) if autoencoder
-                            else "")
+                            autoencoder_sha256=autoencoder_sha256(autoencoder) if autoencoder else "")
     raise ValueError(f"Unknown data.source {config.data.source!r}: use fashion_mnist or latent_shards.")
 
 

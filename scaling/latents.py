@@ -83,6 +83,13 @@ def _file_sha256(path: str, _size: int, _mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+def autoencoder_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of the weights file an autoencoder path (a diffusers folder or a file) names."""
+    from models.autoencoder import find_autoencoder_files
+
+    return file_sha256(find_autoencoder_files(path)[0])
+
+
 def _shard_files(directory: Path, shard: int) -> tuple[Path, Path]:
     return directory / f"moments-{shard:05d}.npy", directory / f"labels-{shard:05d}.npy"
 
@@ -251,7 +258,7 @@ def extract_latents(image_dir: str | os.PathLike, out: str | os.PathLike, *, aut
     from jax.experimental import multihost_utils
     from PIL import Image
 
-    from models.autoencoder import find_autoencoder_files, load_autoencoder
+    from models.autoencoder import load_autoencoder
 
     root, out = Path(image_dir), Path(out)
     paths, labels, classes = list_image_folder(root)
@@ -264,8 +271,7 @@ def extract_latents(image_dir: str | os.PathLike, out: str | os.PathLike, *, aut
     manifest = latents_manifest(
         num_examples=len(paths), shard_size=shard_size, latent_shape=(latent, latent, vae.config.latent_channels),
         classes=classes, resolution=resolution, scale=vae.config.scaling_factor,
-        autoencoder={"file": weights_file, "sha256": file_sha256(find_autoencoder_files(weights_file)[0]),
-                     "dtype": dtype},
+        autoencoder={"file": weights_file, "sha256": autoencoder_sha256(weights_file), "dtype": dtype},
         images_sha256=_images_sha256(paths, labels, root), status="extracting")
     previous = out / "manifest.json"
     if previous.is_file():

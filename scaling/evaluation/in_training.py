@@ -61,10 +61,9 @@ def evaluation_protocols(config, sampling_steps=None) -> list[Protocol]:
 def autoencoder_name(path: str) -> str:
     """How a protocol names the decoder: its weights file and the start of its SHA-256."""
     from models.autoencoder import find_autoencoder_files
-    from scaling.latents import file_sha256
+    from scaling.latents import autoencoder_sha256
 
-    weights = find_autoencoder_files(path)[0]
-    return f"{Path(weights).name} sha256:{file_sha256(weights)[:16]}"
+    return f"{Path(find_autoencoder_files(path)[0]).name} sha256:{autoencoder_sha256(path)[:16]}"
 
 
 def final_evaluation_protocols(config) -> list[Protocol]:
@@ -90,6 +89,19 @@ def pending_protocols(done: list[EvaluationRecord], step: int, protocols: list[P
     return [p for p in protocols if (step, p) not in measured]
 
 
+def protocol_sampler(cache: dict, evaluator, protocol: Protocol, autoencoder=None):
+    """The sampler of a protocol for an evaluator (its config, model_config, diffusion and mesh), compiled once
+    per (sampler, steps, guidance) and kept in `cache`."""
+    key = (protocol.sampler, protocol.sampling_steps, protocol.guidance_scale)
+    if key not in cache:
+        cache[key] = make_sampler(
+            evaluator.model_config, evaluator.diffusion, sampling_steps=protocol.sampling_steps,
+            sampler=protocol.sampler, guidance_scale=protocol.guidance_scale,
+            guidance_channels=int(evaluator.config.eval.guidance_channels),
+            batch_size=int(evaluator.config.eval.batch_size), mesh=evaluator.mesh, autoencoder=autoencoder)
+    return cache[key]
+
+
 class SmallDataEvaluator:
     """Scores a run's EMA model with the small-data metrics. The classifier, the real reference features and each
     sampler are prepared on first use and reused at every evaluation of the run."""
@@ -109,13 +121,7 @@ class SmallDataEvaluator:
                                                          self.source.images[: int(self.config.eval.num_reference)])
 
     def _sampler(self, protocol: Protocol):
-        key = (protocol.sampler, protocol.sampling_steps, protocol.guidance_scale)
-        if key not in self._samplers:
-            self._samplers[key] = make_sampler(
-                self.model_config, self.diffusion, sampling_steps=protocol.sampling_steps, sampler=protocol.sampler,
-                guidance_scale=protocol.guidance_scale, guidance_channels=int(self.config.eval.guidance_channels),
-                batch_size=int(self.config.eval.batch_size), mesh=self.mesh)
-        return self._samplers[key]
+        return protocol_sampler(self._samplers, self, protocol)
 
     def run(self, step: int, params, protocols: list[Protocol]) -> list[EvaluationRecord]:
         if self._classifier is None:
@@ -244,13 +250,7 @@ class FIDEvaluator:
             inception_activations(self._inception, reference.images).pool)
 
     def _sampler(self, protocol: Protocol):
-        key = (protocol.sampler, protocol.sampling_steps, protocol.guidance_scale)
-        if key not in self._samplers:
-            self._samplers[key] = make_sampler(
-                self.model_config, self.diffusion, sampling_steps=protocol.sampling_steps, sampler=protocol.sampler,
-                guidance_scale=protocol.guidance_scale, guidance_channels=int(self.config.eval.guidance_channels),
-                batch_size=int(self.config.eval.batch_size), mesh=self.mesh, autoencoder=self._autoencoder)
-        return self._samplers[key]
+        return protocol_sampler(self._samplers, self, protocol, autoencoder=self._autoencoder)
 
     def run(self, step: int, params, protocols: list[Protocol]) -> list[EvaluationRecord]:
         if not protocols:

@@ -122,7 +122,6 @@ def write_samples(source: str | os.PathLike, out: str | os.PathLike, options: Sa
     from models.diffusion import GaussianDiffusion, linear_betas
     from models.flops import dit_compute
     from scaling.evaluation.sampling import make_sampler
-    from scaling.latents import file_sha256
     from scaling.train_step import make_mesh
 
     out = Path(out)
@@ -134,11 +133,11 @@ def write_samples(source: str | os.PathLike, out: str | os.PathLike, options: Sa
         if not autoencoder:
             raise ValueError(f"{source} is a latent model: give --autoencoder (the SD autoencoder folder or file "
                              "its latents came from) to decode its samples.")
-        from models.autoencoder import find_autoencoder_files, load_autoencoder
+        from models.autoencoder import load_autoencoder
+        from scaling.evaluation.in_training import autoencoder_name
 
         vae = load_autoencoder(autoencoder, dtype=autoencoder_dtype)
-        weights = find_autoencoder_files(autoencoder)[0]
-        decoder = f"{Path(weights).name} sha256:{file_sha256(weights)[:16]}"
+        decoder = autoencoder_name(autoencoder)
     elif config.in_channels not in (1, 3):
         raise ValueError(f"{source} makes {config.in_channels}-channel images: only 1 (as grey RGB) or 3 can be "
                          "written as an ADM sample batch.")
