@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from analysis import schema
@@ -108,7 +109,9 @@ def kept_steps(workdir: str | os.PathLike) -> list[int]:
 def load_params(workdir: str | os.PathLike, *, step: int | None = None, ema: bool = True) -> tuple[int, dict]:
     """(step, parameters) of a run's checkpoint at `step` (default: the newest), EMA by default, as a pure dict
     of numpy arrays."""
-    checkpoints = ocp.CheckpointManager(Path(workdir).resolve() / schema.CHECKPOINTS_DIR)
+    checkpoints = ocp.CheckpointManager(Path(workdir).resolve() / schema.CHECKPOINTS_DIR, item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler()})
     steps = checkpoints.all_steps()
     if not steps:
         raise FileNotFoundError(f"No checkpoint in {workdir}/{schema.CHECKPOINTS_DIR}.")
@@ -116,7 +119,10 @@ def load_params(workdir: str | os.PathLike, *, step: int | None = None, ema: boo
         step = max(steps)
     elif step not in steps:
         raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; it keeps steps {sorted(steps)}.")
-    restored = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+    # Restoring into host arrays of the stored shapes reads the checkpoint on any topology, not only the one that
+    # wrote it.
+    on_host = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), checkpoints.item_metadata(step)["state"])
+    restored = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(on_host),
                                                                  meta=ocp.args.JsonRestore()))
     checkpoints.close()
     if checksum_problem(restored, f"The checkpoint of {workdir} at step {step}"):

@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,20 @@ def cli(*args, env=None, timeout=300):
     """`python -m scaling.cli ARGS` in a fresh process."""
     return subprocess.run([sys.executable, "-m", "scaling.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def cli_on_hosts(*args, num_processes=2, env=None, timeout=300):
+    """The same command on `num_processes` simulated hosts joined through a coordinator on 127.0.0.1, as on a pod;
+    returns each process's (returncode, stdout, stderr)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "scaling.cli", *args, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+         str(num_processes), "--process-id", str(i)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, **(env or {})}) for i in range(num_processes)]
+    outputs = [p.communicate(timeout=timeout) for p in processes]
+    return [(p.returncode, *output) for p, output in zip(processes, outputs, strict=True)]
 
 
 def smoke(fmnist_dir, *extra):

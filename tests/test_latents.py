@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
-from run_helpers import cli, write_fake_imagenet, write_tiny_autoencoder
+from run_helpers import cli, cli_on_hosts, write_fake_imagenet, write_tiny_autoencoder
 
 from analysis.schema import FID_FEATURE_NETWORK
 from scaling.latents import LatentShards, adm_center_crop, list_image_folder, write_latents
@@ -302,3 +302,30 @@ def test_sweep_scores_kept_checkpoints_once_per_protocol(latent_run, tmp_path):
     assert len((run / "evaluations.jsonl").read_text().splitlines()) == len(before) + 1
     missing = cli("sweep", str(run), "--ref", str(reference), "--steps", "3", env=env)
     assert missing.returncode == 2 and "keeps no checkpoint at steps [3]" in missing.stderr
+
+
+def test_extraction_and_sampling_on_two_hosts_match_one_host(extraction, latent_run, tmp_path):
+    root, command, _, _ = extraction
+    out = tmp_path / "latents"
+    hosts = cli_on_hosts(*command[:2], str(out), *command[3:])
+    assert all(code == 0 for code, _, _ in hosts), hosts[0][2][-3000:] + hosts[1][2][-3000:]
+    # Host h takes shards h, h + 2, ...: the three shards split two and one.
+    assert "host 0/2: 2 of 3 shards to do (5 images)" in hosts[0][2]
+    assert "host 1/2: 1 of 3 shards to do (4 images)" in hosts[1][2]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    for shard in range(3):
+        for kind in ("moments", "labels"):
+            np.testing.assert_allclose(np.load(out / f"{kind}-{shard:05d}.npy"),
+                                       np.load(root / "latents" / f"{kind}-{shard:05d}.npy"), rtol=1e-5, atol=1e-6)
+
+    _, run, _, env = latent_run  # one host with two devices, against two hosts with one each
+    sampling = ["sample", str(run), "--num", "12", "--sampling-steps", "2", "--batch-size", "4", "--chunk-batches",
+                "1", "--seed", "7"]
+    one = cli(*sampling, "--out", str(tmp_path / "one.npz"), env=env)
+    assert one.returncode == 0, one.stderr
+    hosts = cli_on_hosts(*sampling, "--out", str(tmp_path / "two.npz"))
+    assert all(code == 0 for code, _, _ in hosts), hosts[0][2][-3000:] + hosts[1][2][-3000:]
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+    assert json.loads((tmp_path / "two.json").read_text()) == json.loads((tmp_path / "one.json").read_text())

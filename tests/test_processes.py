@@ -2,7 +2,6 @@
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from run_helpers import REPO, TINY, cli, leaves, smoke
+from run_helpers import REPO, TINY, cli, cli_on_hosts, leaves, smoke
 
 from analysis.schema import read_jsonl as read_records
 from scaling.checkpoints import load_final_params
@@ -91,22 +90,11 @@ def test_four_simulated_devices_give_the_losses_of_one(fmnist_dir, one_device_ru
     _assert_same_run(tmp_path / "four", one_device_run)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_train_one_model_together(fmnist_dir, one_device_run, tmp_path):
-    port = _free_port()
-    processes = [subprocess.Popen(
-        [sys.executable, "-m", "scaling.cli", "train", *smoke(fmnist_dir, *EVALUATED_SMOKE), "--workdir",
-         str(tmp_path / "pair"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
-         str(i)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=300) for p in processes]
-    assert all(p.returncode == 0 for p in processes), outputs[0][1][-3000:] + outputs[1][1][-3000:]
-    assert "step 10/10" in outputs[0][0] and "step 10/10" not in outputs[1][0]  # only process 0 reports
+    hosts = cli_on_hosts("train", *smoke(fmnist_dir, *EVALUATED_SMOKE), "--workdir", str(tmp_path / "pair"))
+    assert all(code == 0 for code, _, _ in hosts), hosts[0][2][-3000:] + hosts[1][2][-3000:]
+    assert "step 10/10" in hosts[0][1] and "step 10/10" not in hosts[1][1]  # only process 0 reports
     manifest = json.loads((tmp_path / "pair" / "manifest.json").read_text())
     assert manifest["starts"][0]["devices"]["processes"] == 2
     _assert_same_run(tmp_path / "pair", one_device_run)
