@@ -252,8 +252,8 @@ def test_evaluate_command_records_the_metrics_computed_directly(tmp_path, capsys
     ref_acts = inception_activations(model, reference_images, batch_size=8)
     reference = read_reference(tmp_path / "ref.npz")
     np.testing.assert_allclose(reference.pool[0], ref_acts.pool.mean(0), rtol=1e-5, atol=1e-6)
-    expected_fid = metrics.frechet_distance_symmetric(acts.pool.mean(0), np.cov(acts.pool, rowvar=False),
-                                                      ref_acts.pool.mean(0), np.cov(ref_acts.pool, rowvar=False))
+    expected_fid = metrics.frechet_distance(acts.pool.mean(0), np.cov(acts.pool, rowvar=False),
+                                            ref_acts.pool.mean(0), np.cov(ref_acts.pool, rowvar=False))
     assert row["fid"] == pytest.approx(expected_fid, rel=1e-4)
     assert (row["precision"], row["recall"]) == pytest.approx(metrics.precision_recall(ref_acts.pool, acts.pool))
     assert metric_name("FID", 50_000) == "FID-50K" and metric_name("FID", 9) == "FID-9"

@@ -4,10 +4,11 @@ FID, sFID, Inception Score, Precision and Recall (see the reference notes on the
 Everything here works on numpy feature arrays and returns Python floats; the feature networks live in models/.
 
 - `FeatureStatistics`: streaming mean and covariance in float64 (covariance divides by N - 1, as np.cov).
-- `frechet_distance`: |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) with ADM's safeguards (scipy's sqrtm; on
-  a non-finite root retry with 1e-6 added to both diagonals; a complex root is accepted only if the imaginary
-  part of its diagonal is below 1e-3). `frechet_distance_symmetric` computes tr sqrt(A S2 A), A = S1^(1/2), from
-  two symmetric eigendecompositions: the same value to ~1e-7 relative without a general matrix square root.
+- `frechet_distance`: |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), with tr sqrt(S1 S2) = tr sqrt(A S2 A),
+  A = S1^(1/2), from two symmetric eigendecompositions (round-off's negative eigenvalues clipped to zero). ADM
+  takes scipy's general sqrtm of S1 S2 instead: the value agrees to ~1e-7 relative, also for the rank-deficient
+  covariances of few samples (tested against it), and on 2048 Inception features it takes 2.9 s instead of 17.5 s
+  (2-core Intel Xeon).
 - `inception_score`: exp(E_x KL(p(y|x) || p(y))) per contiguous chunk of 5000 predictions, averaged over chunks.
 - `precision_recall`: k-nearest-neighbour manifolds (k=3) of Kynkaanniemi et al., distances in blocks, computed
   in float16 first and again in float32 for any block with a non-finite value.
@@ -16,10 +17,8 @@ Everything here works on numpy feature arrays and returns Python floats; the fea
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import numpy as np
-import scipy.linalg
 import scipy.special
 
 INCEPTION_SCORE_SPLIT = 5000
@@ -93,32 +92,13 @@ def _check_gaussians(mu1, sigma1, mu2, sigma2):
     return mu1, sigma1, mu2, sigma2
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), computed as ADM's evaluator does."""
-    mu1, sigma1, mu2, sigma2 = _check_gaussians(mu1, sigma1, mu2, sigma2)
-    diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        warnings.warn("frechet_distance: singular product of covariances; adding 1e-6 to the diagonals",
-                      RuntimeWarning, stacklevel=2)
-        offset = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"frechet_distance: the matrix square root has an imaginary component "
-                             f"{np.max(np.abs(covmean.imag)):.3g}; the covariances are not valid.")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
     return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
 
 
-def frechet_distance_symmetric(mu1, sigma1, mu2, sigma2) -> float:
-    """The Frechet distance with tr sqrt(S1 S2) = tr sqrt(A S2 A), A = S1^(1/2): symmetric eigendecompositions
-    only (negative eigenvalues from round-off are clipped to zero)."""
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """The Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (see the module docstring)."""
     mu1, sigma1, mu2, sigma2 = _check_gaussians(mu1, sigma1, mu2, sigma2)
     diff = mu1 - mu2
     root1 = _psd_sqrt(sigma1)
