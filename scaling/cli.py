@@ -152,7 +152,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     from scaling.train import format_duration
 
     try:
-        result = run_study(args.preset, args.workdir, seed=args.seed, overrides=args.overrides,
+        result = run_study(args.preset, args.workdir, seed=args.seed,
+                           models=args.models.split(",") if args.models else None, overrides=args.overrides,
                            workers=args.workers)
     except KeyboardInterrupt:
         print("\ndit-scaling study: interrupted; run the same command to resume.", file=sys.stderr)
@@ -391,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "full: longer runs that sharpen every finding")
     study.add_argument("--workdir", help="where the study goes (default: studies/fmnist-PRESET[-seedN])")
     study.add_argument("--seed", type=int, default=0, help="training seed of every run")
+    study.add_argument("--models", help="comma-separated configs, a part of the study (default: all 12), e.g. "
+                                        "S/8,S/4,B/8,B/4")
     study.add_argument("--workers", type=int, help="runs at once, one per share of the cores (default: one per "
                                                    "core)")
     study.add_argument("overrides", nargs="*", metavar="--config.KEY=VALUE",

@@ -32,6 +32,7 @@ log = logging.getLogger("dit_scaling.study")
 PRESETS = ("smoke", "default", "full")
 # The config option of each preset: the fmnist config's own ",smoke" is a seconds-long run without evaluation.
 CONFIG_OPTIONS = {"smoke": "study-smoke", "default": "default", "full": "full"}
+ALL_MODELS = [short_name(m) for m in PAPER_MODELS]
 STUDY_FILE = "study.json"
 FIGURES_DIR = "figures"
 REPORT_FILE = "report.md"
@@ -61,10 +62,11 @@ def default_workdir(preset: str, seed: int) -> Path:
 
 
 def _claim_workdir(workdir: Path, settings: dict) -> None:
-    """Write study.json, or check that the workdir's study is this one (same preset, seed and overrides)."""
+    """Write study.json, or check that the workdir's study is this one (same preset, seed, configs and
+    overrides)."""
     path = workdir / STUDY_FILE
     if path.is_file():
-        previous = json.loads(path.read_text())
+        previous = {"models": ALL_MODELS, **json.loads(path.read_text())}  # written before --models existed
         differing = [k for k in settings if previous.get(k) != settings[k]]
         if differing:
             held = ", ".join(f"{k} {previous.get(k)!r}" for k in differing)
@@ -128,15 +130,16 @@ class _Progress:
 
 
 def run_study(preset: str = "default", workdir: str | os.PathLike | None = None, *, seed: int = 0,
-              overrides: list[str] = (), workers: int | None = None) -> StudyResult:
-    """Run (or resume, or re-render) the miniature study; see the module docstring."""
+              models: list[str] | None = None, overrides: list[str] = (), workers: int | None = None) -> StudyResult:
+    """Run (or resume, or re-render) the miniature study of `models` (default: all 12); see the module
+    docstring."""
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}: use one of {', '.join(PRESETS)}.")
     start = time.perf_counter()
     workdir = Path(workdir) if workdir is not None else default_workdir(preset, seed)
     overrides = [o.removeprefix("--config.") for o in overrides]
-    _claim_workdir(workdir, {"preset": preset, "seed": seed, "overrides": list(overrides)})
-    models = [short_name(m) for m in PAPER_MODELS]
+    models = grid.select_models(ALL_MODELS, models, None) if models else ALL_MODELS
+    _claim_workdir(workdir, {"preset": preset, "seed": seed, "models": models, "overrides": list(overrides)})
     all_overrides = [f"train.seed={seed}", *overrides]
     config_name = f"fmnist:{CONFIG_OPTIONS[preset]}"
     configs = grid.load_grid_configs(config_name, models, all_overrides)
@@ -150,7 +153,7 @@ def run_study(preset: str = "default", workdir: str | os.PathLike | None = None,
             _prepare_feature_network(configs[pending[0]])
         outcome.update(grid.run_grid(config_name, workdir, models=pending, overrides=all_overrides,
                                      workers=workers, on_finish=progress.finished))
-    findings, figures = _render(workdir, preset, seed)
+    findings, figures = _render(workdir, preset, seed, models)
     return StudyResult(workdir=workdir, outcome={m: outcome[m] for m in models}, findings=findings,
                        report=workdir / REPORT_FILE, figures=figures, seconds=time.perf_counter() - start)
 
@@ -166,7 +169,7 @@ def _prepare_feature_network(config) -> None:
     prepare_feature_network(config, data_lib.open_source(config))
 
 
-def _render(workdir: Path, preset: str, seed: int):
+def _render(workdir: Path, preset: str, seed: int, models: list[str]):
     """Fit and render everything the finished runs support; the study's report on top of the fit report."""
     from analysis import figures as figures_lib
     from analysis import findings as findings_lib
@@ -188,8 +191,9 @@ def _render(workdir: Path, preset: str, seed: int):
                                "fig9_validation_loss")
     settings = json.loads((workdir / STUDY_FILE).read_text())
     lines = [f"# Miniature scaling study: preset {preset}, seed {seed}", "",
-             f"12 DiT configs on Fashion-MNIST ({records.runs['run'].nunique()} runs recorded), trained by "
-             f"`dit-scaling study --preset {preset}" + (f" --seed {seed}" if seed else "") + "` at code revision "
+             f"{len(models)} DiT configs on Fashion-MNIST ({records.runs['run'].nunique()} runs recorded), trained by "
+             f"`dit-scaling study --preset {preset}" + (f" --seed {seed}" if seed else "")
+             + (f" --models {','.join(models)}" if models != ALL_MODELS else "") + "` at code revision "
              f"{settings.get('code_revision')} on {settings.get('cpu')} ({settings.get('cores')} cores).", ""]
     if findings is None:
         lines += [f"The findings could not be checked: {problem}", ""]
