@@ -41,7 +41,7 @@ CORRUPT_CHECKPOINTS_DIR = "corrupt_checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 LOG_FILE = "train.log"  # the run's printed output, where a grid ran it in a worker process
 
-RUN_STATUSES = ("running", "finished", "failed", "diverged")
+RUN_STATUSES = ("running", "finished", "failed", "diverged", "preempted")
 TRAINING_MULTIPLIER = 3  # training compute per image = 3 x forward (the backward pass costs ~2 forwards)
 GUIDANCE_MULTIPLIER = 2  # classifier-free guidance runs the model on the conditional and the null label
 # The feature network of FID as ADM's evaluator (and so the paper) computes it; protocols name it.

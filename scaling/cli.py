@@ -122,6 +122,7 @@ def _load_study_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from scaling.preemption import EXIT_CODE, Preempted
     from scaling.train import TrainingDiverged, train
 
     _init_distributed(args)
@@ -131,6 +132,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"dit-scaling train: {e}", file=sys.stderr)
         return 3
+    except Preempted as e:
+        print(f"dit-scaling train: {e}", file=sys.stderr)
+        return EXIT_CODE
     loss = "" if result.final_loss is None else f", final loss {result.final_loss:.4f}"
     print(f"{result.workdir}: {result.status} at step {result.step}{loss}")
     return 0
@@ -138,16 +142,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     from scaling.grid import run_grid
+    from scaling.preemption import EXIT_CODE
 
     _init_distributed(args)
     outcome = run_grid(args.config, args.workdir, models=args.models.split(",") if args.models else None,
                        only=args.only.split(",") if args.only else None, shard=args.shard,
                        overrides=[o.removeprefix("--config.") for o in args.overrides], workers=args.workers)
     print_table([{"model": m, "outcome": o} for m, o in outcome.items()], [("model", "model"), ("outcome", "outcome")])
+    if any(o == "preempted" for o in outcome.values()):
+        print("dit-scaling grid: preempted (SIGTERM): the runs are checkpointed; run the same command to resume.",
+              file=sys.stderr)
+        return EXIT_CODE
     return 1 if any(o.startswith("failed") for o in outcome.values()) else 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    from scaling.preemption import EXIT_CODE, Preempted
     from scaling.study import run_study
     from scaling.train import format_duration
 
@@ -158,6 +168,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ndit-scaling study: interrupted; run the same command to resume.", file=sys.stderr)
         return 130
+    except Preempted as e:
+        print(f"dit-scaling study: {e}", file=sys.stderr)
+        return EXIT_CODE
     print(f"\nstudy    {result.workdir} ({format_duration(result.seconds)} this time)")
     print(f"report   {result.report}")
     print(f"figures  {result.workdir / 'figures'} ({sum(p.suffix == '.png' for p in result.figures)} figures)")

@@ -25,6 +25,7 @@ from models.flops import dit_compute
 from scaling import config as config_lib
 from scaling import data as data_lib
 from scaling.host import WORKER_CORES_VARIABLE
+from scaling.preemption import EXIT_CODE, Preempted
 from scaling.train import train
 
 log = logging.getLogger("dit_scaling.grid")
@@ -111,7 +112,9 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
              workers: int = 1, on_finish=None) -> dict[str, str]:
     """Train every selected config into runs_dir/<run>; skip finished runs, resume the rest, keep going on
     failures. With workers > 1, that many runs at once in worker processes (see the module docstring).
-    `on_finish(model, outcome)` is called as each run ends. Returns {model: "finished" | "skipped" | "failed: ..."}."""
+    `on_finish(model, outcome)` is called as each run ends. A preemption notice (SIGTERM) checkpoints the runs in
+    progress and starts no other. Returns {model: "finished" | "skipped" | "failed: ..." | "preempted" |
+    "not started"}."""
     selected = select_models([short_name(m) for m in (models or PAPER_MODELS)], only, shard)
     runs_dir = Path(runs_dir)
     configs = load_grid_configs(config_name, selected, overrides)
@@ -126,13 +129,17 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
     if workers > 1 and len(pending) > 1:
         pending.sort(key=lambda m: -predicted_seconds(configs[m]))  # costliest first: the workers end together
         outcome.update(_run_in_workers(config_name, workdirs, pending, overrides, workers, on_finish))
-        return {model: outcome[model] for model in configs}
+        return {model: outcome.get(model, "not started") for model in configs}
     for i, model in enumerate(pending):
         workdir = workdirs[model]
         log.info("[%d/%d] %s -> %s", i + 1, len(pending), model, workdir)
         try:
             train(configs[model], workdir)
             outcome[model] = "finished"
+        except Preempted as e:
+            log.warning("%s", e)
+            outcome[model] = "preempted"
+            break
         except Exception as e:  # one failed run must not stop the grid
             outcome[model] = f"failed: {type(e).__name__}: {e}"
             log.error("%s failed:\n%s", model, traceback.format_exc())
@@ -141,7 +148,7 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
                 schema.write_manifest(workdir, manifest.with_changes(status="failed", error=f"{type(e).__name__}: {e}"))
         if on_finish is not None:
             on_finish(model, outcome[model])
-    return {model: outcome[model] for model in configs}
+    return {model: outcome.get(model, "not started") for model in configs}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,6 +210,8 @@ def _run_in_workers(config_name: str, workdirs: dict[str, Path], models: list[st
                 children.discard(child)
             if code == 0:
                 result = "finished"
+            elif code == EXIT_CODE:  # checkpointed and marked preempted by the run itself
+                result = "preempted"
             else:
                 reason = next((t for t in reversed(tail) if "error" in t.lower() or "Error" in t), "") or \
                     (tail[-1] if tail else "")
@@ -217,9 +226,17 @@ def _run_in_workers(config_name: str, workdirs: dict[str, Path], models: list[st
                 if on_finish is not None:
                     on_finish(model, result)
 
+    def pass_preemption_on(*_) -> None:  # the workers checkpoint and exit; no run starts after them
+        with lock:
+            queue.clear()
+            for child in children:
+                child.send_signal(signal.SIGTERM)
+
     threads = [threading.Thread(target=work, args=(cores,), daemon=True) for cores in shares]
     for thread in threads:
         thread.start()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, pass_preemption_on) if in_main_thread else None
     try:
         while any(thread.is_alive() for thread in threads):
             for thread in threads:
@@ -232,6 +249,9 @@ def _run_in_workers(config_name: str, workdirs: dict[str, Path], models: list[st
         for child in list(children):
             child.wait()
         raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler if previous_handler is not None else signal.SIG_DFL)
     return outcome
 
 

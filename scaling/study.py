@@ -7,9 +7,9 @@ sampling-step counts. Then it fits and renders: WORKDIR/<run>/ holds each run's 
 figure and the fit report, WORKDIR/report.md the paper's findings checked on these runs (`analysis.findings`)
 with the key figures.
 
-Interrupted (Ctrl-C, SIGKILL), the same command resumes: finished runs are kept, unfinished ones continue from
-their newest checkpoint. A finished study only re-renders (seconds). WORKDIR/study.json names the preset, seed
-and overrides; a workdir holds one study.
+Interrupted (Ctrl-C, SIGKILL, a preemption's SIGTERM), the same command resumes: finished runs are kept,
+unfinished ones continue from their newest checkpoint. A finished study only re-renders (seconds).
+WORKDIR/study.json names the preset, seed, configs and overrides; a workdir holds one study.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from analysis import schema
 from models.dit import PAPER_MODELS, short_name
 from scaling import grid
 from scaling.host import cpu_model
+from scaling.preemption import Preempted
 from scaling.train import code_revision, format_duration
 
 log = logging.getLogger("dit_scaling.study")
@@ -107,6 +108,9 @@ class _Progress:
               "a 2-core AMD EPYC)", flush=True)
 
     def finished(self, model: str, outcome: str) -> None:
+        if outcome == "preempted":  # checkpointed, still to do
+            print(f"[study] {short_name(model)} preempted: checkpointed", flush=True)
+            return
         run_dir = self.workdir / grid.run_dir_name(model)
         steps = schema.read_steps(run_dir)
         manifest = schema.read_manifest(run_dir)
@@ -153,6 +157,8 @@ def run_study(preset: str = "default", workdir: str | os.PathLike | None = None,
             _prepare_feature_network(configs[pending[0]])
         outcome.update(grid.run_grid(config_name, workdir, models=pending, overrides=all_overrides,
                                      workers=workers, on_finish=progress.finished))
+        if "preempted" in outcome.values():  # the grace period is short: render when the study resumes
+            raise Preempted(workdir)
     findings, figures = _render(workdir, preset, seed, models)
     return StudyResult(workdir=workdir, outcome={m: outcome[m] for m in models}, findings=findings,
                        report=workdir / REPORT_FILE, figures=figures, seconds=time.perf_counter() - start)

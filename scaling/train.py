@@ -9,7 +9,8 @@ verifies, cuts records.jsonl back to that step (so every step has exactly one re
 stream from the checkpointed iterator state. With a fixed seed a resumed run ends bit-for-bit where an
 uninterrupted one does: each step's timesteps, noise and label dropout come from fold_in(seed, step).
 A non-finite loss stops the run: the last good state (before the step that produced it, replayed from the
-newest checkpoint) is checkpointed, and `TrainingDiverged` names the step.
+newest checkpoint) is checkpointed, and `TrainingDiverged` names the step. A preemption notice (SIGTERM) stops the
+run at the next step boundary, checkpointed there, and raises `scaling.preemption.Preempted`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from scaling import data as data_lib
 from scaling.configs.common import base_config
 from scaling.evaluation.in_training import build_evaluator, pending_protocols
 from scaling.host import return_freed_memory_if_large
+from scaling.preemption import Preempted, PreemptionNotice
 from scaling.train_step import (
     init_state,
     make_mesh,
@@ -421,10 +423,25 @@ def _evaluate(run: _Run, step: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _close(run: _Run, steps: _StepLog, status: str) -> None:
+    """Wait for the checkpoints, close the writers and mark the manifest."""
+    run.checkpoints.wait_until_finished()
+    run.checkpoints.close()
+    steps.close()
+    if run.primary:
+        final = {"final_step": run.total_steps} if status == "finished" else {}
+        schema.write_manifest(run.workdir, schema.read_manifest(run.workdir).with_changes(status=status, **final))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunResult:
     """Run or resume the training run in `workdir` (see the module docstring)."""
     config_lib.validate(config)
-    run = _prepare(config, Path(workdir))
+    with PreemptionNotice() as notice:  # from the start: a notice during compilation stops at the first boundary
+        return _train(config, Path(workdir), notice)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path, notice: PreemptionNotice) -> RunResult:
+    run = _prepare(config, workdir)
     steps = _StepLog(run)
     if run.is_eval_step(run.start_step):  # a run stopped during the evaluation that follows its checkpoint
         _evaluate(run, run.start_step)
@@ -436,19 +453,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
         if pending is not None:
             steps.handle_call(*pending)
         pending, step = (step, n, metrics), step + n
-        if run.is_checkpoint_step(step):
+        preempted = notice.reached()  # at every boundary, on every host alike
+        if run.is_checkpoint_step(step) or preempted:
             steps.handle_call(*pending)
             pending = None
             checkpoints.save(run.checkpoints, step, run.state, run.iterator.get_state(), steps.wall_time())
+        if preempted:  # a resumed run evaluates at this step if it is an evaluation step
+            _close(run, steps, "preempted")
+            raise Preempted(run.workdir, step)
         if run.is_eval_step(step):
             _evaluate(run, step)
             steps.restart_clock(step)
     if pending is not None:
         steps.handle_call(*pending)
-    run.checkpoints.wait_until_finished()
-    run.checkpoints.close()
-    steps.close()
-    if run.primary:
-        schema.write_manifest(run.workdir, schema.read_manifest(run.workdir).with_changes(
-            status="finished", final_step=run.total_steps))
+    _close(run, steps, "finished")
     return RunResult(workdir=run.workdir, step=run.total_steps, status="finished", final_loss=steps.final_loss)

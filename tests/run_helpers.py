@@ -37,18 +37,27 @@ def cli(*args, env=None, timeout=300):
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def cli_on_hosts(*args, num_processes=2, env=None, timeout=300):
-    """The same command on `num_processes` simulated hosts joined through a coordinator on 127.0.0.1, as on a pod;
-    returns each process's (returncode, stdout, stderr)."""
+def start_on_hosts(*args, num_processes=2, env=None) -> list[subprocess.Popen]:
+    """The same command started on `num_processes` simulated hosts joined through a coordinator on 127.0.0.1, as
+    on a pod."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    processes = [subprocess.Popen(
+    return [subprocess.Popen(
         [sys.executable, "-m", "scaling.cli", *args, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
          str(num_processes), "--process-id", str(i)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env={**os.environ, **(env or {})}) for i in range(num_processes)]
+
+
+def finish_on_hosts(processes: list[subprocess.Popen], timeout=300) -> list[tuple[int, str, str]]:
+    """Each process's (returncode, stdout, stderr) once all have ended."""
     outputs = [p.communicate(timeout=timeout) for p in processes]
     return [(p.returncode, *output) for p, output in zip(processes, outputs, strict=True)]
+
+
+def cli_on_hosts(*args, num_processes=2, env=None, timeout=300):
+    """`start_on_hosts`, then `finish_on_hosts`."""
+    return finish_on_hosts(start_on_hosts(*args, num_processes=num_processes, env=env), timeout=timeout)
 
 
 def smoke(fmnist_dir, *extra):

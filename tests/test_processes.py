@@ -1,6 +1,8 @@
-"""Training runs across processes: SIGKILL and resume, four simulated devices, two hosts training one model."""
+"""Training runs across processes: SIGKILL and resume, SIGTERM (preemption) and resume on one and two hosts, four
+simulated devices, two hosts training one model."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -9,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from run_helpers import REPO, TINY, cli, cli_on_hosts, leaves, smoke
+from run_helpers import REPO, TINY, cli, cli_on_hosts, finish_on_hosts, leaves, smoke, start_on_hosts
 
 from analysis.schema import read_jsonl as read_records
-from scaling.checkpoints import load_final_params
+from scaling.checkpoints import kept_steps, load_final_params
+from scaling.preemption import EXIT_CODE
 
 
 def _wait_for(predicate, timeout=120):
@@ -24,37 +27,117 @@ def _wait_for(predicate, timeout=120):
     return False
 
 
-@pytest.mark.slow
-def test_sigkill_and_resume_gives_the_uninterrupted_result(fmnist_dir, tmp_path):
-    # Asynchronous checkpoints (the default of real runs), often enough that the kill may land during a save.
-    args = [*smoke(fmnist_dir, "--config.train.steps=300", "--config.train.checkpoint_every=50",
-                    "--config.train.async_checkpoints=true", "--config.train.log_every=10",
-                    *[f"--config.{o}" for o in TINY])]
-    assert cli("train", *args, "--workdir", str(tmp_path / "straight")).returncode == 0
+# Asynchronous checkpoints (the default of real runs), often enough that a signal may land during a save.
+INTERRUPTED = ["--config.train.steps=300", "--config.train.checkpoint_every=50",
+               "--config.train.async_checkpoints=true", "--config.train.log_every=10", *[f"--config.{o}" for o in TINY]]
 
+
+@pytest.fixture(scope="module")
+def straight_run(fmnist_dir, tmp_path_factory) -> Path:
+    """The uninterrupted run the interrupted ones must reproduce."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    result = cli("train", *smoke(fmnist_dir, *INTERRUPTED), "--workdir", str(run))
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def _last_step(run: Path) -> int:
+    records = read_records(run / "records.jsonl") if (run / "records.jsonl").is_file() else []
+    return records[-1]["step"] if records else 0
+
+
+def _assert_resumed_exactly(run: Path, straight: Path, steps: int = 300) -> None:
+    """Every step recorded once, with the straight run's losses, and the straight run's final parameters."""
+    records, straight_records = read_records(run / "records.jsonl"), read_records(straight / "records.jsonl")
+    assert [r["step"] for r in records] == list(range(10, steps + 1, 10))
+    assert [r["loss"] for r in records] == [r["loss"] for r in straight_records]
+    for ema in (True, False):
+        a, b = load_final_params(run, ema=ema), load_final_params(straight, ema=ema)
+        for x, y in zip(leaves(a), leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_the_uninterrupted_result(fmnist_dir, straight_run, tmp_path):
+    args = smoke(fmnist_dir, *INTERRUPTED)
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "scaling.cli", "train", *args, "--workdir", str(killed)],
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        # Kill it mid-run: after a checkpoint is committed and some later steps are recorded.
-        assert _wait_for(lambda: read_records(killed / "records.jsonl")[-1:] != []
-                         and read_records(killed / "records.jsonl")[-1]["step"] > 120)
+    try:  # kill it mid-run: after a checkpoint is committed and some later steps are recorded
+        assert _wait_for(lambda: _last_step(killed) > 120)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    assert read_records(killed / "records.jsonl")[-1]["step"] < 300
+    assert _last_step(killed) < 300
     resumed = cli("train", *args, "--workdir", str(killed))
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming" in resumed.stderr
+    _assert_resumed_exactly(killed, straight_run)
 
-    steps = [r["step"] for r in read_records(killed / "records.jsonl")]
-    assert steps == list(range(10, 301, 10))  # every step exactly once
-    straight_records = read_records(tmp_path / "straight" / "records.jsonl")
-    assert [r["loss"] for r in read_records(killed / "records.jsonl")] == [r["loss"] for r in straight_records]
-    for ema in (True, False):
-        a, b = load_final_params(killed, ema=ema), load_final_params(tmp_path / "straight", ema=ema)
-        for x, y in zip(leaves(a), leaves(b), strict=True):
-            np.testing.assert_array_equal(x, y)
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_the_next_step_and_resumes_losing_nothing(fmnist_dir, straight_run, tmp_path):
+    args = smoke(fmnist_dir, *INTERRUPTED)
+    preempted = tmp_path / "preempted"
+    process = subprocess.Popen([sys.executable, "-m", "scaling.cli", "train", *args, "--workdir", str(preempted)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: _last_step(preempted) > 120)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_CODE, stderr
+    step = int(re.search(r"preempted \(SIGTERM\), checkpointed at step (\d+)", stderr).group(1))
+    assert 120 < step < 300
+    assert json.loads((preempted / "manifest.json").read_text())["status"] == "preempted"
+    assert max(kept_steps(preempted)) == step  # the notice's step, not the last of checkpoint_every's
+    resumed = cli("train", *args, "--workdir", str(preempted))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming {preempted} from step {step}." in resumed.stderr
+    _assert_resumed_exactly(preempted, straight_run)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_stops_both_at_one_step(fmnist_dir, tmp_path):
+    args = ["train", *smoke(fmnist_dir, *INTERRUPTED, "--config.train.steps=120")]  # two hosts step slower
+    straight = tmp_path / "straight"
+    assert all(code == 0 for code, _, _ in cli_on_hosts(*args, "--workdir", str(straight)))
+    preempted = tmp_path / "preempted"
+    hosts = start_on_hosts(*args, "--workdir", str(preempted))
+    assert _wait_for(lambda: _last_step(preempted) > 60)
+    hosts[1].send_signal(signal.SIGTERM)  # the notice reaches one host; the coordination service tells the other
+    ended = finish_on_hosts(hosts, timeout=120)
+    assert [code for code, _, _ in ended] == [EXIT_CODE, EXIT_CODE], ended[0][2][-2000:] + ended[1][2][-2000:]
+    steps = {int(re.search(r"checkpointed at step (\d+)", stderr).group(1)) for _, _, stderr in ended}
+    assert len(steps) == 1 and 60 < max(kept_steps(preempted)) == steps.pop() < 120
+    resumed = cli_on_hosts(*args, "--workdir", str(preempted))
+    assert all(code == 0 for code, _, _ in resumed), resumed[0][2][-3000:]
+    _assert_resumed_exactly(preempted, straight, steps=120)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_to_the_grid_checkpoints_its_runs_and_starts_no_other(fmnist_dir, tmp_path, workers):
+    command = [sys.executable, "-m", "scaling.cli", "grid", "--config", "fmnist:smoke", "--workdir", str(tmp_path),
+               "--models", "S/8,B/8,S/4", "--workers", str(workers), f"--config.data.path={fmnist_dir}",
+               *INTERRUPTED]
+    grid = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = ["DiT-S-8", "DiT-B-8", "DiT-S-4"]
+
+    def started() -> list[str]:
+        return [run for run in runs if (tmp_path / run / "manifest.json").is_file()]
+
+    assert _wait_for(lambda: len(started()) == workers and all(_last_step(tmp_path / run) > 20 for run in started()))
+    grid.send_signal(signal.SIGTERM)
+    out, err = grid.communicate(timeout=120)
+    assert grid.returncode == EXIT_CODE, err[-3000:]
+    assert "preempted (SIGTERM)" in err and "run the same command to resume" in err
+    assert len(started()) == workers and out.count("not started") == len(runs) - workers
+    for run in started():
+        assert json.loads((tmp_path / run / "manifest.json").read_text())["status"] == "preempted"
+        assert _last_step(tmp_path / run) <= max(kept_steps(tmp_path / run)) < 300
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for run in runs:
+        assert [r["step"] for r in read_records(tmp_path / run / "records.jsonl")] == list(range(10, 301, 10))
 
 
 EVALUATED_SMOKE = ["--config.train.steps=10", "--config.eval.every=10", "--config.eval.num_samples=16",

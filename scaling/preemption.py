@@ -1,0 +1,62 @@
+"""Preemption: stop at a step boundary that every host agrees on, checkpointed, when the machine is going away.
+
+A preempted TPU VM, a spot instance, a queued resource's eviction and SLURM's `scancel` all send SIGTERM, then
+kill the process after a grace period. A run that receives it checkpoints at its next step boundary, marks its
+manifest `preempted` and exits with EXIT_CODE; the same command resumes it losing no step.
+
+On several hosts the boundary must be the same everywhere, though perhaps only one host got the signal: JAX's
+coordination service spreads the notice and picks the first boundary that every host has yet to pass
+(`multihost_utils.reached_preemption_sync_point`, whose SIGTERM handler `jax.distributed.initialize` installs).
+A single process catches SIGTERM itself.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import jax
+
+EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): try again later; a scheduler may requeue on it
+
+
+class Preempted(RuntimeError):
+    """Stopped on a preemption notice with everything checkpointed (the run at `step`): run the same command to
+    resume."""
+
+    def __init__(self, workdir, step: int | None = None):
+        where = f"checkpointed at step {step}" if step is not None else "its runs are checkpointed"
+        super().__init__(f"{workdir}: preempted (SIGTERM), {where}; run the same command to resume.")
+        self.workdir, self.step = workdir, step
+
+
+class PreemptionNotice:
+    """Whether a preemption notice has reached every host, asked at each step boundary (in the same order on
+    every host). Use as a context manager around the loop: a single process's SIGTERM handler is installed on
+    entry and the previous one restored on exit."""
+
+    def __init__(self):
+        self._hosts = jax.process_count() > 1
+        self._boundary = 0
+        self._received = threading.Event()
+        self._installed, self._previous_handler = False, None
+
+    def __enter__(self) -> PreemptionNotice:
+        if not self._hosts and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, lambda *_: self._received.set())
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:  # None: the handler was not set from Python, i.e. the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous_handler is None else self._previous_handler)
+            self._installed = False
+
+    def reached(self) -> bool:
+        """True at the boundary where every host stops; call at every boundary."""
+        self._boundary += 1
+        if self._hosts:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(self._boundary)
+        return self._received.is_set()
