@@ -122,6 +122,7 @@ def _load_study_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from scaling.lease import HELD_EXIT_CODE, WorkdirHeld
     from scaling.preemption import EXIT_CODE, Preempted
     from scaling.train import TrainingDiverged, train
 
@@ -135,6 +136,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Preempted as e:
         print(f"dit-scaling train: {e}", file=sys.stderr)
         return EXIT_CODE
+    except WorkdirHeld as e:
+        print(f"dit-scaling train: error: {e}", file=sys.stderr)
+        return HELD_EXIT_CODE
     loss = "" if result.final_loss is None else f", final loss {result.final_loss:.4f}"
     print(f"{result.workdir}: {result.status} at step {result.step}{loss}")
     return 0

@@ -25,6 +25,7 @@ from models.flops import dit_compute
 from scaling import config as config_lib
 from scaling import data as data_lib
 from scaling.host import WORKER_CORES_VARIABLE
+from scaling.lease import HELD_EXIT_CODE, WorkdirHeld
 from scaling.preemption import EXIT_CODE, Preempted
 from scaling.train import train
 
@@ -113,8 +114,8 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
     """Train every selected config into runs_dir/<run>; skip finished runs, resume the rest, keep going on
     failures. With workers > 1, that many runs at once in worker processes (see the module docstring).
     `on_finish(model, outcome)` is called as each run ends. A preemption notice (SIGTERM) checkpoints the runs in
-    progress and starts no other. Returns {model: "finished" | "skipped" | "failed: ..." | "preempted" |
-    "not started"}."""
+    progress and starts no other; a run that another machine holds is skipped. Returns {model: "finished" |
+    "skipped" | "skipped: held ..." | "failed: ..." | "preempted" | "not started"}."""
     selected = select_models([short_name(m) for m in (models or PAPER_MODELS)], only, shard)
     runs_dir = Path(runs_dir)
     configs = load_grid_configs(config_name, selected, overrides)
@@ -140,6 +141,9 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
             log.warning("%s", e)
             outcome[model] = "preempted"
             break
+        except WorkdirHeld as e:  # another machine trains it: its manifest is that run's to write
+            log.warning("%s: skipped: %s", model, e)
+            outcome[model] = f"skipped: {e}"
         except Exception as e:  # one failed run must not stop the grid
             outcome[model] = f"failed: {type(e).__name__}: {e}"
             log.error("%s failed:\n%s", model, traceback.format_exc())
@@ -212,6 +216,8 @@ def _run_in_workers(config_name: str, workdirs: dict[str, Path], models: list[st
                 result = "finished"
             elif code == EXIT_CODE:  # checkpointed and marked preempted by the run itself
                 result = "preempted"
+            elif code == HELD_EXIT_CODE:  # another machine trains it
+                result = "skipped: " + next((t for t in reversed(tail) if "error:" in t), "held by another run")
             else:
                 reason = next((t for t in reversed(tail) if "error" in t.lower() or "Error" in t), "") or \
                     (tail[-1] if tail else "")

@@ -10,7 +10,8 @@ stream from the checkpointed iterator state. With a fixed seed a resumed run end
 uninterrupted one does: each step's timesteps, noise and label dropout come from fold_in(seed, step).
 A non-finite loss stops the run: the last good state (before the step that produced it, replayed from the
 newest checkpoint) is checkpointed, and `TrainingDiverged` names the step. A preemption notice (SIGTERM) stops the
-run at the next step boundary, checkpointed there, and raises `scaling.preemption.Preempted`.
+run at the next step boundary, checkpointed there, and raises `scaling.preemption.Preempted`. A run holds its
+workdir's lease (`scaling.lease`) while it trains: a second writer is refused with `WorkdirHeld`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from scaling import data as data_lib
 from scaling.configs.common import base_config
 from scaling.evaluation.in_training import build_evaluator, pending_protocols
 from scaling.host import return_freed_memory_if_large
+from scaling.lease import RunLease
 from scaling.preemption import Preempted, PreemptionNotice
 from scaling.train_step import (
     init_state,
@@ -436,8 +438,10 @@ def _close(run: _Run, steps: _StepLog, status: str) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunResult:
     """Run or resume the training run in `workdir` (see the module docstring)."""
     config_lib.validate(config)
-    with PreemptionNotice() as notice:  # from the start: a notice during compilation stops at the first boundary
-        return _train(config, Path(workdir), notice)
+    workdir = Path(workdir)
+    # The notice from the start: one during compilation stops the run at its first boundary.
+    with RunLease(workdir), PreemptionNotice() as notice:
+        return _train(config, workdir, notice)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: Path, notice: PreemptionNotice) -> RunResult:

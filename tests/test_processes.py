@@ -4,6 +4,7 @@ simulated devices, two hosts training one model."""
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from run_helpers import REPO, TINY, cli, cli_on_hosts, finish_on_hosts, leaves, 
 
 from analysis.schema import read_jsonl as read_records
 from scaling.checkpoints import kept_steps, load_final_params
+from scaling.lease import HELD_EXIT_CODE
 from scaling.preemption import EXIT_CODE
 
 
@@ -69,10 +71,33 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(fmnist_dir, straight_
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert _last_step(killed) < 300
-    resumed = cli("train", *args, "--workdir", str(killed))
+    resumed = cli("train", *args, "--workdir", str(killed))  # at once: the killed holder's lease is free
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming" in resumed.stderr
     _assert_resumed_exactly(killed, straight_run)
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_naming_the_holder_and_the_grid_skips_the_run(fmnist_dir, tmp_path):
+    args = smoke(fmnist_dir, *INTERRUPTED, "--config.train.steps=100000")  # trains until preempted below
+    held = tmp_path / "DiT-S-8"  # the grid's name for S/8's run
+    holder = subprocess.Popen([sys.executable, "-m", "scaling.cli", "train", *args, "--workdir", str(held)],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for(lambda: _last_step(held) > 20)
+        second = cli("train", *args, "--workdir", str(held))
+        assert second.returncode == HELD_EXIT_CODE, second.stderr
+        assert "is being written by another run: dit-scaling train on host " + socket.gethostname() in second.stderr
+        assert f"pid {holder.pid} (process 0 of 1), since " in second.stderr
+        grid = cli("grid", "--config", "fmnist:smoke", "--workdir", str(tmp_path), "--models", "S/8",
+                   f"--config.data.path={fmnist_dir}", *INTERRUPTED, "--config.train.steps=100000")
+        assert grid.returncode == 0 and "skipped: " in grid.stdout and "another run" in grid.stdout, grid.stdout
+        assert json.loads((held / "manifest.json").read_text())["status"] == "running"  # the grid left it alone
+    finally:
+        holder.send_signal(signal.SIGTERM)
+    assert holder.wait(timeout=120) == EXIT_CODE, holder.stderr.read()
+    steps = [r["step"] for r in read_records(held / "records.jsonl")]
+    assert steps == list(range(10, steps[-1] + 1, 10))  # the holder's records alone: no step twice
 
 
 @pytest.mark.slow
