@@ -148,6 +148,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from scaling.grid import run_grid
     from scaling.preemption import EXIT_CODE
 
+    if args.plan_shards:
+        return _print_shard_plan(args)
     _init_distributed(args)
     outcome = run_grid(args.config, args.workdir, models=args.models.split(",") if args.models else None,
                        only=args.only.split(",") if args.only else None, shard=args.shard,
@@ -158,6 +160,30 @@ def cmd_grid(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_CODE
     return 1 if any(o.startswith("failed") for o in outcome.values()) else 0
+
+
+def _print_shard_plan(args: argparse.Namespace) -> int:
+    from models.dit import PAPER_MODELS, short_name
+    from scaling.grid import load_grid_configs, plan_shards, select_models, training_flops
+
+    models = select_models([short_name(m) for m in (args.models.split(",") if args.models else PAPER_MODELS)],
+                           args.only.split(",") if args.only else None)
+    configs = load_grid_configs(args.config, models, [o.removeprefix("--config.") for o in args.overrides],
+                                validate=False)
+    shards = plan_shards(configs, args.plan_shards)
+    total = sum(training_flops(c) for c in configs.values())
+    rows = []
+    for i, shard in enumerate(shards):
+        compute = sum(training_flops(configs[m]) for m in shard)
+        rows.append({"shard": f"--shard {i}/{args.plan_shards}", "runs": ",".join(shard) or "-",
+                     "compute": f"{compute:.3g}", "share": f"{compute / total:.1%}"})
+    print_table(rows, [("shard", "shard"), ("runs", "runs"), ("compute", "training FLOPs"), ("share", "share")])
+    loads = [sum(training_flops(configs[m]) for m in shard) for shard in shards]
+    alone = [shard[0] for shard, load in zip(shards, loads, strict=True)
+             if len(shard) == 1 and load > total / len(shards)]
+    print(f"largest / smallest shard: {max(loads) / min(x for x in loads if x):.2f}x (balanced by training compute"
+          + (f"; {', '.join(alone)} alone exceed{'s' if len(alone) == 1 else ''} an equal share)" if alone else ")"))
+    return 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -393,7 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(grid)
     grid.add_argument("--models", help="comma-separated configs of the study (default: the paper's 12)")
     grid.add_argument("--only", help="comma-separated subset to run, e.g. XL/2,L/2")
-    grid.add_argument("--shard", help="i/n: run every n-th config starting at i (for n machines)")
+    grid.add_argument("--shard", help="i/n: this machine's share of n, balanced by training compute (the same "
+                                      "configs give the same split everywhere; see --plan-shards)")
+    grid.add_argument("--plan-shards", type=int, metavar="N",
+                      help="print how --shard i/N splits the grid (runs and training compute per shard); train "
+                           "nothing")
     grid.add_argument("--workers", type=int, default=1,
                       help="runs at once on this machine, each on its share of the cores (default: 1)")
     grid.set_defaults(handler=cmd_grid)

@@ -37,8 +37,8 @@ def run_dir_name(model: str, block: str = "adaLN-Zero") -> str:
     return schema.run_dir_name(canonical_name(model), block)
 
 
-def select_models(models: list[str], only: list[str] | None, shard: str | None) -> list[str]:
-    """Filter by --only, then take this machine's share (--shard i/n: every n-th config from the i-th)."""
+def select_models(models: list[str], only: list[str] | None) -> list[str]:
+    """The study's models, filtered by --only."""
     if only:
         known = {canonical_name(m) for m in models}
         unknown = [m for m in only if canonical_name(m) not in known]
@@ -46,15 +46,55 @@ def select_models(models: list[str], only: list[str] | None, shard: str | None) 
             raise ValueError(f"--only names configs outside the study: {unknown}; the study has {models}.")
         wanted = {canonical_name(m) for m in only}
         models = [m for m in models if canonical_name(m) in wanted]
-    if shard:
-        try:
-            index, count = (int(x) for x in shard.split("/"))
-        except ValueError as e:
-            raise ValueError(f"--shard must be i/n (e.g. 0/4), got {shard!r}.") from e
-        if not 0 <= index < count:
-            raise ValueError(f"--shard {shard}: need 0 <= i < n.")
-        models = models[index::count]
     return models
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError as e:
+        raise ValueError(f"--shard must be i/n (e.g. 0/4), got {shard!r}.") from e
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {shard}: need 0 <= i < n.")
+    return index, count
+
+
+def planned_model(config):
+    """The DiTConfig a run of `config` trains, known before its data is at hand: Fashion-MNIST's shape, or the
+    latents' manifest where they exist, else latents of the published SD autoencoder (KL-f8, 4 channels) with
+    ImageNet's 1000 classes."""
+    if config.data.source == "fashion_mnist":
+        shape, classes = data_lib.FashionMNIST.image_shape, data_lib.FashionMNIST.num_classes
+    elif (Path(config.data.path) / "manifest.json").is_file():
+        source = data_lib.open_source(config)
+        shape, classes = source.image_shape, source.num_classes
+    else:
+        from models.autoencoder import AutoencoderConfig
+
+        autoencoder = AutoencoderConfig()
+        side = config.data.resolution // 2 ** (len(autoencoder.block_out_channels) - 1)
+        shape, classes = (side, side, autoencoder.latent_channels), 1000
+    return config_lib.model_config(config, input_size=shape[0], in_channels=shape[2], num_classes=classes,
+                                   dtype="float32")
+
+
+def training_flops(config) -> float:
+    """A run's training compute in FLOPs: 3 x the forward pass (2 FLOPs per MAC) x batch x steps. (The paper's
+    Gflops, and the records' cumulative training Gflops, count MACs: half of this.)"""
+    return 6 * dit_compute(planned_model(config)).macs * config.train.batch_size * config.train.steps
+
+
+def plan_shards(configs: dict, count: int) -> list[list[str]]:
+    """The models of `configs` in `count` shards of about equal training compute: the costliest run goes to the
+    shard with the least so far (longest-processing-time first), ties to the lower shard. The same configs give
+    the same plan on every machine."""
+    cost = {model: training_flops(config) for model, config in configs.items()}
+    shards, totals = [[] for _ in range(count)], [0.0] * count
+    for model in sorted(configs, key=lambda m: (-cost[m], m)):
+        lightest = min(range(count), key=lambda i: (totals[i], i))
+        shards[lightest].append(model)
+        totals[lightest] += cost[model]
+    return shards
 
 
 # A cost model of one run on a CPU, for the order of the runs and the ETA before any run has finished: seconds per
@@ -71,10 +111,7 @@ RUN_OVERHEAD_S = 20.0  # start, compilation, checkpoints
 
 def predicted_seconds(config) -> float:
     """The cost model's seconds for one run of `config` on one core of the reference CPU."""
-    source = data_lib.FashionMNIST if config.data.source == "fashion_mnist" else data_lib.open_source(config)
-    height, _, channels = source.image_shape
-    model = config_lib.model_config(config, input_size=height, in_channels=channels,
-                                    num_classes=source.num_classes, dtype="float32")
+    model = planned_model(config)
     macs = dit_compute(model).macs
     train_flops = 2 * 3 * macs * config.train.batch_size
     seconds = RUN_OVERHEAD_S + config.train.steps * (STEP_OVERHEAD_S + train_flops / TRAIN_FLOP_RATE)
@@ -88,16 +125,19 @@ def predicted_seconds(config) -> float:
     return seconds
 
 
-def load_grid_configs(config_name: str, models: list[str], overrides: list[str] = ()) -> dict:
+def load_grid_configs(config_name: str, models: list[str], overrides: list[str] = (), *,
+                      validate: bool = True) -> dict:
     """{model: config} for every model of a grid, each loaded and checked before any run starts: a bad override
-    or variant stops the grid at once, not hours later when its turn comes."""
+    or variant stops the grid at once, not hours later when its turn comes. validate=False skips what only a run
+    needs (its data, decoder and reference), for planning."""
     base, _, options = config_name.partition(":")
     configs = {}
     for model in models:
         variant = model + (f",{options}" if options else "")
         try:
             configs[model] = config_lib.load_config(f"{base}:{variant}", overrides)
-            config_lib.validate(configs[model])
+            if validate:
+                config_lib.validate(configs[model])
         except Exception as e:
             raise ValueError(f"The config of {model} ({base}:{variant}) is not usable: {e}") from e
     return configs
@@ -116,9 +156,13 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
     `on_finish(model, outcome)` is called as each run ends. A preemption notice (SIGTERM) checkpoints the runs in
     progress and starts no other; a run that another machine holds is skipped. Returns {model: "finished" |
     "skipped" | "skipped: held ..." | "failed: ..." | "preempted" | "not started"}."""
-    selected = select_models([short_name(m) for m in (models or PAPER_MODELS)], only, shard)
+    selected = select_models([short_name(m) for m in (models or PAPER_MODELS)], only)
     runs_dir = Path(runs_dir)
     configs = load_grid_configs(config_name, selected, overrides)
+    if shard:
+        index, count = parse_shard(shard)
+        mine = set(plan_shards(configs, count)[index])
+        configs = {model: config for model, config in configs.items() if model in mine}
     workdirs = {model: runs_dir / run_dir_name(model, config.model.block) for model, config in configs.items()}
     outcome, pending = {}, []
     for model, config in configs.items():

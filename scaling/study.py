@@ -142,7 +142,7 @@ def run_study(preset: str = "default", workdir: str | os.PathLike | None = None,
     start = time.perf_counter()
     workdir = Path(workdir) if workdir is not None else default_workdir(preset, seed)
     overrides = [o.removeprefix("--config.") for o in overrides]
-    models = grid.select_models(ALL_MODELS, models, None) if models else ALL_MODELS
+    models = grid.select_models(ALL_MODELS, models) if models else ALL_MODELS
     _claim_workdir(workdir, {"preset": preset, "seed": seed, "models": models, "overrides": list(overrides)})
     all_overrides = [f"train.seed={seed}", *overrides]
     config_name = f"fmnist:{CONFIG_OPTIONS[preset]}"

@@ -1,6 +1,7 @@
 """Training runs in one process: configs, data, records, corrupt checkpoints, divergence, the grid, evaluation."""
 
 import gzip
+import itertools
 import json
 import logging
 import shutil
@@ -13,11 +14,12 @@ from run_helpers import TINY, leaves, smoke
 
 from analysis import records, schema
 from analysis.schema import read_jsonl as read_records
+from models.dit import PAPER_MODELS, short_name
 from scaling.checkpoints import load_final_params
 from scaling.cli import main
 from scaling.config import apply_override, load_config, validate
 from scaling.data import FashionMNIST, make_dataset, read_idx
-from scaling.grid import run_grid, select_models
+from scaling.grid import load_grid_configs, parse_shard, plan_shards, run_grid, select_models, training_flops
 from scaling.latents import write_latents
 from scaling.train import TrainingDiverged, train
 
@@ -281,13 +283,38 @@ def test_train_step_reports_the_gradient_norm():
 
 def test_grid_selection():
     models = ["S/8", "S/4", "S/2", "B/8", "B/4", "B/2"]
-    assert select_models(models, ["B/4", "DiT-S/8"], None) == ["S/8", "B/4"]
-    assert select_models(models, None, "1/3") == ["S/4", "B/4"]
-    assert sorted(sum((select_models(models, None, f"{i}/4") for i in range(4)), [])) == sorted(models)
+    assert select_models(models, ["B/4", "DiT-S/8"]) == ["S/8", "B/4"]
     with pytest.raises(ValueError, match="outside the study"):
-        select_models(models, ["XL/2"], None)
+        select_models(models, ["XL/2"])
     with pytest.raises(ValueError, match="i/n"):
-        select_models(models, None, "2")
+        parse_shard("2")
+    with pytest.raises(ValueError, match="0 <= i < n"):
+        parse_shard("3/3")
+
+
+def test_shards_balance_training_compute(capsys):
+    configs = load_grid_configs("imagenet256", [short_name(m) for m in PAPER_MODELS], validate=False)
+    cost = {m: training_flops(c) for m, c in configs.items()}
+    # Paper convention: Gflops (MACs) x 3 x batch x steps, times 2 FLOPs per MAC.
+    assert cost["XL/2"] == pytest.approx(2 * 3 * 118.6e9 * 256 * 400_000, rel=0.01)
+    shards = plan_shards(configs, 3)
+    assert sorted(sum(shards, [])) == sorted(configs)  # every run in exactly one shard
+    loads = sorted(sum(cost[m] for m in shard) for shard in shards)
+    # XL/2 alone is over a third of the grid: it is a shard by itself, the others within 1.3x of each other.
+    assert ["XL/2"] in shards and cost["XL/2"] > sum(cost.values()) / 3
+    assert loads[1] / loads[0] <= 1.3
+    assert plan_shards(configs, 3) == shards  # the same split on every machine
+
+    # Against the best split by brute force: LPT is within Graham's 4/3 - 1/(3m) of it.
+    few = {m: configs[m] for m in ["XL/4", "L/4", "B/2", "B/4", "S/2", "XL/8", "L/8", "S/4"]}
+    best = min(max(sum(cost[m] for m, side in zip(few, sides, strict=True) if side == s) for s in (0, 1))
+               for sides in itertools.product((0, 1), repeat=len(few)))
+    planned = max(sum(cost[m] for m in shard) for shard in plan_shards(few, 2))
+    assert best <= planned <= (4 / 3 - 1 / 6) * best
+
+    assert main(["grid", "--config", "imagenet256", "--workdir", "unused", "--plan-shards", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "--shard 0/3" in out and "XL/2 alone exceeds an equal share" in out
 
 
 def test_grid_skips_finished_runs_and_survives_a_failure(fmnist_dir, tmp_path, capsys):
