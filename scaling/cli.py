@@ -164,25 +164,37 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 def _print_shard_plan(args: argparse.Namespace) -> int:
     from models.dit import PAPER_MODELS, short_name
-    from scaling.grid import load_grid_configs, plan_shards, select_models, training_flops
+    from scaling.grid import (
+        load_grid_configs,
+        remaining_costs,
+        run_dir_name,
+        select_models,
+        shard_plan,
+        shard_plan_path,
+    )
 
     models = select_models([short_name(m) for m in (args.models.split(",") if args.models else PAPER_MODELS)],
                            args.only.split(",") if args.only else None)
     configs = load_grid_configs(args.config, models, [o.removeprefix("--config.") for o in args.overrides],
                                 validate=False)
-    shards = plan_shards(configs, args.plan_shards)
-    total = sum(training_flops(c) for c in configs.values())
-    rows = []
-    for i, shard in enumerate(shards):
-        compute = sum(training_flops(configs[m]) for m in shard)
-        rows.append({"shard": f"--shard {i}/{args.plan_shards}", "runs": ",".join(shard) or "-",
-                     "compute": f"{compute:.3g}", "share": f"{compute / total:.1%}"})
-    print_table(rows, [("shard", "shard"), ("runs", "runs"), ("compute", "training FLOPs"), ("share", "share")])
-    loads = [sum(training_flops(configs[m]) for m in shard) for shard in shards]
-    alone = [shard[0] for shard, load in zip(shards, loads, strict=True)
-             if len(shard) == 1 and load > total / len(shards)]
-    print(f"largest / smallest shard: {max(loads) / min(x for x in loads if x):.2f}x (balanced by training compute"
-          + (f"; {', '.join(alone)} alone exceed{'s' if len(alone) == 1 else ''} an equal share)" if alone else ")"))
+    runs_dir, count = Path(args.workdir), args.plan_shards
+    workdirs = {m: runs_dir / run_dir_name(m, c.model.block) for m, c in configs.items()}
+    shards = shard_plan(configs, count, runs_dir, workdirs, write=False)
+    costs = remaining_costs(configs, workdirs)
+    unit = "s" if any((w / "records.jsonl").is_file() for w in workdirs.values()) else "FLOPs"
+    total = sum(costs.values()) or 1.0
+    loads = [sum(costs[m] for m in shard) for shard in shards]
+    rows = [{"shard": f"--shard {i}/{count}", "runs": ",".join(shard) or "-", "cost": f"{load:.3g}",
+             "share": f"{load / total:.1%}"} for i, (shard, load) in enumerate(zip(shards, loads, strict=True))]
+    print_table(rows, [("shard", "shard"), ("runs", "runs"), ("cost", f"cost left ({unit})"), ("share", "share")])
+    path = shard_plan_path(runs_dir, count)
+    print(f"the split in {path} (written by the first --shard i/{count})" if path.is_file() else
+          f"planned now from {'measured step times' if unit == 's' else 'training compute'}; the first "
+          f"--shard i/{count} keeps it in {path}")
+    alone = [shard[0] for shard, load in zip(shards, loads, strict=True) if len(shard) == 1 and load > total / count]
+    if any(loads):
+        print(f"largest / smallest shard: {max(loads) / min(x for x in loads if x):.2f}x"
+              + (f" ({', '.join(alone)} alone exceed{'s' if len(alone) == 1 else ''} an equal share)" if alone else ""))
     return 0
 
 

@@ -8,6 +8,7 @@ the other on two cores. The costliest runs start first, so the workers finish to
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import traceback
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from analysis import schema
 from models.dit import PAPER_MODELS, canonical_name, short_name
@@ -84,17 +86,65 @@ def training_flops(config) -> float:
     return 6 * dit_compute(planned_model(config)).macs * config.train.batch_size * config.train.steps
 
 
-def plan_shards(configs: dict, count: int) -> list[list[str]]:
-    """The models of `configs` in `count` shards of about equal training compute: the costliest run goes to the
-    shard with the least so far (longest-processing-time first), ties to the lower shard. The same configs give
-    the same plan on every machine."""
-    cost = {model: training_flops(config) for model, config in configs.items()}
+def remaining_costs(configs: dict, workdirs: dict | None = None) -> dict[str, float]:
+    """Each run's cost still to pay, in seconds where any run has measured step times, else in training FLOPs: a
+    run with step records costs its mean measured step time x the steps it has left; one without, its training
+    FLOPs left x the median seconds per FLOP of the measured runs."""
+    flops_left, measured = {}, {}
+    for model, config in configs.items():
+        steps = schema.read_steps(workdirs[model]) if workdirs and (workdirs[model] / schema.STEPS_FILE).is_file() \
+            else []
+        done = steps[-1].step if steps else 0
+        flops_left[model] = training_flops(config) * max(0, config.train.steps - done) / config.train.steps
+        times = [r.step_time for r in steps if r.step_time]
+        if times:
+            measured[model] = float(np.mean(times)) * max(0, config.train.steps - done)
+    if not measured:
+        return flops_left
+    per_flop = {m: np.mean([r.step_time for r in schema.read_steps(workdirs[m]) if r.step_time])
+                / (training_flops(configs[m]) / configs[m].train.steps) for m in measured}
+    rate = float(np.median(list(per_flop.values())))
+    return {m: measured.get(m, flops_left[m] * rate) for m in configs}
+
+
+def plan_shards(costs: dict[str, float], count: int) -> list[list[str]]:
+    """The runs in `count` shards of about equal cost: the costliest run goes to the shard with the least so far
+    (longest-processing-time first), ties to the lower shard and the lower name."""
     shards, totals = [[] for _ in range(count)], [0.0] * count
-    for model in sorted(configs, key=lambda m: (-cost[m], m)):
+    for model in sorted(costs, key=lambda m: (-costs[m], m)):
         lightest = min(range(count), key=lambda i: (totals[i], i))
         shards[lightest].append(model)
-        totals[lightest] += cost[model]
+        totals[lightest] += costs[model]
     return shards
+
+
+def shard_plan_path(runs_dir: Path, count: int) -> Path:
+    return runs_dir / f"shards-{count}.json"
+
+
+def shard_plan(configs: dict, count: int, runs_dir: Path, workdirs: dict, *, write: bool) -> list[list[str]]:
+    """The grid's split into `count` shards: the one runs_dir/shards-COUNT.json holds, else planned now from the
+    runs' remaining costs and (write=True) kept there, first writer wins, so that every machine, started now or
+    restarted later when more runs have records, takes the same share."""
+    path = shard_plan_path(runs_dir, count)
+    if not path.is_file() and write:
+        plan = plan_shards(remaining_costs(configs, workdirs), count)
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        temporary = runs_dir / f".{path.name}.{os.getpid()}"
+        temporary.write_text(json.dumps({"shards": plan}, indent=2) + "\n")
+        try:
+            os.link(temporary, path)  # create-only: another machine's plan, written first, stands
+        except FileExistsError:
+            pass
+        finally:
+            temporary.unlink()
+    if not path.is_file():
+        return plan_shards(remaining_costs(configs, workdirs), count)
+    plan = json.loads(path.read_text())["shards"]
+    if sorted(sum(plan, [])) != sorted(configs):
+        raise ValueError(f"{path} splits other configs ({sorted(sum(plan, []))}) than this grid's "
+                         f"({sorted(configs)}). Delete it to plan the split again, or give the grid its configs.")
+    return plan
 
 
 # A cost model of one run on a CPU, for the order of the runs and the ETA before any run has finished: seconds per
@@ -159,11 +209,17 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
     selected = select_models([short_name(m) for m in (models or PAPER_MODELS)], only)
     runs_dir = Path(runs_dir)
     configs = load_grid_configs(config_name, selected, overrides)
+    workdirs = {model: runs_dir / run_dir_name(model, config.model.block) for model, config in configs.items()}
     if shard:
         index, count = parse_shard(shard)
-        mine = set(plan_shards(configs, count)[index])
+        if jax.process_index() == 0:
+            shard_plan(configs, count, runs_dir, workdirs, write=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("shard plan written")
+        mine = set(shard_plan(configs, count, runs_dir, workdirs, write=False)[index])
         configs = {model: config for model, config in configs.items() if model in mine}
-    workdirs = {model: runs_dir / run_dir_name(model, config.model.block) for model, config in configs.items()}
     outcome, pending = {}, []
     for model, config in configs.items():
         if is_finished(workdirs[model], config):

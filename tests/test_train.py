@@ -19,7 +19,17 @@ from scaling.checkpoints import load_final_params
 from scaling.cli import main
 from scaling.config import apply_override, load_config, validate
 from scaling.data import FashionMNIST, make_dataset, read_idx
-from scaling.grid import load_grid_configs, parse_shard, plan_shards, run_grid, select_models, training_flops
+from scaling.grid import (
+    load_grid_configs,
+    parse_shard,
+    plan_shards,
+    remaining_costs,
+    run_dir_name,
+    run_grid,
+    select_models,
+    shard_plan,
+    training_flops,
+)
 from scaling.latents import write_latents
 from scaling.train import TrainingDiverged, train
 
@@ -294,27 +304,60 @@ def test_grid_selection():
 
 def test_shards_balance_training_compute(capsys):
     configs = load_grid_configs("imagenet256", [short_name(m) for m in PAPER_MODELS], validate=False)
-    cost = {m: training_flops(c) for m, c in configs.items()}
+    cost = remaining_costs(configs)
     # Paper convention: Gflops (MACs) x 3 x batch x steps, times 2 FLOPs per MAC.
     assert cost["XL/2"] == pytest.approx(2 * 3 * 118.6e9 * 256 * 400_000, rel=0.01)
-    shards = plan_shards(configs, 3)
+    shards = plan_shards(cost, 3)
     assert sorted(sum(shards, [])) == sorted(configs)  # every run in exactly one shard
     loads = sorted(sum(cost[m] for m in shard) for shard in shards)
     # XL/2 alone is over a third of the grid: it is a shard by itself, the others within 1.3x of each other.
     assert ["XL/2"] in shards and cost["XL/2"] > sum(cost.values()) / 3
     assert loads[1] / loads[0] <= 1.3
-    assert plan_shards(configs, 3) == shards  # the same split on every machine
+    assert plan_shards(dict(reversed(cost.items())), 3) == shards  # the same split on every machine
 
     # Against the best split by brute force: LPT is within Graham's 4/3 - 1/(3m) of it.
-    few = {m: configs[m] for m in ["XL/4", "L/4", "B/2", "B/4", "S/2", "XL/8", "L/8", "S/4"]}
+    few = {m: cost[m] for m in ["XL/4", "L/4", "B/2", "B/4", "S/2", "XL/8", "L/8", "S/4"]}
     best = min(max(sum(cost[m] for m, side in zip(few, sides, strict=True) if side == s) for s in (0, 1))
                for sides in itertools.product((0, 1), repeat=len(few)))
     planned = max(sum(cost[m] for m in shard) for shard in plan_shards(few, 2))
+    assert cost["XL/2"] == training_flops(configs["XL/2"])
     assert best <= planned <= (4 / 3 - 1 / 6) * best
 
     assert main(["grid", "--config", "imagenet256", "--workdir", "unused", "--plan-shards", "3"]) == 0
     out = capsys.readouterr().out
     assert "--shard 0/3" in out and "XL/2 alone exceeds an equal share" in out
+
+
+def _record_steps(workdir: Path, steps: list[int], step_time: float) -> None:
+    for step in steps:
+        schema.append_jsonl(workdir / schema.STEPS_FILE, schema.StepRecord.of(
+            step=step, global_batch=8, gflops_per_image=1.0, loss=0.5, mse=0.5, vb=None, grad_norm=1.0,
+            wall_time=step * step_time, time=0.0, step_time=step_time, flops_per_step=1.0, peak_flops=1.0).to_json())
+
+
+def test_shards_use_measured_step_times_and_the_first_plan_stands(tmp_path):
+    models = ["S/8", "S/4", "B/8", "B/4"]
+    configs = load_grid_configs("fmnist", models, validate=False)
+    workdirs = {m: tmp_path / run_dir_name(m) for m in models}
+    by_compute = remaining_costs(configs, workdirs)
+    assert by_compute == {m: training_flops(c) for m, c in configs.items()}
+    # S/8 measured 100x slower per FLOP than B/8, halfway through; the others are priced at the median rate.
+    steps = configs["S/8"].train.steps
+    flops_per_step = {m: training_flops(c) / steps for m, c in configs.items()}
+    _record_steps(workdirs["S/8"], [steps // 2], 100 * 1e-9 * flops_per_step["S/8"])
+    _record_steps(workdirs["B/8"], [steps // 2], 1e-9 * flops_per_step["B/8"])
+    measured = remaining_costs(configs, workdirs)
+    assert measured["S/8"] == pytest.approx(100e-9 * flops_per_step["S/8"] * steps / 2)
+    assert measured["B/8"] == pytest.approx(1e-9 * flops_per_step["B/8"] * steps / 2)
+    rate = np.median([100e-9, 1e-9])
+    assert measured["B/4"] == pytest.approx(rate * training_flops(configs["B/4"]))
+
+    first = shard_plan(configs, 2, tmp_path, workdirs, write=True)
+    assert first == plan_shards(measured, 2) and (tmp_path / "shards-2.json").is_file()
+    _record_steps(workdirs["S/4"], [steps - 1], 1e3)  # new records change the costs, not the kept split
+    assert shard_plan(configs, 2, tmp_path, workdirs, write=True) == first
+    with pytest.raises(ValueError, match="splits other configs"):
+        shard_plan({m: configs[m] for m in models[:3]}, 2, tmp_path, workdirs, write=False)
 
 
 def test_grid_skips_finished_runs_and_survives_a_failure(fmnist_dir, tmp_path, capsys):
