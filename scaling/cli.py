@@ -150,6 +150,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
     if args.plan_shards:
         return _print_shard_plan(args)
+    if args.dry_run:
+        return _print_dry_run(args)
     _init_distributed(args)
     outcome = run_grid(args.config, args.workdir, models=args.models.split(",") if args.models else None,
                        only=args.only.split(",") if args.only else None, shard=args.shard,
@@ -162,21 +164,55 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 1 if any(o.startswith("failed") for o in outcome.values()) else 0
 
 
-def _print_shard_plan(args: argparse.Namespace) -> int:
+def _grid_configs_for_planning(args: argparse.Namespace) -> dict:
     from models.dit import PAPER_MODELS, short_name
-    from scaling.grid import (
-        load_grid_configs,
-        remaining_costs,
-        run_dir_name,
-        select_models,
-        shard_plan,
-        shard_plan_path,
-    )
+    from scaling.grid import load_grid_configs, select_models
 
     models = select_models([short_name(m) for m in (args.models.split(",") if args.models else PAPER_MODELS)],
                            args.only.split(",") if args.only else None)
-    configs = load_grid_configs(args.config, models, [o.removeprefix("--config.") for o in args.overrides],
-                                validate=False)
+    return load_grid_configs(args.config, models, [o.removeprefix("--config.") for o in args.overrides],
+                             validate=False)
+
+
+def _print_dry_run(args: argparse.Namespace) -> int:
+    from scaling.cost import CHIPS, run_cost
+    from scaling.train import format_duration
+
+    if args.chip not in CHIPS:
+        raise ValueError(f"--chip {args.chip!r}: use one of {', '.join(CHIPS)}.")
+    if not 0 < args.utilization <= 1:
+        raise ValueError(f"--utilization {args.utilization}: give the fraction of peak, in (0, 1].")
+    configs = _grid_configs_for_planning(args)
+    gib = lambda b: "-" if b is None else f"{b / 2**30:.1f}"  # noqa: E731
+    rows, total_flops, total_hours = [], 0.0, 0.0
+    for model, config in configs.items():
+        cost = run_cost(config, chip=args.chip, chips=args.chips, utilization=args.utilization)
+        total_flops += cost["training_flops"]
+        total_hours += cost["chip_hours"]
+        rows.append({"run": model, "gflops": f"{cost['gflops']:.2f}", "compute": f"{cost['training_flops']:.3g}",
+                     "batch": cost["local_batch"] or "-", "replicated": gib(cost["state_replicated"]),
+                     "fsdp": gib(cost["state_fsdp"]), "activations": gib(cost["activations"]),
+                     "remat": gib(cost["activations_remat"]), "fits": cost["fits"],
+                     "wall": format_duration(cost["hours"] * 3600), "chip_hours": f"{cost['chip_hours']:.0f}"})
+    chip = CHIPS[args.chip]
+    print(f"dry run: {len(rows)} runs on {args.chips} x {args.chip} ({chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
+          f"{chip.memory_bytes / 2**30:.1f} GiB each) at {args.utilization:.0%} of peak; nothing is launched")
+    print_table(rows, [("run", "run"), ("gflops", "Gflops"), ("compute", "train FLOPs"), ("batch", "batch/chip"),
+                       ("replicated", "state GiB repl"), ("fsdp", "state GiB fsdp"),
+                       ("activations", "act GiB"), ("remat", "act GiB remat"), ("fits", "fits"),
+                       ("wall", "wall time"), ("chip_hours", "chip-hours")])
+    wall = total_flops / (args.chips * chip.peak_flops * args.utilization)
+    print(f"total: {total_flops:.3g} training FLOPs, {format_duration(wall)} one run after another on all "
+          f"{args.chips} chips, {total_hours:.0f} chip-hours")
+    print("state: parameters, EMA, Adam's moments and gradients (exact); activations: an estimate (scaling/cost.py)")
+    print(f"chip: {chip.source}")
+    return 0
+
+
+def _print_shard_plan(args: argparse.Namespace) -> int:
+    from scaling.grid import remaining_costs, run_dir_name, shard_plan, shard_plan_path
+
+    configs = _grid_configs_for_planning(args)
     runs_dir, count = Path(args.workdir), args.plan_shards
     workdirs = {m: runs_dir / run_dir_name(m, c.model.block) for m, c in configs.items()}
     shards = shard_plan(configs, count, runs_dir, workdirs, write=False)
@@ -433,6 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--only", help="comma-separated subset to run, e.g. XL/2,L/2")
     grid.add_argument("--shard", help="i/n: this machine's share of n, balanced by training compute (the same "
                                       "configs give the same split everywhere; see --plan-shards)")
+    grid.add_argument("--dry-run", action="store_true",
+                      help="launch nothing: print each run's compute, memory per chip, wall time and chip-hours")
+    grid.add_argument("--chip", default="v5p", help="for --dry-run: v4, v5e, v5p, v6e, H100, H200 or A100")
+    grid.add_argument("--chips", type=int, default=8, help="for --dry-run: chips the runs train on")
+    grid.add_argument("--utilization", type=float, default=0.4,
+                      help="for --dry-run: fraction of the chips' peak FLOP/s that a step reaches")
     grid.add_argument("--plan-shards", type=int, metavar="N",
                       help="print how --shard i/N splits the grid (runs and training compute per shard); train "
                            "nothing")

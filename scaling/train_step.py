@@ -28,17 +28,23 @@ def make_mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def fsdp_axis(shape: tuple[int, ...], devices: int) -> int | None:
+    """The axis fsdp splits an array of `shape` along: the largest that the device count divides (None: the
+    array stays replicated)."""
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % devices == 0 and shape[axis] >= devices:
+            return axis
+    return None
+
+
 def param_sharding(leaf, mesh: jax.sharding.Mesh, mode: str) -> NamedSharding:
-    """Replicated, or (fsdp) split along the largest axis that the device count divides."""
-    if mode == "fsdp":
-        n = mesh.shape["data"]
-        axes = sorted(range(leaf.ndim), key=lambda a: -leaf.shape[a])
-        for axis in axes:
-            if leaf.shape[axis] % n == 0 and leaf.shape[axis] >= n:
-                spec = [None] * leaf.ndim
-                spec[axis] = "data"
-                return NamedSharding(mesh, P(*spec))
-    return NamedSharding(mesh, P())
+    """Replicated, or (fsdp) split along `fsdp_axis`."""
+    axis = fsdp_axis(leaf.shape, mesh.shape["data"]) if mode == "fsdp" else None
+    if axis is None:
+        return NamedSharding(mesh, P())
+    spec = [None] * leaf.ndim
+    spec[axis] = "data"
+    return NamedSharding(mesh, P(*spec))
 
 
 def measure_matmul_peak(dtype: str) -> float:

@@ -1,0 +1,56 @@
+"""The dry run's numbers against closed forms and against XLA's compiled memory use."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from models.diffusion import GaussianDiffusion, linear_betas
+from models.flops import dit_compute
+from scaling.cli import main
+from scaling.config import load_config
+from scaling.cost import CHIPS, activation_bytes, run_cost
+from scaling.grid import planned_model, training_flops
+from scaling.train_step import init_state, make_optimizer, make_train_step
+
+
+def test_state_memory_and_wall_time_follow_from_the_parameter_count():
+    config = load_config("imagenet256:XL/2")
+    cost = run_cost(config, chip="v4", chips=8, utilization=0.5)
+    params = dit_compute(planned_model(config)).params
+    # float32 parameters, EMA, Adam's two moments and gradients: 20 bytes per parameter, plus step, count and key.
+    assert cost["state_replicated"] == pytest.approx(20 * params, abs=64)
+    assert cost["state_fsdp"] == pytest.approx(20 * params / 8, rel=0.01)  # a few small leaves stay whole
+    assert cost["gflops"] == pytest.approx(118.6, rel=0.01)  # the paper's Table 4
+    seconds = training_flops(config) / (8 * CHIPS["v4"].peak_flops * 0.5)
+    assert cost["hours"] == pytest.approx(seconds / 3600) and cost["chip_hours"] == pytest.approx(8 * seconds / 3600)
+    assert cost["local_batch"] == 32 and cost["fits"] == "replicated"
+    small = run_cost(config, chip="v5e", chips=8, utilization=0.5)  # 16 GiB chips
+    assert small["state_fsdp"] + small["activations_remat"] < 16 * 2**30 < small["state_fsdp"] + small["activations"]
+    assert small["fits"] == "fsdp+remat"
+
+
+def test_activation_estimate_is_within_20_percent_of_xla_on_this_cpu():
+    config = load_config("imagenet256:B/2", ["model.dtype=float32"])  # a config the estimate was not fitted to
+    model = planned_model(config)
+    optimizer = make_optimizer(config)
+    abstract = jax.eval_shape(lambda: init_state(model, optimizer, 0))
+    step = jax.jit(make_train_step(model, GaussianDiffusion(linear_betas(1000), learn_sigma=True), optimizer, 0.9999),
+                   donate_argnums=(0,))
+
+    def temporaries(batch: int) -> int:
+        inputs = {"image": jax.ShapeDtypeStruct((batch, 32, 32, 4), jnp.float32),
+                  "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+        return step.lower(abstract, inputs).compile().memory_analysis().temp_size_in_bytes
+
+    measured = temporaries(8) - temporaries(4)  # what 4 more examples keep
+    assert 0.8 < activation_bytes(model, 4, remat=False) / measured < 1.2
+
+
+def test_dry_run_command(capsys):
+    assert main(["grid", "--config", "imagenet256", "--workdir", "unused", "--dry-run", "--models", "S/8,XL/2",
+                 "--chip", "H100", "--chips", "16", "--utilization", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: 2 runs on 16 x H100" in out and "nothing is launched" in out
+    assert "XL/2  118.62" in out and "chip-hours" in out and "nvidia.com H100" in out
+    assert main(["grid", "--config", "imagenet256", "--workdir", "unused", "--dry-run", "--chip", "v9"]) == 2
+    assert "--chip 'v9': use one of v4" in capsys.readouterr().err
