@@ -90,21 +90,20 @@ def remaining_costs(configs: dict, workdirs: dict | None = None) -> dict[str, fl
     """Each run's cost still to pay, in seconds where any run has measured step times, else in training FLOPs: a
     run with step records costs its mean measured step time x the steps it has left; one without, its training
     FLOPs left x the median seconds per FLOP of the measured runs."""
-    flops_left, measured = {}, {}
+    flops_left, step_time, steps_left = {}, {}, {}
     for model, config in configs.items():
         steps = schema.read_steps(workdirs[model]) if workdirs and (workdirs[model] / schema.STEPS_FILE).is_file() \
             else []
-        done = steps[-1].step if steps else 0
-        flops_left[model] = training_flops(config) * max(0, config.train.steps - done) / config.train.steps
+        steps_left[model] = max(0, config.train.steps - (steps[-1].step if steps else 0))
+        flops_left[model] = training_flops(config) * steps_left[model] / config.train.steps
         times = [r.step_time for r in steps if r.step_time]
         if times:
-            measured[model] = float(np.mean(times)) * max(0, config.train.steps - done)
-    if not measured:
+            step_time[model] = float(np.mean(times))
+    if not step_time:
         return flops_left
-    per_flop = {m: np.mean([r.step_time for r in schema.read_steps(workdirs[m]) if r.step_time])
-                / (training_flops(configs[m]) / configs[m].train.steps) for m in measured}
-    rate = float(np.median(list(per_flop.values())))
-    return {m: measured.get(m, flops_left[m] * rate) for m in configs}
+    rate = float(np.median([step_time[m] / (training_flops(configs[m]) / configs[m].train.steps)
+                            for m in step_time]))
+    return {m: step_time[m] * steps_left[m] if m in step_time else flops_left[m] * rate for m in configs}
 
 
 def plan_shards(costs: dict[str, float], count: int) -> list[list[str]]:
