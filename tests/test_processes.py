@@ -34,13 +34,18 @@ INTERRUPTED = ["--config.train.steps=300", "--config.train.checkpoint_every=50",
                "--config.train.async_checkpoints=true", "--config.train.log_every=10", *[f"--config.{o}" for o in TINY]]
 
 
+def _trained_run(directory: Path, fmnist_dir, overrides: list[str]) -> Path:
+    """A smoke run with `overrides`, trained through the CLI into directory/run."""
+    run = directory / "run"
+    result = cli("train", *smoke(fmnist_dir, *overrides), "--workdir", str(run))
+    assert result.returncode == 0, result.stderr
+    return run
+
+
 @pytest.fixture(scope="module")
 def straight_run(fmnist_dir, tmp_path_factory) -> Path:
     """The uninterrupted run the interrupted ones must reproduce."""
-    run = tmp_path_factory.mktemp("straight") / "run"
-    result = cli("train", *smoke(fmnist_dir, *INTERRUPTED), "--workdir", str(run))
-    assert result.returncode == 0, result.stderr
-    return run
+    return _trained_run(tmp_path_factory.mktemp("straight"), fmnist_dir, INTERRUPTED)
 
 
 def _last_step(run: Path) -> int:
@@ -172,10 +177,7 @@ EVALUATED_SMOKE = ["--config.train.steps=10", "--config.eval.every=10", "--confi
 
 @pytest.fixture(scope="module")
 def one_device_run(fmnist_dir, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("one-device") / "run"
-    result = cli("train", *smoke(fmnist_dir, *EVALUATED_SMOKE), "--workdir", str(run))
-    assert result.returncode == 0, result.stderr
-    return run
+    return _trained_run(tmp_path_factory.mktemp("one-device"), fmnist_dir, EVALUATED_SMOKE)
 
 
 def _assert_same_run(run: Path, reference: Path) -> None:
