@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
+
+from etils import epath
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
@@ -68,7 +69,7 @@ def _print_pairs(pairs: list[tuple[str, object]]) -> None:
 PER_MODEL_COLUMNS = ("gflops", "params_m")  # compared across configs at one training step
 
 
-def _fit_table(path: Path, where: dict, x: str):
+def _fit_table(path: epath.Path, where: dict, x: str):
     """The rows to fit and notes on how they were chosen. Any CSV without metric/value columns is used as it is
     (filtered by --where). Records go through `analysis.study.select`: one metric, configs of one block and
     resolution, and, for a per-model x such as gflops, one training step; several protocols are an error."""
@@ -155,7 +156,7 @@ def _print_notes(notes: list[str]) -> None:
         print(f"note: {note}")
 
 
-def _load_records(sources: list[Path]):
+def _load_records(sources: list[epath.Path]):
     from analysis.paper import PAPER_RUNS_DIR
     from analysis.records import load
 
@@ -259,9 +260,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_figures(args: argparse.Namespace) -> int:
     from analysis.report import render_all
 
-    source = Path(args.runs_dir)
+    source = epath.Path(args.runs_dir)
     default = source / "figures" if source.is_dir() else source.parent / f"{source.stem}_figures"
-    out = Path(args.out) if args.out else default
+    out = epath.Path(args.out) if args.out else default
     written, skipped = render_all(_load_records([source]), out, metric=args.metric)
     for path in written:
         print(f"wrote {path}")
@@ -275,7 +276,7 @@ def add_commands(commands) -> None:
         "fit", help="Log-log fit (or frontier power law) of two columns of a records or CSV file.",
         description="Fit log10 Y = intercept + slope log10 X over the rows of FILE (a CSV, records JSONL or run "
                     "directory), with Pearson/Spearman correlation and a bootstrap-over-configs CI.")
-    fit.add_argument("file", type=Path)
+    fit.add_argument("file", type=epath.Path)
     fit.add_argument("--x", required=True, help="column, e.g. gflops or train_gflops_cumulative")
     fit.add_argument("--y", required=True, help="column, e.g. fid (records: the metric family, or value)")
     fit.add_argument("--where", action="append", metavar="COLUMN=VALUE", help="keep rows with COLUMN == VALUE")
@@ -286,7 +287,7 @@ def add_commands(commands) -> None:
     fit.set_defaults(handler=cmd_fit)
 
     def add_records_arguments(parser):
-        parser.add_argument("--records", type=Path, action="append",
+        parser.add_argument("--records", type=epath.Path, action="append",
                             help="DiT records (runs directory, run, .jsonl or .csv); default: runs/paper")
         parser.add_argument("--metric", help="metric to use (default: the one with the most points)")
         parser.add_argument("--where", action="append", metavar="COLUMN=VALUE", help="filter the DiT records")
@@ -311,13 +312,13 @@ def add_commands(commands) -> None:
         description="POINTS: a CSV with gflops (forward GMACs per image; or gmacs/macs/flops), the metric (e.g. "
                     "fid), steps with batch_size (or --batch-size) or train_gflops_cumulative, and optionally "
                     "name; or records of runs (same metric and protocol as the DiT records).")
-    compare.add_argument("points", type=Path)
+    compare.add_argument("points", type=epath.Path)
     compare.add_argument("--batch-size", type=int, help="batch size of the points, when POINTS has no batch_size")
     add_records_arguments(compare)
     compare.set_defaults(handler=cmd_compare)
 
     figures = commands.add_parser("figures", help="Render the paper's figures, Table 4 and a report from records.")
-    figures.add_argument("runs_dir", type=Path, metavar="RECORDS",
+    figures.add_argument("runs_dir", type=epath.Path, metavar="RECORDS",
                          help="a runs directory, a run, or a records .jsonl/.csv file")
     figures.add_argument("--out", help="output directory (default: RECORDS/figures, or RECORDS_figures beside a "
                                        "file)")

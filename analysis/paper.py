@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
+from etils import epath
 
-PAPER_RUNS_DIR = Path(__file__).resolve().parent.parent / "runs" / "paper"
+PAPER_RUNS_DIR = epath.Path(__file__).resolve().parent.parent / "runs" / "paper"
 EVALUATIONS_CSV = PAPER_RUNS_DIR / "evaluations.csv"  # the paper's published numbers as evaluation records
 
 # The scaling study's grid (Table 1, Table 4): model sizes from small to large, patch sizes in the paper's order

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from etils import epath
 
 from analysis import schema
 from analysis.schema import RecordsError, metric_column, training_compute
@@ -68,7 +68,7 @@ class Records:
         return Records(runs, of_kept_runs(self.steps), of_kept_runs(self.evaluations))
 
 
-def load(*sources: str | Path | pd.DataFrame) -> Records:
+def load(*sources: str | epath.Path | pd.DataFrame) -> Records:
     """Load and validate records from runs directories, run directories, JSONL or CSV files, or DataFrames in
     the evaluation schema; several sources are concatenated (run names must not collide)."""
     if not sources:
@@ -134,7 +134,7 @@ def filter_rows(table: pd.DataFrame, conditions: dict, what: str = "the records"
 def _load_one(source) -> Records:
     if isinstance(source, pd.DataFrame):
         return from_evaluation_table(source, origin="DataFrame")
-    path = Path(source)
+    path = epath.Path(source)
     if not path.exists():
         raise RecordsError(f"records source {path} does not exist; give a runs directory, a run directory "
                            "(with manifest.json), a .jsonl or a .csv file.")
@@ -158,12 +158,12 @@ def _load_one(source) -> Records:
     raise RecordsError(f"{path}: unknown records format {path.suffix!r}; use .jsonl, .csv or a run directory.")
 
 
-def _is_evaluation_csv(path: Path) -> bool:
+def _is_evaluation_csv(path: epath.Path) -> bool:
     columns = set(pd.read_csv(path, nrows=0).columns)
     return {"metric", "value"} <= columns and bool(columns & {"run", "model"})
 
 
-def _load_run_dir(workdir: Path) -> Records:
+def _load_run_dir(workdir: epath.Path) -> Records:
     """A run as `analysis.schema` defines it: manifest.json, records.jsonl, evaluations.jsonl."""
     manifest = schema.read_manifest(workdir)
     run = {
@@ -191,7 +191,7 @@ def _flat_evaluation(record: schema.EvaluationRecord) -> dict:
     return {**row, **{k: protocol[k] for k in PROTOCOL_COLUMNS[1:]}}
 
 
-def _load_jsonl(path: Path) -> Records:
+def _load_jsonl(path: epath.Path) -> Records:
     rows = schema.read_jsonl(path)
     if not rows:
         raise RecordsError(f"{path} holds no records.")
@@ -204,7 +204,7 @@ def _load_jsonl(path: Path) -> Records:
     return from_evaluation_table(pd.DataFrame(rows), origin=str(path))
 
 
-def _load_csv(path: Path) -> Records:
+def _load_csv(path: epath.Path) -> Records:
     try:
         table = pd.read_csv(path)
     except (pd.errors.ParserError, UnicodeDecodeError) as e:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from etils import epath
 
 from analysis import figures, study, tables
 from analysis.fits import describe_extrapolation
@@ -25,13 +25,13 @@ CAPTIONS = {
 }
 
 
-def render_all(records: Records, out_dir: str | Path, *, metric: str | None = None
-               ) -> tuple[list[Path], dict[str, str]]:
+def render_all(records: Records, out_dir: str | epath.Path, *, metric: str | None = None
+               ) -> tuple[list[epath.Path], dict[str, str]]:
     """Write every figure the records support (NAME.png and NAME.pdf), table4.md, table4.tex and report.md into
     out_dir. Returns the written paths and {figure name: why it was skipped}. The points are `study.select`'s
     (configs of one block and resolution, one metric, default: the one with the most points, and its most common
     protocol), the fits study's; the report lists what was left out."""
-    out_dir = Path(out_dir)
+    out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     has_evaluations = not records.evaluations.empty
     notes: list[str] = []
@@ -47,7 +47,7 @@ def render_all(records: Records, out_dir: str | Path, *, metric: str | None = No
     else:
         family = study.scaling_family(records.runs, notes=notes)
         notes.append("The records hold no evaluations: only the training loss can be drawn.")
-    written: list[Path] = []
+    written: list[epath.Path] = []
     skipped: dict[str, str] = {}
     fits: dict[str, object] = {}
     captions = dict(CAPTIONS)

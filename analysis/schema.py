@@ -29,7 +29,10 @@ import math
 import os
 import types
 import typing
-from pathlib import Path
+
+from etils import epath
+
+from analysis import storage
 
 SCHEMA_VERSION = 1
 
@@ -315,7 +318,7 @@ def markdown_fields(record_class) -> str:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The objects of a JSONL file ([] when it does not exist). A torn last line (a writer killed mid-line: no
     final newline) is skipped with a warning; any other line that is not JSON is a RecordsError naming it."""
-    path = Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         return []
     text = path.read_text()
@@ -339,11 +342,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line. A torn last line left by a killed writer is cut off first, so it never joins the new
-    line into one that no reader can parse (a complete last object that only lacks its newline is kept)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb+") as f:
+    line into one that no reader can parse (a complete last object that only lacks its newline is kept). On an
+    object store, where a write is whole or absent, nothing is ever torn."""
+    path = epath.Path(path)
+    if not storage.is_url(path) and path.is_file() and os.path.getsize(path):
+        with open(path, "rb+") as f:
             data = f.read()
             if not data.endswith(b"\n"):
                 tail_start = data.rfind(b"\n") + 1
@@ -353,30 +356,22 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
                 except json.JSONDecodeError:
                     f.truncate(tail_start)
                     log.warning("%s: cut off a torn last line before appending.", path)
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    storage.append_text(path, json.dumps(record) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
     """Replace a JSONL file atomically (a reader sees the old file or the new one, never half of one)."""
-    _write_atomic(Path(path), "".join(json.dumps(r) + "\n" for r in records))
+    storage.write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Write JSON atomically (a reader never sees half a file)."""
-    _write_atomic(Path(path), json.dumps(obj, indent=2, default=str))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    storage.write_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def read_manifest(workdir: str | os.PathLike) -> Manifest | None:
     """The run's manifest, or None when the directory holds no run."""
-    path = Path(workdir) / MANIFEST_FILE
+    path = epath.Path(workdir) / MANIFEST_FILE
     if not path.is_file():
         return None
     try:
@@ -387,14 +382,14 @@ def read_manifest(workdir: str | os.PathLike) -> Manifest | None:
 
 
 def write_manifest(workdir: str | os.PathLike, manifest: Manifest) -> None:
-    write_json_atomic(Path(workdir) / MANIFEST_FILE, manifest.to_json())
+    write_json_atomic(epath.Path(workdir) / MANIFEST_FILE, manifest.to_json())
 
 
 def read_steps(workdir: str | os.PathLike) -> list[StepRecord]:
-    path = Path(workdir) / STEPS_FILE
+    path = epath.Path(workdir) / STEPS_FILE
     return [StepRecord.from_json(row, f"{path}:{i + 1}") for i, row in enumerate(read_jsonl(path))]
 
 
 def read_evaluations(workdir: str | os.PathLike) -> list[EvaluationRecord]:
-    path = Path(workdir) / EVALUATIONS_FILE
+    path = epath.Path(workdir) / EVALUATIONS_FILE
     return [EvaluationRecord.from_json(row, f"{path}:{i + 1}") for i, row in enumerate(read_jsonl(path))]

@@ -14,16 +14,17 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import matplotlib
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from etils import epath
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, NullLocator
 
+from analysis import storage
 from analysis.paper import PATCHES, SIZES
 
 SIZE_COLORS = dict(zip(SIZES, sns.color_palette("colorblind", 4), strict=True))
@@ -290,9 +291,10 @@ def quiet_font_logging() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def save_figure(fig: Figure, out_dir: Path, name: str) -> list[Path]:
+def save_figure(fig: Figure, out_dir: epath.Path, name: str) -> list[epath.Path]:
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     with matplotlib.rc_context(STYLE), quiet_font_logging():
-        fig.savefig(paths[0], dpi=PNG_DPI)
-        fig.savefig(paths[1])
+        for path in paths:  # through epath: the figures directory may be a gs:// URL
+            with storage.atomic_writer(path) as f:
+                fig.savefig(f, format=path.suffix[1:], dpi=PNG_DPI)
     return paths

@@ -14,24 +14,24 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from analysis import schema
+from analysis import schema, storage
 from scaling.train_step import state_checksum
 
 log = logging.getLogger("dit_scaling.checkpoints")
 
 
-def manager(workdir: Path, config) -> ocp.CheckpointManager:
+def manager(workdir: epath.Path, config) -> ocp.CheckpointManager:
     """The run's checkpoint manager, keeping the newest `train.keep_checkpoints` and every `train.keep_every`-th."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.train.keep_checkpoints, keep_period=config.train.keep_every or None,
         enable_async_checkpointing=config.train.async_checkpoints, create=True)
-    return ocp.CheckpointManager(workdir.resolve() / schema.CHECKPOINTS_DIR, options=options)
+    return ocp.CheckpointManager(storage.absolute(workdir) / schema.CHECKPOINTS_DIR, options=options)
 
 
 def _data_checksum(data_state) -> str:
@@ -83,14 +83,14 @@ def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state: dict):
     return None, None, damaged
 
 
-def set_aside(workdir: Path, steps: list[int]) -> None:
+def set_aside(workdir: epath.Path, steps: list[int]) -> None:
     """Move unusable checkpoints to workdir/corrupt_checkpoints/ (kept for inspection, out of the way)."""
     if jax.process_index() == 0:
         target = workdir / schema.CORRUPT_CHECKPOINTS_DIR
         target.mkdir(exist_ok=True)
         for step in steps:
             destination = target / f"{step}-{int(time.time())}"
-            os.replace(workdir / schema.CHECKPOINTS_DIR / str(step), destination)
+            (workdir / schema.CHECKPOINTS_DIR / str(step)).rename(destination)
             log.warning("Moved the unusable checkpoint of step %d to %s.", step, destination)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -100,7 +100,7 @@ def set_aside(workdir: Path, steps: list[int]) -> None:
 
 def kept_steps(workdir: str | os.PathLike) -> list[int]:
     """The steps of a run's kept checkpoints, in order."""
-    checkpoints = ocp.CheckpointManager(Path(workdir).resolve() / schema.CHECKPOINTS_DIR)
+    checkpoints = ocp.CheckpointManager(storage.absolute(workdir) / schema.CHECKPOINTS_DIR)
     steps = sorted(checkpoints.all_steps())
     checkpoints.close()
     return steps
@@ -109,7 +109,7 @@ def kept_steps(workdir: str | os.PathLike) -> list[int]:
 def load_params(workdir: str | os.PathLike, *, step: int | None = None, ema: bool = True) -> tuple[int, dict]:
     """(step, parameters) of a run's checkpoint at `step` (default: the newest), EMA by default, as a pure dict
     of numpy arrays."""
-    checkpoints = ocp.CheckpointManager(Path(workdir).resolve() / schema.CHECKPOINTS_DIR, item_handlers={
+    checkpoints = ocp.CheckpointManager(storage.absolute(workdir) / schema.CHECKPOINTS_DIR, item_handlers={
         "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler()})
     steps = checkpoints.all_steps()

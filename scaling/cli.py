@@ -8,8 +8,10 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
-from pathlib import Path
+
+from etils import epath
 
 from analysis.cli import add_commands as add_analysis_commands
 from analysis.cli import print_table
@@ -57,7 +59,7 @@ def _torch_rows(spec: str) -> list[dict]:
 
         module = load_python_file(module_name)
     else:
-        sys.path.insert(0, str(Path.cwd()))
+        sys.path.insert(0, os.getcwd())
         module = importlib.import_module(module_name)
     factory = getattr(module, factory_name, None)
     if factory is None:
@@ -213,7 +215,7 @@ def _print_shard_plan(args: argparse.Namespace) -> int:
     from scaling.grid import remaining_costs, run_dir_name, shard_plan, shard_plan_path
 
     configs = _grid_configs_for_planning(args)
-    runs_dir, count = Path(args.workdir), args.plan_shards
+    runs_dir, count = epath.Path(args.workdir), args.plan_shards
     workdirs = {m: runs_dir / run_dir_name(m, c.model.block) for m, c in configs.items()}
     shards = shard_plan(configs, count, runs_dir, workdirs, write=False)
     costs = remaining_costs(configs, workdirs)
@@ -509,11 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate", help="FID, sFID, IS, precision and recall of a sample batch (ADM's evaluation suite).",
         description="Score SAMPLES.npz (arr_0 uint8 NHWC) against a reference batch in ADM's .npz layout.")
-    evaluate.add_argument("samples", type=Path)
-    evaluate.add_argument("--ref", required=True, type=Path, help="reference batch (arr_0 and/or mu, sigma, ...)")
-    evaluate.add_argument("--run", type=Path, help="record the result as an evaluation of this run directory (in its "
-                                                   "evaluations.jsonl, with the protocol below; what `dit-scaling "
-                                                   "sample` wrote beside SAMPLES fills the options not given)")
+    evaluate.add_argument("samples", type=epath.Path)
+    evaluate.add_argument("--ref", required=True, type=epath.Path, help="reference batch (arr_0 and/or mu, sigma, ...)")
+    evaluate.add_argument("--run", type=epath.Path, help="record the result as an evaluation of this run directory "
+                          "(in its evaluations.jsonl, with the protocol below; what `dit-scaling sample` wrote "
+                          "beside SAMPLES fills the options not given)")
     evaluate.add_argument("--step", type=int, help="with --run: training step of the sampled parameters")
     evaluate.add_argument("--sampler", choices=("ddpm", "ddim"), help="with --run: how the samples were drawn")
     evaluate.add_argument("--sampling-steps", type=int, help="with --run: sampling steps")
@@ -529,8 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reference", help="Write a reference batch (images + Inception statistics) from images.",
         description="Read SOURCE (a folder of equally sized images, or an .npz/.npy uint8 array) and write OUT in "
                     "ADM's reference layout: arr_0, mu, sigma, mu_s, sigma_s.")
-    reference.add_argument("source", type=Path)
-    reference.add_argument("out", type=Path)
+    reference.add_argument("source", type=epath.Path)
+    reference.add_argument("out", type=epath.Path)
     _add_inception_arguments(reference)
     reference.set_defaults(handler=cmd_reference)
 
@@ -540,8 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "--step; or an official DiT .pt checkpoint), decode latents with the autoencoder, and write "
                     "OUT in ADM's sample layout with the protocol beside it (OUT with .json). Sharded over every "
                     "device and host; written in chunks, so the same command resumes a killed job.")
-    sample.add_argument("source", type=Path, metavar="RUN_OR_CHECKPOINT")
-    sample.add_argument("--out", type=Path, required=True, help="the .npz to write")
+    sample.add_argument("source", type=epath.Path, metavar="RUN_OR_CHECKPOINT")
+    sample.add_argument("--out", type=epath.Path, required=True, help="the .npz to write")
     sample.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
     sample.add_argument("--num-heads", type=int, help="an official checkpoint's head count, where its depth and "
                                                       "width are not a standard config's")
@@ -559,14 +561,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "`sample`'s options into RUN/samples/, score FID (sFID, IS, precision, recall) against --ref "
                     "and append the evaluation record, skipping every (step, protocol) RUN has already. The same "
                     "command resumes an interrupted sweep.")
-    sweep.add_argument("run", type=Path)
-    sweep.add_argument("--ref", required=True, type=Path, help="ADM reference batch")
+    sweep.add_argument("run", type=epath.Path)
+    sweep.add_argument("--ref", required=True, type=epath.Path, help="ADM reference batch")
     sweep.add_argument("--steps", help="comma-separated checkpoint steps (default: every kept one)")
     sweep.add_argument("--sampling-steps", default="250", help="comma-separated sampling-step counts, e.g. "
                                                                "25,50,100,250 (Fig. 10)")
     _add_sampling_arguments(sweep)
     sweep.add_argument("--autoencoder", help="the decoder (default: the run's data.autoencoder)")
-    sweep.add_argument("--samples-dir", type=Path, help="where sample batches go (default: RUN/samples)")
+    sweep.add_argument("--samples-dir", type=epath.Path, help="where sample batches go (default: RUN/samples)")
     _add_inception_arguments(sweep, "--inception-batch-size")
     _add_distributed_arguments(sweep)
     sweep.set_defaults(handler=cmd_sweep)
@@ -577,8 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "horizontal flip with the autoencoder, and write the posterior moments in shards to OUT "
                     "(--config.data.path of an imagenet256 run). The same command resumes an interrupted "
                     "extraction; on several hosts, run it on every host.")
-    extract.add_argument("image_dir", type=Path)
-    extract.add_argument("out", type=Path)
+    extract.add_argument("image_dir", type=epath.Path)
+    extract.add_argument("out", type=epath.Path)
     extract.add_argument("--autoencoder", required=True,
                          help="the SD autoencoder: a diffusers folder (e.g. sd-vae-ft-ema) or its weights file")
     extract.add_argument("--resolution", type=int, required=True, help="crop size: 256 or 512 for the paper's runs")

@@ -15,9 +15,9 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
-from pathlib import Path
 
 import ml_collections
+from etils import epath
 
 from models.dit import DIT_SIZES, DiTConfig, parse_model_name
 from scaling import precision
@@ -25,9 +25,9 @@ from scaling import precision
 BUILTIN = ("fmnist", "imagenet256")
 
 
-def load_python_file(path: str | Path):
+def load_python_file(path: str | epath.Path):
     """Import a Python file given by path (a user's config or model factory) as a module."""
-    path = Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No Python file at {path}.")
     module_spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -121,6 +121,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"({train.log_every}), train.checkpoint_every ({train.checkpoint_every}) and eval.every "
          f"({config.eval.every}): records, checkpoints and evaluations fall between calls"),
         (train.param_sharding in ("replicated", "fsdp"), "train.param_sharding must be replicated or fsdp"),
+        (train.slices >= 0, "train.slices must be >= 0 (0: the slices the devices report)"),
         (config.model.dtype in (precision.AUTO, *precision.DTYPES),
          f"model.dtype must be {precision.AUTO} or one of {', '.join(precision.DTYPES)}"),
         (config.diffusion.num_timesteps > 1, "diffusion.num_timesteps must be > 1"),

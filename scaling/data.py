@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import gzip
 import os
-from pathlib import Path
 
 import grain
 import numpy as np
+from etils import epath
 
 from scaling.latents import LatentShards, autoencoder_sha256
 
@@ -29,10 +29,10 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (optionally gzipped), as used by MNIST and Fashion-MNIST."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    path = epath.Path(path)
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number).")
     dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
@@ -45,7 +45,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(data, dtype, offset=offset).reshape(shape)
 
 
-def _find(directory: Path, stem: str) -> Path:
+def _find(directory: epath.Path, stem: str) -> epath.Path:
     for candidate in (directory / f"{stem}.gz", directory / stem):
         if candidate.is_file():
             return candidate
@@ -63,7 +63,7 @@ class FashionMNIST:
     pixels_per_input = 1  # the model sees pixels
 
     def __init__(self, path: str = "", split: str = "train"):
-        directory = Path(path or FASHION_MNIST_DIR)
+        directory = epath.Path(path or FASHION_MNIST_DIR)
         images_stem, labels_stem = FASHION_MNIST_FILES[split]
         images = read_idx(_find(directory, images_stem))
         labels = read_idx(_find(directory, labels_stem))

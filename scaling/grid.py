@@ -16,12 +16,12 @@ import subprocess
 import sys
 import threading
 import traceback
-from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 
-from analysis import schema
+from analysis import schema, storage
 from models.dit import PAPER_MODELS, canonical_name, short_name
 from models.flops import dit_compute
 from scaling import config as config_lib
@@ -67,7 +67,7 @@ def planned_model(config):
     ImageNet's 1000 classes."""
     if config.data.source == "fashion_mnist":
         shape, classes = data_lib.FashionMNIST.image_shape, data_lib.FashionMNIST.num_classes
-    elif (Path(config.data.path) / "manifest.json").is_file():
+    elif (epath.Path(config.data.path) / "manifest.json").is_file():
         source = data_lib.open_source(config)
         shape, classes = source.image_shape, source.num_classes
     else:
@@ -117,26 +117,18 @@ def plan_shards(costs: dict[str, float], count: int) -> list[list[str]]:
     return shards
 
 
-def shard_plan_path(runs_dir: Path, count: int) -> Path:
+def shard_plan_path(runs_dir: epath.Path, count: int) -> epath.Path:
     return runs_dir / f"shards-{count}.json"
 
 
-def shard_plan(configs: dict, count: int, runs_dir: Path, workdirs: dict, *, write: bool) -> list[list[str]]:
+def shard_plan(configs: dict, count: int, runs_dir: epath.Path, workdirs: dict, *, write: bool) -> list[list[str]]:
     """The grid's split into `count` shards: the one runs_dir/shards-COUNT.json holds, else planned now from the
     runs' remaining costs and (write=True) kept there, first writer wins, so that every machine, started now or
     restarted later when more runs have records, takes the same share."""
     path = shard_plan_path(runs_dir, count)
     if not path.is_file() and write:
         plan = plan_shards(remaining_costs(configs, workdirs), count)
-        runs_dir.mkdir(parents=True, exist_ok=True)
-        temporary = runs_dir / f".{path.name}.{os.getpid()}"
-        temporary.write_text(json.dumps({"shards": plan}, indent=2) + "\n")
-        try:
-            os.link(temporary, path)  # create-only: another machine's plan, written first, stands
-        except FileExistsError:
-            pass
-        finally:
-            temporary.unlink()
+        storage.create_only(path, json.dumps({"shards": plan}, indent=2) + "\n")  # a plan written first stands
     if not path.is_file():
         return plan_shards(remaining_costs(configs, workdirs), count)
     plan = json.loads(path.read_text())["shards"]
@@ -192,12 +184,12 @@ def load_grid_configs(config_name: str, models: list[str], overrides: list[str] 
     return configs
 
 
-def is_finished(workdir: Path, config) -> bool:
+def is_finished(workdir: epath.Path, config) -> bool:
     manifest = schema.read_manifest(workdir)
     return manifest is not None and manifest.status == "finished" and manifest.final_step == config.train.steps
 
 
-def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None = None,
+def run_grid(config_name: str, runs_dir: str | epath.Path, *, models: list[str] | None = None,
              only: list[str] | None = None, shard: str | None = None, overrides: list[str] = (),
              workers: int = 1, on_finish=None) -> dict[str, str]:
     """Train every selected config into runs_dir/<run>; skip finished runs, resume the rest, keep going on
@@ -206,7 +198,7 @@ def run_grid(config_name: str, runs_dir: str | Path, *, models: list[str] | None
     progress and starts no other; a run that another machine holds is skipped. Returns {model: "finished" |
     "skipped" | "skipped: held ..." | "failed: ..." | "preempted" | "not started"}."""
     selected = select_models([short_name(m) for m in (models or PAPER_MODELS)], only)
-    runs_dir = Path(runs_dir)
+    runs_dir = epath.Path(runs_dir)
     configs = load_grid_configs(config_name, selected, overrides)
     workdirs = {model: runs_dir / run_dir_name(model, config.model.block) for model, config in configs.items()}
     if shard:
@@ -276,7 +268,32 @@ def worker_environment(cores: list[int]) -> dict[str, str]:
     return env
 
 
-def _run_in_workers(config_name: str, workdirs: dict[str, Path], models: list[str], overrides: list[str],
+class _RunLog:
+    """A worker's output, appended to the run's train.log: line by line on a local disk, in one write when the
+    worker ends on an object store (which cannot append)."""
+
+    def __init__(self, path: epath.Path):
+        self.path, self._lines = path, []
+        self._file = None if storage.is_url(path) else open(path, "a")
+
+    def __enter__(self) -> _RunLog:
+        return self
+
+    def write(self, line: str) -> None:
+        if self._file is None:
+            self._lines.append(line)
+        else:
+            self._file.write(line)
+            self._file.flush()
+
+    def __exit__(self, *exc) -> None:
+        if self._file is None:
+            storage.append_text(self.path, "".join(self._lines))
+        else:
+            self._file.close()
+
+
+def _run_in_workers(config_name: str, workdirs: dict[str, epath.Path], models: list[str], overrides: list[str],
                     workers: int, on_finish) -> dict[str, str]:
     shares = core_shares(workers)
     queue, outcome, lock = list(models), {}, threading.Lock()
@@ -297,14 +314,13 @@ def _run_in_workers(config_name: str, workdirs: dict[str, Path], models: list[st
             log.info("%s -> %s (worker on core%s %s)", model, workdir, "s" if len(cores) > 1 else "",
                      ",".join(map(str, cores)))
             tail: list[str] = []
-            with open(workdir / schema.LOG_FILE, "a") as log_file:
+            with _RunLog(workdir / schema.LOG_FILE) as run_log:
                 child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                          env=worker_environment(cores))
                 with lock:
                     children.add(child)
                 for line in child.stdout:
-                    log_file.write(line)
-                    log_file.flush()
+                    run_log.write(line)
                     tail = [*tail[-19:], line.rstrip()]
                     if line.startswith("["):  # the run's progress and evaluation lines
                         print(line.rstrip(), flush=True)
@@ -360,10 +376,10 @@ def _run_in_workers(config_name: str, workdirs: dict[str, Path], models: list[st
     return outcome
 
 
-def run_status(runs_dir: str | Path) -> list[dict]:
+def run_status(runs_dir: str | epath.Path) -> list[dict]:
     """One row per run under runs_dir: model, status, progress, compute spent, last loss, latest evaluation."""
     rows = []
-    for manifest_path in sorted(Path(runs_dir).glob(f"*/{schema.MANIFEST_FILE}")):
+    for manifest_path in sorted(epath.Path(runs_dir).glob(f"*/{schema.MANIFEST_FILE}")):
         workdir = manifest_path.parent
         manifest = schema.read_manifest(workdir)
         steps = schema.read_steps(workdir)

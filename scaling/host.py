@@ -7,7 +7,8 @@ import os
 import platform
 import signal
 import sys
-from pathlib import Path
+
+from etils import epath
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc mallopt parameters
 _DEFAULT_MMAP_MAX = 65536  # glibc's own value of M_MMAP_MAX
@@ -63,7 +64,7 @@ def return_freed_memory_if_large(state_bytes: int) -> bool:
     return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX))
 
 
-def enable_compilation_cache(cache_dir: Path) -> Path:
+def enable_compilation_cache(cache_dir: epath.Path) -> epath.Path:
     """Keep compiled XLA programs in `cache_dir`, so that a resumed run, the next run of a grid and (on shared
     storage) every host of a pod skip recompiling the same step: minutes for a DiT on a GPU, where XLA autotunes
     every matmul; 10 s -> 4 s for the Fashion-MNIST smoke run on the CPU. A cache directory JAX already has
@@ -73,7 +74,7 @@ def enable_compilation_cache(cache_dir: Path) -> Path:
 
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(cache_dir))
-    return Path(jax.config.jax_compilation_cache_dir)
+    return epath.Path(jax.config.jax_compilation_cache_dir)
 
 
 def cpu_model() -> str:
@@ -89,7 +90,7 @@ def cpu_flags() -> frozenset[str]:
 
 def _cpuinfo_field(name: str) -> str | None:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in epath.Path("/proc/cpuinfo").read_text().splitlines():
             if line.split(":", 1)[0].strip() == name:
                 return line.split(":", 1)[1].strip()
     except OSError:

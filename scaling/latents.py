@@ -21,14 +21,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import json
+import math
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from etils import epath
+
+from analysis import storage
 
 LATENTS_FORMAT = "dit-scaling latents v1"
 CROP_RECIPE = "adm-center-crop"  # guided-diffusion's center_crop_arr: box-halve, bicubic, centre crop
@@ -51,16 +53,17 @@ def adm_center_crop(image, resolution: int) -> np.ndarray:
     return pixels[top: top + resolution, left: left + resolution]
 
 
-def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str]]:
+def list_image_folder(root: str | os.PathLike) -> tuple[list[epath.Path], np.ndarray, list[str]]:
     """(image paths, int32 labels, class names) of an ImageFolder tree, in sorted class then file order."""
-    root = Path(root)
+    root = epath.Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"No image folder at {root}: give a directory with one sub-folder per class "
                                 "(ImageNet's train/ layout).")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = sorted(folder / f for folder, _, names in (root / name).walk() for f in names
+                       if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES)  # walk: a bucket has no rglob
         paths += files
         labels += [label] * len(files)
     if not paths:
@@ -90,16 +93,29 @@ def autoencoder_sha256(path: str | os.PathLike) -> str:
     return file_sha256(find_autoencoder_files(path)[0])
 
 
-def _shard_files(directory: Path, shard: int) -> tuple[Path, Path]:
+def _shard_files(directory: epath.Path, shard: int) -> tuple[epath.Path, epath.Path]:
     return directory / f"moments-{shard:05d}.npy", directory / f"labels-{shard:05d}.npy"
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(buffer.getvalue())
-    partial.replace(path)
+def _atomic_save(path: epath.Path, array: np.ndarray) -> None:
+    with storage.atomic_writer(path) as f:
+        np.save(f, array)
+
+
+def _npy_shape(path: epath.Path) -> tuple[int, ...] | None:
+    """The shape in a .npy file's header, or None when the file is shorter or longer than that header says (read
+    from the header and the file's size alone: a shard on gs:// is not downloaded to check it)."""
+    with path.open("rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        data_start = f.tell()
+    return shape if path.stat().length == data_start + math.prod(shape) * dtype.itemsize else None
+
+
+def _load_npy(path: epath.Path) -> np.ndarray:
+    """A local .npy memory-mapped; one on an object store read whole into memory."""
+    return np.load(storage.loadable(path), mmap_mode=None if storage.is_url(path) else "r")
 
 
 def write_latent_shard(directory: str | os.PathLike, shard: int, moments: np.ndarray, labels: np.ndarray) -> None:
@@ -108,7 +124,7 @@ def write_latent_shard(directory: str | os.PathLike, shard: int, moments: np.nda
     if moments.ndim != 5 or moments.shape[1] != 2 or labels.shape != (moments.shape[0],):
         raise ValueError(f"moments must be [n, 2, h, w, 2C] and labels [n], got {moments.shape} and "
                          f"{labels.shape}.")
-    moments_path, labels_path = _shard_files(Path(directory), shard)
+    moments_path, labels_path = _shard_files(epath.Path(directory), shard)
     _atomic_save(moments_path, np.asarray(moments, np.float32))
     _atomic_save(labels_path, np.asarray(labels, np.int32))
 
@@ -118,10 +134,7 @@ def shard_counts(num_examples: int, shard_size: int) -> list[int]:
 
 
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
-    path = Path(directory) / "manifest.json"
-    partial = path.with_name("manifest.json.partial")
-    partial.write_text(json.dumps(manifest, indent=2))
-    partial.replace(path)
+    storage.write_atomic(epath.Path(directory) / "manifest.json", json.dumps(manifest, indent=2))
 
 
 def latents_manifest(*, num_examples: int, shard_size: int, latent_shape, classes: list[str], resolution: int,
@@ -134,25 +147,25 @@ def latents_manifest(*, num_examples: int, shard_size: int, latent_shape, classe
             "images_sha256": images_sha256}
 
 
-def _shard_is_whole(directory: Path, shard: int, count: int, latent_shape) -> bool:
+def _shard_is_whole(directory: epath.Path, shard: int, count: int, latent_shape) -> bool:
     moments_path, labels_path = _shard_files(directory, shard)
     if not (moments_path.is_file() and labels_path.is_file()):
         return False
     try:
-        moments = np.load(moments_path, mmap_mode="r")
-        labels = np.load(labels_path, mmap_mode="r")
+        moments, labels = _npy_shape(moments_path), _npy_shape(labels_path)
     except (ValueError, OSError):
         return False
     h, w, c = latent_shape
-    return moments.shape == (count, 2, h, w, 2 * c) and labels.shape == (count,)
+    return moments == (count, 2, h, w, 2 * c) and labels == (count,)
 
 
 class LatentShards:
-    """A complete latents directory, read memory-mapped: example i is {"moments": [2, h, w, 2C], "label"}, and
+    """A complete latents directory, memory-mapped (on gs://, each host reads the shards into memory: 84 GB for
+    ImageNet-256 with both flips): example i is {"moments": [2, h, w, 2C], "label"}, and
     `to_model_input` turns it into a training input (a stored flip, a posterior draw, times the scale)."""
 
     def __init__(self, path: str | os.PathLike, *, resolution: int = 0, autoencoder_sha256: str = ""):
-        directory = Path(path)
+        directory = epath.Path(path)
         manifest_path = directory / "manifest.json"
         if not path or not manifest_path.is_file():
             raise FileNotFoundError(f"No latents at {str(path)!r} (expected {manifest_path}). Run "
@@ -184,8 +197,8 @@ class LatentShards:
                 raise ValueError(f"Shard {shard} of {directory} is missing or does not hold {count} examples of "
                                  f"latent shape {self.image_shape}: extract the latents again.")
             moments_path, labels_path = _shard_files(directory, shard)
-            self._moments.append(np.load(moments_path, mmap_mode="r"))
-            self._labels.append(np.load(labels_path, mmap_mode="r"))
+            self._moments.append(_load_npy(moments_path))
+            self._labels.append(_load_npy(labels_path))
         self._starts = np.cumsum([0] + manifest["shard_counts"])
 
     def __len__(self) -> int:
@@ -207,7 +220,7 @@ class LatentShards:
 def write_latents(directory: str | os.PathLike, moments: np.ndarray, labels: np.ndarray, *, classes: list[str],
                   resolution: int, scale: float, autoencoder: dict, shard_size: int = DEFAULT_SHARD_SIZE) -> None:
     """A complete latents directory from moments [N, 2, h, w, 2C] and labels [N] computed elsewhere."""
-    directory = Path(directory)
+    directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for shard, start in enumerate(range(0, len(labels), shard_size)):
         write_latent_shard(directory, shard, moments[start: start + shard_size], labels[start: start + shard_size])
@@ -239,7 +252,7 @@ class _Progress:
                   file=sys.stderr, flush=True)
 
 
-def _images_sha256(paths: list[Path], labels: np.ndarray, root: Path) -> str:
+def _images_sha256(paths: list[epath.Path], labels: np.ndarray, root: epath.Path) -> str:
     """A fingerprint of the image list (relative paths and labels), so a resume refuses a changed folder."""
     digest = hashlib.sha256()
     for path, label in zip(paths, labels, strict=True):
@@ -260,7 +273,7 @@ def extract_latents(image_dir: str | os.PathLike, out: str | os.PathLike, *, aut
 
     from models.autoencoder import load_autoencoder
 
-    root, out = Path(image_dir), Path(out)
+    root, out = epath.Path(image_dir), epath.Path(out)
     paths, labels, classes = list_image_folder(root)
     vae = load_autoencoder(autoencoder, dtype=dtype)
     if resolution % vae.config.downsample:
@@ -316,7 +329,7 @@ def extract_latents(image_dir: str | os.PathLike, out: str | os.PathLike, *, aut
           f"({progress.total} images) on {len(devices)} device(s).", file=sys.stderr, flush=True)
 
     def load(index: int) -> np.ndarray:
-        with Image.open(paths[index]) as image:
+        with Image.open(storage.loadable(paths[index])) as image:
             return adm_center_crop(image, resolution)
 
     for shard in mine:

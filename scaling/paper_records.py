@@ -8,9 +8,9 @@ never from typed-in numbers. Run `python -m scaling.paper_records` after changin
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import pandas as pd
+from etils import epath
 
 from analysis import paper
 from analysis.schema import FID_FEATURE_NETWORK
@@ -67,7 +67,7 @@ def paper_evaluations() -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=paper.EVALUATIONS_CSV)
+    parser.add_argument("--out", type=epath.Path, default=paper.EVALUATIONS_CSV)
     args = parser.parse_args(argv)
     paper_evaluations().to_csv(args.out, index=False)
     print(f"wrote {args.out}")

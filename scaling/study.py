@@ -19,7 +19,8 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
+
+from etils import epath
 
 from analysis import schema
 from models.dit import PAPER_MODELS, short_name
@@ -45,11 +46,11 @@ VALIDATION_FIGURE_CAPTION = ("The held-out validation loss vs training compute, 
 
 @dataclasses.dataclass
 class StudyResult:
-    workdir: Path
+    workdir: epath.Path
     outcome: dict[str, str]
     findings: object | None  # analysis.findings.Findings, None when too few runs finished to fit
-    report: Path
-    figures: list[Path]
+    report: epath.Path
+    figures: list[epath.Path]
     seconds: float
 
     @property
@@ -57,12 +58,12 @@ class StudyResult:
         return [m for m, o in self.outcome.items() if o.startswith("failed")]
 
 
-def default_workdir(preset: str, seed: int) -> Path:
+def default_workdir(preset: str, seed: int) -> epath.Path:
     """studies/fmnist-PRESET (and -seedN for other seeds than 0), under the current directory."""
-    return Path("studies") / (f"fmnist-{preset}" + (f"-seed{seed}" if seed else ""))
+    return epath.Path("studies") / (f"fmnist-{preset}" + (f"-seed{seed}" if seed else ""))
 
 
-def _claim_workdir(workdir: Path, settings: dict) -> None:
+def _claim_workdir(workdir: epath.Path, settings: dict) -> None:
     """Write study.json, or check that the workdir's study is this one (same preset, seed, configs and
     overrides)."""
     path = workdir / STUDY_FILE
@@ -84,7 +85,7 @@ class _Progress:
     """The study's own progress lines: runs done, elapsed time and the ETA. Before any run has finished the ETA
     is the grid's cost model; afterwards the model is rescaled by how long the finished runs took."""
 
-    def __init__(self, workdir: Path, configs: dict, pending: list[str], workers: int):
+    def __init__(self, workdir: epath.Path, configs: dict, pending: list[str], workers: int):
         self.workdir, self.configs, self.workers = workdir, configs, workers
         self.predicted = {m: grid.predicted_seconds(configs[m]) for m in pending}
         self.remaining = set(pending)
@@ -140,7 +141,7 @@ def run_study(preset: str = "default", workdir: str | os.PathLike | None = None,
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}: use one of {', '.join(PRESETS)}.")
     start = time.perf_counter()
-    workdir = Path(workdir) if workdir is not None else default_workdir(preset, seed)
+    workdir = epath.Path(workdir) if workdir is not None else default_workdir(preset, seed)
     overrides = [o.removeprefix("--config.") for o in overrides]
     models = grid.select_models(ALL_MODELS, models) if models else ALL_MODELS
     _claim_workdir(workdir, {"preset": preset, "seed": seed, "models": models, "overrides": list(overrides)})
@@ -175,7 +176,7 @@ def _prepare_feature_network(config) -> None:
     prepare_feature_network(config, data_lib.open_source(config))
 
 
-def _render(workdir: Path, preset: str, seed: int, models: list[str]):
+def _render(workdir: epath.Path, preset: str, seed: int, models: list[str]):
     """Fit and render everything the finished runs support; the study's report on top of the fit report."""
     from analysis import figures as figures_lib
     from analysis import findings as findings_lib

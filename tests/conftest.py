@@ -22,3 +22,23 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 def fmnist_dir(tmp_path_factory):
     """A small dataset in Fashion-MNIST's IDX layout (run_helpers.write_small_fashion_mnist)."""
     return write_small_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A local GCS emulator (one per test process: clients keep the endpoint they first saw), with this process
+    and the commands tests start pointed at it."""
+    import fsspec
+    from run_helpers import GcsEmulator
+
+    emulator = GcsEmulator()
+    saved = {k: os.environ.get(k) for k in emulator.environment}
+    os.environ.update(emulator.environment)
+    fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"  # read from the environment when fsspec was imported
+    yield emulator
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    emulator.close()

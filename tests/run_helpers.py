@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,38 @@ def write_fake_imagenet(root: Path, num_classes: int = 3, per_class: int = 3, se
             image = Image.fromarray(pixels).convert("L") if (label, i) == (0, 0) else Image.fromarray(pixels)
             image.save(folder / (f"img{i}.png" if i % 2 else f"img{i}.JPEG"))
     return root
+
+
+class GcsEmulator:
+    """A Google Cloud Storage server on 127.0.0.1 (tests/gcs_emulator.py) with one bucket, and the
+    environment that points every client at it: gcsfs and google-cloud-storage (STORAGE_EMULATOR_HOST) and
+    tensorstore, under orbax's checkpoints (TENSORSTORE_GCS_HTTP_URL, with a token it sends unchecked)."""
+
+    def __init__(self, bucket: str = "dit-scaling-test"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.bucket, self.url = bucket, f"http://127.0.0.1:{port}"
+        self.environment = {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
+                            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+                            # gcsfs: no credentials to look for, no control plane to ask for the bucket's layout
+                            "FSSPEC_GCS_TOKEN": "anon", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "gcs_emulator.py"), str(port), bucket],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("the GCS emulator did not start") from None
+                time.sleep(0.1)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([f"gs://{self.bucket}", *parts])
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)

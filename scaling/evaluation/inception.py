@@ -8,10 +8,10 @@ import functools
 import logging
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import scipy.special
+from etils import epath
 
 from analysis.schema import FID_FEATURE_NETWORK
 from scaling.evaluation import metrics
@@ -63,7 +63,7 @@ def write_reference(source: str | os.PathLike, out: str | os.PathLike, model, ba
     images = read_images(source)
     acts = inception_activations(model, images, batch_size)
     (mu, sigma), (mu_s, sigma_s) = metrics.gaussian_statistics(acts.pool), metrics.gaussian_statistics(acts.spatial)
-    atomic_savez(Path(out), {"arr_0": images, "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s})
+    atomic_savez(epath.Path(out), {"arr_0": images, "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s})
 
 
 def evaluate_samples(samples: SampleBatch, reference: ReferenceBatch, model, batch_size: int = 64) -> dict:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import numpy as np
+from etils import epath
+
+from analysis import storage
 
 # Decoder output x in [-1, 1] -> uint8. DiT's sample_ddp.py: floor(clip(127.5 x + 128)); ADM's sampler:
 # floor(clip(127.5 (x + 1))). FIDs differ slightly between the two; compare numbers within one convention.
@@ -45,22 +47,20 @@ def write_sample_batch(path: str | os.PathLike, images: np.ndarray, labels: np.n
     arrays = {"arr_0": images, "uint8_convention": np.array(convention)}
     if labels is not None:
         arrays["arr_1"] = np.asarray(labels, np.int64)
-    atomic_savez(Path(path), arrays)
+    atomic_savez(epath.Path(path), arrays)
 
 
-def atomic_savez(path: Path, arrays: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial.npz")
-    np.savez(partial, **arrays)
-    os.replace(partial, path)
+def atomic_savez(path: epath.Path, arrays: dict) -> None:
+    with storage.atomic_writer(path) as f:
+        np.savez(f, **arrays)
 
 
 def _load_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
-    path = Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No batch file at {path}.")
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(storage.loadable(path), allow_pickle=False)
     except (ValueError, OSError) as e:
         raise ValueError(f"{path} is not a readable .npz batch ({e}).") from e
 
@@ -102,20 +102,20 @@ def read_reference(path: str | os.PathLike) -> ReferenceBatch:
 def read_images(source: str | os.PathLike) -> np.ndarray:
     """uint8 NHWC RGB images from a folder of image files (sorted by name; all of one size) or an array file
     (.npz with arr_0, or .npy)."""
-    source = Path(source)
+    source = epath.Path(source)
     if source.is_dir():
         from PIL import Image
 
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"No image files ({', '.join(IMAGE_SUFFIXES)}) in {source}.")
-        images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        images = [np.asarray(Image.open(storage.loadable(f)).convert("RGB")) for f in files]
         sizes = {im.shape for im in images}
         if len(sizes) > 1:
             raise ValueError(f"images in {source} have different sizes {sorted(sizes)[:3]}; resize them first.")
         return np.stack(images)
     if source.suffix == ".npy":
-        return check_images(np.load(source, allow_pickle=False), str(source))
+        return check_images(np.load(storage.loadable(source), allow_pickle=False), str(source))
     with _load_npz(source) as data:
         if "arr_0" not in data:
             raise ValueError(f"{source} has no arr_0 image array.")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from pathlib import Path
+
+from etils import epath
 
 from analysis import schema
 from scaling.evaluation.write_samples import SamplingOptions
@@ -34,9 +35,9 @@ def fid_record(run: schema.Manifest, result: dict, *, step: int, protocol: schem
         time=time.time())
 
 
-def sweep(run_dir: str | Path, reference_path: str | Path, load_inception, *, sampling_steps: list[int],
+def sweep(run_dir: str | epath.Path, reference_path: str | epath.Path, load_inception, *, sampling_steps: list[int],
           options: SamplingOptions, steps: list[int] | None = None, autoencoder: str | None = None,
-          samples_dir: str | Path | None = None, batch_size: int = 64) -> list[schema.EvaluationRecord]:
+          samples_dir: str | epath.Path | None = None, batch_size: int = 64) -> list[schema.EvaluationRecord]:
     """Sample and score `run_dir` at each kept checkpoint of `steps` (default: all kept) and each entry of
     `sampling_steps`, appending the records it lacks; returns the new records. Sample batches go to
     `samples_dir` (default RUN/samples/). `load_inception()` gives the FID Inception, loaded when first needed."""
@@ -46,7 +47,7 @@ def sweep(run_dir: str | Path, reference_path: str | Path, load_inception, *, sa
     from scaling.evaluation.npz import read_reference, read_sample_batch
     from scaling.evaluation.write_samples import write_samples
 
-    run_dir = Path(run_dir)
+    run_dir = epath.Path(run_dir)
     run = schema.read_manifest(run_dir)
     if run is None:
         raise FileNotFoundError(f"{run_dir} holds no run ({schema.MANIFEST_FILE}).")
@@ -59,7 +60,7 @@ def sweep(run_dir: str | Path, reference_path: str | Path, load_inception, *, sa
     autoencoder = autoencoder or data.get("autoencoder", "")
     decoder = autoencoder_name(autoencoder) if data.get("source") == "latent_shards" and autoencoder else None
     reference = read_reference(reference_path)
-    samples_dir = Path(samples_dir) if samples_dir else run_dir / "samples"
+    samples_dir = epath.Path(samples_dir) if samples_dir else run_dir / "samples"
     done = {(r.step, r.protocol) for r in schema.read_evaluations(run_dir)}
     new, inception = [], None
     for step in steps:
@@ -68,7 +69,7 @@ def sweep(run_dir: str | Path, reference_path: str | Path, load_inception, *, sa
             protocol = fid_protocol(sampler=opts.sampler, sampling_steps=opts.sampling_steps,
                                     guidance_scale=opts.guidance_scale, guidance_channels=opts.guidance_channels,
                                     num_samples=opts.num_samples, seed=opts.seed,
-                                    uint8_convention=opts.uint8_convention, reference=Path(reference_path).name,
+                                    uint8_convention=opts.uint8_convention, reference=epath.Path(reference_path).name,
                                     decoder=decoder)
             if (step, protocol) in done:
                 print(f"sweep: step {step}, {opts.sampler} {count} steps: recorded already, skipped",

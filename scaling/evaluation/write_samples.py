@@ -14,15 +14,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
-from analysis import schema
-from scaling.evaluation.npz import UINT8_CONVENTIONS, to_uint8, write_sample_batch
+from analysis import schema, storage
+from scaling.evaluation.npz import UINT8_CONVENTIONS, atomic_savez, to_uint8, write_sample_batch
 
 LABEL_MODES = ("balanced", "random")  # balanced: N / classes of each class (shuffled); random: uniform draws
 
@@ -73,7 +72,7 @@ def load_sampling_model(source: str | os.PathLike, *, step: int | None = None,
     from models.dit import DiTConfig
     from scaling.checkpoints import load_params
 
-    source = Path(source)
+    source = epath.Path(source)
     if source.is_dir():
         manifest = schema.read_manifest(source)
         if manifest is None:
@@ -124,7 +123,7 @@ def write_samples(source: str | os.PathLike, out: str | os.PathLike, options: Sa
     from scaling.evaluation.sampling import make_sampler
     from scaling.train_step import make_mesh
 
-    out = Path(out)
+    out = epath.Path(out)
     model = load_sampling_model(source, step=step, num_heads=num_heads)
     config = model.config
     decoder, vae = None, None
@@ -189,20 +188,18 @@ def write_samples(source: str | os.PathLike, out: str | os.PathLike, options: Sa
         if images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)
         if primary:
-            partial = chunk_files[c].with_name(chunk_files[c].name + ".partial.npz")
-            np.savez(partial, images=images, labels=chunk_labels)
-            os.replace(partial, chunk_files[c])
+            atomic_savez(chunk_files[c], {"images": images, "labels": chunk_labels})
         done += len(chunk_labels)
         _progress(done, options.num_samples, start, already)
     if primary:
-        parts = [np.load(f) for f in chunk_files]
+        parts = [np.load(storage.loadable(f)) for f in chunk_files]
         write_sample_batch(out, np.concatenate([p["images"] for p in parts]),
                            np.concatenate([p["labels"] for p in parts]), options.uint8_convention)
         sidecar(out).write_text(json.dumps(protocol, indent=2))
-        shutil.rmtree(chunks_dir)
+        chunks_dir.rmtree()
     return protocol
 
 
-def sidecar(samples: str | os.PathLike) -> Path:
+def sidecar(samples: str | os.PathLike) -> epath.Path:
     """The protocol file written beside a sample batch: samples.npz -> samples.json."""
-    return Path(samples).with_suffix(".json")
+    return epath.Path(samples).with_suffix(".json")
