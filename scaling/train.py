@@ -24,12 +24,12 @@ import os
 import platform
 import subprocess
 import time
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -46,6 +46,7 @@ from scaling.host import return_freed_memory_if_large
 from scaling.lease import RunLease
 from scaling.preemption import Preempted, PreemptionNotice
 from scaling.train_step import (
+    BATCH_AXES,
     init_state,
     make_mesh,
     make_multi_step,
@@ -65,7 +66,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass
 class RunResult:
-    workdir: Path
+    workdir: epath.Path
     step: int
     status: str
     final_loss: float | None
@@ -81,7 +82,7 @@ class _Run:
     """Everything the loop needs, built once by `_prepare`."""
 
     config: ml_collections.ConfigDict
-    workdir: Path
+    workdir: epath.Path
     primary: bool  # process 0: the one writer of the run's files
     model_config: object
     compute: object
@@ -135,7 +136,7 @@ class _Run:
         return step % self.config.train.checkpoint_every == 0 or step == self.total_steps or self.is_eval_step(step)
 
 
-def _prepare(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
+def _prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
     primary = jax.process_index() == 0
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +158,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
     if global_batch % jax.device_count():
         raise ValueError(f"train.batch_size {global_batch} must be a multiple of the device count "
                          f"{jax.device_count()}.")
-    mesh = make_mesh()
+    mesh = make_mesh(config.train.slices)
 
     # -- state: restore the newest sound checkpoint, or initialise ---------------------------------------------
     abstract = jax.eval_shape(lambda: init_state(model_config, optimizer, config.train.seed))
@@ -199,12 +200,13 @@ def _prepare(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
         start = {"time": time.time(), "step": start_step, "versions": _versions(),
                  "precision": chosen_precision.to_json(),
                  "devices": {"count": jax.device_count(), "processes": jax.process_count(),
-                             "kind": jax.devices()[0].device_kind, "platform": jax.default_backend()},
+                             "kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+                             "mesh": dict(mesh.shape)},
                  "matmul_peak_flops": peak}
         schema.write_manifest(workdir, manifest.with_changes(
             starts=[*manifest.starts, start], status="running", total_steps=config.train.steps, config=config_dict))
 
-    data_sharding, stacked_data_sharding = NamedSharding(mesh, P("data")), NamedSharding(mesh, P(None, "data"))
+    data_sharding, stacked_data_sharding = NamedSharding(mesh, P(BATCH_AXES)), NamedSharding(mesh, P(None, BATCH_AXES))
     train_step = make_train_step(model_config, diffusion, optimizer, config.train.ema_decay)
     step_fn = jax.jit(train_step, in_shardings=(state_sharding, data_sharding),
                       out_shardings=(state_sharding, None), donate_argnums=(0,))
@@ -234,7 +236,7 @@ def _new_manifest(config, config_dict: dict, model_config, compute, source) -> s
         code_revision=code_revision())
 
 
-def _check_same_run(previous: dict, current: dict, workdir: Path) -> None:
+def _check_same_run(previous: dict, current: dict, workdir: epath.Path) -> None:
     """A workdir continues only the run it holds; train.steps, train.steps_per_call, model.remat,
     model.remat_policy and the eval section may change. A field the run's config lacks (added since it started)
     counts as its default, which keeps the behaviour from before the field existed."""
@@ -255,7 +257,7 @@ def _check_same_run(previous: dict, current: dict, workdir: Path) -> None:
                          "--workdir, or the run's own config to resume it.")
 
 
-def _truncate_records(path: Path, last_step: int) -> None:
+def _truncate_records(path: epath.Path, last_step: int) -> None:
     """Keep the step records up to last_step (the checkpoint resumed from): later ones are replayed."""
     kept = [r for r in schema.read_jsonl(path) if r["step"] <= last_step]
     schema.write_jsonl(path, kept)
@@ -273,7 +275,7 @@ def _versions() -> dict:
 
 def code_revision() -> str | None:
     """The git revision of this code (with "+dirty" for uncommitted changes), or None outside a git checkout."""
-    root = Path(__file__).resolve().parent.parent
+    root = epath.Path(__file__).resolve().parent.parent
     try:
         revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                   timeout=10, check=True).stdout.strip()
@@ -284,7 +286,7 @@ def code_revision() -> str | None:
     return revision + ("+dirty" if dirty else "")
 
 
-def _tensorboard_writer(workdir: Path):
+def _tensorboard_writer(workdir: epath.Path):
     """clu's TensorBoard writer when TensorFlow is installed (the `tensorboard` extra), else None."""
     if importlib.util.find_spec("tensorflow") is None:
         log.info("TensorBoard logging is off: pip install 'dit-scaling[tensorboard]' to turn it on.")
@@ -438,13 +440,14 @@ def _close(run: _Run, steps: _StepLog, status: str) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunResult:
     """Run or resume the training run in `workdir` (see the module docstring)."""
     config_lib.validate(config)
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     # The notice from the start: one during compilation stops the run at its first boundary.
-    with RunLease(workdir), PreemptionNotice() as notice:
-        return _train(config, workdir, notice)
+    with RunLease(workdir) as lease, PreemptionNotice() as notice:
+        return _train(config, workdir, lease, notice)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: Path, notice: PreemptionNotice) -> RunResult:
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, lease: RunLease,
+           notice: PreemptionNotice) -> RunResult:
     run = _prepare(config, workdir)
     steps = _StepLog(run)
     if run.is_eval_step(run.start_step):  # a run stopped during the evaluation that follows its checkpoint
@@ -461,6 +464,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, notice: PreemptionN
         if run.is_checkpoint_step(step) or preempted:
             steps.handle_call(*pending)
             pending = None
+            lease.check()  # a run whose lease was taken over writes no checkpoint beside the new holder
             checkpoints.save(run.checkpoints, step, run.state, run.iterator.get_state(), steps.wall_time())
         if preempted:  # a resumed run evaluates at this step if it is an evaluation step
             _close(run, steps, "preempted")

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -23,9 +24,33 @@ from models.dit import DiT, DiTConfig
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def make_mesh() -> jax.sharding.Mesh:
+BATCH_AXES = ("slice", "data")  # a batch splits over every device: over the slices, then within each
+
+
+def make_mesh(slices: int = 0) -> jax.sharding.Mesh:
+    """The devices as a ("slice", "data") mesh: "data" spans the devices of one slice (joined by the fast
+    inter-chip interconnect), "slice" the slices (joined by the data-centre network). Batches split over both
+    axes; fsdp splits parameters over "data" alone, so between slices only the gradients' all-reduce travels.
+    `slices` 0 takes the slices the devices report (a TPU multislice's device.slice_index). Devices that report
+    a single slice (GPUs, simulated CPU hosts) form slices by process: then `slices` must be the process count.
+    """
+    devices = jax.devices()
+    reported = len({getattr(d, "slice_index", 0) for d in devices})
+    slices = slices or reported
+    if len(devices) % slices:
+        raise ValueError(f"{len(devices)} devices do not split into {slices} slices of equal size.")
     # Auto axes: XLA propagates shardings through the model (explicit axes would demand annotations everywhere).
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    axis_types = (jax.sharding.AxisType.Auto,) * 2
+    if slices == 1:
+        return jax.make_mesh((1, len(devices)), BATCH_AXES, axis_types=axis_types)
+    by_process = slices != reported
+    if by_process and (reported > 1 or slices != jax.process_count()):
+        raise ValueError(f"train.slices={slices}, but the devices are in {reported} slice(s) and "
+                         f"{jax.process_count()} process(es): set train.slices to 0 (the devices' slices), or to the "
+                         "process count where the devices report a single slice (each process is then one).")
+    grid = mesh_utils.create_hybrid_device_mesh((1, len(devices) // slices), (slices, 1), devices,
+                                                process_is_granule=by_process)
+    return jax.sharding.Mesh(grid, BATCH_AXES, axis_types=axis_types)
 
 
 def fsdp_axis(shape: tuple[int, ...], devices: int) -> int | None:

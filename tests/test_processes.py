@@ -201,12 +201,18 @@ def test_four_simulated_devices_give_the_losses_of_one(fmnist_dir, one_device_ru
 
 
 @pytest.mark.slow
-def test_two_processes_train_one_model_together(fmnist_dir, one_device_run, tmp_path):
-    hosts = cli_on_hosts("train", *smoke(fmnist_dir, *EVALUATED_SMOKE), "--workdir", str(tmp_path / "pair"))
+@pytest.mark.parametrize("slices", [1, 2])
+def test_two_processes_train_one_model_together(fmnist_dir, one_device_run, tmp_path, slices):
+    """Two hosts of one device each; or two slices (a host each, simulated) of two devices, fsdp within a slice."""
+    multislice = ["--config.train.slices=2", "--config.train.param_sharding=fsdp"] if slices == 2 else []
+    hosts = cli_on_hosts("train", *smoke(fmnist_dir, *EVALUATED_SMOKE, *multislice), "--workdir",
+                         str(tmp_path / "pair"),
+                         env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={slices}"})
     assert all(code == 0 for code, _, _ in hosts), hosts[0][2][-3000:] + hosts[1][2][-3000:]
     assert "step 10/10" in hosts[0][1] and "step 10/10" not in hosts[1][1]  # only process 0 reports
     manifest = json.loads((tmp_path / "pair" / "manifest.json").read_text())
     assert manifest["starts"][0]["devices"]["processes"] == 2
+    assert manifest["starts"][0]["devices"]["mesh"] == {"slice": slices, "data": 2}
     _assert_same_run(tmp_path / "pair", one_device_run)
 
 

@@ -13,10 +13,10 @@ reference batch eval.reference, as FID-10K or FID-50K by eval.num_samples.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Protocol as Interface
 
 import numpy as np
+from etils import epath
 
 from analysis import schema
 from analysis.schema import FID_FEATURE_NETWORK, EvaluationRecord, Protocol
@@ -44,7 +44,7 @@ def evaluation_protocols(config, sampling_steps=None) -> list[Protocol]:
     e = config.eval
     guided = schema.is_guided(float(e.guidance_scale))
     if config.data.source == "latent_shards":
-        reference, feature_network = Path(e.reference).name, FID_FEATURE_NETWORK
+        reference, feature_network = epath.Path(e.reference).name, FID_FEATURE_NETWORK
         decoder = autoencoder_name(config.data.autoencoder)
     else:
         reference = f"{config.data.source}:train[:{int(e.num_reference)}]"
@@ -63,7 +63,7 @@ def autoencoder_name(path: str) -> str:
     from models.autoencoder import find_autoencoder_files
     from scaling.latents import autoencoder_sha256
 
-    return f"{Path(find_autoencoder_files(path)[0]).name} sha256:{autoencoder_sha256(path)[:16]}"
+    return f"{epath.Path(find_autoencoder_files(path)[0]).name} sha256:{autoencoder_sha256(path)[:16]}"
 
 
 def final_evaluation_protocols(config) -> list[Protocol]:
@@ -175,13 +175,14 @@ class ValidationLossEvaluator:
         from jax.sharding import PartitionSpec as P
 
         from models.dit import abstract_dit
+        from scaling.train_step import BATCH_AXES
 
         e = self.config.eval
         held_out = data_lib.FashionMNIST(self.config.data.path, split="test")
         n = int(e.validation_examples)
         if n > len(held_out):
             raise ValueError(f"eval.validation_examples={n} exceeds the {len(held_out)} held-out test images.")
-        sharding = NamedSharding(self.mesh, P("data"))
+        sharding = NamedSharding(self.mesh, P(BATCH_AXES))
         images = held_out.images[:n].astype(np.float32) / 127.5 - 1.0
         labels = held_out.labels[:n]
         key = jax.random.key(int(e.seed))

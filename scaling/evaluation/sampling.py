@@ -21,6 +21,7 @@ from there, so a long sampling job split into calls draws what one call would. W
 
     from models.diffusion import guided_model_fn
     from models.dit import abstract_dit
+    from scaling.train_step import BATCH_AXES
 
     if batch_size % jax.device_count():
         raise ValueError(f"eval.batch_size {batch_size} must be a multiple of the device count "
@@ -33,7 +34,7 @@ from there, so a long sampling job split into calls draws what one call would. W
     else:
         vae_state = None
     spaced = diffusion.respace(f"ddim{sampling_steps}" if sampler == "ddim" else str(sampling_steps))
-    data_sharding = NamedSharding(mesh, P("data"))
+    data_sharding = NamedSharding(mesh, P(BATCH_AXES))
     shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
 
     @jax.jit
