@@ -46,6 +46,16 @@ def test_storage_operations_behave_alike_on_a_disk_and_a_bucket(root):
     assert storage.absolute(root) == root if storage.is_url(root) else storage.absolute(root).is_absolute()
 
 
+def test_the_grid_skips_a_gs_run_another_machine_holds(gcs, fmnist_dir):
+    runs = epath.Path(gcs.path("held-runs"))
+    with RunLease(runs / "DiT-S-8", command="dit-scaling grid"):  # another machine's run, as its lease says
+        grid = cli("grid", "--config", "fmnist:smoke", "--workdir", str(runs), "--models", "S/8",
+                   f"--config.data.path={fmnist_dir}", *[f"--config.{o}" for o in TINY])
+    assert grid.returncode == 0, grid.stderr
+    assert "skipped: " in grid.stdout and "is being written by another run: dit-scaling grid" in grid.stdout
+    assert not (runs / "DiT-S-8" / schema.MANIFEST_FILE).exists()  # nothing written beside the holder
+
+
 def test_the_lease_of_a_gs_workdir(gcs):
     workdir = epath.Path(gcs.path("leased"))
     with RunLease(workdir, heartbeat_s=0.2) as lease:
