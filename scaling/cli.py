@@ -184,11 +184,14 @@ def _print_dry_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--chip {args.chip!r}: use one of {', '.join(CHIPS)}.")
     if not 0 < args.utilization <= 1:
         raise ValueError(f"--utilization {args.utilization}: give the fraction of peak, in (0, 1].")
+    if args.slices < 1 or args.chips % args.slices:
+        raise ValueError(f"--slices {args.slices}: give a positive number of slices that divides --chips {args.chips}.")
     configs = _grid_configs_for_planning(args)
     gib = lambda b: "-" if b is None else f"{b / 2**30:.1f}"  # noqa: E731
     rows, total_flops, total_hours = [], 0.0, 0.0
     for model, config in configs.items():
-        cost = run_cost(config, chip=args.chip, chips=args.chips, utilization=args.utilization)
+        cost = run_cost(config, chip=args.chip, chips=args.chips, utilization=args.utilization,
+                        slices=args.slices)
         total_flops += cost["training_flops"]
         total_hours += cost["chip_hours"]
         rows.append({"run": model, "gflops": f"{cost['gflops']:.2f}", "compute": f"{cost['training_flops']:.3g}",
@@ -197,8 +200,10 @@ def _print_dry_run(args: argparse.Namespace) -> int:
                      "remat": gib(cost["activations_remat"]), "fits": cost["fits"],
                      "wall": format_duration(cost["hours"] * 3600), "chip_hours": f"{cost['chip_hours']:.0f}"})
     chip = CHIPS[args.chip]
-    print(f"dry run: {len(rows)} runs on {args.chips} x {args.chip} ({chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
-          f"{chip.memory_bytes / 2**30:.1f} GiB each) at {args.utilization:.0%} of peak; nothing is launched")
+    in_slices = f" in {args.slices} slices" if args.slices > 1 else ""
+    print(f"dry run: {len(rows)} runs on {args.chips} x {args.chip}{in_slices} "
+          f"({chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.memory_bytes / 2**30:.1f} GiB each) at "
+          f"{args.utilization:.0%} of peak; nothing is launched")
     print_table(rows, [("run", "run"), ("gflops", "Gflops"), ("compute", "train FLOPs"), ("batch", "batch/chip"),
                        ("replicated", "state GiB repl"), ("fsdp", "state GiB fsdp"),
                        ("activations", "act GiB"), ("remat", "act GiB remat"), ("fits", "fits"),
@@ -475,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="launch nothing: print each run's compute, memory per chip, wall time and chip-hours")
     grid.add_argument("--chip", default="v5p", help="for --dry-run: v4, v5e, v5p, v6e, H100, H200 or A100")
     grid.add_argument("--chips", type=int, default=8, help="for --dry-run: chips the runs train on")
+    grid.add_argument("--slices", type=int, default=1,
+                      help="for --dry-run: slices the chips are in (fsdp splits the state within a slice)")
     grid.add_argument("--utilization", type=float, default=0.4,
                       help="for --dry-run: fraction of the chips' peak FLOP/s that a step reaches")
     grid.add_argument("--plan-shards", type=int, metavar="N",

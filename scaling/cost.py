@@ -65,8 +65,9 @@ def activation_bytes(model, batch: int, *, remat: bool) -> int:
     return model.depth * block
 
 
-def run_cost(config, *, chip: str, chips: int, utilization: float) -> dict:
-    """One row of the dry run for a run of `config` on `chips` chips of kind `chip`."""
+def run_cost(config, *, chip: str, chips: int, utilization: float, slices: int = 1) -> dict:
+    """One row of the dry run for a run of `config` on `chips` chips of kind `chip`, in `slices` slices (fsdp
+    splits the state within a slice: `train_step.make_mesh`)."""
     from models.flops import dit_compute
     from scaling.grid import training_flops
 
@@ -80,8 +81,8 @@ def run_cost(config, *, chip: str, chips: int, utilization: float) -> dict:
     row = {"gflops": dit_compute(model).gflops, "training_flops": training_flops(config),
            "local_batch": local_batch}
     for mode in ("replicated", "fsdp"):
-        row[f"state_{mode}"] = (state_bytes_per_device(abstract, chips, mode)
-                                + state_bytes_per_device(params, chips, mode))  # + the gradients
+        row[f"state_{mode}"] = (state_bytes_per_device(abstract, chips // slices, mode)
+                                + state_bytes_per_device(params, chips // slices, mode))  # + the gradients
     if local_batch:
         row["activations"] = activation_bytes(compute_model, local_batch, remat=False)
         row["activations_remat"] = activation_bytes(compute_model, local_batch, remat=True)

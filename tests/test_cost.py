@@ -27,6 +27,9 @@ def test_state_memory_and_wall_time_follow_from_the_parameter_count():
     small = run_cost(config, chip="v5e", chips=8, utilization=0.5)  # 16 GiB chips
     assert small["state_fsdp"] + small["activations_remat"] < 16 * 2**30 < small["state_fsdp"] + small["activations"]
     assert small["fits"] == "fsdp+remat"
+    two_slices = run_cost(config, chip="v4", chips=16, utilization=0.5, slices=2)  # fsdp over the 8 of a slice
+    assert (two_slices["state_fsdp"], two_slices["state_replicated"]) == (cost["state_fsdp"], cost["state_replicated"])
+    assert two_slices["chip_hours"] == pytest.approx(cost["chip_hours"]) and two_slices["local_batch"] == 16
 
 
 def test_activation_estimate_is_within_20_percent_of_xla_on_this_cpu():
@@ -54,3 +57,5 @@ def test_dry_run_command(capsys):
     assert "XL/2  118.62" in out and "chip-hours" in out and "nvidia.com H100" in out
     assert main(["grid", "--config", "imagenet256", "--workdir", "unused", "--dry-run", "--chip", "v9"]) == 2
     assert "--chip 'v9': use one of v4" in capsys.readouterr().err
+    assert main(["grid", "--config", "imagenet256", "--workdir", "unused", "--dry-run", "--slices", "3"]) == 2
+    assert "--slices 3: give a positive number of slices that divides --chips 8" in capsys.readouterr().err
