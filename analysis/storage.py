@@ -99,8 +99,6 @@ def create_only(path: str | os.PathLike, text: str) -> bool:
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if is_url(path):
-        if path.exists():
-            return False
         return GcsObject(path).write(text, generation=0) is not None
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     temporary.write_text(text)
@@ -127,7 +125,6 @@ class GcsObject:
         match = re.match(r"^gs://([^/]+)/(.+)$", os.fspath(path))
         if not match:
             raise ValueError(f"{path} is not a gs://bucket/object URL.")
-        self.path = os.fspath(path)
         self._blob = _gcs_client().bucket(match.group(1)).blob(match.group(2))
 
     def read(self) -> tuple[str, int] | None:

@@ -67,6 +67,13 @@ def _gone_from_this_host(holder: dict) -> bool:
     return False
 
 
+def _token(text: str) -> str | None:
+    try:
+        return json.loads(text).get("token")
+    except json.JSONDecodeError:
+        return None  # a damaged lease is no one's
+
+
 class RunLease:
     """The lease of `workdir` for the duration of a `with` block; raises WorkdirHeld on entry when another run
     holds it."""
@@ -136,8 +143,7 @@ class RunLease:
                 return self._refusal(holder)
         self._holder = self._new_holder()
         written = self._object.write(json.dumps(self._holder) + "\n", generation=generation)
-        # Reading it back as ours confirms the lease even on a store that ignores preconditions.
-        if written is None or self._read_token() != self._holder["token"]:
+        if written is None:  # another run wrote it between the read and this write
             return self._refusal(read_holder(self.workdir))
         self._generation = written
         self._heartbeat = threading.Thread(target=self._beat, name="lease heartbeat", daemon=True)
@@ -147,15 +153,11 @@ class RunLease:
     def _expired(self, holder: dict) -> bool:
         return time.time() - holder.get("heartbeat", 0) > self.stale_after_s or _gone_from_this_host(holder)
 
-    def _read_token(self) -> str | None:
-        holder = read_holder(self.workdir)
-        return holder.get("token") if holder else None
-
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             found = self._object.read()
             written = None
-            if found is not None and json.loads(found[0]).get("token") == self._holder["token"]:
+            if found is not None and _token(found[0]) == self._holder["token"]:
                 self._holder["heartbeat"] = time.time()
                 written = self._object.write(json.dumps(self._holder) + "\n", generation=found[1])
             if written is None:  # rewritten by another run (or deleted) since this one's last heartbeat
