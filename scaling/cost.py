@@ -11,7 +11,17 @@ it). Activations are an estimate of what a block keeps for the backward pass: 26
 (T tokens, D width, h heads; the 2 h T^2 are the attention logits and weights), the constants fitted to XLA's
 compiled temporaries on the CPU in float32, which grow exactly in proportion to the batch (S/4, B/4 and S/2: 26.1
 and 1.7; tests/test_cost.py checks B/2, which the fit did not see). With remat a block keeps its input alone
-(T D values) and recomputes the rest, one block at a time. On accelerators the estimate is untested here.
+(T D values) and recomputes the rest, one block at a time.
+
+Checked against the training benchmark (`python -m scaling.benchmarks.train`, whose "dry run" column is this
+prediction for one device beside XLA's compiled size of the same step), batch 8 on an Intel Xeon with AMX: in
+float32 the prediction exceeds XLA's size by 10-19% (S/4 0.86 vs 0.74 GiB, B/4 2.92 vs 2.45, S/2 1.81 vs 1.58, B/2
+4.82 vs 4.14, L/4 9.84 vs 8.15), the gradients counted whole where XLA frees them as the update consumes them; in
+bfloat16 it is 3-21% under (S/2 1.21 vs 1.53), XLA:CPU keeping some bf16 activations in float32. With remat
+XLA:CPU's compiled size barely moves (S/2 1.55 GiB, B/2 4.07), so the remat estimate is unverified on a CPU; on
+accelerators neither estimate has been checked here. Wall time assumes one utilisation for every run; the
+benchmark measured 50-70% of the float32 matmul peak from S/4 to B/2 and 21-37% in bfloat16, so a grid's runs
+can be off by up to 1.4x (float32) or 1.8x (bfloat16) either way of one stated utilisation.
 """
 
 from __future__ import annotations
@@ -55,6 +65,12 @@ def state_bytes_per_device(abstract_state, chips: int, mode: str) -> int:
     return total
 
 
+def training_state_bytes(abstract_state, chips: int, mode: str) -> int:
+    """Bytes on one device of the training state and the gradients (one more copy of the parameters)."""
+    return state_bytes_per_device(abstract_state, chips, mode) + state_bytes_per_device(
+        abstract_state["params"], chips, mode)
+
+
 def activation_bytes(model, batch: int, *, remat: bool) -> int:
     """The estimate of the module docstring for `batch` examples on one device."""
     tokens, width, heads = (model.input_size // model.patch_size) ** 2, model.hidden_size, model.num_heads
@@ -75,14 +91,12 @@ def run_cost(config, *, chip: str, chips: int, utilization: float, slices: int =
     model = planned_model(config)
     compute_model = dataclasses.replace(model, dtype="bfloat16")  # what an accelerator's auto dtype picks
     abstract = jax.eval_shape(lambda: init_state(model, make_optimizer(config), 0))
-    params = abstract["params"]
     batch = config.train.batch_size
     local_batch = batch // chips if batch % chips == 0 else None
     row = {"gflops": dit_compute(model).gflops, "training_flops": training_flops(config),
            "local_batch": local_batch}
     for mode in ("replicated", "fsdp"):
-        row[f"state_{mode}"] = (state_bytes_per_device(abstract, chips // slices, mode)
-                                + state_bytes_per_device(params, chips // slices, mode))  # + the gradients
+        row[f"state_{mode}"] = training_state_bytes(abstract, chips // slices, mode)
     if local_batch:
         row["activations"] = activation_bytes(compute_model, local_batch, remat=False)
         row["activations_remat"] = activation_bytes(compute_model, local_batch, remat=True)

@@ -129,7 +129,8 @@ def throughput(model: str, batches: list[int], steps: int) -> None:
         print(f"{model} bf16 batch {batch}: {r['step_s'] * 1e3:.1f} ms/step, {r['images_per_s']:.0f} img/s, "
               f"{r['achieved_tflops']:.1f} TFLOP/s = {of_published}, {r['utilization']:.1%} of the measured matmul "
               f"peak ({r['peak_tflops']:.0f} TFLOP/s); compile {r['compile_s']:.1f} s, peak memory "
-              f"{r['peak_memory_gib']:.1f} GiB, {time.perf_counter() - start:.0f} s in all", flush=True)
+              f"{r['peak_memory_gib']:.1f} GiB (XLA's compiled size {r['compiled_gib']:.1f}, the dry run's "
+              f"prediction {r['predicted_gib']:.1f}), {time.perf_counter() - start:.0f} s in all", flush=True)
         if best is None or r["achieved_tflops"] > best["achieved_tflops"]:
             best = r
     if best:

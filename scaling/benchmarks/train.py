@@ -6,8 +6,9 @@ For each config (256px: 32x32x4 latents, 1000 classes, learned sigma, the paper'
 dtype, in a fresh process each: the matmul peak of one device measured in that process (`measure_matmul_peak`,
 same dtype), the compile time of the training step, the median time of a step, images/s, achieved FLOP/s
 (2 x 3 x forward MACs x images/s: true FLOPs, backward = 2 x forward) and its ratio to the peak, and the peak
-memory (process RSS on CPU, the device's peak bytes elsewhere). With both float32 and bfloat16, it says which
-of them `model.dtype = "auto"` picks on this machine and whether that is the faster one.
+memory (process RSS on CPU, the device's peak bytes elsewhere) beside the compiled step's own size (XLA's memory
+analysis) and what `grid --dry-run` predicts for one device (scaling/cost.py). With both float32 and bfloat16, it
+says which of them `model.dtype = "auto"` picks on this machine and whether that is the faster one.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str, scan_b
     from models.dit import dit_config
     from models.flops import dit_compute
     from scaling.configs.common import base_config
+    from scaling.cost import activation_bytes, training_state_bytes
     from scaling.train_step import init_state, make_optimizer, make_train_step, measure_matmul_peak, state_bytes
 
     config = base_config()
@@ -63,6 +65,11 @@ def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str, scan_b
     start = time.perf_counter()
     step = step.lower(state, batch_data).compile()
     compile_s = time.perf_counter() - start
+    analysis = step.memory_analysis()
+    compiled_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                      - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+    predicted_bytes = training_state_bytes(abstract, 1, "replicated") + activation_bytes(model_config, batch,
+                                                                                         remat=remat)
     for _ in range(2):  # warm-up, one step at a time: a step queued behind another holds its memory too
         state, metrics = step(state, batch_data)
         jax.block_until_ready(metrics)
@@ -83,7 +90,8 @@ def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str, scan_b
             "device": cpu_model() if jax.default_backend() == "cpu" else jax.devices()[0].device_kind,
             "compile_s": compile_s, "step_s": step_s, "images_per_s": batch / step_s,
             "achieved_tflops": achieved / 1e12, "peak_tflops": peak / 1e12, "utilization": achieved / peak,
-            "peak_memory_gib": memory / 2**30, "loss": float(metrics["loss"])}
+            "peak_memory_gib": memory / 2**30, "compiled_gib": compiled_bytes / 2**30,
+            "predicted_gib": predicted_bytes / 2**30, "loss": float(metrics["loss"])}
 
 
 def main() -> None:
@@ -113,7 +121,7 @@ def main() -> None:
             parser.error(f"--remat names {sorted(unknown)}, which --models does not list ({', '.join(models)}).")
         args.remat = ",".join(model_names(args.remat))
     header = (f"{'model':9} {'dtype':19} {'batch':>5} {'compile s':>9} {'step s':>8} {'img/s':>8} "
-              f"{'TFLOP/s':>8} {'peak':>8} {'util':>6} {'mem GiB':>8}")
+              f"{'TFLOP/s':>8} {'peak':>8} {'util':>6} {'mem GiB':>8} {'XLA GiB':>8} {'dry run':>8}")
     print(header)
     device = "? (no measurement succeeded)"
     for model in models:
@@ -129,7 +137,8 @@ def main() -> None:
             step_seconds[dtype], device = r["step_s"], r["device"]
             print(f"{r['model']:9} {r['dtype']:19} {r['batch']:5d} {r['compile_s']:9.1f} {r['step_s']:8.3f} "
                   f"{r['images_per_s']:8.2f} {r['achieved_tflops']:8.3f} {r['peak_tflops']:8.3f} "
-                  f"{r['utilization']:6.1%} {r['peak_memory_gib']:8.2f}", flush=True)
+                  f"{r['utilization']:6.1%} {r['peak_memory_gib']:8.2f} {r['compiled_gib']:8.2f} "
+                  f"{r['predicted_gib']:8.2f}", flush=True)
         if {"float32", "bfloat16"} <= step_seconds.keys():
             faster = min(("float32", "bfloat16"), key=step_seconds.get)
             ratio = step_seconds["float32"] / step_seconds["bfloat16"]
@@ -137,7 +146,9 @@ def main() -> None:
             print(f"  auto picks {auto.dtype} ({auto.reason}), {verdict}: bf16 runs at {ratio:.2f}x the float32 "
                   "speed", flush=True)
     print(f"device: {device}; peak = measured matmul FLOP/s of one device in the "
-          "same dtype; FLOP/s = 2 x 3 x forward MACs x images/s")
+          "same dtype; FLOP/s = 2 x 3 x forward MACs x images/s; mem = process RSS on CPU, the device's peak "
+          "elsewhere; XLA = the compiled step's arguments, outputs and temporaries; dry run = what `grid "
+          "--dry-run` predicts for one device (training state + activation estimate, scaling/cost.py)")
 
 
 if __name__ == "__main__":
