@@ -7,6 +7,8 @@ import scipy.linalg
 from scaling.evaluation.metrics import (
     FeatureStatistics,
     frechet_distance,
+    frechet_distance_of_features,
+    gaussian_statistics,
     inception_score,
     precision_recall,
 )
@@ -60,6 +62,19 @@ def test_frechet_distance_agrees_with_adms_sqrtm_and_an_eigenvalue_reference(sam
     distance = frechet_distance(mu1, sigma1, mu2, sigma2)
     assert adm == pytest.approx(reference, rel=1e-6)
     assert distance == pytest.approx(reference, rel=1e-6) and distance == pytest.approx(adm, rel=1e-6)
+
+
+@pytest.mark.parametrize("samples", [5, 29, 30, 31, 400])  # fewer, as many and more samples than dimensions
+def test_frechet_distance_of_features_is_the_distance_of_their_statistics(samples):
+    rng = np.random.default_rng(samples)
+    features = rng.standard_normal((samples, 30)) @ rng.standard_normal((30, 30)) + rng.standard_normal(30)
+    mu2, sigma2 = rng.standard_normal(30), _random_covariance(rng, 30, 50)
+    expected = _frechet_by_eigenvalues(*gaussian_statistics(features), mu2, sigma2)
+    # rel 1e-6 as above: the reference's eigenvalues of a rank-deficient S1 S2 carry round-off of ~sqrt(eps)
+    assert frechet_distance_of_features(features, mu2, sigma2) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance_of_features(features, *gaussian_statistics(features)) < 1e-9 * np.trace(sigma2)
+    with pytest.raises(ValueError, match="mismatched statistics"):
+        frechet_distance_of_features(features, np.zeros(4), np.eye(4))
 
 
 def test_frechet_rejects_mismatched_or_broken_statistics():

@@ -265,7 +265,7 @@ class FIDEvaluator:
             start = time.perf_counter()
             images = to_uint8(self._sampler(protocol)(params, labels, int(e.seed)), protocol.uint8_convention)
             features = inception_activations(self._inception, images).pool
-            fid = metrics.frechet_distance(*metrics.gaussian_statistics(features), *self._reference)
+            fid = metrics.frechet_distance_of_features(features, *self._reference)
             records.append(EvaluationRecord.of(
                 step=step, metric=schema.metric_name("FID", len(images)), value=fid, protocol=protocol,
                 gflops_per_image=self.compute.gflops, global_batch=self.config.train.batch_size,

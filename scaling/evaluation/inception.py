@@ -81,8 +81,8 @@ def evaluate_samples(samples: SampleBatch, reference: ReferenceBatch, model, bat
     return {
         "n": n,
         "n_reference": None if reference.images is None else len(reference.images),
-        "fid": metrics.frechet_distance(*metrics.gaussian_statistics(acts.pool), *ref_pool),
-        "sfid": metrics.frechet_distance(*metrics.gaussian_statistics(acts.spatial), *ref_spatial),
+        "fid": metrics.frechet_distance_of_features(acts.pool, *ref_pool),
+        "sfid": metrics.frechet_distance_of_features(acts.spatial, *ref_spatial),
         "inception_score": None if acts.probs is None else metrics.inception_score(acts.probs),
         "precision": precision,
         "recall": recall,

@@ -47,8 +47,7 @@ def small_data_metrics_of_features(real_features: np.ndarray, fake_features: np.
                                    fake_labels: np.ndarray | None = None) -> dict:
     """`small_data_metrics` from the classifier's outputs (real features can then be computed once per run)."""
     precision, recall = metrics.precision_recall(real_features, fake_features)
-    fake, real = metrics.gaussian_statistics(fake_features), metrics.gaussian_statistics(real_features)
-    distance = metrics.frechet_distance(*fake, *real)
+    distance = metrics.frechet_distance_of_features(fake_features, *metrics.gaussian_statistics(real_features))
     return {
         "fd_fashioncnn": distance,
         "precision": precision,
