@@ -63,6 +63,15 @@ class BatchStat(nnx.Variable):
     """A fixed BatchNorm statistic or offset of the pretrained network (never trained here)."""
 
 
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array:
+    """Random placeholder weights (pretrained ones replace them), drawn by numpy from a key of `rngs`: jax.random
+    compiles a sampler per shape, about 56 s for the network's 60 kernel shapes on a 2-core CPU."""
+    key = jax.random.key_data(rngs.params())
+    if isinstance(key, jax.core.Tracer):  # built abstractly (nnx.eval_shape): only the shape is used
+        return jnp.zeros(shape, jnp.float32)
+    return jnp.asarray(np.random.default_rng(np.asarray(key)).standard_normal(shape, np.float32) * std)
+
+
 class ConvBN(nnx.Module):
     """conv (no bias, HWIO kernel) -> BatchNorm with beta, moving mean and variance, no scale -> ReLU."""
 
@@ -70,8 +79,7 @@ class ConvBN(nnx.Module):
                  padding: str = "VALID", *, rngs: nnx.Rngs):
         self.stride, self.padding = stride, padding
         fan_in = in_channels * kernel[0] * kernel[1]
-        self.kernel = BatchStat(jax.random.normal(rngs.params(), (*kernel, in_channels, out_channels))
-                                * (2 / fan_in) ** 0.5)
+        self.kernel = BatchStat(_normal(rngs, (*kernel, in_channels, out_channels), (2 / fan_in) ** 0.5))
         self.beta = BatchStat(jnp.zeros(out_channels))
         self.mean = BatchStat(jnp.zeros(out_channels))
         self.var = BatchStat(jnp.ones(out_channels))
@@ -234,7 +242,7 @@ class FIDInception(nnx.Module):
         self.mixed_8 = InceptionD(768, rngs=rngs)
         self.mixed_9 = InceptionE(1280, max_pool=False, rngs=rngs)
         self.mixed_10 = InceptionE(2048, max_pool=True, rngs=rngs)
-        self.logits = BatchStat(jax.random.normal(rngs.params(), (POOL_FEATURES, LOGITS_CLASSES)) * 0.02) \
+        self.logits = BatchStat(_normal(rngs, (POOL_FEATURES, LOGITS_CLASSES), 0.02)) \
             if with_logits else None
 
     def __call__(self, images_NHWC: jax.Array) -> InceptionFeatures:
@@ -381,8 +389,7 @@ def load_fid_inception(weights: str | os.PathLike | None = None, *, logits: str 
     if verify_checksum and not _digest(path, expected[0]).startswith(expected[1]):
         raise TorchFileError(f"{path} has the wrong {expected[0].upper()} (expected {expected[1]}...): a different "
                              "or corrupt file. Pass verify_checksum=False to accept it anyway.")
-    # Built abstractly: every array is replaced by a loaded one, so random initialisation would be wasted work
-    # (it compiled a sampler per conv shape: 30 s on a 2-core CPU).
+    # Built abstractly: every array is replaced by a loaded one, so random initialisation would be wasted work.
     model = nnx.eval_shape(lambda: FIDInception(with_logits=logits is not None))
     targets = _stat_paths(model)
     missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
