@@ -10,14 +10,15 @@ State memory is exact (the bytes of the abstract training state, split as `train
 it). Activations are an estimate of what a block keeps for the backward pass: 26 T D + 2 h T^2 values per example
 (T tokens, D width, h heads; the 2 h T^2 are the attention logits and weights), the constants fitted to XLA's
 compiled temporaries on the CPU in float32, which grow exactly in proportion to the batch (S/4, B/4 and S/2: 26.1
-and 1.7; tests/test_cost.py checks B/2, which the fit did not see). With remat a block keeps its input alone
+and 1.7; tests/test_cost.py checks a 3-block B/2, which the fit did not see). With remat a block keeps its input alone
 (T D values) and recomputes the rest, one block at a time.
 
 Checked against the training benchmark (`python -m scaling.benchmarks.train`, whose "dry run" column is this
 prediction for one device beside XLA's compiled size of the same step), batch 8 on an Intel Xeon with AMX: in
-float32 the prediction exceeds XLA's size by 10-19% (S/4 0.86 vs 0.74 GiB, B/4 2.92 vs 2.45, S/2 1.81 vs 1.58, B/2
-4.82 vs 4.14, L/4 9.84 vs 8.15), the gradients counted whole where XLA frees them as the update consumes them; in
-bfloat16 it is 3-21% under (S/2 1.21 vs 1.53), XLA:CPU keeping some bf16 activations in float32. With remat
+float32 the prediction exceeds XLA's size by 15-21% (S/4 0.86 vs 0.74 GiB, B/4 2.92 vs 2.45, S/2 1.81 vs 1.58, B/2
+4.82 vs 4.14, L/4 9.84 vs 8.15; it counts the gradients as one more whole copy of the parameters); in bfloat16 it
+lies between 5% over and 21% under (B/4 2.68 vs 2.60, L/4 9.19 vs 8.75, S/4 0.74 vs 0.76, B/2 3.62 vs 4.15, S/2
+1.21 vs 1.53), as it counts 2 bytes per activation where XLA:CPU's step is larger. With remat
 XLA:CPU's compiled size barely moves (S/2 1.55 GiB, B/2 4.07), so the remat estimate is unverified on a CPU; on
 accelerators neither estimate has been checked here. Wall time assumes one utilisation for every run; the
 benchmark measured 50-70% of the float32 matmul peak from S/4 to B/2 and 21-37% in bfloat16, so a grid's runs
