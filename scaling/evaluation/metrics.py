@@ -99,28 +99,30 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
 
 
+def _distance(mu1, sigma1, mu2, sigma2, inner: np.ndarray) -> float:
+    """|mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), from a symmetric `inner` with the non-zero eigenvalues
+    of S1 S2 (round-off's negative eigenvalues clipped to zero)."""
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """The Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (see the module docstring)."""
     mu1, sigma1, mu2, sigma2 = _check_gaussians(mu1, sigma1, mu2, sigma2)
-    diff = mu1 - mu2
     root1 = _psd_sqrt(sigma1)
-    inner = root1 @ sigma2 @ root1
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+    return _distance(mu1, sigma1, mu2, sigma2, root1 @ sigma2 @ root1)
 
 
 def frechet_distance_of_features(features: np.ndarray, mu2, sigma2) -> float:
     """`frechet_distance` between the Gaussian fitted to `features` [N, D] and N(mu2, sigma2); exact through an
     N x N matrix when N <= D (see the module docstring)."""
     mu1, sigma1 = gaussian_statistics(features)
-    mu1, sigma1, mu2, sigma2 = _check_gaussians(mu1, sigma1, mu2, sigma2)
     if len(features) > mu1.size:
         return frechet_distance(mu1, sigma1, mu2, sigma2)
+    mu1, sigma1, mu2, sigma2 = _check_gaussians(mu1, sigma1, mu2, sigma2)
     factor = (np.asarray(features, np.float64) - mu1) / np.sqrt(len(features) - 1)
-    inner = factor @ sigma2 @ factor.T
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+    return _distance(mu1, sigma1, mu2, sigma2, factor @ sigma2 @ factor.T)
 
 
 def inception_score(probs: np.ndarray, split_size: int = INCEPTION_SCORE_SPLIT) -> float:
