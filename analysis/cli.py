@@ -212,25 +212,24 @@ def _plan_rows(plan) -> list[tuple[str, str]]:
 def cmd_compare(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from analysis.planning import compare_architecture
+    from analysis.planning import compare_architecture, compare_runs
     from analysis.records import load
-    from analysis.schema import RecordsError
-    from analysis.study import model_compute_fit, select, training_compute_fit
+    from analysis.study import model_compute_fit, training_compute_fit
 
     records = _load_records(args.records)
     where = _where(args.where)
-    frontier = training_compute_fit(records, metric=args.metric, **where)
-    gflops_fit = model_compute_fit(records, metric=args.metric, **where)
     if args.points.suffix == ".csv" and not {"metric", "value"} <= set(pd.read_csv(args.points, nrows=0).columns):
-        points = pd.read_csv(args.points)
-    else:  # records of runs: their points of DiT's metric and protocol, or an error saying what differs
-        selection = select(load(args.points), metric=frontier.metadata["metric"])
-        if selection.protocol != frontier.metadata["protocol"]:
-            raise RecordsError(f"the points were measured under another protocol than the DiT records:\n  points: "
-                               f"{selection.protocol}\n  DiT:    {frontier.metadata['protocol']}")
-        points = selection.points.rename(columns={"step": "steps", "run": "name"})[
-            ["name", "gflops", "steps", "batch_size", "train_gflops_cumulative", "value"]]
-    table = compare_architecture(points, frontier, gflops_fit, batch_size=args.batch_size)
+        frontier = training_compute_fit(records, metric=args.metric, **where)
+        gflops_fit = model_compute_fit(records, metric=frontier.metadata["metric"], **where)
+        table = compare_architecture(pd.read_csv(args.points), frontier, gflops_fit, batch_size=args.batch_size)
+    else:  # records of runs: their points of DiT's metric, protocol and recipe, or an error saying what differs
+        comparison = compare_runs(load(args.points), records, metric=args.metric, **where)
+        table, frontier, gflops_fit = comparison.table, comparison.frontier_fit, comparison.gflops_fit
+        if args.figures:
+            from analysis.figures import comparison_figures
+
+            for path in comparison_figures(comparison, records, args.figures, **where):
+                print(f"wrote {path}")
     if args.json:
         print(_dumps(table.to_dict("records")))
         return 0
@@ -286,8 +285,8 @@ def add_commands(commands) -> None:
     fit.add_argument("--json", action="store_true")
     fit.set_defaults(handler=cmd_fit)
 
-    def add_records_arguments(parser):
-        parser.add_argument("--records", type=epath.Path, action="append",
+    def add_records_arguments(parser, flag="--records"):
+        parser.add_argument(flag, dest="records", type=epath.Path, action="append",
                             help="DiT records (runs directory, run, .jsonl or .csv); default: runs/paper")
         parser.add_argument("--metric", help="metric to use (default: the one with the most points)")
         parser.add_argument("--where", action="append", metavar="COLUMN=VALUE", help="filter the DiT records")
@@ -309,12 +308,15 @@ def add_commands(commands) -> None:
 
     compare = commands.add_parser(
         "compare", help="Place a new architecture's points against the DiT curves (compute multiplier).",
-        description="POINTS: a CSV with gflops (forward GMACs per image; or gmacs/macs/flops), the metric (e.g. "
-                    "fid), steps with batch_size (or --batch-size) or train_gflops_cumulative, and optionally "
-                    "name; or records of runs (same metric and protocol as the DiT records).")
-    compare.add_argument("points", type=epath.Path)
+        description="POINTS: records of the new architecture's runs (a runs directory from `grid`: same metric, "
+                    "protocol and recipe as the DiT records, or an error says what differs); or a CSV with gflops "
+                    "(forward GMACs per image; or gmacs/macs/flops), the metric (e.g. fid), steps with batch_size "
+                    "(or --batch-size) or train_gflops_cumulative, and optionally name.")
+    compare.add_argument("points", type=epath.Path, metavar="POINTS")
     compare.add_argument("--batch-size", type=int, help="batch size of the points, when POINTS has no batch_size")
-    add_records_arguments(compare)
+    compare.add_argument("--figures", type=epath.Path, metavar="DIR",
+                         help="records POINTS: draw them over DiT's Fig. 8 and Fig. 9 into DIR")
+    add_records_arguments(compare, flag="--against")
     compare.set_defaults(handler=cmd_compare)
 
     figures = commands.add_parser("figures", help="Render the paper's figures, Table 4 and a report from records.")

@@ -37,6 +37,7 @@ from analysis.style import (
     padded,
     plot_curves,
     run_styles,
+    save_figure,
     sci,
     size_label,
     size_legend,
@@ -255,24 +256,38 @@ def _curves_in_one_panel(points: pd.DataFrame, metric: str) -> Figure:
 # ---------------------------------------------------------------------------------------------------------------
 
 def fig8_gflops_fit(records: Records | pd.DataFrame, *, metric: str | None = None, step: int | None = None,
-                    **where) -> Figure:
+                    overlay: pd.DataFrame | None = None, **where) -> Figure:
     """Fig. 8: `study.model_compute_fit` for the same arguments: the metric vs forward Gflops per image (log-log)
     at one training step, with the fitted line, its confidence band, the prediction interval for a new config, and
-    the slope and correlations."""
-    return _fig8(records, metric=metric, step=step, **where)[0]
+    the slope and correlations. `overlay`: another architecture's evaluation points (records columns: run, model,
+    gflops, step, value), drawn at the fit's step over DiT's and not fitted."""
+    return _fig8(records, metric=metric, step=step, overlay=overlay, **where)[0]
+
+
+OVERLAY_COLOR = "black"
+
+
+def _overlay_label(overlay: pd.DataFrame) -> str:
+    families = sorted({str(m).rpartition("-")[0] or str(m) for m in overlay["model"]})
+    return f"{', '.join(families)} (compared, not fitted)"
 
 
 @styled
-def _fig8(records, **selection) -> tuple[Figure, LogLogFit]:
+def _fig8(records, *, overlay: pd.DataFrame | None = None, **selection) -> tuple[Figure, LogLogFit]:
     points = study.model_compute_points(records, **selection)
     fit = study.model_compute_fit(points)
     metric, step = fit.metadata["metric"], fit.metadata["step"]
     runs = _per_run(points)
     styles = run_styles(runs)
+    if overlay is not None:
+        overlay = overlay[overlay["step"] == step]
+        if overlay.empty:
+            raise RecordsError(f"the compared runs have no points at step {step}, the step of DiT's Fig. 8 fit.")
+    shown = points if overlay is None else pd.concat([points[["gflops", "value"]], overlay[["gflops", "value"]]])
 
     fig = Figure(figsize=(6.0, 4.6), layout="constrained")
     ax = fig.add_subplot()
-    x = np.geomspace(points["gflops"].min() / 1.6, points["gflops"].max() * 1.6, 200)
+    x = np.geomspace(shown["gflops"].min() / 1.6, shown["gflops"].max() * 1.6, 200)
     ax.fill_between(x, *fit.prediction_interval(x), color="0.5", alpha=0.12, linewidth=0,
                     label=f"{fit.confidence:.0%} prediction interval")
     ax.fill_between(x, *fit.confidence_band(x), color="0.3", alpha=0.25, linewidth=0,
@@ -282,8 +297,11 @@ def _fig8(records, **selection) -> tuple[Figure, LogLogFit]:
         style = styles[row.run]
         ax.plot(row.gflops, row.value, marker=style.marker, color=style.color, markersize=7, linestyle="",
                 markeredgecolor="white", zorder=3)
+    if overlay is not None:
+        ax.plot(overlay["gflops"], overlay["value"], marker="D", color=OVERLAY_COLOR, markersize=6.5, linestyle="",
+                markerfacecolor="white", markeredgewidth=1.6, zorder=4, label=_overlay_label(overlay))
     log_axis(ax, "x", x, pad=1.0)
-    log_axis(ax, "y", points["value"], pad=1.25)
+    log_axis(ax, "y", shown["value"], pad=1.25)
     ax.set_xlabel("Transformer Gflops (forward, per image)")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} at {format_steps(step)} training steps vs model compute")
@@ -294,8 +312,13 @@ def _fig8(records, **selection) -> tuple[Figure, LogLogFit]:
                     f"{fit.n_configs} configs",
               loc="best", alignment="left", frameon=True, facecolor="white", edgecolor="0.8", framealpha=0.95,
               fontsize=8.5, title_fontsize=8.5)
-    label_points(ax, runs["gflops"].to_numpy(), runs["value"].to_numpy(), [styles[r].label for r in runs["run"]],
-                  np.full(len(runs), 4.0))
+    labels = [styles[r].label for r in runs["run"]]
+    x_points, y_points = runs["gflops"].to_numpy(), runs["value"].to_numpy()
+    if overlay is not None:
+        labels += [str(m) for m in overlay["model"]]
+        x_points = np.concatenate([x_points, overlay["gflops"].to_numpy()])
+        y_points = np.concatenate([y_points, overlay["value"].to_numpy()])
+    label_points(ax, x_points, y_points, labels, np.full(len(labels), 4.0))
     return fig, fit
 
 
@@ -304,16 +327,19 @@ def _fig8(records, **selection) -> tuple[Figure, LogLogFit]:
 # ---------------------------------------------------------------------------------------------------------------
 
 def fig9_training_compute(records: Records | pd.DataFrame, *, metric: str | None = None,
-                          n_bootstrap: int = study.FRONTIER_N_BOOTSTRAP, **where) -> Figure:
+                          n_bootstrap: int = study.FRONTIER_N_BOOTSTRAP, overlay: pd.DataFrame | None = None,
+                          **where) -> Figure:
     """Fig. 9: `study.training_compute_fit` for the same arguments: the metric vs training compute (3 x Gflops x
     batch x steps; log-log) for every run, with the compute-efficient frontier and the offset power law fitted to
     it (with its confidence band). When the law cannot be fitted, the figure says why and shows the curves and
-    frontier only."""
-    return _fig9(records, metric=metric, n_bootstrap=n_bootstrap, **where)[0]
+    frontier only. `overlay`: another architecture's evaluation points (records columns), each run's
+    curve drawn over DiT's, not fitted."""
+    return _fig9(records, metric=metric, n_bootstrap=n_bootstrap, overlay=overlay, **where)[0]
 
 
 @styled
-def _fig9(records, *, n_bootstrap: int, **selection) -> tuple[Figure, FrontierFit | None, str | None]:
+def _fig9(records, *, n_bootstrap: int, overlay: pd.DataFrame | None = None,
+          **selection) -> tuple[Figure, FrontierFit | None, str | None]:
     points = study.training_compute_points(records, **selection)
     if points["run"].nunique() < 2:
         raise RecordsError(f"Fig. 9 compares runs by training compute, but {points['run'].nunique()} run(s) have "
@@ -344,8 +370,20 @@ def _fig9(records, *, n_bootstrap: int, **selection) -> tuple[Figure, FrontierFi
     else:
         ax.text(0.02, 0.03, f"power law not fitted: {unfitted}", transform=ax.transAxes, fontsize=8, color="0.3",
                 wrap=True)
-    log_axis(ax, "x", points["train_gflops_cumulative"])
-    log_axis(ax, "y", points["value"])
+    shown = points
+    if overlay is not None:
+        by_run = overlay.sort_values("gflops", kind="stable").groupby("run", sort=False)
+        for number, (_, curve) in enumerate(by_run):
+            curve = curve.sort_values("train_gflops_cumulative")
+            ax.plot(curve["train_gflops_cumulative"], curve["value"], color=OVERLAY_COLOR, linestyle=":",
+                    marker="D", markersize=5, markerfacecolor="white", linewidth=1.4, zorder=5,
+                    label=_overlay_label(overlay) if number == 0 else None)
+            ax.annotate(str(curve["model"].iloc[-1]), (curve["train_gflops_cumulative"].iloc[-1],
+                                                       curve["value"].iloc[-1]),
+                        xytext=(5, -3), textcoords="offset points", fontsize=7.5, color=OVERLAY_COLOR)
+        shown = pd.concat([points, overlay])
+    log_axis(ax, "x", shown["train_gflops_cumulative"])
+    log_axis(ax, "y", shown["value"])
     ax.set_xlabel("Training compute C (Gflops: 3 × forward Gflops × batch × steps)")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs training compute")
@@ -461,3 +499,27 @@ def fig13_loss(records: Records | pd.DataFrame) -> Figure:
     ax.set_title("Training loss (faint: raw; solid: rolling mean)")
     fig.legend(loc="outside right center", fontsize=8.5)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A new architecture over DiT's Fig. 8 and Fig. 9
+# ---------------------------------------------------------------------------------------------------------------
+
+COMPARISON_FIGURES = ("compare_fig8_gflops", "compare_fig9_training_compute")
+
+
+def comparison_figures(comparison, dit: Records, out_dir, **where) -> list:
+    """`planning.compare_runs`'s new runs drawn over DiT's Fig. 8 (at its fit's step) and Fig. 9, as PNG and PDF
+    in `out_dir`; returns the paths written."""
+    from etils import epath
+
+    out_dir = epath.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metric = comparison.metric
+    rendered = {
+        "compare_fig8_gflops": fig8_gflops_fit(dit, metric=metric, step=comparison.gflops_fit.metadata["step"],
+                                               overlay=comparison.points, **where),
+        "compare_fig9_training_compute": fig9_training_compute(dit, metric=metric, overlay=comparison.points,
+                                                               **where),
+    }
+    return [path for name, figure in rendered.items() for path in save_figure(figure, out_dir, name)]

@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
+from etils import epath
 
+from analysis import schema
 from analysis.fits import FrontierFit, LogLogFit
-from analysis.records import COMPUTE_UNITS, convert_compute
+from analysis.records import COMPUTE_UNITS, Records, convert_compute
 from analysis.schema import RecordsError, training_compute
 
 UNITS = ("gflops", "flops", "accelerator-hours")
@@ -183,3 +185,91 @@ def compare_architecture(points: pd.DataFrame, frontier_fit: FrontierFit, gflops
         table["dit_at_same_gflops_hi"] = np.where(same_step, phi, np.nan)
     return table
 
+
+
+# What makes two runs' training alike: the config fields (section, field) a comparison of architectures holds
+# fixed. Evaluation is checked through the protocol; steps may differ (the curves cover them).
+RECIPE_FIELDS = (("train", "batch_size"), ("train", "learning_rate"), ("train", "weight_decay"), ("train", "b1"),
+                 ("train", "b2"), ("train", "eps"), ("train", "ema_decay"), ("diffusion", "num_timesteps"),
+                 ("data", "source"), ("data", "resolution"), ("data", "flip"), ("model", "learn_sigma"),
+                 ("model", "class_dropout_prob"))
+
+
+def run_recipes(records: Records) -> dict[str, dict]:
+    """{run: {"section.field": value}} of `RECIPE_FIELDS` from the manifests of the records' run directories
+    (runs loaded from a CSV or JSONL have none and are left out)."""
+    recipes = {}
+    for row in records.runs.itertuples():
+        source = getattr(row, "source", None)
+        manifest = schema.read_manifest(source) if isinstance(source, str) and epath.Path(source).is_dir() \
+            else None
+        if manifest is not None:
+            recipes[row.run] = {f"{section}.{field}": manifest.config[section][field]
+                                for section, field in RECIPE_FIELDS
+                                if field in manifest.config.get(section, {})}  # older runs lack newer fields
+    return recipes
+
+
+def recipe_differences(new: Records, dit: Records) -> list[str]:
+    """The recipe fields in which the new runs differ from the DiT runs (or vary among either set), each as
+    "field: new ... vs DiT ..."; empty when the recipes match or either set has no run directories. A field that
+    some run's config lacks (written before the field existed) is not compared."""
+    new_recipes, dit_recipes = run_recipes(new), run_recipes(dit)
+    if not new_recipes or not dit_recipes:
+        return []
+    differences = []
+    for key in (f"{section}.{field}" for section, field in RECIPE_FIELDS):
+        if not all(key in r for r in (*new_recipes.values(), *dit_recipes.values())):
+            continue  # a field some run's config predates: not compared
+        new_values = sorted({str(r[key]) for r in new_recipes.values()})
+        dit_values = sorted({str(r[key]) for r in dit_recipes.values()})
+        if new_values != dit_values or len(new_values) > 1:
+            differences.append(f"{key}: new {', '.join(new_values)} vs DiT {', '.join(dit_values)}")
+    return differences
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A new architecture's runs against DiT's fits: `table` is `compare_architecture`'s, one row per evaluation
+    point of the new runs (named by run)."""
+
+    table: pd.DataFrame
+    points: pd.DataFrame  # the new runs' evaluation points compared (records columns)
+    frontier_fit: FrontierFit
+    gflops_fit: LogLogFit
+    metric: str
+    protocol: str
+    notes: list[str]
+
+
+def compare_runs(new: Records, dit: Records, *, metric: str | None = None, **where) -> Comparison:
+    """The new runs' records against the DiT runs' (or the paper's) records: DiT's training-compute frontier fit
+    and model-compute fit (`where` filters the DiT records), then every evaluation point of the new runs under
+    the same metric and protocol placed against them (`compare_architecture`). A RecordsError says which metric,
+    protocol fields or recipe fields differ: points measured or trained otherwise do not compare."""
+    from analysis.study import model_compute_fit, select, training_compute_fit
+
+    frontier = training_compute_fit(dit, metric=metric, **where)
+    gflops_fit = model_compute_fit(dit, metric=frontier.metadata["metric"], **where)
+    metric = frontier.metadata["metric"]
+    try:
+        selection = select(new, metric=metric)
+    except RecordsError as e:
+        raise RecordsError(f"the new runs have no {metric} points to compare with DiT's: {e}") from e
+    if selection.protocol != frontier.metadata["protocol"]:
+        raise RecordsError(f"the new runs were evaluated under another protocol than the DiT records:\n  new: "
+                           f"{selection.protocol}\n  DiT: {frontier.metadata['protocol']}")
+    differences = recipe_differences(new, dit)
+    if differences:
+        raise RecordsError("the new runs were trained with another recipe than the DiT runs (train them with the "
+                           "DiT runs' config):\n  " + "\n  ".join(differences))
+    points = selection.points
+    table = compare_architecture(
+        points.rename(columns={"step": "steps", "run": "name"})[
+            ["name", "gflops", "steps", "batch_size", "train_gflops_cumulative", "value"]],
+        frontier, gflops_fit)
+    notes = [*selection.notes]
+    if not run_recipes(new) or not run_recipes(dit):
+        notes.append("Recipes not checked: the new or the DiT records are not run directories.")
+    return Comparison(table=table, points=points, frontier_fit=frontier, gflops_fit=gflops_fit, metric=metric,
+                      protocol=selection.protocol, notes=notes)

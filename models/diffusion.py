@@ -250,17 +250,27 @@ class GaussianDiffusion:
         return x
 
 
-def guided_model_fn(model, y, cfg_scale: float, *, null_label: int, cfg_channels: int | None = 3) -> ModelFn:
-    """Classifier-free guided model function for labels y [N], through the model's forward_with_cfg.
+def guide(cond_out, uncond_out, cfg_scale: float, channels: int):
+    """Classifier-free guidance of a model's outputs [N, H, W, C'] for the conditional and the null label:
+    eps = eps_uncond + cfg_scale (eps_cond - eps_uncond) in the first `channels` channels; the other channels
+    (the rest of eps in the paper's 3-channel mode, the variance values) are the conditional pass's."""
+    guided = uncond_out[..., :channels] + cfg_scale * (cond_out[..., :channels] - uncond_out[..., :channels])
+    return jnp.concatenate([guided, cond_out[..., channels:]], axis=-1)
 
-    Runs the batch conditionally and with the null label in one doubled batch and returns the first half
-    (the guided eps, and the variance values of the conditional pass), as the official sampler keeps.
-    """
+
+def guided_model_fn(model, y, cfg_scale: float, *, null_label: int, in_channels: int,
+                    cfg_channels: int | None = 3) -> ModelFn:
+    """Classifier-free guided model function for labels y [N] of any model called as model(x, t, y) (a DiT or a
+    plugged-in architecture): the batch runs conditionally and with the null label in one doubled batch, and the
+    conditional half comes back guided in its first `cfg_channels` channels (3 reproduces the paper's numbers, a
+    quirk of the official code; None guides all `in_channels` eps channels, the standard formulation)."""
     y_both = jnp.concatenate([y, jnp.full_like(y, null_label)])
+    channels = in_channels if cfg_channels is None else cfg_channels
+    if not 0 < channels <= in_channels:
+        raise ValueError(f"cfg_channels must be in 1..{in_channels} or None, got {cfg_channels}.")
 
     def model_fn(x, t):
-        out = model.forward_with_cfg(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y_both, cfg_scale,
-                                     cfg_channels=cfg_channels)
-        return out[: x.shape[0]]
+        cond, uncond = jnp.split(model(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y_both), 2)
+        return guide(cond, uncond, cfg_scale, channels)
 
     return model_fn

@@ -117,7 +117,7 @@ def count_macs(fn: Callable, *args, **kwargs) -> MacCount:
     return MacCount(total=int(sum(counts.values())), by_primitive=dict(counts))
 
 
-def _dit_example_inputs(config: DiTConfig, batch: int):
+def _example_inputs(config, batch: int):
     return (
         jax.ShapeDtypeStruct((batch, config.input_size, config.input_size, config.in_channels), jnp.float32),
         jax.ShapeDtypeStruct((batch,), jnp.int32),
@@ -125,14 +125,20 @@ def _dit_example_inputs(config: DiTConfig, batch: int):
     )
 
 
-def dit_macs(model: DiT) -> int:
-    """Forward MACs per image of a DiT (concrete or `abstract_dit`), counted from its jaxpr."""
+def forward_macs(model: nnx.Module, config) -> int:
+    """Forward MACs per image of a model called as model(x, t, y) (concrete or abstract) on `config`'s input
+    shape (a DiTConfig or a plugged-in FactoryConfig), counted from its jaxpr."""
     graphdef, state = nnx.split(model)
 
     def forward(state, x, t, y):
         return nnx.merge(graphdef, state)(x, t, y)
 
-    return count_macs(forward, state, *_dit_example_inputs(model.config, batch=1)).total
+    return count_macs(forward, state, *_example_inputs(config, batch=1)).total
+
+
+def dit_macs(model: DiT) -> int:
+    """Forward MACs per image of a DiT (concrete or `abstract_dit`), counted from its jaxpr."""
+    return forward_macs(model, model.config)
 
 
 def dit_macs_by_term(config: DiTConfig) -> dict[str, int]:
@@ -184,7 +190,7 @@ class ModelCompute:
     model: str
     block: str
     input_size: int
-    tokens: int
+    tokens: int | None  # None: a plugged-in model that states none
     params: int
     macs: int
 
@@ -193,7 +199,6 @@ class ModelCompute:
         return self.macs / 1e9
 
 
-@functools.lru_cache(maxsize=64)
 @functools.cache
 def dit_compute(config: DiTConfig) -> ModelCompute:
     """Gflops (jaxpr count, checked against the closed form) and parameters of a DiT config. Kept per config for
@@ -206,3 +211,18 @@ def dit_compute(config: DiTConfig) -> ModelCompute:
                              "the model and its compute formula have drifted apart.")
     return ModelCompute(model=config.name, block=config.block, input_size=config.input_size,
                         tokens=config.num_tokens, params=count_params(model), macs=macs)
+
+
+@functools.cache
+def model_compute(config) -> ModelCompute:
+    """`dit_compute` for a DiTConfig; for a plugged-in model (models.plugin.FactoryConfig) its jaxpr count under
+    the same convention, with the tokens its module states as `num_tokens` (None when it states none)."""
+    if isinstance(config, DiTConfig):
+        return dit_compute(config)
+    from models.plugin import abstract_model
+
+    model = abstract_model(config)
+    tokens = getattr(model, "num_tokens", None)
+    return ModelCompute(model=config.name, block=config.block, input_size=config.input_size,
+                        tokens=int(tokens) if tokens is not None else None, params=count_params(model),
+                        macs=forward_macs(model, config))

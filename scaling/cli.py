@@ -5,10 +5,8 @@ imported only by the commands that use them, so the analysis commands run withou
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
-import os
 import sys
 
 from etils import epath
@@ -49,21 +47,10 @@ def _dit_rows(models: list[str], resolution: int, block: str) -> list[dict]:
 
 def _torch_rows(spec: str) -> list[dict]:
     """Count a PyTorch model given as module:factory; factory() returns (model, example_inputs)."""
+    from models.plugin import load_factory
     from models.torch_flops import count_torch_macs, count_torch_params
 
-    module_name, _, factory_name = spec.partition(":")
-    if not module_name or not factory_name:
-        raise ValueError(f"--torch expects module:factory (or path/to/file.py:factory), got {spec!r}.")
-    if module_name.endswith(".py"):
-        from scaling.config import load_python_file
-
-        module = load_python_file(module_name)
-    else:
-        sys.path.insert(0, os.getcwd())
-        module = importlib.import_module(module_name)
-    factory = getattr(module, factory_name, None)
-    if factory is None:
-        raise ValueError(f"--torch: {module_name} has no attribute {factory_name!r}.")
+    factory = load_factory(spec)
     produced = factory()
     if not (isinstance(produced, tuple) and len(produced) == 2):
         raise ValueError(f"--torch: {spec}() must return (model, example_inputs), a module and a tuple of inputs.")
@@ -77,8 +64,38 @@ def _torch_rows(spec: str) -> list[dict]:
              "uncounted_ops": sorted(uncounted)}]
 
 
+def _jax_rows(args: argparse.Namespace) -> list[dict]:
+    """Count a plugged-in JAX model (models/plugin.py's contract) built for the given data shape and arguments."""
+    import ast
+
+    from models.flops import model_compute
+    from models.plugin import FactoryConfig, check_contract
+
+    family_args = {}
+    for item in args.arg or []:
+        name, sep, text = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise ValueError(f"--arg {item!r}: use NAME=VALUE, e.g. --arg depth=12.")
+        try:
+            family_args[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            family_args[name] = text
+    config = FactoryConfig.of(args.jax, args=family_args, input_size=args.input_size, in_channels=args.channels,
+                              num_classes=args.classes, learn_sigma=args.learn_sigma)
+    check_contract(config)
+    compute = model_compute(config)
+    return [{"model": args.jax, "args": family_args, "input_size": args.input_size, "channels": args.channels,
+             "classes": args.classes, "learn_sigma": args.learn_sigma, "tokens": compute.tokens,
+             "params": compute.params, "params_m": compute.params / 1e6, "gflops": compute.gflops,
+             "macs": compute.macs, "source_sha256": config.source_sha256}]
+
+
 def cmd_flops(args: argparse.Namespace) -> int:
-    if args.torch:
+    if args.jax:
+        rows = _jax_rows(args)
+        columns = [("model", "model"), ("input_size", "input"), ("tokens", "tokens"), ("params_m", "params (M)"),
+                   ("gflops", "Gflops/image")]
+    elif args.torch:
         rows = _torch_rows(args.torch)
         columns = [("model", "model"), ("params_m", "params (M)"), ("gflops", "Gflops/image")]
     else:
@@ -167,11 +184,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def _grid_configs_for_planning(args: argparse.Namespace) -> dict:
-    from models.dit import PAPER_MODELS, short_name
-    from scaling.grid import load_grid_configs, select_models
+    from scaling.grid import grid_models, load_grid_configs
 
-    models = select_models([short_name(m) for m in (args.models.split(",") if args.models else PAPER_MODELS)],
-                           args.only.split(",") if args.only else None)
+    models = grid_models(args.config, args.models.split(",") if args.models else None,
+                         args.only.split(",") if args.only else None)
     return load_grid_configs(args.config, models, [o.removeprefix("--config.") for o in args.overrides],
                              validate=False)
 
@@ -217,11 +233,12 @@ def _print_dry_run(args: argparse.Namespace) -> int:
 
 
 def _print_shard_plan(args: argparse.Namespace) -> int:
-    from scaling.grid import remaining_costs, run_dir_name, shard_plan, shard_plan_path
+    from scaling.config import run_name
+    from scaling.grid import remaining_costs, shard_plan, shard_plan_path
 
     configs = _grid_configs_for_planning(args)
     runs_dir, count = epath.Path(args.workdir), args.plan_shards
-    workdirs = {m: runs_dir / run_dir_name(m, c.model.block) for m, c in configs.items()}
+    workdirs = {m: runs_dir / run_name(c) for m, c in configs.items()}
     shards = shard_plan(configs, count, runs_dir, workdirs, write=False)
     costs = remaining_costs(configs, workdirs)
     unit = "s" if any((w / "records.jsonl").is_file() for w in workdirs.values()) else "FLOPs"
@@ -459,6 +476,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="conditioning block: adaLN-Zero, adaLN, cross-attention or in-context")
     flops.add_argument("--torch", metavar="MODULE:FACTORY",
                        help="count a PyTorch model instead: FACTORY() returns (model, example_inputs)")
+    flops.add_argument("--jax", metavar="FILE.py:BUILD",
+                       help="count a plugged-in JAX model instead (a model.factory; module:BUILD works too), built "
+                            "for --input-size, --channels and --classes with the --arg family arguments")
+    flops.add_argument("--input-size", type=int, default=32, help="with --jax: the input's side (latents: 1/8 of "
+                                                                   "the image)")
+    flops.add_argument("--channels", type=int, default=4, help="with --jax: input channels (4: SD latents)")
+    flops.add_argument("--classes", type=int, default=1000, help="with --jax: classes (the null label is extra)")
+    flops.add_argument("--learn-sigma", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                       metavar="true|false", help="with --jax: the model predicts the variance too (default true)")
+    flops.add_argument("--arg", action="append", metavar="NAME=VALUE",
+                       help="with --jax: a family argument of build(), e.g. --arg depth=12 (repeatable)")
     flops.add_argument("--json", action="store_true", help="print JSON instead of a table")
     flops.set_defaults(handler=cmd_flops)
 

@@ -19,10 +19,12 @@ import importlib.util
 import ml_collections
 from etils import epath
 
-from models.dit import DIT_SIZES, DiTConfig, parse_model_name
+from analysis import schema
+from models.dit import DIT_SIZES, DiTConfig, canonical_name, parse_model_name
+from models.plugin import FactoryConfig, factory_module_name
 from scaling import precision
 
-BUILTIN = ("fmnist", "imagenet256")
+BUILTIN = ("fmnist", "imagenet256", "modern_dit_fmnist")
 
 
 def load_python_file(path: str | epath.Path):
@@ -80,6 +82,12 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
         if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
             raise ValueError(f"Override {override!r}: config has no section {part!r}.")
         node = node[part]
+    if parents == ["model", "factory_args"] and leaf not in node:  # the factory's own arguments: any name
+        try:
+            node[leaf] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            node[leaf] = text
+        return
     if leaf not in node:
         raise ValueError(f"Override {override!r}: config has no field {key!r}; fields here: {sorted(node.keys())}.")
     try:
@@ -89,19 +97,54 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
 
 
 def model_config(config: ml_collections.ConfigDict, *, input_size: int, in_channels: int,
-                 num_classes: int, dtype: str | None = None) -> DiTConfig:
-    """The DiTConfig of a study config, for data of the given shape. `dtype`: the compute dtype (default: the
-    config's model.dtype, "auto" resolved for this machine and the model's width by scaling.precision)."""
-    size, patch = parse_model_name(config.model.name)
+                 num_classes: int, dtype: str | None = None) -> DiTConfig | FactoryConfig:
+    """The model config of a study config, for data of the given shape: a DiTConfig, or with model.factory the
+    plugged-in model's FactoryConfig (model.factory_args, then model.family_sizes[model.name]). `dtype`: the
+    compute dtype (default: the config's model.dtype, "auto" resolved for this machine and the model's width by
+    scaling.precision)."""
+    m = config.model
+    if m.factory:
+        sizes = m.family_sizes.to_dict()
+        if sizes and m.name not in sizes:
+            raise ValueError(f"model.name {m.name!r} is not a member of the {m.family or m.factory} family; "
+                             f"model.family_sizes has {list(sizes)}.")
+        args = {**m.factory_args.to_dict(), **sizes.get(m.name, {})}
+        width = args.get("hidden_size")
+        return FactoryConfig.of(
+            m.factory, family=m.family, size=m.name if sizes else "", args=args, input_size=input_size,
+            in_channels=in_channels, num_classes=num_classes, learn_sigma=m.learn_sigma,
+            class_dropout_prob=m.class_dropout_prob, dtype=dtype or precision.resolve(m.dtype, width).dtype)
+    size, patch = parse_model_name(m.name)
     depth, width, heads = DIT_SIZES[size]
-    width = config.model.hidden_size or width
+    width = m.hidden_size or width
     return DiTConfig(
-        depth=config.model.depth or depth, hidden_size=width,
-        num_heads=config.model.num_heads or heads, patch_size=patch, input_size=input_size,
-        in_channels=in_channels, num_classes=num_classes, learn_sigma=config.model.learn_sigma,
-        class_dropout_prob=config.model.class_dropout_prob, block=config.model.block,
-        dtype=dtype or precision.resolve(config.model.dtype, width).dtype,
-        remat=config.model.remat, remat_policy=config.model.remat_policy, scan_blocks=config.model.scan_blocks)
+        depth=m.depth or depth, hidden_size=width, num_heads=m.num_heads or heads, patch_size=patch,
+        input_size=input_size, in_channels=in_channels, num_classes=num_classes, learn_sigma=m.learn_sigma,
+        class_dropout_prob=m.class_dropout_prob, block=m.block,
+        dtype=dtype or precision.resolve(m.dtype, width).dtype,
+        remat=m.remat, remat_policy=m.remat_policy, scan_blocks=m.scan_blocks)
+
+
+def model_name(config: ml_collections.ConfigDict) -> str:
+    """The name records give the config's model: "DiT-S/8", or a plugged-in family's "ModernDiT-S/4"."""
+    m = config.model
+    if m.factory:
+        family = m.family or factory_module_name(m.factory)
+        return f"{family}-{m.name}" if m.family_sizes.to_dict() else family
+    return canonical_name(m.name)
+
+
+def run_name(config: ml_collections.ConfigDict) -> str:
+    """The directory of the config's run in a grid: "DiT-S-8", "DiT-XL-2-in-context", "ModernDiT-S-4"."""
+    if config.model.factory:
+        return schema.run_dir_name(model_name(config))
+    return schema.run_dir_name(model_name(config), config.model.block)
+
+
+def family_members(config: ml_collections.ConfigDict) -> list[str] | None:
+    """The model names a grid of this config trains by default: a plugged-in family's members (None for DiT:
+    the paper's 12)."""
+    return list(config.model.family_sizes.to_dict()) or None if config.model.factory else None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -148,6 +191,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         (config.eval.validation_examples == 0 or config.data.source == "fashion_mnist",
          "eval.validation_examples > 0 (the held-out loss) needs Fashion-MNIST's test split; set it to 0 for latents"),
     ]
+    if config.model.factory:
+        from models.plugin import factory_source_path
+
+        factory_source_path(config.model.factory)  # a FactoryError names a factory that is not there
     problems = [message for ok, message in checks if not ok]
     if problems:
         raise ValueError("Invalid config: " + "; ".join(problems) + ".")

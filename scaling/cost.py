@@ -32,6 +32,7 @@ import math
 
 import jax
 
+from models.dit import DiTConfig
 from scaling.grid import planned_model
 from scaling.train_step import fsdp_axis, init_state, make_optimizer
 
@@ -73,7 +74,8 @@ def training_state_bytes(abstract_state, chips: int, mode: str) -> int:
 
 
 def activation_bytes(model, batch: int, *, remat: bool) -> int:
-    """The estimate of the module docstring for `batch` examples on one device."""
+    """The estimate of the module docstring for `batch` examples on one device (of a DiT: a plugged-in model's
+    activations are its own)."""
     tokens, width, heads = (model.input_size // model.patch_size) ** 2, model.hidden_size, model.num_heads
     value_bytes = 2 if model.dtype == "bfloat16" else 4
     block = batch * (26 * tokens * width + 2 * heads * tokens**2) * value_bytes
@@ -85,7 +87,7 @@ def activation_bytes(model, batch: int, *, remat: bool) -> int:
 def run_cost(config, *, chip: str, chips: int, utilization: float, slices: int = 1) -> dict:
     """One row of the dry run for a run of `config` on `chips` chips of kind `chip`, in `slices` slices (fsdp
     splits the state within a slice: `train_step.make_mesh`)."""
-    from models.flops import dit_compute
+    from models.flops import model_compute
     from scaling.grid import training_flops
 
     spec = CHIPS[chip]
@@ -94,11 +96,14 @@ def run_cost(config, *, chip: str, chips: int, utilization: float, slices: int =
     abstract = jax.eval_shape(lambda: init_state(model, make_optimizer(config), 0))
     batch = config.train.batch_size
     local_batch = batch // chips if batch % chips == 0 else None
-    row = {"gflops": dit_compute(model).gflops, "training_flops": training_flops(config),
+    row = {"gflops": model_compute(model).gflops, "training_flops": training_flops(config),
            "local_batch": local_batch}
     for mode in ("replicated", "fsdp"):
         row[f"state_{mode}"] = training_state_bytes(abstract, chips // slices, mode)
-    if local_batch:
+    if local_batch and not isinstance(model, DiTConfig):
+        row["activations"] = row["activations_remat"] = None
+        row["fits"] = "state only: no activation estimate for a plug-in"
+    elif local_batch:
         row["activations"] = activation_bytes(compute_model, local_batch, remat=False)
         row["activations_remat"] = activation_bytes(compute_model, local_batch, remat=True)
         options = [("replicated", row["state_replicated"] + row["activations"]),

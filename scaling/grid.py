@@ -22,8 +22,8 @@ import numpy as np
 from etils import epath
 
 from analysis import schema, storage
-from models.dit import PAPER_MODELS, canonical_name, short_name
-from models.flops import dit_compute
+from models.dit import PAPER_MODELS, short_name
+from models.flops import model_compute
 from scaling import config as config_lib
 from scaling import data as data_lib
 from scaling.host import WORKER_CORES_VARIABLE
@@ -34,20 +34,28 @@ from scaling.train import train
 log = logging.getLogger("dit_scaling.grid")
 
 
-def run_dir_name(model: str, block: str = "adaLN-Zero") -> str:
-    """Directory name of a model's run: "S/8" or "DiT-S/8" -> "DiT-S-8" (see schema.run_dir_name for blocks)."""
-    return schema.run_dir_name(canonical_name(model), block)
+def _short(model: str) -> str:
+    """A model name as grids use it: DiT's "S/8" for "S/8" or "DiT-S/8"; a family's member names as given."""
+    try:
+        return short_name(model)
+    except ValueError:
+        return model
 
 
-def select_models(models: list[str], only: list[str] | None) -> list[str]:
-    """The study's models, filtered by --only."""
+def grid_models(config_name: str, models: list[str] | None = None, only: list[str] | None = None) -> list[str]:
+    """The configs of a grid: `models`, else the members of a plugged-in family (the config's model.family_sizes),
+    else the paper's 12; then filtered by --only."""
+    if not models:
+        members = config_lib.family_members(config_lib.load_config(config_name.partition(":")[0]))
+        models = members or list(PAPER_MODELS)
+    models = [_short(m) for m in models]
     if only:
-        known = {canonical_name(m) for m in models}
-        unknown = [m for m in only if canonical_name(m) not in known]
+        known = {_short(m) for m in models}
+        unknown = [m for m in only if _short(m) not in known]
         if unknown:
             raise ValueError(f"--only names configs outside the study: {unknown}; the study has {models}.")
-        wanted = {canonical_name(m) for m in only}
-        models = [m for m in models if canonical_name(m) in wanted]
+        wanted = {_short(m) for m in only}
+        models = [m for m in models if _short(m) in wanted]
     return models
 
 
@@ -62,9 +70,9 @@ def parse_shard(shard: str) -> tuple[int, int]:
 
 
 def planned_model(config):
-    """The DiTConfig a run of `config` trains, known before its data is at hand: Fashion-MNIST's shape, or the
-    latents' manifest where they exist, else latents of the published SD autoencoder (KL-f8, 4 channels) with
-    ImageNet's 1000 classes."""
+    """The model config (DiTConfig, or a plug-in's FactoryConfig) a run of `config` trains, known before its data
+    is at hand: Fashion-MNIST's shape, or the latents' manifest where they exist, else latents of the published SD
+    autoencoder (KL-f8, 4 channels) with ImageNet's 1000 classes."""
     if config.data.source == "fashion_mnist":
         shape, classes = data_lib.FashionMNIST.image_shape, data_lib.FashionMNIST.num_classes
     elif (epath.Path(config.data.path) / "manifest.json").is_file():
@@ -83,7 +91,7 @@ def planned_model(config):
 def training_flops(config) -> float:
     """A run's training compute in FLOPs: 3 x the forward pass (2 FLOPs per MAC) x batch x steps. (The paper's
     Gflops, and the records' cumulative training Gflops, count MACs: half of this.)"""
-    return 6 * dit_compute(planned_model(config)).macs * config.train.batch_size * config.train.steps
+    return 6 * model_compute(planned_model(config)).macs * config.train.batch_size * config.train.steps
 
 
 def remaining_costs(configs: dict, workdirs: dict | None = None) -> dict[str, float]:
@@ -153,7 +161,7 @@ RUN_OVERHEAD_S = 20.0  # start, compilation, checkpoints
 def predicted_seconds(config) -> float:
     """The cost model's seconds for one run of `config` on one core of the reference CPU."""
     model = planned_model(config)
-    macs = dit_compute(model).macs
+    macs = model_compute(model).macs
     train_flops = 2 * 3 * macs * config.train.batch_size
     seconds = RUN_OVERHEAD_S + config.train.steps * (STEP_OVERHEAD_S + train_flops / TRAIN_FLOP_RATE)
     e = config.eval
@@ -197,10 +205,10 @@ def run_grid(config_name: str, runs_dir: str | epath.Path, *, models: list[str] 
     `on_finish(model, outcome)` is called as each run ends. A preemption notice (SIGTERM) checkpoints the runs in
     progress and starts no other; a run that another machine holds is skipped. Returns {model: "finished" |
     "skipped" | "skipped: held ..." | "failed: ..." | "preempted" | "not started"}."""
-    selected = select_models([short_name(m) for m in (models or PAPER_MODELS)], only)
+    selected = grid_models(config_name, models, only)
     runs_dir = epath.Path(runs_dir)
     configs = load_grid_configs(config_name, selected, overrides)
-    workdirs = {model: runs_dir / run_dir_name(model, config.model.block) for model, config in configs.items()}
+    workdirs = {model: runs_dir / config_lib.run_name(config) for model, config in configs.items()}
     if shard:
         index, count = parse_shard(shard)
         if jax.process_index() == 0:

@@ -74,12 +74,12 @@ def _device_fast_bf16() -> tuple[str, bool, str]:
     return device.platform, fast, evidence
 
 
-def resolve(requested: str, hidden_size: int) -> Precision:
+def resolve(requested: str, hidden_size: int | None) -> Precision:
     """The Precision for a config's model.dtype: an explicit dtype as given; "auto" by this machine's devices and,
-    on a CPU, the model's width."""
+    on a CPU, the model's width (None: unknown, as for a plugged-in model whose arguments name no hidden_size)."""
     if requested == AUTO:
         platform_name, fast, evidence = _device_fast_bf16()
-        if fast and platform_name == "cpu" and hidden_size < CPU_BF16_MIN_WIDTH:
+        if fast and platform_name == "cpu" and hidden_size is not None and hidden_size < CPU_BF16_MIN_WIDTH:
             return Precision("float32", AUTO, f"{evidence}, but the model is {hidden_size} wide (< "
                                               f"{CPU_BF16_MIN_WIDTH}): too narrow for bf16 to pay on a CPU")
         return Precision("bfloat16" if fast else "float32", AUTO, evidence)

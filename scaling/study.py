@@ -25,6 +25,7 @@ from etils import epath
 from analysis import schema
 from models.dit import PAPER_MODELS, short_name
 from scaling import grid
+from scaling.config import run_name
 from scaling.host import cpu_model
 from scaling.preemption import Preempted
 from scaling.train import code_revision, format_duration
@@ -112,7 +113,7 @@ class _Progress:
         if outcome == "preempted":  # checkpointed, still to do
             print(f"[study] {short_name(model)} preempted: checkpointed", flush=True)
             return
-        run_dir = self.workdir / grid.run_dir_name(model)
+        run_dir = self.workdir / run_name(self.configs[model])
         steps = schema.read_steps(run_dir)
         manifest = schema.read_manifest(run_dir)
         # This start's seconds, from its start to the end of its last evaluation.
@@ -143,12 +144,12 @@ def run_study(preset: str = "default", workdir: str | os.PathLike | None = None,
     start = time.perf_counter()
     workdir = epath.Path(workdir) if workdir is not None else default_workdir(preset, seed)
     overrides = [o.removeprefix("--config.") for o in overrides]
-    models = grid.select_models(ALL_MODELS, models) if models else ALL_MODELS
+    models = grid.grid_models("fmnist", ALL_MODELS, models)
     _claim_workdir(workdir, {"preset": preset, "seed": seed, "models": models, "overrides": list(overrides)})
     all_overrides = [f"train.seed={seed}", *overrides]
     config_name = f"fmnist:{CONFIG_OPTIONS[preset]}"
     configs = grid.load_grid_configs(config_name, models, all_overrides)
-    pending = [m for m in models if not grid.is_finished(workdir / grid.run_dir_name(m), configs[m])]
+    pending = [m for m in models if not grid.is_finished(workdir / run_name(configs[m]), configs[m])]
     workers = min(workers or len(os.sched_getaffinity(0)), max(1, len(pending)))
     progress = _Progress(workdir, configs, pending, workers)
     outcome = {m: "skipped" for m in models if m not in pending}

@@ -35,8 +35,9 @@ from jax.sharding import PartitionSpec as P
 
 from analysis import schema
 from models.diffusion import GaussianDiffusion, linear_betas
-from models.dit import canonical_name, parse_model_name
-from models.flops import dit_compute
+from models.dit import parse_model_name
+from models.flops import model_compute
+from models.plugin import FactoryConfig, FactoryError, check_contract, config_to_json
 from scaling import checkpoints, precision
 from scaling import config as config_lib
 from scaling import data as data_lib
@@ -151,7 +152,10 @@ def _prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
         raise ValueError(f"DiT takes square inputs; the data has {height}x{width} images or latents.")
     model_config = config_lib.model_config(config, input_size=height, in_channels=channels,
                                            num_classes=source.num_classes)
-    compute = dit_compute(dataclasses.replace(model_config, dtype="float32"))
+    if isinstance(model_config, FactoryConfig):
+        _check_same_factory(previous, model_config, workdir)
+        check_contract(model_config, seed=config.train.seed)
+    compute = model_compute(dataclasses.replace(model_config, dtype="float32"))
     diffusion = GaussianDiffusion(linear_betas(config.diffusion.num_timesteps), learn_sigma=model_config.learn_sigma)
     optimizer = make_optimizer(config)
     global_batch = config.train.batch_size
@@ -191,7 +195,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
         start_step, elapsed, state = 0, 0.0, init()
 
     peak = measure_matmul_peak(model_config.dtype) * jax.device_count()
-    chosen_precision = precision.resolve(config.model.dtype, model_config.hidden_size)
+    chosen_precision = precision.resolve(config.model.dtype, model_config.hidden_size)  # None: a plug-in's unknown
     if chosen_precision.requested == precision.AUTO:
         log.info("model.dtype auto: %s (%s).", chosen_precision.dtype, chosen_precision.reason)
     if primary:
@@ -225,15 +229,26 @@ def _prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
 
 
 def _new_manifest(config, config_dict: dict, model_config, compute, source) -> schema.Manifest:
-    size, patch = parse_model_name(config.model.name)
+    size, patch = (None, None) if isinstance(model_config, FactoryConfig) else parse_model_name(config.model.name)
     return schema.Manifest(
-        model_name=canonical_name(config.model.name), size=size, patch=patch, block=model_config.block,
+        model_name=config_lib.model_name(config), size=size, patch=patch, block=model_config.block,
         resolution=model_config.input_size * source.pixels_per_input, gflops_per_image=compute.gflops,
         macs_per_image=compute.macs, params=compute.params, tokens=compute.tokens,
         global_batch=config.train.batch_size, seed=config.train.seed, total_steps=config.train.steps,
-        config=config_dict, model=dataclasses.asdict(model_config),
+        config=config_dict, model=config_to_json(model_config),
         data={"source": config.data.source, "examples": len(source)}, status="running",
         code_revision=code_revision())
+
+
+def _check_same_factory(previous: schema.Manifest | None, model_config: FactoryConfig, workdir: epath.Path) -> None:
+    """A plugged-in model's run resumes only with the factory source it started with (its weights mean nothing
+    to changed code)."""
+    started = (previous.model.get("source_sha256") if previous is not None else None) or model_config.source_sha256
+    if started != model_config.source_sha256:
+        raise FactoryError(f"{workdir} was trained with another version of the model factory "
+                           f"{model_config.factory!r} (source SHA-256 {started[:12]}..., now "
+                           f"{model_config.source_sha256[:12]}...). Restore the source the run started with, or "
+                           "train the changed model in a new --workdir.")
 
 
 def _check_same_run(previous: dict, current: dict, workdir: epath.Path) -> None:

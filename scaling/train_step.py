@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from models.diffusion import GaussianDiffusion
-from models.dit import DiT, DiTConfig
+from models.plugin import ModelConfig, abstract_model, build_model
 
 # ----------------------------------------------------------------------------------------------------------------
 # Devices, sharding, peak
@@ -98,9 +98,9 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return optax.adamw(t.learning_rate, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
 
 
-def init_state(model_config: DiTConfig, optimizer, seed: int) -> dict:
+def init_state(model_config: ModelConfig, optimizer, seed: int) -> dict:
     """Parameters, optimizer state, EMA (a copy of the parameters), step and RNG, as a pytree of arrays."""
-    model = DiT(model_config, rngs=nnx.Rngs(seed))
+    model = build_model(model_config, nnx.Rngs(seed))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {
         "step": jnp.zeros((), jnp.int32),
@@ -116,8 +116,8 @@ def state_bytes(state) -> int:
     return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
 
 
-def make_train_step(model_config: DiTConfig, diffusion: GaussianDiffusion, optimizer, ema_decay: float):
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DiT(model_config, rngs=nnx.Rngs(0))))
+def make_train_step(model_config: ModelConfig, diffusion: GaussianDiffusion, optimizer, ema_decay: float):
+    graphdef = nnx.graphdef(abstract_model(model_config))
 
     def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
         key = jax.random.fold_in(state["rng"], state["step"])

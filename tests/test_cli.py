@@ -48,7 +48,7 @@ def test_flops_bad_input_gives_an_error_naming_the_problem(capsys):
     code, _, err = _run(capsys, "flops", "S/3")
     assert code == 2 and "not divisible by patch_size 3" in err
     code, _, err = _run(capsys, "flops", "--torch", "no_colon_here")
-    assert code == 2 and "module:factory" in err
+    assert code == 2 and "package.module:FUNCTION" in err
 
 
 def test_flops_counts_a_pytorch_model_from_a_factory(tmp_path):

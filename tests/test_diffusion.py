@@ -233,7 +233,7 @@ def test_guided_model_fn_at_scale_one_is_the_conditional_model():
     t, y = jnp.array([5, 50, 500]), jnp.array([0, 3, 4])
     # Compiled: eagerly, every operation of a first call compiles on its own.
     forward = nnx.jit(lambda model, labels: model(x, t, labels))
-    guided = nnx.jit(lambda model, scale, channels: guided_model_fn(model, y, scale, null_label=5,
+    guided = nnx.jit(lambda model, scale, channels: guided_model_fn(model, y, scale, null_label=5, in_channels=4,
                                                                     cfg_channels=channels)(x, t),
                      static_argnames="channels")
     for channels in (3, None):

@@ -93,7 +93,7 @@ import sys
 from scaling.cli import main
 records = {str(records)!r}
 for argv in (["fit", records, "--x", "gflops", "--y", "fid", "--where", "step=4000"],
-             ["plan", "--compute", "1e6", "--records", records], ["compare", {str(points)!r}, "--records", records],
+             ["plan", "--compute", "1e6", "--records", records], ["compare", {str(points)!r}, "--against", records],
              ["figures", records, "--out", {str(tmp_path / "figures")!r}]):
     assert main(argv) == 0, argv
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax", "optax", "orbax", "torch"))

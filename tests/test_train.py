@@ -17,16 +17,15 @@ from analysis.schema import read_jsonl as read_records
 from models.dit import PAPER_MODELS, short_name
 from scaling.checkpoints import load_final_params
 from scaling.cli import main
-from scaling.config import apply_override, load_config, validate
+from scaling.config import apply_override, load_config, run_name, validate
 from scaling.data import FashionMNIST, make_dataset, read_idx
 from scaling.grid import (
+    grid_models,
     load_grid_configs,
     parse_shard,
     plan_shards,
     remaining_costs,
-    run_dir_name,
     run_grid,
-    select_models,
     shard_plan,
     training_flops,
 )
@@ -294,10 +293,13 @@ def test_train_step_reports_the_gradient_norm():
 
 
 def test_grid_selection():
-    models = ["S/8", "S/4", "S/2", "B/8", "B/4", "B/2"]
-    assert select_models(models, ["B/4", "DiT-S/8"]) == ["S/8", "B/4"]
+    models = ["S/8", "S/4", "S/2", "B/8", "B/4", "DiT-B/2"]
+    assert grid_models("fmnist", models, ["B/4", "DiT-S/8"]) == ["S/8", "B/4"]
+    assert grid_models("fmnist") == [short_name(m) for m in PAPER_MODELS]
+    # A plugged-in family's grid trains its members by default.
+    assert grid_models("modern_dit_fmnist", None, ["XL/4", "S/4"]) == ["S/4", "XL/4"]
     with pytest.raises(ValueError, match="outside the study"):
-        select_models(models, ["XL/2"])
+        grid_models("fmnist", models, ["XL/2"])
     with pytest.raises(ValueError, match="i/n"):
         parse_shard("2")
     with pytest.raises(ValueError, match="0 <= i < n"):
@@ -340,7 +342,7 @@ def _record_steps(workdir: Path, steps: list[int], step_time: float) -> None:
 def test_shards_use_measured_step_times_and_the_first_plan_stands(tmp_path):
     models = ["S/8", "S/4", "B/8", "B/4"]
     configs = load_grid_configs("fmnist", models, validate=False)
-    workdirs = {m: tmp_path / run_dir_name(m) for m in models}
+    workdirs = {m: tmp_path / run_name(c) for m, c in configs.items()}
     by_compute = remaining_costs(configs, workdirs)
     assert by_compute == {m: training_flops(c) for m, c in configs.items()}
     # S/8 measured 100x slower per FLOP than B/8, halfway through; the others are priced at the median rate.

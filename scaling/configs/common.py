@@ -18,6 +18,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.remat = False  # recompute block activations in the backward pass to save memory
     config.model.remat_policy = "nothing_saveable"  # what remat keeps: nothing_saveable | dots_saveable | ...
     config.model.scan_blocks = False  # the blocks as one scan (compile time flat in depth); see DiTConfig
+    # A new architecture instead of DiT (models/plugin.py has the contract): its factory, "path/to/file.py:build"
+    # or "package.module:build"; the family's name in model names and run directories ("": the factory's module
+    # name); the keyword arguments every member gets; and the members, model name -> their own arguments (the
+    # grid trains these names as it trains DiT's 12; model.name picks one). The fields above but block, learn_sigma,
+    # class_dropout_prob and dtype are DiT's and do not apply to a factory.
+    config.model.factory = ""
+    config.model.family = ""
+    config.model.factory_args = ml_collections.ConfigDict()
+    config.model.family_sizes = ml_collections.ConfigDict()
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "fashion_mnist"  # fashion_mnist | latent_shards

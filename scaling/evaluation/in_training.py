@@ -174,7 +174,7 @@ class ValidationLossEvaluator:
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        from models.dit import abstract_dit
+        from models.plugin import abstract_model
         from scaling.train_step import BATCH_AXES
 
         e = self.config.eval
@@ -191,7 +191,7 @@ class ValidationLossEvaluator:
         noise = np.asarray(jax.random.normal(key, (len(t), *images.shape[1:])), np.float32)
         self._inputs = {"x": np.tile(images, (len(self.timesteps), 1, 1, 1)),
                         "y": np.tile(labels, len(self.timesteps)), "t": t, "noise": noise}
-        graphdef = nnx.graphdef(abstract_dit(self.model_config))
+        graphdef = nnx.graphdef(abstract_model(self.model_config))
         diffusion = self.diffusion
 
         @jax.jit

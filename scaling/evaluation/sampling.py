@@ -1,5 +1,6 @@
-"""Drawing samples from a DiT for evaluation: batches sharded over every device (and host), compiled once per
-sampler; latent models' samples decoded by the autoencoder inside the same sharded program."""
+"""Drawing samples from a DiT (or a plugged-in model) for evaluation: batches sharded over every device (and
+host), compiled once per sampler; latent models' samples decoded by the autoencoder inside the same sharded
+program."""
 
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ from there, so a long sampling job split into calls draws what one call would. W
     from jax.sharding import PartitionSpec as P
 
     from models.diffusion import guided_model_fn
-    from models.dit import abstract_dit
+    from models.plugin import abstract_model
     from scaling.train_step import BATCH_AXES
 
     if batch_size % jax.device_count():
         raise ValueError(f"eval.batch_size {batch_size} must be a multiple of the device count "
                          f"{jax.device_count()}.")
-    graphdef = nnx.graphdef(abstract_dit(model_config))
+    graphdef = nnx.graphdef(abstract_model(model_config))
     if autoencoder is not None:
         vae_graphdef, vae_state = nnx.split(autoencoder)
         vae_state = jax.device_put(vae_state, NamedSharding(mesh, P()))
@@ -45,6 +46,7 @@ from there, so a long sampling job split into calls draws what one call would. W
             model_fn = lambda x, t: model(x, t, y)  # noqa: E731
         else:
             model_fn = guided_model_fn(model, y, guidance_scale, null_label=model_config.num_classes,
+                                       in_channels=model_config.in_channels,
                                        cfg_channels=guidance_channels or None)
         samples = spaced.sample(model_fn, noise, jax.random.fold_in(key, 1), sampler=sampler)
         if vae_state is None:

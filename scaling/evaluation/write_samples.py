@@ -54,9 +54,10 @@ class SamplingOptions:
 
 @dataclasses.dataclass
 class SamplingModel:
-    """A DiT to sample from: its config, parameters (a pure dict) and where they came from."""
+    """A model to sample from (a DiT or a plugged-in one): its config, parameters (a pure dict) and where they came
+    from."""
 
-    config: object  # models.dit.DiTConfig
+    config: object  # models.dit.DiTConfig or models.plugin.FactoryConfig
     params: dict
     source: str
     step: int | None  # training step of a run's checkpoint; None for an official checkpoint
@@ -69,7 +70,7 @@ def load_sampling_model(source: str | os.PathLike, *, step: int | None = None,
                         num_heads: int | None = None) -> SamplingModel:
     """A run directory (EMA weights of `step`, default the newest checkpoint) or an official .pt checkpoint
     (`num_heads` for one whose depth and width are not a standard config's)."""
-    from models.dit import DiTConfig
+    from models.plugin import config_from_json
     from scaling.checkpoints import load_params
 
     source = epath.Path(source)
@@ -80,7 +81,7 @@ def load_sampling_model(source: str | os.PathLike, *, step: int | None = None,
                                     "`dit-scaling train` wrote, or an official DiT checkpoint (.pt).")
         step, params = load_params(source, step=step)
         data = manifest.config.get("data", {})
-        return SamplingModel(DiTConfig(**manifest.model), params, str(source), step,
+        return SamplingModel(config_from_json(manifest.model), params, str(source), step,
                              latent=data.get("source") == "latent_shards", autoencoder=data.get("autoencoder", ""),
                              num_timesteps=manifest.config.get("diffusion", {}).get("num_timesteps", 1000))
     if not source.is_file():
@@ -119,7 +120,7 @@ def write_samples(source: str | os.PathLike, out: str | os.PathLike, options: Sa
     import jax
 
     from models.diffusion import GaussianDiffusion, linear_betas
-    from models.flops import dit_compute
+    from models.flops import model_compute
     from scaling.evaluation.sampling import make_sampler
     from scaling.train_step import make_mesh
 
@@ -147,7 +148,7 @@ def write_samples(source: str | os.PathLike, out: str | os.PathLike, options: Sa
                 "guidance_channels": options.guidance_channels if guided else None, "seed": options.seed,
                 "labels": options.labels, "num_samples": options.num_samples, "batch_size": options.batch_size,
                 "decoder": decoder, "uint8_convention": options.uint8_convention,
-                "gflops_per_image": dit_compute(config).gflops}
+                "gflops_per_image": model_compute(config).gflops}
     if out.is_file() and sidecar(out).is_file() and json.loads(sidecar(out).read_text()) == protocol:
         print(f"sample: {out} is complete ({options.num_samples} images with these settings).", file=sys.stderr)
         return protocol
