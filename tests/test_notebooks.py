@@ -101,17 +101,21 @@ def test_plan_compute_budget_prints_what_the_planning_api_computes(paper, fronti
 
 
 def test_compare_new_architecture_prints_what_the_fits_give(paper, frontier_fit):
+    from analysis.planning import compare_runs
+
     notebook = execute("compare_new_architecture.ipynb")
     text = printed(notebook)
-    assert "ILLUSTRATIVE" in "".join(cell.source for cell in notebook.cells)
-
-    points = re.findall(rf"^(.+): FID ({NUMBER}) with ({NUMBER}) training Gflops -> DiT needs ({NUMBER}) "
-                        rf"\[.*\], multiplier ({NUMBER}) ", text, flags=re.MULTILINE)
-    assert len(points) >= 2
-    for name, fid, compute, needs, multiplier in points:
-        dit_compute = float(frontier_fit.inverse(float(fid)))
-        assert float(needs) == pytest.approx(dit_compute, rel=1e-3), name
-        assert float(multiplier) == pytest.approx(dit_compute / float(compute), rel=2e-3), name
+    comparison = compare_runs(load(ROOT / "runs" / "fmnist-modern-dit"), load(ROOT / "runs" / "fmnist-default"))
+    last = comparison.table[comparison.table["steps"] == comparison.table["steps"].max()].set_index("name")
+    value = rf"{NUMBER}|inf"
+    points = re.findall(rf"^(\S+) at (\d+) steps: FD ({NUMBER}); multiplier ({value}) \[({value}), ({value})\]",
+                        text, flags=re.MULTILINE)
+    assert sorted(name for name, *_ in points) == sorted(last.index) and len(points) == 4
+    for name, _, fd, multiplier, lo, hi in points:
+        row = last.loc[name]
+        assert float(fd) == pytest.approx(row["value"], abs=0.05), name
+        assert [float(multiplier), float(lo), float(hi)] == pytest.approx(
+            [row["compute_multiplier"], row["compute_multiplier_lo"], row["compute_multiplier_hi"]], abs=0.006), name
 
     gflops_fit = model_compute_fit(paper, metric="FID-50K", step=400_000, resolution=256)
     unets = pd.read_csv(ROOT / "runs" / "paper" / "unet_gflops.csv").query("resolution == 256")
@@ -122,7 +126,7 @@ def test_compare_new_architecture_prints_what_the_fits_give(paper, frontier_fit)
         lo, hi = gflops_fit.prediction_interval([gflops])
         expected = [float(gflops_fit.predict([gflops])[0]), float(lo[0]), float(hi[0])]
         assert [number(placed.group(i)) for i in (1, 2, 3)] == pytest.approx(expected, abs=0.006), model
-    assert len(displayed(notebook, "image/png")) == 1
+    assert len(displayed(notebook, "image/png")) == 3  # Fig. 8 and Fig. 9 with ModernDiT, the U-Nets
 
 
 @pytest.mark.slow
