@@ -288,7 +288,7 @@ def add_commands(commands) -> None:
     def add_records_arguments(parser, flag="--records"):
         parser.add_argument(flag, dest="records", type=epath.Path, action="append",
                             help="DiT records (runs directory, run, .jsonl or .csv); default: runs/paper")
-        parser.add_argument("--metric", help="metric to use (default: the one with the most points)")
+        parser.add_argument("--metric", help="metric to use (default: the sample metric with the most points)")
         parser.add_argument("--where", action="append", metavar="COLUMN=VALUE", help="filter the DiT records")
         parser.add_argument("--json", action="store_true")
 
@@ -324,5 +324,5 @@ def add_commands(commands) -> None:
                          help="a runs directory, a run, or a records .jsonl/.csv file")
     figures.add_argument("--out", help="output directory (default: RECORDS/figures, or RECORDS_figures beside a "
                                        "file)")
-    figures.add_argument("--metric", help="metric to plot (default: the one with the most points)")
+    figures.add_argument("--metric", help="metric to plot (default: the sample metric with the most points)")
     figures.set_defaults(handler=cmd_figures)

@@ -29,8 +29,8 @@ def render_all(records: Records, out_dir: str | epath.Path, *, metric: str | Non
                ) -> tuple[list[epath.Path], dict[str, str]]:
     """Write every figure the records support (NAME.png and NAME.pdf), table4.md, table4.tex and report.md into
     out_dir. Returns the written paths and {figure name: why it was skipped}. The points are `study.select`'s
-    (configs of one block and resolution, one metric, default: the one with the most points, and its most common
-    protocol), the fits study's; the report lists what was left out."""
+    (configs of one block and resolution, one metric, default: the sample metric with the most points, and its
+    most common protocol), the fits study's; the report lists what was left out."""
     out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     has_evaluations = not records.evaluations.empty

@@ -24,7 +24,7 @@ from analysis.records import (
     protocol_string,
     require_one_protocol,
 )
-from analysis.schema import RecordsError, metric_column
+from analysis.schema import VALIDATION_FAMILY, RecordsError, metric_column, metric_family
 
 SCALING_BLOCK = "adaLN-Zero"
 FAMILY_COLUMNS = ("block", "resolution")
@@ -40,9 +40,11 @@ def _text(value) -> str:
 
 
 def metrics_by_count(records: Records | pd.DataFrame) -> list[str]:
-    """The metrics of the evaluation points, the one with the most points first (ties: by name)."""
+    """The metrics of the evaluation points: sample metrics before the held-out loss (their cheap proxy, often
+    evaluated more densely), each the one with the most points first (ties: by name)."""
     counts = _evaluations(records)["metric"].value_counts()
-    return sorted(counts.index, key=lambda metric: (-counts[metric], metric))
+    return sorted(counts.index, key=lambda metric: (metric_family(metric) == VALIDATION_FAMILY, -counts[metric],
+                                                     metric))
 
 
 def scaling_family(table: Records | pd.DataFrame, *, vary: tuple[str, ...] = (),
@@ -97,9 +99,10 @@ def select(records: Records | pd.DataFrame, *, metric: str | None = None, vary: 
 
     `where` filters columns first (e.g. resolution=256). Then configs of several conditioning blocks or
     resolutions are narrowed to one family (`scaling_family`) unless `where` or `vary` names the column.
-    `metric` defaults to the metric with the most points. If several protocols remain, the one with the most
-    points is kept (ties: the most sampling steps); pass the protocol's columns in `where` to choose another, or
-    `one_protocol=True` to make several protocols an error that lists them."""
+    `metric` defaults to the first of `metrics_by_count` (the sample metric with the most points). If several
+    protocols remain, the one with the most points is kept (ties: the most sampling steps); pass the protocol's
+    columns in `where` to choose another, or `one_protocol=True` to make several protocols an error that lists
+    them."""
     table = filter_rows(_evaluations(records), where, "the evaluation points")
     if table.empty:
         raise RecordsError("the records hold no evaluation points (metric values per run and step).")

@@ -299,11 +299,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     for row in rows:
         row["progress"] = f"{row['step']}/{row['total_steps']}"
-        evaluation = row["latest_evaluation"]
-        row["evaluation"] = "-" if not evaluation else f"{evaluation.get('metric')}={evaluation.get('value')}"
+        row["evaluations"] = ", ".join(f"{metric}={r['value']:.4g} (step {r['step']})"
+                                       for metric, r in row["latest_evaluations"].items()) or "-"
     print_table(rows, [("run", "run"), ("model", "model"), ("status", "status"), ("progress", "step"),
                         ("images_seen", "images"), ("train_gflops_cumulative", "train Gflops"),
-                        ("loss", "last loss"), ("wall_time", "wall s"), ("evaluation", "latest evaluation")])
+                        ("loss", "last loss"), ("wall_time", "wall s"), ("evaluations", "latest evaluations")])
     return 0
 
 

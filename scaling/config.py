@@ -159,10 +159,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         (train.checkpoint_every > 0, "train.checkpoint_every must be positive"),
         (train.keep_checkpoints > 0, "train.keep_checkpoints must be positive"),
         (train.steps_per_call > 0 and all(n % train.steps_per_call == 0 for n in (
-            train.steps, train.log_every, train.checkpoint_every, config.eval.every)),
+            train.steps, train.log_every, train.checkpoint_every, config.eval.every, config.eval.validation_every)),
          f"train.steps_per_call ({train.steps_per_call}) must divide train.steps ({train.steps}), train.log_every "
-         f"({train.log_every}), train.checkpoint_every ({train.checkpoint_every}) and eval.every "
-         f"({config.eval.every}): records, checkpoints and evaluations fall between calls"),
+         f"({train.log_every}), train.checkpoint_every ({train.checkpoint_every}), eval.every "
+         f"({config.eval.every}) and eval.validation_every ({config.eval.validation_every}): records, checkpoints "
+         "and evaluations fall between calls"),
         (train.param_sharding in ("replicated", "fsdp"), "train.param_sharding must be replicated or fsdp"),
         (train.slices >= 0, "train.slices must be >= 0 (0: the slices the devices report)"),
         (config.model.dtype in (precision.AUTO, *precision.DTYPES),
@@ -176,6 +177,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "eval.final_sampling_steps must list positive step counts (or be empty)"),
         (config.eval.validation_examples >= 0 and config.eval.validation_timesteps > 0,
          "eval.validation_examples must be >= 0 (0 turns the held-out loss off) and eval.validation_timesteps > 0"),
+        (config.eval.validation_every >= 0, "eval.validation_every must be >= 0 (0: at the eval.every steps)"),
         (config.eval.num_samples > 3 and config.eval.num_reference > 3,
          "eval.num_samples and eval.num_reference must exceed 3 (precision/recall use 3 neighbours)"),
         (config.eval.batch_size > 0, "eval.batch_size must be positive"),

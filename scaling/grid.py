@@ -385,7 +385,8 @@ def _run_in_workers(config_name: str, workdirs: dict[str, epath.Path], models: l
 
 
 def run_status(runs_dir: str | epath.Path) -> list[dict]:
-    """One row per run under runs_dir: model, status, progress, compute spent, last loss, latest evaluation."""
+    """One row per run under runs_dir: model, status, progress, compute spent, last loss, and the newest evaluation
+    of each metric (a sample metric and the held-out loss keep their own schedules)."""
     rows = []
     for manifest_path in sorted(epath.Path(runs_dir).glob(f"*/{schema.MANIFEST_FILE}")):
         workdir = manifest_path.parent
@@ -399,7 +400,7 @@ def run_status(runs_dir: str | epath.Path) -> list[dict]:
             "images_seen": last.images_seen if last else 0,
             "train_gflops_cumulative": last.train_gflops_cumulative if last else 0.0,
             "loss": last.loss if last else None, "wall_time": last.wall_time if last else None,
-            "latest_evaluation": evaluations[-1].to_json() if evaluations else None,
+            "latest_evaluations": {r.metric: r.to_json() for r in sorted(evaluations, key=lambda r: r.step)},
             "error": manifest.error,
         })
     return rows

@@ -130,8 +130,7 @@ class _Run:
         return n, metrics
 
     def is_eval_step(self, step: int) -> bool:
-        return self.evaluator is not None and step > 0 and (step % self.config.eval.every == 0
-                                                            or step == self.total_steps)
+        return self.evaluator is not None and bool(self.evaluator.protocols_at(step, self.total_steps))
 
     def is_checkpoint_step(self, step: int) -> bool:
         return step % self.config.train.checkpoint_every == 0 or step == self.total_steps or self.is_eval_step(step)
@@ -424,7 +423,7 @@ def _stop_diverged(run: _Run, step: int, metrics: dict, wall_time: float) -> Non
 def _evaluate(run: _Run, step: int) -> None:
     """Score the EMA parameters under every protocol not yet recorded at this step (the final protocols too at
     the last step)."""
-    wanted = run.evaluator.protocols + (run.evaluator.final_protocols if step == run.total_steps else [])
+    wanted = run.evaluator.protocols_at(step, run.total_steps)
     protocols = pending_protocols(schema.read_evaluations(run.workdir), step, wanted)
     for record in run.evaluator.run(step, run.state["ema"], protocols) if protocols else []:
         if run.primary:

@@ -386,13 +386,18 @@ def test_grid_skips_finished_runs_and_survives_a_failure(fmnist_dir, tmp_path, c
 
 def test_evaluations_are_recorded_with_their_protocol_and_never_repeated(fmnist_dir, tmp_path, capsys):
     overrides = [f"data.path={fmnist_dir}", "eval.every=10", "eval.num_samples=24", "eval.batch_size=8",
-                 "eval.sampling_steps=(5, 10)", "eval.num_reference=100", "eval.classifier_epochs=1"]
+                 "eval.sampling_steps=(5, 10)", "eval.num_reference=100", "eval.classifier_epochs=1",
+                 "eval.validation_examples=8", "eval.validation_timesteps=2", "eval.validation_every=5"]
     config = load_config("fmnist:S/8,smoke", overrides)
     train(config, tmp_path / "run")
     path = tmp_path / "run" / "evaluations.jsonl"
     evaluations = read_records(path)
-    assert [(r["step"], r["protocol"]["sampling_steps"]) for r in evaluations] == [(10, 5), (10, 10), (20, 5),
-                                                                                     (20, 10)]
+    # The held-out loss on its own, denser schedule; the samples every eval.every steps.
+    assert [(r["step"], r["protocol"]["sampling_steps"]) for r in evaluations] == [
+        (5, None), (10, 5), (10, 10), (10, None), (15, None), (20, 5), (20, 10), (20, None)]
+    assert {r["metric"] for r in evaluations if r["protocol"]["sampler"] is None} == {"val-loss-8"}
+    validation = [r for r in evaluations if not r["protocol"]["sampler"]]
+    evaluations = [r for r in evaluations if r["protocol"]["sampler"]]
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     for record in evaluations:
         assert record["metric"] == "FD-FashionCNN-24" and record["value"] > 0
@@ -408,10 +413,13 @@ def test_evaluations_are_recorded_with_their_protocol_and_never_repeated(fmnist_
     path.write_text("".join(json.dumps(r) + "\n" for r in evaluations[:2]))
     train(config, tmp_path / "run")
     again = read_records(path)
+    assert [r["value"] for r in again if r["protocol"]["sampler"] is None] == pytest.approx(
+        [validation[-1]["value"]], rel=1e-9)
+    again = [r for r in again if r["protocol"]["sampler"]]
     assert [(r["step"], r["protocol"]) for r in again] == [(r["step"], r["protocol"]) for r in evaluations]
     assert [r["value"] for r in again] == pytest.approx([r["value"] for r in evaluations], rel=1e-9)
     assert main(["status", str(tmp_path)]) == 0
-    assert "FD-FashionCNN-24=" in capsys.readouterr().out
+    assert f"FD-FashionCNN-24={again[-1]['value']:.4g} (step 20), val-loss-8=" in capsys.readouterr().out
 
     # The records are the contract with analysis/: its loader reads this run as it was written.
     loaded = records.load(tmp_path)
@@ -426,6 +434,8 @@ def test_evaluations_are_recorded_with_their_protocol_and_never_repeated(fmnist_
     assert (manifest_record.size, manifest_record.patch, manifest_record.resolution) == ("S", 8, 32)
     assert manifest_record.code_revision  # the tests run in a git checkout
     table = loaded.evaluations
+    assert table.loc[table["sampler"].isna(), "val_loss"].tolist()[-1] == validation[-1]["value"]
+    table = table[table["sampler"].notna()]
     assert list(table["fd_fashioncnn"]) == [r["value"] for r in again]
     assert list(table["sampling_steps"]) == [5, 10, 5, 10] and table["protocol"].nunique() == 2
     assert table["sampling_gflops_per_image"].tolist() == [r["sampling_gflops_per_image"] for r in again]

@@ -84,8 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.inception_weights = ""
     config.eval.classifier_epochs = 2  # FashionCNN feature network (trained once per data and seed, cached)
     config.eval.classifier_examples = 0  # training images for it (0: the whole training split)
-    # Held-out diffusion loss at every evaluation step: noise-prediction MSE on the first N test images at
-    # validation_timesteps fixed timesteps, with fixed noise (0: off).
+    # Held-out diffusion loss: noise-prediction MSE on the first N test images at validation_timesteps fixed
+    # timesteps, with fixed noise (0: off), every validation_every steps (0: at the eval.every steps) and at the
+    # last; it is cheap, so denser curves (isoFLOP profiles) can come from it. Evaluation needs eval.every > 0.
     config.eval.validation_examples = 0
     config.eval.validation_timesteps = 8
+    config.eval.validation_every = 0
     return config

@@ -24,9 +24,10 @@ MINIATURE_SIZES = {"S": (2, 24, 3), "B": (2, 48, 6), "L": (4, 64, 8), "XL": (5, 
 #   173 at 1e-3, 155 at 2e-3 and 150 at 4e-3 with b2 0.99 (class accuracy 0.10, 0.12, 0.18, 0.22): miniature
 #   models in minutes are far from converged, and a larger step size learns faster; 3e-3 keeps a margin below
 #   the largest rate tried for the deeper XL/2. Learned sigma made no difference there (FD 173 vs 174).
-# - default: 1500 steps, evaluated every 500 (Fig. 6 and 9 curves) with 250 samples and 8 DDIM steps, and at the
+# - default: 1500 steps, evaluated every 250 (Fig. 6 and 9 curves) with 250 samples and 8 DDIM steps, and at the
 #   last step with 16 and 32 steps too (Fig. 10, in the paper's range of 16 to 1000 steps: 4 DDIM steps are far
-#   from what a model can do); the held-out loss on 200 test images at 4 timesteps. Evaluation costs about a
+#   from what a model can do); the held-out loss on 200 test images at 4 timesteps every 100 steps (the dense
+#   curves of the isoFLOP profiles: each config's compute spans 15x, the samples' 6x). Evaluation costs about a
 #   third of its time, the patch-2 configs most of the rest: DiT-XL/2 trained for 2000 steps with 4 evaluations
 #   took 12.7 of a study's 18 minutes there, so 1500 steps with 3 evaluations fit the 20-minute budget.
 # - 250 samples per evaluation: FD-FashionCNN's bias at 250 samples is the same for every config, so orderings
@@ -34,16 +35,19 @@ MINIATURE_SIZES = {"S": (2, 24, 3), "B": (2, 48, 6), "L": (4, 64, 8), "XL": (5, 
 PRESETS = {  # config fields by path; checkpoints fall at the evaluation steps
     "study-smoke": {"train.steps": 40, "train.batch_size": 8, "eval.every": 20, "eval.num_samples": 60,
                     "eval.sampling_steps": (4,), "eval.final_sampling_steps": (8,), "eval.validation_examples": 32,
-                    "eval.validation_timesteps": 4, "eval.classifier_epochs": 1, "eval.classifier_examples": 4000,
-                    "eval.num_reference": 1000, "train.log_every": 20, "train.steps_per_call": 10},
-    "default": {"train.steps": 1500, "train.batch_size": 16, "eval.every": 500, "eval.num_samples": 250,
+                    "eval.validation_timesteps": 4, "eval.validation_every": 10, "eval.classifier_epochs": 1,
+                    "eval.classifier_examples": 4000, "eval.num_reference": 1000, "train.log_every": 20,
+                    "train.steps_per_call": 10},
+    "default": {"train.steps": 1500, "train.batch_size": 16, "eval.every": 250, "eval.num_samples": 250,
                 "eval.sampling_steps": (8,), "eval.final_sampling_steps": (16, 32), "eval.validation_examples": 200,
-                "eval.validation_timesteps": 4, "eval.classifier_epochs": 2, "eval.classifier_examples": 0,
-                "eval.num_reference": 10_000, "train.log_every": 250, "train.steps_per_call": 25},
+                "eval.validation_timesteps": 4, "eval.validation_every": 100, "eval.classifier_epochs": 2,
+                "eval.classifier_examples": 0, "eval.num_reference": 10_000, "train.log_every": 250,
+                "train.steps_per_call": 25},
     "full": {"train.steps": 15_000, "train.batch_size": 16, "eval.every": 2500, "eval.num_samples": 1000,
              "eval.sampling_steps": (8,), "eval.final_sampling_steps": (16, 32, 64), "eval.validation_examples": 1000,
-             "eval.validation_timesteps": 8, "eval.classifier_epochs": 2, "eval.classifier_examples": 0,
-             "eval.num_reference": 10_000, "train.log_every": 500, "train.steps_per_call": 25},
+             "eval.validation_timesteps": 8, "eval.validation_every": 500, "eval.classifier_epochs": 2,
+             "eval.classifier_examples": 0, "eval.num_reference": 10_000, "train.log_every": 500,
+             "train.steps_per_call": 25},
 }
 
 

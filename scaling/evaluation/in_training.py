@@ -1,7 +1,7 @@
 """Evaluation during training: the evaluator a run builds once and calls at its evaluation steps.
 
-Every evaluator follows one interface (`Evaluator`): `protocols` lists what it measures at every evaluation
-step, `final_protocols` what it measures at the last step only, and `run(step, params, protocols)` scores the EMA
+Every evaluator follows one interface (`Evaluator`): `protocols` lists what it measures every `every` steps,
+`final_protocols` what it measures at the last step only, and `run(step, params, protocols)` scores the EMA
 parameters and returns one `schema.EvaluationRecord` per protocol. `build_evaluator(config, ...)` builds the
 evaluators of the run's data: Fashion-MNIST runs are scored with FD-FashionCNN against the training split (one
 protocol per eval.sampling_steps entry, and per eval.final_sampling_steps entry at the last step) and, with
@@ -31,6 +31,7 @@ SMALL_DATA_FAMILY = "FD-FashionCNN"
 
 
 class Evaluator(Interface):
+    every: int  # steps between evaluations (and the last step)
     protocols: list[Protocol]
     final_protocols: list[Protocol]
 
@@ -109,6 +110,7 @@ class SmallDataEvaluator:
     def __init__(self, config, source, model_config, diffusion, compute, mesh):
         self.config, self.source, self.model_config = config, source, model_config
         self.diffusion, self.compute, self.mesh = diffusion, compute, mesh
+        self.every = int(config.eval.every)
         self.protocols = evaluation_protocols(config)
         self.final_protocols = final_evaluation_protocols(config)
         self._classifier = None
@@ -158,6 +160,7 @@ class ValidationLossEvaluator:
         self.config, self.model_config, self.diffusion = config, model_config, diffusion
         self.compute, self.mesh = compute, mesh
         self.timesteps = validation_timesteps(config)
+        self.every = int(config.eval.validation_every or config.eval.every)
         n = int(config.eval.validation_examples)
         self.protocols = [Protocol(
             sampler=None, sampling_steps=None, guidance_scale=None, guidance_channels=None, num_samples=n,
@@ -234,6 +237,7 @@ class FIDEvaluator:
     def __init__(self, config, source, model_config, diffusion, compute, mesh):
         self.config, self.source, self.model_config = config, source, model_config
         self.diffusion, self.compute, self.mesh = diffusion, compute, mesh
+        self.every = int(config.eval.every)
         self.protocols = evaluation_protocols(config)
         self.final_protocols = final_evaluation_protocols(config)
         self._samplers = {}
@@ -274,12 +278,19 @@ class FIDEvaluator:
 
 
 class Evaluators:
-    """Several evaluators behind the one interface: each protocol goes to the evaluator that measures it."""
+    """Several evaluators, each on its own schedule: each protocol goes to the evaluator that measures it."""
 
     def __init__(self, evaluators: list):
         self.evaluators = evaluators
         self.protocols = [p for e in evaluators for p in e.protocols]
         self.final_protocols = [p for e in evaluators for p in e.final_protocols]
+
+    def protocols_at(self, step: int, total_steps: int) -> list[Protocol]:
+        """What is measured at `step`: the protocols of each evaluator whose schedule falls there, and at the last
+        step every evaluator's protocols and final protocols."""
+        last = step == total_steps
+        return [p for e in self.evaluators if step > 0 and (last or step % e.every == 0)
+                for p in e.protocols + (e.final_protocols if last else [])]
 
     def run(self, step: int, params, protocols: list[Protocol]) -> list[EvaluationRecord]:
         records = []
