@@ -1,5 +1,5 @@
-"""The analysis commands of `dit-scaling` (fit, plan, compare, figures): registered by `add_commands` with the one
-entry point (scaling.cli), they import analysis/ only, so they run without JAX."""
+"""The analysis commands of `dit-scaling` (fit, plan, isoflop, loss-proxy, compare, figures): registered by
+`add_commands` with the one entry point (scaling.cli), they import analysis/ only, so they run without JAX."""
 
 from __future__ import annotations
 
@@ -164,13 +164,16 @@ def _load_records(sources: list[epath.Path]):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from analysis.isoflop import isoflop_analysis
     from analysis.planning import plan_budget, plan_target, to_paper_units
     from analysis.study import training_compute_fit
 
     records = _load_records(args.records)
-    fit = training_compute_fit(records, metric=args.metric, **_where(args.where))
+    where = _where(args.where)
+    fit = training_compute_fit(records, metric=args.metric, **where)
+    isoflop = isoflop_analysis(records, metric=fit.metadata["metric"], **where)
     if args.target is not None:
-        result = plan_target(fit, records.runs, args.target)
+        result = plan_target(fit, records.runs, args.target, isoflop)
         if args.json:
             print(_dumps(result.summary()))
             return 0
@@ -185,7 +188,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     compute = to_paper_units(args.compute, args.unit, utilization=args.utilization,
                              chip_peak_tflops=args.chip_peak_tflops, chips=args.chips)
-    plan = plan_budget(fit, records.runs, compute)
+    plan = plan_budget(fit, records.runs, compute, isoflop)
     if args.json:
         print(_dumps(plan.summary()))
         return 0
@@ -195,18 +198,82 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _plan_rows(plan) -> list[tuple[str, str]]:
+    rows = [("best config", f"{plan.model} ({plan.config}), {plan.gflops_per_image:g} Gflops/image")]
+    if plan.optimal_gflops is not None:
+        low, high = plan.optimal_gflops_interval
+        rows.append(("optimal size", f"{plan.optimal_gflops:.3g} Gflops/image (interval {low:.3g} to {high:.3g})"))
+    rows.append(("chosen by", f"{plan.basis}: {plan.reason}"))
     lo, hi = plan.confidence_interval
     plo, phi = plan.prediction_interval
-    return [
-        ("best config", f"{plan.model} ({plan.config}), {plan.gflops_per_image:g} Gflops/image"),
+    return rows + [
         ("training", f"{plan.steps:,} steps at batch {plan.batch_size}" if plan.steps is not None else
                      "steps unknown: the records give no batch size for this config"),
-        ("predicted", f"{plan.metric} {plan.predicted:.2f}  (confidence [{lo:.2f}, {hi:.2f}], prediction "
-                      f"[{plo:.2f}, {phi:.2f}])"),
+        ("predicted", f"{plan.metric} {plan.predicted:.4g}  (confidence [{lo:.4g}, {hi:.4g}], prediction "
+                      f"[{plo:.4g}, {phi:.4g}])"),
         ("extrapolated", "yes: beyond the evaluated compute" if plan.extrapolated else
                          "yes: the config trains past its own last evaluation" if plan.beyond_config_evaluations
                          else "no"),
     ]
+
+
+def cmd_isoflop(args: argparse.Namespace) -> int:
+    from analysis.isoflop import isoflop_analysis
+
+    budgets = {"n_budgets": args.budgets} if args.budgets else {}
+    analysis = isoflop_analysis(_load_records(args.records), metric=args.metric, size=args.size,
+                                confidence=args.confidence, **budgets, **_where(args.where))
+    if args.json:
+        print(_dumps(analysis.summary()))
+        return 0
+    size = f"optimal_{analysis.size}"
+    rows = [{**row, "budget": f"{row['budget']:.3g}", size: _short(row[size]),
+             "optimal_images": _short(row["optimal_images"])} for row in analysis.table().to_dict("records")]
+    value = next(column for column in analysis.table().columns if column.startswith("optimal_")
+                 and column not in (size, "optimal_images"))
+    print_table(rows, [("budget", "budget C"), ("configs", "configs"), (size, f"N_opt ({analysis.size})"),
+                       ("optimal_images", "D_opt (images)"), (value, analysis.metric), ("flag", "flag")])
+    print()
+    if analysis.size_law is None:
+        print(f"no law of the optimum: {analysis.note}")
+    for law, name in ((analysis.size_law, "N_opt"), (analysis.images_law, "D_opt")):
+        if law is not None:
+            lo, hi = law.exponent_ci
+            print(f"{name} = {law.coefficient:.3g} C^{law.exponent:.3f}  ({law.confidence:.0%} interval of the "
+                  f"exponent: {lo:.3f} to {hi:.3f}; {law.n_budgets} budgets, bootstrap over {law.n_configs} configs)")
+    _print_notes(analysis.metadata["notes"])
+    return 0
+
+
+def _short(value: float) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3g}"
+
+
+def cmd_loss_proxy(args: argparse.Namespace) -> int:
+    from analysis.proxy import loss_proxy
+
+    analysis = loss_proxy(_load_records(args.records), metric=args.metric, loss_metric=args.loss_metric,
+                          confidence=args.confidence, **_where(args.where))
+    predictions = analysis.predict(args.loss) if args.loss else None
+    if args.json:
+        summary = analysis.summary()
+        if predictions is not None:
+            summary["predictions"] = predictions.to_dict("records")
+        print(_dumps(summary))
+        return 0
+    print(f"{analysis.metric} from {analysis.loss_metric}: {len(analysis.pairs)} (config, step) pairs of "
+          f"{analysis.pairs['run'].nunique()} configs; held-out error: each config predicted by a fit without it")
+    print_table(analysis.table().to_dict("records"),
+                [("form", "form"), ("formula", "formula"), ("in_sample_rmse_log10", "in-sample rmse (log10)"),
+                 ("held_out_rmse_log10", "held-out rmse (log10)"), ("typical_error", "typical error"),
+                 ("interval_factor", f"{analysis.best.confidence:.0%} within x/÷")])
+    print(f"Spearman rho across configs at step {analysis.rank_step}: {analysis.rank_correlation:.3f}")
+    if predictions is not None:
+        print()
+        for row in predictions.itertuples():
+            print(f"{analysis.loss_metric} {row.loss:g} -> {analysis.metric} {row.predicted:.4g} "
+                  f"[{row.low:.4g}, {row.high:.4g}]" + ("  (outside the fitted losses)" if row.extrapolated else ""))
+    _print_notes(analysis.metadata["notes"])
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -305,6 +372,31 @@ def add_commands(commands) -> None:
     plan.add_argument("--chips", type=int, default=1, help="accelerator-hours: chips")
     add_records_arguments(plan)
     plan.set_defaults(handler=cmd_plan)
+
+    isoflop = commands.add_parser(
+        "isoflop", help="Compute-optimal model size from isoFLOP profiles of the training curves (N_opt(C), "
+                        "D_opt(C) with bootstrap intervals).",
+        description="For budgets of training compute, every config's metric at that compute (interpolated along "
+                    "its own curve), a parabola in log size and its minimum; then N_opt and D_opt as power laws of "
+                    "the compute. Budgets whose minimum lies at an edge of the grid are flagged, not fitted.")
+    isoflop.add_argument("--size", default="gflops", choices=("gflops", "params"), help="the size to profile over")
+    isoflop.add_argument("--budgets", type=int, help="budgets, log-spaced over the compute that at least 3 curves "
+                                                     "span (default: analysis.isoflop.DEFAULT_BUDGETS)")
+    isoflop.add_argument("--confidence", type=float, default=0.95)
+    add_records_arguments(isoflop)
+    isoflop.set_defaults(handler=cmd_isoflop)
+
+    proxy = commands.add_parser(
+        "loss-proxy", help="The held-out loss as a predictor of a sample metric: fitted forms, their "
+                           "leave-one-config-out error, predictions with intervals.",
+        description="Pairs each run's held-out loss (val-loss) with its sample metric at the same step and fits "
+                    "metric vs loss in several forms, each judged by predicting every config from a fit without "
+                    "it.")
+    proxy.add_argument("--loss-metric", help="the held-out loss metric (default: the val-loss with most points)")
+    proxy.add_argument("--loss", type=float, action="append", help="predict the metric at this loss (repeatable)")
+    proxy.add_argument("--confidence", type=float, default=0.95)
+    add_records_arguments(proxy)
+    proxy.set_defaults(handler=cmd_loss_proxy)
 
     compare = commands.add_parser(
         "compare", help="Place a new architecture's points against the DiT curves (compute multiplier).",

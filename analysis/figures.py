@@ -13,6 +13,8 @@ and never touches the interactive backend or pyplot's global figure list.
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -46,7 +48,7 @@ from analysis.style import (
 )
 
 FIGURES = ("fig2_bubble", "fig5_conditioning", "fig6_curves", "fig8_gflops_fit", "fig9_training_compute",
-           "fig10_sampling_compute", "fig13_loss")
+           "fig10_sampling_compute", "fig13_loss", "isoflop_profiles", "isoflop_profiles_loss", "loss_to_metric")
 
 
 def _per_run(points: pd.DataFrame) -> pd.DataFrame:
@@ -499,6 +501,149 @@ def fig13_loss(records: Records | pd.DataFrame) -> Figure:
     ax.set_title("Training loss (faint: raw; solid: rolling mean)")
     fig.legend(loc="outside right center", fontsize=8.5)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Beyond the paper: isoFLOP profiles (Chinchilla's Fig. 3) and the held-out loss as a predictor
+# ---------------------------------------------------------------------------------------------------------------
+
+def isoflop_profiles(records: Records | pd.DataFrame, *, metric: str | None = None, size: str = "gflops",
+                     **where) -> Figure:
+    """`isoflop.isoflop_analysis` for the same arguments, drawn as Chinchilla's Fig. 3: the profile of each
+    budget (metric vs size, its parabola and minimum; flagged budgets faint, without a parabola), then the optimal
+    size and the optimal images seen against compute, with the power laws and their bootstrap bands."""
+    return _isoflop_figure(records, metric=metric, size=size, **where)[0]
+
+
+@styled
+def _isoflop_figure(records, *, size: str = "gflops", **selection):
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm
+
+    from analysis import isoflop
+
+    analysis = isoflop.isoflop_analysis(records, size=size, **selection)
+    reached = [p for p in analysis.profiles if len(p.points)]
+    if not any(len(p.points) >= isoflop.MIN_PROFILE_CONFIGS for p in analysis.profiles):
+        raise RecordsError(f"isoFLOP profiles: {analysis.note}")
+    budgets = [p.budget for p in analysis.profiles]
+    norm = LogNorm(min(budgets), max(budgets))
+    cmap = colormaps["viridis"]
+    fig = Figure(figsize=(13.5, 4.4), layout="constrained")
+    profiles_ax, size_ax, images_ax = fig.subplots(1, 3)
+    for profile in reached:
+        color = cmap(norm(profile.budget))
+        points = profile.points.sort_values("size")
+        alpha = 1.0 if profile.fitted else 0.3
+        profiles_ax.plot(points["size"], points["value"], "o", color=color, alpha=alpha, markersize=4.5)
+        if profile.fitted:
+            u = np.geomspace(points["size"].min(), points["size"].max(), 100)
+            profiles_ax.plot(u, profile.parabola(u), color=color, linewidth=1.5)
+            profiles_ax.plot(profile.optimal_size, profile.optimal_value, "*", color=color, markersize=13,
+                             markeredgecolor="black", markeredgewidth=0.6, zorder=5)
+    shown = pd.concat([p.points for p in reached])
+    log_axis(profiles_ax, "x", shown["size"])
+    log_axis(profiles_ax, "y", shown["value"], pad=1.05)
+    size_label_text = isoflop.SIZES[analysis.size]
+    profiles_ax.set_xlabel(f"Model size ({size_label_text})")
+    profiles_ax.set_ylabel(analysis.metric)
+    profiles_ax.set_title(f"isoFLOP profiles ({len(analysis.fitted)} of {len(budgets)} budgets fitted; "
+                          "faint: flagged)", fontsize=10)
+    colorbar = fig.colorbar(_scalar_mappable(cmap, norm), ax=profiles_ax, pad=0.01)
+    colorbar.set_label("Training compute C (Gflops)")
+
+    for ax, law, attribute, label in ((size_ax, analysis.size_law, "optimal_size", f"Optimal size ({size_label_text})"),
+                                      (images_ax, analysis.images_law, "optimal_images", "Optimal images seen")):
+        fitted = analysis.fitted
+        ax.set_xlabel("Training compute C (Gflops)")
+        ax.set_ylabel(label)
+        if not fitted:
+            flags = pd.Series([p.flag for p in reached if len(p.points) >= isoflop.MIN_PROFILE_CONFIGS])
+            ax.text(0.5, 0.5, "no budget has an interior minimum; most often:\n"
+                    + textwrap.fill(flags.value_counts().index[0], 50), transform=ax.transAxes, ha="center",
+                    va="center", fontsize=8.5, color="0.3")
+            log_axis(ax, "x", budgets, pad=1.1)
+            ax.set_yticks([])
+            continue
+        x = np.array([p.budget for p in fitted])
+        y = np.array([getattr(p, attribute) for p in fitted])
+        ax.scatter(x, y, c=[cmap(norm(b)) for b in x], edgecolors="black", linewidths=0.6, s=50, zorder=5)
+        span = x
+        if law is not None:
+            grid = np.geomspace(x.min() / 1.5, x.max() * 1.5, 100)
+            ax.fill_between(grid, *law.confidence_band(grid), color="0.2", alpha=0.15, linewidth=0,
+                            label=f"{law.confidence:.0%} bootstrap band")
+            lo, hi = law.exponent_ci
+            ax.plot(grid, law.predict(grid), "--", color="black", linewidth=1.3,
+                    label=f"$\\propto C^{{{law.exponent:.2f}}}$ ({lo:.2f} to {hi:.2f})")
+            ax.legend(fontsize=8.5, loc="upper left")
+            span = grid
+        else:
+            ax.text(0.5, 0.04, textwrap.fill(f"no power law: {analysis.note}", 60), transform=ax.transAxes,
+                    ha="center", va="bottom", fontsize=7.5, color="0.3")
+        log_axis(ax, "x", span, pad=1.1 if law is not None else 3.0)
+        log_axis(ax, "y", y, pad=2.0 if law is not None else 4.0)
+    size_ax.set_title("Compute-optimal size", fontsize=10)
+    images_ax.set_title("Compute-optimal images seen", fontsize=10)
+    return fig, analysis
+
+
+def _scalar_mappable(cmap, norm):
+    from matplotlib.cm import ScalarMappable
+
+    mappable = ScalarMappable(norm=norm, cmap=cmap)
+    mappable.set_array([])
+    return mappable
+
+
+def loss_to_metric(records: Records | pd.DataFrame, *, metric: str | None = None, loss_metric: str | None = None,
+                   **where) -> Figure:
+    """`proxy.loss_proxy` for the same arguments: the sample metric against the held-out loss at the same run
+    and step, one marker per config, with the best form's curve and its prediction interval (from the
+    leave-one-config-out errors) and the other forms faint."""
+    return _loss_to_metric(records, metric=metric, loss_metric=loss_metric, **where)[0]
+
+
+@styled
+def _loss_to_metric(records, **selection):
+    from analysis import proxy
+
+    analysis = proxy.loss_proxy(records, **selection)
+    pairs = analysis.pairs
+    styles = run_styles(_run_table(records, pairs))
+    fig = Figure(figsize=(7.6, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for run in ordered_runs(_run_table(records, pairs)):
+        points = pairs[pairs["run"] == run].sort_values("step")
+        style = styles[run]
+        ax.plot(points["loss"], points["value"], marker="o", markersize=4.5, linestyle=style.linestyle,
+                linewidth=0.8, color=style.color, label=style.label)
+    grid = np.geomspace(*analysis.loss_range, 200)
+    best = analysis.best
+    for fit in analysis.fits.values():
+        if fit is not best:
+            ax.plot(grid, fit.predict(grid), color="0.5", linewidth=0.9, linestyle=":", zorder=1)
+    ax.fill_between(grid, *best.prediction_interval(grid), color="0.2", alpha=0.12, linewidth=0,
+                    label=f"{best.confidence:.0%} prediction interval (×/÷ {best.interval_factor:.2f})")
+    ax.plot(grid, best.predict(grid), color="black", linewidth=1.6, linestyle="--",
+            label=f"{best.form.name}: held-out error {best.typical_error:.0%}")
+    ax.plot([], [], color="0.5", linewidth=0.9, linestyle=":", label="other forms")
+    log_axis(ax, "x", pairs["loss"])
+    log_axis(ax, "y", pairs["value"], pad=1.1)
+    ax.set_xlabel(f"Held-out loss ({analysis.loss_metric})")
+    ax.set_ylabel(analysis.metric)
+    ax.set_title(f"{analysis.metric} vs held-out loss at {len(pairs)} (config, step) pairs\nSpearman "
+                 f"ρ = {analysis.rank_correlation:.2f} across configs at step {format_steps(analysis.rank_step)}",
+                 fontsize=10)
+    fig.legend(loc="outside right center", fontsize=8.5)
+    return fig, analysis
+
+
+def _run_table(records, pairs: pd.DataFrame) -> pd.DataFrame:
+    """One row per paired run with the columns run_styles reads (model, size, patch, gflops)."""
+    table = records.evaluations if isinstance(records, Records) else records
+    runs = table.groupby("run", as_index=False).first()
+    return runs[runs["run"].isin(pairs["run"])]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from etils import epath
 
 from analysis import schema
 from analysis.fits import FrontierFit, LogLogFit
+from analysis.isoflop import IsoFlopAnalysis
 from analysis.records import COMPUTE_UNITS, Records, convert_compute
 from analysis.schema import RecordsError, training_compute
 
@@ -58,6 +59,10 @@ class BudgetPlan:
     prediction_interval: tuple[float, float]
     extrapolated: bool  # the budget lies beyond the evaluated compute
     beyond_config_evaluations: bool  # the config would train past its own last evaluation
+    basis: str = "frontier"  # what chose the config: "frontier" or "isoFLOP"
+    reason: str = ""  # why that basis
+    optimal_gflops: float | None = None  # the isoFLOP law's optimal size at this compute, where it has one
+    optimal_gflops_interval: tuple[float, float] | None = None
 
     def summary(self) -> dict:
         return asdict(self)
@@ -70,18 +75,54 @@ def _run_row(runs: pd.DataFrame, run: str) -> pd.Series:
     return rows.iloc[0]
 
 
-def plan_budget(fit: FrontierFit, runs: pd.DataFrame, compute: float) -> BudgetPlan:
+def isoflop_support(analysis: IsoFlopAnalysis | None, compute: float) -> str:
+    """Why the isoFLOP law cannot choose the config at `compute` ("" when it can): it needs a law of the optimal
+    Gflops and the budget inside the compute its fitted profiles span (the law is not extrapolated)."""
+    if analysis is None:
+        return "no isoFLOP analysis was given"
+    if analysis.size != "gflops":
+        return "the isoFLOP profiles are over parameters, and the plan chooses configs by Gflops"
+    if analysis.size_law is None:
+        return f"no isoFLOP law: {analysis.note}"
+    low, high = analysis.fitted_range
+    if not low <= compute <= high:
+        return (f"the budget lies outside the isoFLOP profiles' fitted range ({low:.3g} to {high:.3g} Gflops), "
+                "and their law is not extrapolated")
+    return ""
+
+
+def plan_budget(fit: FrontierFit, runs: pd.DataFrame, compute: float,
+                isoflop: IsoFlopAnalysis | None = None) -> BudgetPlan:
     """The config to train with `compute` (paper units), for how many steps, and the metric it should reach.
 
-    Within the evaluated range the config is the frontier's; beyond it, the config on the frontier at its end
-    (flagged `extrapolated`), and the metric comes from the fitted law with its intervals. A frontier config can
-    be asked to train longer than it was ever evaluated (its FID beyond its last evaluation is the law's guess):
-    `beyond_config_evaluations` says so."""
+    The config: where `isoflop` (an `isoflop.isoflop_analysis` over Gflops of the same records) has a law of the
+    optimal size and the budget lies inside its fitted profiles, the config nearest (in log Gflops) to that
+    optimum, which pools every config's curve at equal compute; else the frontier's, the one best point measured
+    at that compute (`basis` and `reason` say which and why). Beyond the evaluated range the frontier's is the
+    config at its end (flagged `extrapolated`). The metric comes from the frontier's fitted law with its
+    intervals. A config can be asked to train longer than it was ever evaluated (its metric beyond its last
+    evaluation is the law's guess): `beyond_config_evaluations` says so."""
     grid = fit.frontier.grid
     if compute < grid["x"].iloc[0]:
         raise RecordsError(f"compute {compute:.3g} is below the smallest evaluated point ({grid['x'].iloc[0]:.3g}); "
                            "the fit says nothing about it.")
-    run, _ = fit.frontier.best_at(compute)
+    unsupported = isoflop_support(isoflop, compute)
+    optimal = optimal_interval = None
+    if unsupported:
+        run, _ = fit.frontier.best_at(compute)
+        basis, reason = "frontier", f"the best config measured at this compute; isoFLOP not used: {unsupported}"
+    else:
+        optimal = float(isoflop.size_law.predict(compute))
+        low, high = isoflop.size_law.confidence_band(compute)
+        optimal_interval = (float(low), float(high))
+        candidates = fit.frontier.curves.drop_duplicates("run")["run"]
+        gflops = runs.set_index("run").loc[candidates, "gflops"].astype(float)
+        run = str((np.log10(gflops) - np.log10(optimal)).abs().idxmin())
+        lo_range, hi_range = isoflop.fitted_range
+        basis, reason = "isoFLOP", (
+            f"inside the isoFLOP profiles' fitted range ({lo_range:.3g} to {hi_range:.3g} Gflops, "
+            f"{isoflop.size_law.n_budgets} budgets): their optimum pools every config's curve at equal compute; "
+            "the config is the one nearest to it")
     row = _run_row(runs, run)
     curve_end = fit.frontier.curves.loc[fit.frontier.curves["run"] == run, "x"].max()
     batch = row["batch_size"]
@@ -94,7 +135,8 @@ def plan_budget(fit: FrontierFit, runs: pd.DataFrame, compute: float) -> BudgetP
                       metric=fit.metadata.get("metric", fit.y_name), predicted=float(fit.predict(compute)),
                       confidence_interval=(float(lo), float(hi)), prediction_interval=(float(plo), float(phi)),
                       extrapolated=bool(compute > grid["x"].iloc[-1]),
-                      beyond_config_evaluations=bool(compute > curve_end))
+                      beyond_config_evaluations=bool(compute > curve_end), basis=basis, reason=reason,
+                      optimal_gflops=optimal, optimal_gflops_interval=optimal_interval)
 
 
 @dataclass(frozen=True)
@@ -115,7 +157,8 @@ class TargetPlan:
         return out
 
 
-def plan_target(fit: FrontierFit, runs: pd.DataFrame, target: float) -> TargetPlan:
+def plan_target(fit: FrontierFit, runs: pd.DataFrame, target: float,
+                isoflop: IsoFlopAnalysis | None = None) -> TargetPlan:
     if not target > 0:
         raise RecordsError(f"the target metric must be positive, got {target}.")
     compute = float(fit.inverse(target))
@@ -125,7 +168,7 @@ def plan_target(fit: FrontierFit, runs: pd.DataFrame, target: float) -> TargetPl
     note = ("the fitted law never reaches the target (its floor is above it)" if not np.isfinite(compute) else
             f"the law reaches the target below the least evaluated compute ({first:.3g}): the first evaluated "
             "point already does better" if compute < first else "")
-    plan = None if note else plan_budget(fit, runs, compute)
+    plan = None if note else plan_budget(fit, runs, compute, isoflop)
     return TargetPlan(target=float(target), metric=fit.metadata.get("metric", fit.y_name), compute=compute,
                       compute_interval=(float(lo[0]), float(hi[0])), unreachable_fraction=unreachable, plan=plan,
                       note=note)

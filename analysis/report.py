@@ -7,7 +7,7 @@ from etils import epath
 from analysis import figures, study, tables
 from analysis.fits import describe_extrapolation
 from analysis.records import Records
-from analysis.schema import RecordsError
+from analysis.schema import VALIDATION_FAMILY, RecordsError, metric_family
 from analysis.style import format_steps, save_figure
 
 REPORT_TABLE_ROWS = 24  # a longer Table 4 is linked from the report, not copied into it
@@ -22,6 +22,11 @@ CAPTIONS = {
     "fig9_training_compute": "Fig. 9: the metric vs training compute, with the compute frontier and its power law.",
     "fig10_sampling_compute": "Fig. 10: the metric vs sampling compute per image.",
     "fig13_loss": "Fig. 13: training loss.",
+    "isoflop_profiles": "isoFLOP profiles (Chinchilla's Fig. 3): the metric of every config at equal training "
+                        "compute, the parabola's minimum, and the compute-optimal size and images against compute.",
+    "isoflop_profiles_loss": "isoFLOP profiles of the held-out loss (evaluated more densely than the samples).",
+    "loss_to_metric": "The sample metric against the held-out loss at the same run and step, with the best "
+                      "form's prediction interval.",
 }
 
 
@@ -67,6 +72,21 @@ def render_all(records: Records, out_dir: str | epath.Path, *, metric: str | Non
         fits["fig9"] = (fit, unfitted)
         return fig
 
+    def isoflop(loss: bool):
+        chosen = held_out_loss() if loss else metric
+        fig, fits["isoflop_loss" if loss else "isoflop"] = figures._isoflop_figure(records, metric=chosen)
+        return fig
+
+    def held_out_loss() -> str:
+        losses = [m for m in study.metrics_by_count(records) if metric_family(m) == VALIDATION_FAMILY]
+        if not losses:
+            raise RecordsError("the records hold no held-out loss (train with eval.validation_examples > 0).")
+        return losses[0]
+
+    def loss_to_metric():
+        fig, fits["proxy"] = figures._loss_to_metric(records, metric=metric, loss_metric=held_out_loss())
+        return fig
+
     def fig10():
         # The chosen metric's points if they vary the sampling steps, else the first metric's that do.
         for candidate in candidates:
@@ -89,6 +109,9 @@ def render_all(records: Records, out_dir: str | epath.Path, *, metric: str | Non
         "fig9_training_compute": fig9,
         "fig10_sampling_compute": fig10,
         "fig13_loss": lambda: figures.fig13_loss(records.where(**family)),
+        "isoflop_profiles": lambda: isoflop(loss=False),
+        "isoflop_profiles_loss": lambda: isoflop(loss=True),
+        "loss_to_metric": loss_to_metric,
     }
     for name in figures.FIGURES:
         render = renderers[name]
@@ -169,6 +192,12 @@ def _report(records, notes: list[str], fits: dict, table_markdown, written, skip
                                   for r in fit.frontier.optimal_ranges().itertuples()) + ".", ""]
     if "fig10" in fits:
         lines += _sampling_lines(fits["fig10"])
+    isoflops = [fits[name] for name in ("isoflop", "isoflop_loss") if name in fits]
+    if isoflops:
+        lines += ["## Compute-optimal size (isoFLOP profiles)", ""] + [line for analysis in isoflops
+                                                                      for line in _isoflop_lines(analysis)]
+    if "proxy" in fits:
+        lines += _proxy_lines(fits["proxy"])
     if table_markdown:
         rows = table_markdown.count("\n") - 2
         lines += ["## Table 4", ""] + ([table_markdown] if rows <= REPORT_TABLE_ROWS else
@@ -227,3 +256,31 @@ def _sampling_lines(tradeoff) -> list[str]:
                      + ("" if row.at_most_the_compute else ", with more sampling compute") + ".")
     lines.append("")
     return lines
+
+
+def _isoflop_lines(analysis) -> list[str]:
+    """What the profiles of one metric say: the two laws with their intervals, or why there are none."""
+    if analysis.size_law is None:
+        return [f"{analysis.metric} ({analysis.n_configs} configs): {analysis.note}", ""]
+    head = (f"{analysis.metric}: {len(analysis.fitted)} of {len(analysis.profiles)} budgets have an interior "
+            f"minimum ({analysis.n_configs} configs)")
+    low, high = analysis.fitted_range
+    laws = []
+    for law, name in ((analysis.size_law, "N_opt"), (analysis.images_law, "D_opt (images seen)")):
+        lo, hi = law.exponent_ci
+        laws.append(f"{name} ∝ C^{law.exponent:.2f} ({law.confidence:.0%} interval {lo:.2f} to {hi:.2f})")
+    return [f"{head}, from {low:.3g} to {high:.3g} Gflops of training compute: " + "; ".join(laws)
+            + f" (bootstrap over configs, {len(analysis.size_law.bootstrap)} replicates).", ""]
+
+
+def _proxy_lines(analysis) -> list[str]:
+    best = analysis.best
+    others = ", ".join(f"{fit.form.name} {fit.typical_error:.0%}" for fit in analysis.fits.values()
+                       if fit is not best)
+    return ["## The held-out loss as a predictor", "",
+            f"{analysis.metric} from {analysis.loss_metric} over {len(analysis.pairs)} (config, step) pairs of "
+            f"{analysis.pairs['run'].nunique()} configs: best form {best.form.formula} (parameters "
+            + ", ".join(f"{p:.4g}" for p in best.parameters) + f"), typical error {best.typical_error:.0%} when "
+            f"each config is predicted by a fit without it (others: {others}); {best.confidence:.0%} of those "
+            f"predictions lie within ×/÷ {best.interval_factor:.2f}. Spearman ρ between the two across configs at "
+            f"step {format_steps(analysis.rank_step)}: {analysis.rank_correlation:.2f}.", ""]

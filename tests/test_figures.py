@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from records_factory import a_manifest
 
-from analysis import figures, report, schema, study, style, tables
+from analysis import figures, proxy, report, schema, study, style, tables
 from analysis.records import load
 from analysis.schema import RecordsError
 
@@ -29,6 +29,7 @@ STUDY_RUNS = {
 }
 STUDY_BATCH = 32
 STUDY_EVAL_STEPS = (400, 800, 1200)
+STUDY_VALIDATION_STEPS = tuple(range(100, 1201, 100))
 STUDY_SAMPLING_STEPS = (10, 25, 50)
 
 
@@ -50,14 +51,23 @@ def write_study_run(runs_dir: Path, model: str, block: str, *, evaluations: bool
     if evaluations:
         # Bigger models reach lower FD in fewer steps; fewer sampling steps and other blocks cost a little.
         penalty = 1.3 if block != "adaLN-Zero" else 1.0
-        schema.write_jsonl(workdir / schema.EVALUATIONS_FILE, [schema.EvaluationRecord.of(
+        samples = [schema.EvaluationRecord.of(
             step=step, metric="FD-FashionCNN-400",
             value=penalty * (15 + 150 * (step / 400) ** -0.5 * (gflops / 5e-4) ** -0.3) * (1 + 1 / sampling_steps),
             protocol=schema.Protocol(sampler="ddim", sampling_steps=sampling_steps, guidance_scale=1.0,
                                      guidance_channels=None, num_samples=400, seed=0, uint8_convention="dit",
                                      reference="fashion_mnist:train[:10000]", feature_network="FashionCNN(epochs=2)"),
             gflops_per_image=gflops, global_batch=STUDY_BATCH).to_json()
-            for step in STUDY_EVAL_STEPS for sampling_steps in STUDY_SAMPLING_STEPS])
+            for step in STUDY_EVAL_STEPS for sampling_steps in STUDY_SAMPLING_STEPS]
+        # The held-out loss, evaluated more densely: E + A / N^0.5 + B / D^0.5, an optimum that moves with compute.
+        held_out = schema.Protocol(sampler=None, sampling_steps=None, guidance_scale=None, guidance_channels=None,
+                                   num_samples=64, seed=0, uint8_convention=None, reference="fashion_mnist:test[:64]",
+                                   feature_network="none: noise-prediction MSE at timesteps [250, 750]")
+        losses = [schema.EvaluationRecord.of(
+            step=step, metric=schema.metric_name(schema.VALIDATION_FAMILY, 64),
+            value=penalty * (0.03 + 4e-4 * gflops ** -0.5 + 2.0 * (step * STUDY_BATCH) ** -0.5), protocol=held_out,
+            gflops_per_image=gflops, global_batch=STUDY_BATCH).to_json() for step in STUDY_VALIDATION_STEPS]
+        schema.write_jsonl(workdir / schema.EVALUATIONS_FILE, samples + losses)
     return workdir
 
 
@@ -122,8 +132,12 @@ def test_render_all_on_the_paper_records(paper_rendered):
     assert {p.name for p in written} == expected
     assert all(p.parent == out_dir for p in written)
     _assert_valid_outputs(written)
-    # One run (XL/2) has a curve: Fig. 6 compares curves; the paper records hold no training losses.
-    assert set(skipped) == {"fig6_curves", "fig13_loss"}
+    # One run (XL/2) has a curve: Fig. 6 compares curves and isoFLOP profiles need them; the paper records hold
+    # no training losses and no held-out loss.
+    assert set(skipped) == {"fig6_curves", "fig13_loss", "isoflop_profiles", "isoflop_profiles_loss",
+                            "loss_to_metric"}
+    assert "11 of 12 configs have a single evaluation" in skipped["isoflop_profiles"]
+    assert "no held-out loss" in skipped["isoflop_profiles_loss"] and "no held-out loss" in skipped["loss_to_metric"]
     assert "two or more steps" in skipped["fig6_curves"]
     assert "training-step records" in skipped["fig13_loss"]
 
@@ -150,10 +164,12 @@ def test_the_report_states_the_study_fits(paper, paper_rendered, paper_frontier_
             and f"(C / {law.x_ref:.3g})^-exponent" in text)
 
 
-def test_render_all_on_a_study_writes_every_figure(study_rendered):
+def test_render_all_on_a_study_writes_every_figure(study_dir, study_rendered):
     out_dir, written, skipped = study_rendered
-    assert skipped == {}
-    expected = {f"{name}.{ext}" for name in figures.FIGURES for ext in ("png", "pdf")}
+    # The samples' curves span 3x in compute each, too little for three of them to meet at one budget; the
+    # held-out loss, evaluated from step 100, spans 12x.
+    assert set(skipped) == {"isoflop_profiles"} and "too little compute" in skipped["isoflop_profiles"]
+    expected = {f"{name}.{ext}" for name in figures.FIGURES if name not in skipped for ext in ("png", "pdf")}
     assert expected | {"table4.md", "table4.tex", "report.md"} == {p.name for p in written}
     _assert_valid_outputs(written)
     text = (out_dir / "report.md").read_text()
@@ -161,6 +177,10 @@ def test_render_all_on_a_study_writes_every_figure(study_rendered):
     assert "Protocol: FD-FashionCNN-400 sampler=ddim sampling_steps=50" in text
     assert "sampling_steps=10 (" in text and "sampling_steps=25 (" in text
     assert "left out: DiT-S-2-in-context" in text
+    mapping = proxy.loss_proxy(load(study_dir))
+    assert (f"FD-FashionCNN-400 from val-loss-64 over {len(mapping.pairs)} (config, step) pairs of 6 configs: best "
+            f"form {mapping.best.form.formula}") in text
+    assert "## Compute-optimal size (isoFLOP profiles)" in text and "val-loss-64 (6 configs): " in text
 
 
 def test_table4_lists_the_papers_fids(paper):
@@ -341,7 +361,8 @@ def test_render_all_on_a_users_csv_draws_what_it_supports(user_csv, tmp_path, ca
                                          | {"table4.md", "table4.tex", "report.md"})
     _assert_valid_outputs(written)
     assert _font_log_records(caplog) == []
-    assert set(skipped) == {"fig5_conditioning", "fig10_sampling_compute", "fig13_loss"}
+    assert set(skipped) == {"fig5_conditioning", "fig10_sampling_compute", "fig13_loss", "isoflop_profiles",
+                            "isoflop_profiles_loss", "loss_to_metric"}
     assert "name no run's block" in skipped["fig5_conditioning"]
     assert "no sampling_steps" in skipped["fig10_sampling_compute"]
     assert "training-step records" in skipped["fig13_loss"]

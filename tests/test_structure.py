@@ -94,6 +94,7 @@ from scaling.cli import main
 records = {str(records)!r}
 for argv in (["fit", records, "--x", "gflops", "--y", "fid", "--where", "step=4000"],
              ["plan", "--compute", "1e6", "--records", records], ["compare", {str(points)!r}, "--against", records],
+             ["isoflop", "--records", records], ["loss-proxy", "--records", {str(REPO / "runs" / "fmnist-default")!r}],
              ["figures", records, "--out", {str(tmp_path / "figures")!r}]):
     assert main(argv) == 0, argv
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax", "optax", "orbax", "torch"))
