@@ -217,7 +217,7 @@ def _plan_rows(plan) -> list[tuple[str, str]]:
 
 
 def cmd_isoflop(args: argparse.Namespace) -> int:
-    from analysis.isoflop import isoflop_analysis
+    from analysis.isoflop import PROFILES_NEED, isoflop_analysis
 
     budgets = {"n_budgets": args.budgets} if args.budgets else {}
     analysis = isoflop_analysis(_load_records(args.records), metric=args.metric, size=args.size,
@@ -234,7 +234,7 @@ def cmd_isoflop(args: argparse.Namespace) -> int:
                        ("optimal_images", "D_opt (images)"), (value, analysis.metric), ("flag", "flag")])
     print()
     if analysis.size_law is None:
-        print(f"no law of the optimum: {analysis.note}")
+        print(f"no law of the optimum: {analysis.note}. {PROFILES_NEED}")
     for law, name in ((analysis.size_law, "N_opt"), (analysis.images_law, "D_opt")):
         if law is not None:
             lo, hi = law.exponent_ci

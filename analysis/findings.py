@@ -8,7 +8,8 @@
 - Class conditioning: the samples of the `LARGEST_CONFIGS` configs with the most Gflops are classified as the
   class they were drawn for at least `MIN_CLASS_ACCURACY` of the time (where the metric records class_accuracy).
 - The held-out validation loss (a metric of family `VALIDATION_FAMILY`): its own model-compute correlation and
-  frontier, and how well it predicts the sample metric across configs (Pearson r of the logs).
+  frontier, and how well it predicts the sample metric (`proxy.loss_proxy`: rank correlation across configs, and
+  the error of predicting a config left out of the fit).
 
 Numbers are reported whether or not a finding holds; nothing here is tuned to the data.
 """
@@ -19,10 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import scipy.stats
 
 from analysis import study
 from analysis.paper import PATCHES, SIZES
+from analysis.proxy import loss_proxy
 from analysis.records import Records
 from analysis.schema import VALIDATION_FAMILY, RecordsError, metric_family
 
@@ -73,19 +74,6 @@ def frontier_owners(frontier, runs: pd.DataFrame) -> pd.DataFrame:
     ranges = frontier.optimal_ranges()
     gflops = runs.drop_duplicates("run").set_index("run")["gflops"]
     return ranges.assign(gflops=ranges["run"].map(gflops))[["run", "gflops", "x_start", "x_end"]]
-
-
-def proxy_agreement(records: Records, proxy: str, metric: str) -> dict:
-    """How well the proxy metric predicts the metric: Pearson r of their logs across configs at the final step,
-    and across every (run, step) both were evaluated at."""
-    everything = {m: study.select_protocol(records, metric=m)[["run", "step", "value"]] for m in (proxy, metric)}
-    both = everything[proxy].merge(everything[metric], on=["run", "step"], suffixes=("_proxy", "_metric"))
-    if len(both) < 3:
-        raise RecordsError(f"{proxy} and {metric} share fewer than 3 evaluation points.")
-    final = both[both["step"] == both["step"].max()]
-    log = lambda frame: (np.log10(frame["value_proxy"]), np.log10(frame["value_metric"]))  # noqa: E731
-    return {"final_r": float(scipy.stats.pearsonr(*log(final))[0]) if len(final) >= 3 else None,
-            "final_n": len(final), "all_r": float(scipy.stats.pearsonr(*log(both))[0]), "all_n": len(both)}
 
 
 def paper_findings(records: Records, *, metric: str | None = None) -> Findings:
@@ -154,17 +142,22 @@ def paper_findings(records: Records, *, metric: str | None = None) -> Findings:
     if proxies:
         proxy = proxies[0]
         proxy_fit = study.model_compute_fit(records, metric=proxy)
-        agreement = proxy_agreement(records, proxy, metric)
         proxy_owners = frontier_owners(study.training_compute_frontier(records, metric=proxy),
                                        study.select_protocol(records, metric=proxy))
-        out.numbers.update(proxy=proxy, proxy_pearson_r=proxy_fit.pearson_r, proxy_final_r=agreement["final_r"],
-                           proxy_all_r=agreement["all_r"], proxy_frontier_owners=proxy_owners["run"].tolist())
-        final_r = "n/a" if agreement["final_r"] is None else f"{agreement['final_r']:.3f}"
-        out.findings.append(Finding(
-            "The held-out validation loss scales the same way", proxy_fit.pearson_r <= MAX_PEARSON_R,
-            f"Pearson r(log Gflops, log {proxy}) = {proxy_fit.pearson_r:.3f} at step "
-            f"{proxy_fit.metadata['step']}; its frontier is owned by "
-            + " -> ".join(proxy_owners["run"]) + f". As a predictor of {metric}: Pearson r of the logs "
-            f"{final_r} across the {agreement['final_n']} configs at the final step, {agreement['all_r']:.3f} "
-            f"across all {agreement['all_n']} (run, step) points."))
+        out.numbers.update(proxy=proxy, proxy_pearson_r=proxy_fit.pearson_r,
+                           proxy_frontier_owners=proxy_owners["run"].tolist())
+        text = (f"Pearson r(log Gflops, log {proxy}) = {proxy_fit.pearson_r:.3f} at step "
+                f"{proxy_fit.metadata['step']}; its frontier is owned by " + " -> ".join(proxy_owners["run"]) + ".")
+        try:
+            mapping = loss_proxy(records, loss_metric=proxy, metric=metric)
+            best = mapping.best
+            out.numbers.update(proxy_rank_r=mapping.rank_correlation, proxy_form=best.form.name,
+                               proxy_typical_error=best.typical_error)
+            text += (f" As a predictor of {metric}: Spearman ρ {mapping.rank_correlation:.3f} across the configs at "
+                     f"step {mapping.rank_step}; {best.form.formula} predicts a config left out of its fit within "
+                     f"{best.typical_error:.0%} typically ({len(mapping.pairs)} (run, step) pairs).")
+        except RecordsError as e:
+            text += f" As a predictor of {metric}: {e}"
+        out.findings.append(Finding("The held-out validation loss scales the same way",
+                                    proxy_fit.pearson_r <= MAX_PEARSON_R, text))
     return out

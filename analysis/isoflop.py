@@ -32,6 +32,8 @@ SIZES = {"gflops": "forward Gflops per image", "params": "parameters"}
 MIN_PROFILE_CONFIGS = 3  # a parabola through fewer sizes has no freedom left to show a minimum
 MIN_LAW_BUDGETS = 3  # fitted budgets a power law of the optimum needs
 DEFAULT_BUDGETS = 12
+PROFILES_NEED = ("Profiles need each config evaluated at several steps, curves that overlap in training compute, "
+                 "and configs on both sides of the optimum.")
 
 
 @dataclass(frozen=True)
@@ -268,13 +270,11 @@ def fit_isoflop(runs, sizes, gflops, compute, values, *, budgets=None, n_budgets
                "each config's curve spans too little compute to overlap two others'")
         return IsoFlopAnalysis(size_law=None, images_law=None, note=(
             f"no budget is reached by the curves of {MIN_PROFILE_CONFIGS} configs ({why}): these records hold no "
-            "isoFLOP profile; curves over more of training, evaluated at several steps per config, are what "
-            "profiles need."), **common)
+            "isoFLOP profile"), **common)
     if len(fitted) < MIN_LAW_BUDGETS:
         return IsoFlopAnalysis(size_law=None, images_law=None, note=(
             f"{len(fitted)} of {len(profiles)} budgets have an interior minimum; the laws of the optimum need "
-            f"{MIN_LAW_BUDGETS} (curves spanning more compute per config, or configs on both sides of the optimum, "
-            "would give more)."), **common)
+            f"{MIN_LAW_BUDGETS}"), **common)
 
     names = sorted(curves["run"].unique())
     index = {name: i for i, name in enumerate(names)}
@@ -299,7 +299,7 @@ def fit_isoflop(runs, sizes, gflops, compute, values, *, budgets=None, n_budgets
     if len(replicates["size"]) < max(20, n_bootstrap // 4):
         return IsoFlopAnalysis(size_law=None, images_law=None, note=(
             f"only {len(replicates['size'])} of {n_bootstrap} bootstrap resamples of the configs kept 2 fitted "
-            "budgets: too few configs for an interval."), **common)
+            "budgets: too few configs for an interval"), **common)
     laws = {}
     for quantity, attribute in (("size", "optimal_size"), ("images", "optimal_images")):
         exponent, intercept = _line([p.budget for p in fitted], [getattr(p, attribute) for p in fitted])

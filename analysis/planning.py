@@ -83,7 +83,7 @@ def isoflop_support(analysis: IsoFlopAnalysis | None, compute: float) -> str:
     if analysis.size != "gflops":
         return "the isoFLOP profiles are over parameters, and the plan chooses configs by Gflops"
     if analysis.size_law is None:
-        return f"no isoFLOP law: {analysis.note}"
+        return analysis.note
     low, high = analysis.fitted_range
     if not low <= compute <= high:
         return (f"the budget lies outside the isoFLOP profiles' fitted range ({low:.3g} to {high:.3g} Gflops), "

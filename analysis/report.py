@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from etils import epath
 
-from analysis import figures, study, tables
+from analysis import figures, isoflop, study, tables
 from analysis.fits import describe_extrapolation
 from analysis.records import Records
 from analysis.schema import VALIDATION_FAMILY, RecordsError, metric_family
@@ -72,7 +72,7 @@ def render_all(records: Records, out_dir: str | epath.Path, *, metric: str | Non
         fits["fig9"] = (fit, unfitted)
         return fig
 
-    def isoflop(loss: bool):
+    def isoflop_figure(loss: bool):
         chosen = held_out_loss() if loss else metric
         fig, fits["isoflop_loss" if loss else "isoflop"] = figures._isoflop_figure(records, metric=chosen)
         return fig
@@ -109,8 +109,8 @@ def render_all(records: Records, out_dir: str | epath.Path, *, metric: str | Non
         "fig9_training_compute": fig9,
         "fig10_sampling_compute": fig10,
         "fig13_loss": lambda: figures.fig13_loss(records.where(**family)),
-        "isoflop_profiles": lambda: isoflop(loss=False),
-        "isoflop_profiles_loss": lambda: isoflop(loss=True),
+        "isoflop_profiles": lambda: isoflop_figure(loss=False),
+        "isoflop_profiles_loss": lambda: isoflop_figure(loss=True),
         "loss_to_metric": loss_to_metric,
     }
     for name in figures.FIGURES:
@@ -195,9 +195,9 @@ def _report(records, notes: list[str], fits: dict, table_markdown, written, skip
     isoflops = [fits[name] for name in ("isoflop", "isoflop_loss") if name in fits]
     if isoflops:
         lines += ["## Compute-optimal size (isoFLOP profiles)", ""] + [line for analysis in isoflops
-                                                                      for line in _isoflop_lines(analysis)]
+                                                                      for line in isoflop_lines(analysis)]
     if "proxy" in fits:
-        lines += _proxy_lines(fits["proxy"])
+        lines += proxy_lines(fits["proxy"])
     if table_markdown:
         rows = table_markdown.count("\n") - 2
         lines += ["## Table 4", ""] + ([table_markdown] if rows <= REPORT_TABLE_ROWS else
@@ -258,10 +258,10 @@ def _sampling_lines(tradeoff) -> list[str]:
     return lines
 
 
-def _isoflop_lines(analysis) -> list[str]:
+def isoflop_lines(analysis) -> list[str]:
     """What the profiles of one metric say: the two laws with their intervals, or why there are none."""
     if analysis.size_law is None:
-        return [f"{analysis.metric} ({analysis.n_configs} configs): {analysis.note}", ""]
+        return [f"{analysis.metric} ({analysis.n_configs} configs): {analysis.note}. {isoflop.PROFILES_NEED}", ""]
     head = (f"{analysis.metric}: {len(analysis.fitted)} of {len(analysis.profiles)} budgets have an interior "
             f"minimum ({analysis.n_configs} configs)")
     low, high = analysis.fitted_range
@@ -270,10 +270,11 @@ def _isoflop_lines(analysis) -> list[str]:
         lo, hi = law.exponent_ci
         laws.append(f"{name} ∝ C^{law.exponent:.2f} ({law.confidence:.0%} interval {lo:.2f} to {hi:.2f})")
     return [f"{head}, from {low:.3g} to {high:.3g} Gflops of training compute: " + "; ".join(laws)
-            + f" (bootstrap over configs, {len(analysis.size_law.bootstrap)} replicates).", ""]
+            + f" (bootstrap over configs: {len(analysis.size_law.bootstrap)} of {analysis.metadata['n_bootstrap']} "
+            "resamples kept 2 fitted budgets).", ""]
 
 
-def _proxy_lines(analysis) -> list[str]:
+def proxy_lines(analysis) -> list[str]:
     best = analysis.best
     others = ", ".join(f"{fit.form.name} {fit.typical_error:.0%}" for fit in analysis.fits.values()
                        if fit is not best)

@@ -177,7 +177,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "eval.final_sampling_steps must list positive step counts (or be empty)"),
         (config.eval.validation_examples >= 0 and config.eval.validation_timesteps > 0,
          "eval.validation_examples must be >= 0 (0 turns the held-out loss off) and eval.validation_timesteps > 0"),
-        (config.eval.validation_every >= 0, "eval.validation_every must be >= 0 (0: at the eval.every steps)"),
+        (config.eval.validation_every >= 0 and (config.eval.validation_every == 0 or config.eval.every == 0
+                                                 or config.eval.every % config.eval.validation_every == 0),
+         f"eval.validation_every ({config.eval.validation_every}) must be >= 0 (0: at the eval.every steps) and "
+         f"divide eval.every ({config.eval.every}), so that every sample evaluation has the held-out loss beside it "
+         "(the pairs `dit-scaling loss-proxy` fits)"),
         (config.eval.num_samples > 3 and config.eval.num_reference > 3,
          "eval.num_samples and eval.num_reference must exceed 3 (precision/recall use 3 neighbours)"),
         (config.eval.batch_size > 0, "eval.batch_size must be positive"),

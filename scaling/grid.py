@@ -166,10 +166,15 @@ def predicted_seconds(config) -> float:
     seconds = RUN_OVERHEAD_S + config.train.steps * (STEP_OVERHEAD_S + train_flops / TRAIN_FLOP_RATE)
     e = config.eval
     if e.every:
-        evaluations = config.train.steps // e.every + (config.train.steps % e.every != 0)
-        forward_passes = evaluations * (e.num_samples * sum(e.sampling_steps)
-                                        + e.validation_examples * e.validation_timesteps)
+        steps = config.train.steps
+        samples = steps // e.every + (steps % e.every != 0)
+        every = e.validation_every or e.every
+        validations = steps // every + (steps % every != 0)
+        forward_passes = (samples * e.num_samples * sum(e.sampling_steps)
+                          + validations * e.validation_examples * e.validation_timesteps)
         forward_passes += e.num_samples * sum(s for s in e.final_sampling_steps if s not in e.sampling_steps)
+        # validation_every divides eval.every, so the held-out loss's steps include the samples'.
+        evaluations = max(samples, validations) if e.validation_examples else samples
         seconds += evaluations * EVAL_OVERHEAD_S + 2 * macs * forward_passes / EVAL_FLOP_RATE
     return seconds
 

@@ -40,7 +40,7 @@ STUDY_FILE = "study.json"
 FIGURES_DIR = "figures"
 REPORT_FILE = "report.md"
 KEY_FIGURES = ("fig6_curves", "fig8_gflops_fit", "fig9_training_compute", "fig10_sampling_compute",
-               "fig9_validation_loss")
+               "fig9_validation_loss", "isoflop_profiles", "isoflop_profiles_loss", "loss_to_metric")
 VALIDATION_FIGURE_CAPTION = ("The held-out validation loss vs training compute, with its compute frontier (the "
                              "proxy of sample quality, beside the sample metric's Fig. 9).")
 
@@ -177,6 +177,28 @@ def _prepare_feature_network(config) -> None:
     prepare_feature_network(config, data_lib.open_source(config))
 
 
+def _beyond_the_paper(records) -> list[str]:
+    """The compute-optimal size of each metric (isoFLOP profiles) and the held-out loss as a predictor of the
+    sample metric, where the records support them."""
+    from analysis import isoflop, proxy
+    from analysis import study as analysis_study
+    from analysis.report import isoflop_lines, proxy_lines
+
+    lines = []
+    for metric in dict.fromkeys([None, *(m for m in analysis_study.metrics_by_count(records)
+                                         if schema.metric_family(m) == schema.VALIDATION_FAMILY)]):
+        try:
+            lines += isoflop_lines(isoflop.isoflop_analysis(records, metric=metric))
+        except schema.RecordsError as e:
+            lines += [f"{metric or 'The sample metric'}: no isoFLOP profiles ({e})", ""]
+    lines = ["## Beyond the paper: compute-optimal size (isoFLOP profiles)", "", *lines]
+    try:
+        lines += proxy_lines(proxy.loss_proxy(records))
+    except schema.RecordsError as e:
+        lines += ["## The held-out loss as a predictor", "", str(e), ""]
+    return lines
+
+
 def _render(workdir: epath.Path, preset: str, seed: int, models: list[str]):
     """Fit and render everything the finished runs support; the study's report on top of the fit report."""
     from analysis import figures as figures_lib
@@ -207,6 +229,7 @@ def _render(workdir: epath.Path, preset: str, seed: int, models: list[str]):
         lines += [f"The findings could not be checked: {problem}", ""]
     else:
         lines += [f"## The paper's findings ({findings.metric} at step {findings.step})", "", *findings.markdown(), ""]
+    lines += _beyond_the_paper(records)
     captions = {**CAPTIONS, "fig9_validation_loss": VALIDATION_FIGURE_CAPTION}
     pngs = {p.stem for p in written if p.suffix == ".png"}
     shown = [name for name in KEY_FIGURES if name in pngs]

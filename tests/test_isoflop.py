@@ -178,3 +178,12 @@ def test_the_isoflop_command_prints_the_budgets_and_the_laws(tmp_path, capsys):
     assert main(["isoflop", "--records", str(path)]) == 0
     out = capsys.readouterr().out
     assert "N_opt = " in out and "D_opt = " in out and "interval of the exponent" in out
+
+
+def test_profiles_over_parameters_take_each_runs_parameter_count():
+    study = records.load("runs/fmnist-default")
+    analysis = isoflop.isoflop_analysis(study, metric="val-loss-200", size="params", n_bootstrap=50)
+    params = study.runs.set_index("run")["params_m"] * 1e6
+    points = pd.concat([p.points for p in analysis.profiles])
+    assert (points["size"].to_numpy() == params.loc[points["run"]].to_numpy()).all()
+    assert analysis.table().columns[3] == "optimal_params" and len(analysis.profiles) == isoflop.DEFAULT_BUDGETS

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
+from analysis.isoflop import isoflop_analysis
 from analysis.planning import plan_budget, plan_target, to_paper_units
 from analysis.records import load
 from analysis.study import model_compute_fit, training_compute_fit
@@ -97,7 +98,17 @@ def test_plan_compute_budget_prints_what_the_planning_api_computes(paper, fronti
 
     # The committed miniature study (12 configs) supports the same planning.
     assert re.search(r"^metric FD-FashionCNN-\d+; protocol: ", text, re.MULTILINE)
-    assert len(displayed(notebook, "image/png")) >= 1
+    # and its held-out loss the isoFLOP law, with the plan it chooses.
+    mini = load(ROOT / "runs" / "fmnist-default")
+    iso = isoflop_analysis(mini, metric="val-loss-200")
+    law = line(rf"^N_opt = ({NUMBER}) C\^({NUMBER}); 95% interval of the exponent \[({NUMBER}), ({NUMBER})\]", text)
+    assert [number(law.group(i)) for i in (2, 3, 4)] == pytest.approx(
+        [iso.size_law.exponent, *iso.size_law.exponent_ci], abs=6e-4)
+    low, high = iso.fitted_range
+    iso_plan = plan_budget(training_compute_fit(mini, metric="val-loss-200"), mini.runs, (low * high) ** 0.5, iso)
+    chosen = line(r"^budget .* Gflops: optimal size .*; train (\S+) .* for ([0-9,]+) steps \((\S+)\)$", text)
+    assert (chosen.group(1), number(chosen.group(2)), chosen.group(3)) == (iso_plan.model, iso_plan.steps, "isoFLOP")
+    assert len(displayed(notebook, "image/png")) >= 2
 
 
 def test_compare_new_architecture_prints_what_the_fits_give(paper, frontier_fit):

@@ -5,7 +5,9 @@
 Runs `dit-scaling study --preset PRESET --seed N` for each seed (into studies/fmnist-PRESET[-seedN]; a finished
 study is only re-rendered, an interrupted one resumes) and prints, per seed: Pearson r(log Gflops, log FD) at
 the final step, the adjacent (size, patch) pairs in the right order, the owners of the training-compute
-frontier, the largest configs' class accuracy, the held-out loss's agreement with FD, and the study's wall time.
+frontier, the largest configs' class accuracy, the held-out loss's agreement with FD (rank correlation across
+configs, and the typical error of FD predicted from it for a config left out of the fit), and the study's wall
+time.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def seed_row(preset: str, seed: int, seconds: float | None) -> dict:
             "frontier": " > ".join(o.removeprefix("DiT-") for o in found.numbers["frontier_owners"]),
             "class_accuracy": ", ".join(f"{m.removeprefix('DiT-')} {accuracy[m]:.2f}" for m in largest
                                         if m in accuracy),
-            "proxy_r": found.numbers.get("proxy_final_r"),
+            "proxy_rank_r": found.numbers.get("proxy_rank_r"),
+            "proxy_error": found.numbers.get("proxy_typical_error"),
             "minutes": None if seconds is None else seconds / 60}
 
 
@@ -53,7 +56,8 @@ def main() -> int:
     print()
     print_table(rows, [("seed", "seed"), ("pearson_r", "r(log Gflops, log FD)"), ("pairs", "pairs ordered"),
                        ("frontier", "frontier owners (by compute)"), ("class_accuracy", "class accuracy"),
-                       ("proxy_r", "r(log val-loss, log FD)"), ("minutes", "minutes (this time)")])
+                       ("proxy_rank_r", "rho(val-loss, FD)"), ("proxy_error", "FD from val-loss, left-out error"),
+                       ("minutes", "minutes (this time)")])
     return 0
 
 

@@ -26,10 +26,12 @@ MINIATURE_SIZES = {"S": (2, 24, 3), "B": (2, 48, 6), "L": (4, 64, 8), "XL": (5, 
 #   the largest rate tried for the deeper XL/2. Learned sigma made no difference there (FD 173 vs 174).
 # - default: 1500 steps, evaluated every 250 (Fig. 6 and 9 curves) with 250 samples and 8 DDIM steps, and at the
 #   last step with 16 and 32 steps too (Fig. 10, in the paper's range of 16 to 1000 steps: 4 DDIM steps are far
-#   from what a model can do); the held-out loss on 200 test images at 4 timesteps every 100 steps (the dense
-#   curves of the isoFLOP profiles: each config's compute spans 15x, the samples' 6x). Evaluation costs about a
-#   third of its time, the patch-2 configs most of the rest: DiT-XL/2 trained for 2000 steps with 4 evaluations
-#   took 12.7 of a study's 18 minutes there, so 1500 steps with 3 evaluations fit the 20-minute budget.
+#   from what a model can do); the held-out loss on 200 test images at 4 timesteps every 125 steps, so each
+#   sample evaluation has it beside it (the loss -> FD pairs) and each config's curve spans 12x in compute (the
+#   isoFLOP profiles: the samples' 6x let only 3 of 12 budgets have an interior minimum, the loss's 6). The
+#   patch-2 configs take most of the time, their evaluation 45% of theirs: DiT-XL/2 took 17.4 of a 25-minute
+#   study (7.7 of them evaluating) on an AMD EPYC that trained it at 2.6 steps/s; with evaluations every 500
+#   steps a study took 17 to 21 minutes on one that ran it at 4.3.
 # - 250 samples per evaluation: FD-FashionCNN's bias at 250 samples is the same for every config, so orderings
 #   and fits hold.
 PRESETS = {  # config fields by path; checkpoints fall at the evaluation steps
@@ -40,7 +42,7 @@ PRESETS = {  # config fields by path; checkpoints fall at the evaluation steps
                     "train.steps_per_call": 10},
     "default": {"train.steps": 1500, "train.batch_size": 16, "eval.every": 250, "eval.num_samples": 250,
                 "eval.sampling_steps": (8,), "eval.final_sampling_steps": (16, 32), "eval.validation_examples": 200,
-                "eval.validation_timesteps": 4, "eval.validation_every": 100, "eval.classifier_epochs": 2,
+                "eval.validation_timesteps": 4, "eval.validation_every": 125, "eval.classifier_epochs": 2,
                 "eval.classifier_examples": 0, "eval.num_reference": 10_000, "train.log_every": 250,
                 "train.steps_per_call": 25},
     "full": {"train.steps": 15_000, "train.batch_size": 16, "eval.every": 2500, "eval.num_samples": 1000,
