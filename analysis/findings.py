@@ -25,7 +25,7 @@ from analysis import study
 from analysis.paper import PATCHES, SIZES
 from analysis.proxy import loss_proxy
 from analysis.records import Records
-from analysis.schema import VALIDATION_FAMILY, RecordsError, metric_family
+from analysis.schema import RecordsError
 
 MAX_PEARSON_R = -0.8
 MIN_ORDERED_PAIRS = 14  # of the 17 adjacent (size, patch) pairs of the paper's 12 configs
@@ -138,7 +138,7 @@ def paper_findings(records: Records, *, metric: str | None = None) -> Findings:
     except RecordsError as e:
         out.findings.append(Finding("More sampling steps do not make up for less model compute", None, str(e)))
 
-    proxies = [m for m in study.metrics_by_count(records) if metric_family(m) == VALIDATION_FAMILY]
+    proxies = study.held_out_losses(records)
     if proxies:
         proxy = proxies[0]
         proxy_fit = study.model_compute_fit(records, metric=proxy)

@@ -21,7 +21,7 @@ from scipy import optimize, stats
 
 from analysis.fits import DEFAULT_CONFIDENCE, _check_confidence
 from analysis.records import Records
-from analysis.schema import VALIDATION_FAMILY, RecordsError, metric_family
+from analysis.schema import RecordsError
 
 MIN_CONFIGS = 3  # leave-one-config-out needs configs left to fit
 
@@ -220,8 +220,8 @@ def loss_proxy(records: Records | pd.DataFrame, *, loss_metric: str | None = Non
     from analysis import study
 
     table = records.evaluations if isinstance(records, Records) else records
-    losses = [m for m in study.metrics_by_count(table) if metric_family(m) == VALIDATION_FAMILY]
-    samples = [m for m in study.metrics_by_count(table) if metric_family(m) != VALIDATION_FAMILY]
+    losses = study.held_out_losses(table)
+    samples = [m for m in study.metrics_by_count(table) if m not in losses]
     if loss_metric is None:
         if not losses:
             raise RecordsError("the records hold no held-out loss (val-loss) points: train with "

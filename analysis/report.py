@@ -7,7 +7,7 @@ from etils import epath
 from analysis import figures, isoflop, study, tables
 from analysis.fits import describe_extrapolation
 from analysis.records import Records
-from analysis.schema import VALIDATION_FAMILY, RecordsError, metric_family
+from analysis.schema import RecordsError
 from analysis.style import format_steps, save_figure
 
 REPORT_TABLE_ROWS = 24  # a longer Table 4 is linked from the report, not copied into it
@@ -78,7 +78,7 @@ def render_all(records: Records, out_dir: str | epath.Path, *, metric: str | Non
         return fig
 
     def held_out_loss() -> str:
-        losses = [m for m in study.metrics_by_count(records) if metric_family(m) == VALIDATION_FAMILY]
+        losses = study.held_out_losses(records)
         if not losses:
             raise RecordsError("the records hold no held-out loss (train with eval.validation_examples > 0).")
         return losses[0]

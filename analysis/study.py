@@ -47,6 +47,11 @@ def metrics_by_count(records: Records | pd.DataFrame) -> list[str]:
                                                      metric))
 
 
+def held_out_losses(records: Records | pd.DataFrame) -> list[str]:
+    """The held-out loss metrics of the records (family VALIDATION_FAMILY), the one with the most points first."""
+    return [metric for metric in metrics_by_count(records) if metric_family(metric) == VALIDATION_FAMILY]
+
+
 def scaling_family(table: Records | pd.DataFrame, *, vary: tuple[str, ...] = (),
                    notes: list[str] | None = None) -> dict:
     """The conditioning block and resolution whose configs compare, among the rows of `table` (evaluation points,

@@ -185,8 +185,7 @@ def _beyond_the_paper(records) -> list[str]:
     from analysis.report import isoflop_lines, proxy_lines
 
     lines = []
-    for metric in dict.fromkeys([None, *(m for m in analysis_study.metrics_by_count(records)
-                                         if schema.metric_family(m) == schema.VALIDATION_FAMILY)]):
+    for metric in [None, *analysis_study.held_out_losses(records)]:
         try:
             lines += isoflop_lines(isoflop.isoflop_analysis(records, metric=metric))
         except schema.RecordsError as e:
