@@ -17,7 +17,6 @@ workdir's lease (`scaling.lease`) while it trains: a second writer is refused wi
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from models.diffusion import GaussianDiffusion, linear_betas
 from models.dit import parse_model_name
 from models.flops import model_compute
 from models.plugin import FactoryConfig, FactoryError, check_contract, config_to_json
-from scaling import checkpoints, precision
+from scaling import checkpoints, precision, tensorboard
 from scaling import config as config_lib
 from scaling import data as data_lib
 from scaling.configs.common import base_config
@@ -300,14 +299,12 @@ def code_revision() -> str | None:
     return revision + ("+dirty" if dirty else "")
 
 
-def _tensorboard_writer(workdir: epath.Path):
-    """clu's TensorBoard writer when TensorFlow is installed (the `tensorboard` extra), else None."""
-    if importlib.util.find_spec("tensorflow") is None:
-        log.info("TensorBoard logging is off: pip install 'dit-scaling[tensorboard]' to turn it on.")
+def _tensorboard_writer(workdir: epath.Path) -> tensorboard.ScalarWriter | None:
+    """The run's TensorBoard scalars when the `tensorboard` extra is installed, else None."""
+    if not tensorboard.available():
+        log.info("TensorBoard logging is off: %s to turn it on.", tensorboard.EXTRA)
         return None
-    from clu import metric_writers
-
-    return metric_writers.create_default_writer(str(workdir / schema.TENSORBOARD_DIR))
+    return tensorboard.ScalarWriter(workdir / schema.TENSORBOARD_DIR)
 
 
 # ----------------------------------------------------------------------------------------------------------------
