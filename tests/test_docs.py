@@ -71,7 +71,7 @@ def _references() -> dict[Path, set[str]]:
     for folder in ("models", "scaling", "analysis", "tests", ".ci"):
         for path in sorted((REPO / folder).rglob("*.py")):
             found[path] = _paths_in(_python_comments_and_docstrings(path))
-    scripts = [path for path in sorted((REPO / ".ci").iterdir()) if path.suffix != ".py"]
+    scripts = [path for path in sorted((REPO / ".ci").iterdir()) if path.is_file() and path.suffix != ".py"]
     for path in (REPO / "Makefile", REPO / "pyproject.toml", *scripts):
         found[path] = _paths_in(_hash_comments(path))
     return found
@@ -87,7 +87,8 @@ def _ignored(paths: list[str]) -> set[str]:
 def test_every_named_repository_path_exists():
     references = _references()
     missing = {(source, path) for source, paths in references.items() for path in paths if not (REPO / path).exists()}
-    missing -= {(source, path) for source, path in missing if path in _ignored(sorted({p for _, p in missing}))}
+    outputs = _ignored(sorted({path for _, path in missing}))
+    missing = {(source, path) for source, path in missing if path not in outputs}
     lines = sorted(f"{source.relative_to(REPO)}: {path}" for source, path in missing)
     assert lines == [], "paths named but not in the repository:\n" + "\n".join(lines)
 
