@@ -306,7 +306,7 @@ class Manifest(_Record):
 
 
 def markdown_fields(record_class) -> str:
-    """The fields of a record class as a Markdown table (the README's tables are these)."""
+    """The fields of a record class as a Markdown table (the tables of docs/records.md are these)."""
     lines = ["| field | meaning |", "|---|---|"]
     lines += [f"| {name} | {doc} |" for name, doc in record_class.field_docs().items()]
     return "\n".join(lines) + "\n"

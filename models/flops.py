@@ -142,7 +142,7 @@ def dit_macs(model: DiT) -> int:
 
 
 def dit_macs_by_term(config: DiTConfig) -> dict[str, int]:
-    """Closed-form forward MACs per image of a DiT, by term (paper convention; see dit_paper.md section 4)."""
+    """Closed-form forward MACs per image of a DiT, by term (the paper's convention of the module docstring)."""
     d, m, depth = config.hidden_size, config.mlp_hidden_size, config.depth
     t = config.num_tokens
     p2 = config.patch_size**2

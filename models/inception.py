@@ -65,7 +65,7 @@ class BatchStat(nnx.Variable):
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array:
     """Random placeholder weights (pretrained ones replace them), drawn by numpy from a key of `rngs`: jax.random
-    compiles a sampler per shape, about 56 s for the network's 60 kernel shapes on a 2-core CPU."""
+    compiles a sampler per shape, most of a minute for the network's 60 kernel shapes (docs/benchmarks.md)."""
     key = jax.random.key_data(rngs.params())
     if isinstance(key, jax.core.Tracer):  # built abstractly (nnx.eval_shape): only the shape is used
         return jnp.zeros(shape, jnp.float32)

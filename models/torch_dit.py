@@ -1,7 +1,7 @@
 """An independent PyTorch DiT (Peebles & Xie, 2023), the adaLN-Zero model of the official models.py. Needs torch.
 
 The second implementation the tests compare the JAX model against, and the PyTorch peer the benchmarks time
-(scaling.benchmarks.compare). Written from the architecture spec (dit_paper.md, section 9); the module tree
+(scaling.benchmarks.compare). Written from the architecture of the official release; the module tree
 is laid out so that ``state_dict()`` keys and shapes match the official checkpoints exactly
 (e.g. ``blocks.0.adaLN_modulation.1.weight``).
 

@@ -13,16 +13,9 @@ compiled temporaries on the CPU in float32, which grow exactly in proportion to 
 and 1.7; tests/test_cost.py checks a 3-block B/2, which the fit did not see). With remat a block keeps its input alone
 (T D values) and recomputes the rest, one block at a time.
 
-Checked against the training benchmark (`python -m scaling.benchmarks.train`, whose "dry run" column is this
-prediction for one device beside XLA's compiled size of the same step), batch 8 on an Intel Xeon with AMX: in
-float32 the prediction exceeds XLA's size by 15-21% (S/4 0.86 vs 0.74 GiB, B/4 2.92 vs 2.45, S/2 1.81 vs 1.58, B/2
-4.82 vs 4.14, L/4 9.84 vs 8.15; it counts the gradients as one more whole copy of the parameters); in bfloat16 it
-lies between 5% over and 21% under (B/4 2.68 vs 2.60, L/4 9.19 vs 8.75, S/4 0.74 vs 0.76, B/2 3.62 vs 4.15, S/2
-1.21 vs 1.53), as it counts 2 bytes per activation where XLA:CPU's step is larger. With remat
-XLA:CPU's compiled size barely moves (S/2 1.55 GiB, B/2 4.07), so the remat estimate is unverified on a CPU; on
-accelerators neither estimate has been checked here. Wall time assumes one utilisation for every run; the
-benchmark measured 50-70% of the float32 matmul peak from S/4 to B/2 and 21-37% in bfloat16, so a grid's runs
-can be off by up to 1.4x (float32) or 1.8x (bfloat16) either way of one stated utilisation.
+The training benchmark (`python -m scaling.benchmarks.train`) prints this prediction beside XLA's compiled size of
+the same step; how far apart they were, and how far one stated utilisation is from the measured ones, is in
+docs/benchmarks.md ("The dry run's estimates").
 """
 
 from __future__ import annotations

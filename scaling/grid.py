@@ -148,9 +148,8 @@ def shard_plan(configs: dict, count: int, runs_dir: epath.Path, workdirs: dict, 
 
 # A cost model of one run on a CPU, for the order of the runs and the ETA before any run has finished: seconds per
 # step = STEP_OVERHEAD_S + training FLOPs / TRAIN_FLOP_RATE; per evaluation, EVAL_OVERHEAD_S + forward FLOPs of
-# sampling and the held-out loss / EVAL_FLOP_RATE. Fitted to a study on one core each of a 2-core AMD EPYC (the
-# slowest CPU seen: DiT-XL/2 trained at 0.22 s per step of batch 16, and sampled 91 images x steps per second);
-# the study rescales it by the runs that finish.
+# sampling and the held-out loss / EVAL_FLOP_RATE. Fitted to a study on one core each of a 2-core AMD EPYC, the
+# slowest CPU seen (docs/benchmarks.md, "The miniature study"); the study rescales it by the runs that finish.
 STEP_OVERHEAD_S = 0.003
 TRAIN_FLOP_RATE = 50e9
 EVAL_FLOP_RATE = 22e9

@@ -36,8 +36,8 @@ def keep_freed_memory() -> bool:
 
     XLA:CPU allocates every step's temporary buffers afresh (750 MB for a DiT-B/4 training step at batch 8) and
     frees them at the end of the step. glibc serves blocks that large with new memory maps, so each step pays
-    for page faults and for the kernel zeroing every page again: about 200,000 faults and 0.3 s of kernel time
-    per DiT-B/4 bf16 step on the 2-core CPU. Served from one never-trimmed heap, later steps reuse warm pages.
+    for page faults and for the kernel zeroing every page again (docs/benchmarks.md has what that costs). Served
+    from one never-trimmed heap, later steps reuse warm pages.
     The process keeps its peak heap size until it exits.
 
     Call before JAX starts its threads (before the first computation). Returns False (and does nothing)
@@ -53,10 +53,9 @@ def keep_freed_memory() -> bool:
 def return_freed_memory_if_large(state_bytes: int) -> bool:
     """Undo keep_freed_memory's heap for large blocks (memory maps again, returned to the kernel when freed) when
     a training state of `state_bytes` takes more than a quarter of this machine's memory. A heap that is never
-    trimmed holds the peak of every allocation pattern: DiT-XL/2 at batch 8 with remat_policy=dots_saveable
-    (10 GiB of state) ran past the 24 GiB of a 2-core machine that way and peaked at 17 GiB with memory maps,
-    while the page faults the heap saves would cost it, at the rate measured for DiT-B/4, about 2.5 s of a 40-60 s
-    step. Returns whether it changed anything (False where keep_freed_memory does nothing)."""
+    trimmed holds the peak of every allocation pattern: for a large state that costs more memory than the page
+    faults it spares cost time (docs/benchmarks.md, "What a recomputing block keeps"). Returns whether it changed
+    anything (False where keep_freed_memory does nothing)."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
     if state_bytes <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4:
@@ -66,10 +65,9 @@ def return_freed_memory_if_large(state_bytes: int) -> bool:
 
 def enable_compilation_cache(cache_dir: epath.Path) -> epath.Path:
     """Keep compiled XLA programs in `cache_dir`, so that a resumed run, the next run of a grid and (on shared
-    storage) every host of a pod skip recompiling the same step: minutes for a DiT on a GPU, where XLA autotunes
-    every matmul; 10 s -> 4 s for the Fashion-MNIST smoke run on the CPU. A cache directory JAX already has
-    (`$JAX_COMPILATION_CACHE_DIR`, or set in this process) is kept. Call before the first computation; returns
-    the directory in use."""
+    storage) every host of a pod skip recompiling the same step (minutes for a DiT on a GPU, where XLA autotunes
+    every matmul). A cache directory JAX already has (`$JAX_COMPILATION_CACHE_DIR`, or set in this process) is
+    kept. Call before the first computation; returns the directory in use."""
     import jax
 
     if not jax.config.jax_compilation_cache_dir:

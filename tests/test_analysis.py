@@ -159,7 +159,7 @@ def test_paper_frontier_names_the_optimal_configs_and_extrapolates_to_xl2():
     assert ranges["run"].tolist().index("paper:DiT-XL/4") < ranges["run"].tolist().index("paper:DiT-XL/2")
     xl2 = fit.frontier.points[fit.frontier.points["run"] == "paper:DiT-XL/2"]
     assert xl2["y"].tolist() == [19.47, 10.67, 9.62]
-    assert xl2["x"].iloc[0] == pytest.approx(118.64 * 256 * 4e5 * 3)  # 3.64e10 (dit_paper.md, section 4)
+    assert xl2["x"].iloc[0] == pytest.approx(118.64 * 256 * 4e5 * 3)  # 3.64e10, the paper's unit
     assert fit.leave_largest_out.held_out == "paper:DiT-XL/2" and fit.convergence["converged"]
 
 

@@ -200,7 +200,7 @@ def test_official_xl2_names_and_shapes():
     with torch.device("meta"):
         reference = ReferenceDiT()  # DiT-XL/2 at 256px, without allocating its weights
     assert shapes == {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    # Spot checks against the documented release (dit_paper.md section 9).
+    # Spot checks against the official DiT-XL/2 checkpoint's state dict.
     assert len(shapes) == 1 + 6 + 1 + 28 * 10 + 4
     assert shapes["pos_embed"] == (1, 256, 1152)
     assert shapes["x_embedder.proj.weight"] == (1152, 4, 2, 2)

@@ -58,7 +58,7 @@ def test_the_counter_counts_scanned_blocks_times_their_number(block):
 
 
 def test_counter_that_skips_attention_products_gets_thops_number():
-    # dit_paper.md section 4: skipping q.k^T and attn.v gives XL/4 = 28.8 instead of 29.05.
+    # A counter that skips q.k^T and attn.v (as thop does) gets XL/4 = 28.8 instead of Table 4's 29.05.
     terms = dit_macs_by_term(dit_config("XL/4"))
     without = sum(terms.values()) - terms["attention_scores"] - terms["attention_values"]
     assert without / 1e9 == pytest.approx(28.8, abs=0.05)
@@ -184,7 +184,7 @@ def test_fvcore_einsum_and_broadcast_matmul_are_exact():
 
 
 def test_training_and_sampling_compute_conventions():
-    # dit_paper.md section 4: XL/2 at 400K steps, batch 256 -> 3.64e10 "Gflops" of training compute.
+    # The paper's Fig. 9 unit: XL/2 at 400K steps, batch 256 -> 3.64e10 "Gflops" of training compute.
     gflops = dit_compute(dit_config("XL/2")).gflops
     assert 3 * gflops * 256 * 400_000 == pytest.approx(3.64e10, rel=0.002)
     # Section 5: L/2 with 1000 sampling steps spends 80.7 Tflops per image; XL/2 with 128 steps 15.2.

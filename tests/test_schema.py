@@ -1,4 +1,4 @@
-"""The run-directory schema: typed records, their files, and the README's field tables."""
+"""The run-directory schema: typed records, their files, and the field tables of docs/records.md."""
 
 import json
 import re
@@ -11,7 +11,7 @@ from records_factory import a_manifest
 from analysis import records, schema
 from analysis.schema import EvaluationRecord, Manifest, Protocol, RecordsError, StepRecord
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+RECORDS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "records.md"
 
 
 def _protocol(**changes) -> Protocol:
@@ -130,15 +130,15 @@ def _same(loaded, written) -> bool:
     return loaded == written or (written is None and pd.isna(loaded))
 
 
-def _readme_table(heading: str) -> str:
-    text = README.read_text()
+def _records_page_table(heading: str) -> str:
+    text = RECORDS_PAGE.read_text()
     match = re.search(rf"^#+ {re.escape(heading)}\n\n(\|.*?\n)\n", text, flags=re.MULTILINE | re.DOTALL)
-    assert match, f"README has no table under {heading!r}"
+    assert match, f"{RECORDS_PAGE.name} has no table under {heading!r}"
     return match.group(1)
 
 
 @pytest.mark.parametrize("record_class, heading", [
     (StepRecord, "Step records (records.jsonl)"), (EvaluationRecord, "Evaluation records (evaluations.jsonl)"),
     (Protocol, "Protocols"), (Manifest, "Manifest (manifest.json)")])
-def test_the_readme_field_tables_are_the_schemas(record_class, heading):
-    assert _readme_table(heading) == schema.markdown_fields(record_class)
+def test_the_records_page_field_tables_are_the_schemas(record_class, heading):
+    assert _records_page_table(heading) == schema.markdown_fields(record_class)

@@ -1,4 +1,4 @@
-"""The paper's training recipe (dit_paper.md section 7) as the base of every config."""
+"""The paper's training recipe, the same for every model (its section 4), as the base of every config."""
 
 import ml_collections
 
@@ -52,8 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.eps = 1e-8
     config.train.ema_decay = 0.9999
     config.train.seed = 0
-    # Optimizer steps per compiled call (a scan over that many batches): one dispatch from the host per call.
-    # On a 2-core CPU 20 per call gained 3-14% for miniature configs (XLA's per-operation cost dominates there).
+    # Optimizer steps per compiled call (a scan over that many batches): one dispatch from the host per call,
+    # which pays where XLA's per-operation cost dominates (miniature configs on a CPU; docs/benchmarks.md).
     # The steps compute what single steps do; log_every, checkpoint_every, eval.every and steps must be
     # multiples of it.
     config.train.steps_per_call = 1

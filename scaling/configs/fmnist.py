@@ -9,7 +9,7 @@ by 16 and 2 (24/48/64/72 wide, 3/6/8/8 heads of 8-9 dimensions), depths 12/12/24
 (2/2/4/5). On 32x32 images patches 8, 4 and 2 give 16, 64 and 256 tokens, as the paper's 32x32 latents do.
 A patch of 8 holds 64 pixel values, more than S and B are wide (24 and 48): predicting the noise of 64 independent
 values through that width leaves an error of at least about 1 - width/64 at high noise, so S/8 and B/8 end near
-that floor (final loss 0.66 and 0.31 in runs/fmnist-default). The paper's patch-8 tokens hold 256 latent values,
+that floor (docs/analysis.md, "The miniature study"). The paper's patch-8 tokens hold 256 latent values,
 fewer than any of its widths; a miniature family wide enough for 64 (paper widths / 6) costs 2.7 to 7 times more.
 """
 
@@ -19,19 +19,18 @@ from scaling.configs.common import base_config
 MINIATURE_SIZES = {"S": (2, 24, 3), "B": (2, 48, 6), "L": (4, 64, 8), "XL": (5, 72, 8)}
 
 # The study presets: one recipe for all 12 configs (the paper trains every config alike), chosen by measurement
-# on a 2-core AMD EPYC (AVX2 only, the slowest CPU seen); docs/benchmarks.md has the numbers.
-# - Adam lr 3e-3 with betas (0.9, 0.99), EMA 0.99, batch 16: DiT-XL/4 after 1500 steps reached FD 224 at lr 3e-4,
-#   173 at 1e-3, 155 at 2e-3 and 150 at 4e-3 with b2 0.99 (class accuracy 0.10, 0.12, 0.18, 0.22): miniature
-#   models in minutes are far from converged, and a larger step size learns faster; 3e-3 keeps a margin below
-#   the largest rate tried for the deeper XL/2. Learned sigma made no difference there (FD 173 vs 174).
+# on a 2-core AMD EPYC (AVX2 only, the slowest CPU seen); docs/benchmarks.md ("The miniature study") has the
+# numbers.
+# - Adam lr 3e-3 with betas (0.9, 0.99), EMA 0.99, batch 16: DiT-XL/4's FD after 1500 steps fell with every larger
+#   rate tried, up to 4e-3 with b2 0.99: miniature models in minutes are far from converged, and a larger step
+#   size learns faster; 3e-3 keeps a margin below the largest rate tried for the deeper XL/2. Learned sigma made
+#   no difference there.
 # - default: 1500 steps, evaluated every 250 (Fig. 6 and 9 curves) with 250 samples and 8 DDIM steps, and at the
 #   last step with 16 and 32 steps too (Fig. 10, in the paper's range of 16 to 1000 steps: 4 DDIM steps are far
 #   from what a model can do); the held-out loss on 200 test images at 4 timesteps every 125 steps, so each
 #   sample evaluation has it beside it (the loss -> FD pairs) and each config's curve spans 12x in compute (the
 #   isoFLOP profiles: the samples' 6x let only 3 of 12 budgets have an interior minimum, the loss's 6). The
-#   patch-2 configs take most of the time, their evaluation 45% of theirs: DiT-XL/2 took 17.4 of a 25-minute
-#   study (7.7 of them evaluating) on an AMD EPYC that trained it at 2.6 steps/s; with evaluations every 500
-#   steps a study took 17 to 21 minutes on one that ran it at 4.3.
+#   patch-2 configs take most of the time, their evaluation close to half of theirs.
 # - 250 samples per evaluation: FD-FashionCNN's bias at 250 samples is the same for every config, so orderings
 #   and fits hold.
 PRESETS = {  # config fields by path; checkpoints fall at the evaluation steps

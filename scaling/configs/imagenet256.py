@@ -1,5 +1,5 @@
-"""The paper's runs: DiT on ImageNet through SD-VAE latents, 1000 classes, 400K steps at batch 256 (dit_paper.md
-section 7), with its schedule: checkpoints every 50K steps (all kept, for the curves of Figs. 6 and 9) and FID-50K
+"""The paper's runs: DiT on ImageNet through SD-VAE latents, 1000 classes, 400K steps at batch 256 (the paper's
+section 4), with its schedule: checkpoints every 50K steps (all kept, for the curves of Figs. 6 and 9) and FID-50K
 (250 DDPM steps, unguided, as the scaling study's Table 4) at 400K.
 
 Variants: "MODEL[,OPTION...]", MODEL one of S/8 ... XL/2. Options:

@@ -1,5 +1,5 @@
 """Sample-quality metrics with the exact definitions of ADM's evaluation suite, which produced the DiT paper's
-FID, sFID, Inception Score, Precision and Recall (see the reference notes on the ADM evaluator).
+FID, sFID, Inception Score, Precision and Recall (evaluations/evaluator.py of openai/guided-diffusion).
 
 Everything here works on numpy feature arrays and returns Python floats; the feature networks live in models/.
 
@@ -7,10 +7,11 @@ Everything here works on numpy feature arrays and returns Python floats; the fea
 - `frechet_distance`: |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), with tr sqrt(S1 S2) = tr sqrt(A S2 A),
   A = S1^(1/2), from two symmetric eigendecompositions (round-off's negative eigenvalues clipped to zero). ADM
   takes scipy's general sqrtm of S1 S2 instead: the value agrees to ~1e-7 relative, also for the rank-deficient
-  covariances of few samples (tested against it), and on 2048 Inception features it takes 2.9 s instead of 17.5 s
-  (2-core Intel Xeon). `frechet_distance_of_features` takes the first Gaussian's features [N, D] instead: for
-  N <= D it is exact through the N x N matrix F S2 F^T (S1 = F^T F, F the centred features over sqrt(N - 1);
-  S1 S2 and F S2 F^T have the same non-zero eigenvalues), no D x D eigendecomposition: FID-1000 needs none.
+  covariances of few samples (tested against it), in a sixth of the time on 2048 Inception features
+  (docs/benchmarks.md, "Evaluation"). `frechet_distance_of_features` takes the first Gaussian's features [N, D]
+  instead: for N <= D it is exact through the N x N matrix F S2 F^T (S1 = F^T F, F the centred features over
+  sqrt(N - 1); S1 S2 and F S2 F^T have the same non-zero eigenvalues), no D x D eigendecomposition: FID-1000
+  needs none.
 - `inception_score`: exp(E_x KL(p(y|x) || p(y))) per contiguous chunk of 5000 predictions, averaged over chunks.
 - `precision_recall`: k-nearest-neighbour manifolds (k=3) of Kynkaanniemi et al., distances in blocks, computed
   in float16 first and again in float32 for any block with a non-finite value.
