@@ -14,6 +14,8 @@ y [N] to [N, H, W, 2C] when sigma is learned (epsilon first, then the variance i
 
 Parameter names, initialisation and numerics follow the official PyTorch release so that its checkpoints load
 (see models/convert.py). Every model's output layer is zero-initialised, so a fresh model outputs zeros.
+This file says what the architecture is; how its linear layers, attention and stack of blocks compute (compute
+dtype, attention kernels, custom gradients, scanned and recomputed blocks) is models/ops.py's.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import ops
+
 BLOCKS = ("in-context", "cross-attention", "adaLN", "adaLN-Zero")  # the paper's Fig. 5 order, worst to best
 
 # Paper Table 1: name -> (layers, hidden size, heads).
@@ -37,11 +41,6 @@ TIMESTEP_FREQUENCY_DIM = 256
 LATENT_DOWNSAMPLE = 8  # the SD autoencoder maps 256x256x3 images to 32x32x4 latents
 LATENT_CHANNELS = 4
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # matmul dtypes; parameters, norms and softmax stay float32
-# What a block that recomputes (remat) keeps from its forward pass: names of jax.checkpoint_policies.
-# nothing_saveable recomputes the whole block; dots_saveable keeps every matmul's output and recomputes only
-# the elementwise work (norms, modulation, GELU, softmax), so no matmul runs twice;
-# dots_with_no_batch_dims_saveable keeps the linear layers' outputs and recomputes attention's products too.
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 # Paper order (Table 4): sizes S, B, L, XL, each with patch 8, 4, 2.
 PAPER_MODELS = tuple(f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in PATCH_SIZES)  # see canonical_name
@@ -66,7 +65,7 @@ class DiTConfig:
     block: str = "adaLN-Zero"
     dtype: str = "float32"  # compute dtype of matmuls; parameters, norms and softmax stay float32
     remat: bool = False  # recompute each block's activations in the backward pass (less memory, ~1/3 more compute)
-    remat_policy: str = "nothing_saveable"  # with remat: what each block keeps (REMAT_POLICIES)
+    remat_policy: str = "nothing_saveable"  # with remat: what each block keeps (ops.REMAT_POLICIES)
     # The blocks as one lax.scan over stacked arrays (block i is slice i of every array under `blocks`): the step
     # compiles one block whatever the depth. On XLA:CPU unrolled blocks (the default) train S/2 and B/4 faster,
     # scanned ones XL/2 with remat (docs/benchmarks.md).
@@ -99,8 +98,9 @@ class DiTConfig:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}.")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}.")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy must be one of {', '.join(REMAT_POLICIES)}, got {self.remat_policy!r}.")
+        if self.remat_policy not in ops.REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {', '.join(ops.REMAT_POLICIES)}, "
+                             f"got {self.remat_policy!r}.")
 
     @property
     def grid_size(self) -> int:
@@ -206,6 +206,7 @@ def drop_labels(key: jax.Array, y_N: jax.Array, prob: float, null_label: int) ->
     return jnp.where(drop, null_label, y_N)
 
 
+# Initialisers of the official release.
 _xavier_uniform = nnx.initializers.xavier_uniform()
 _normal_002 = nnx.initializers.normal(stddev=0.02)
 _zeros = nnx.initializers.zeros_init()
@@ -214,75 +215,12 @@ _zeros = nnx.initializers.zeros_init()
 _patch_embed_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
 
 
-def _transposed_product(x_MK: jax.Array, g_MN: jax.Array) -> jax.Array:
-    """x^T g [K, N] with float32 accumulation, shaped so that XLA:CPU reaches its fast low-precision kernels.
-
-    XLA:CPU folds a plain transpose into the dot as an operand layout, which its YNNPACK bf16 kernels reject (the
-    dot then runs in f32 Eigen at ~1/5 of the speed, or fails outright). Transposing through a 3-D view cannot be
-    folded away. Other backends see an ordinary transpose."""
-    rows = x_MK.shape[0]
-    if rows % 8:  # zero rows add nothing to x^T g
-        pad = ((0, 8 - rows % 8), (0, 0))
-        x_MK, g_MN = jnp.pad(x_MK, pad), jnp.pad(g_MN, pad)
-        rows = x_MK.shape[0]
-    xt_KM = jnp.transpose(x_MK.reshape(rows // 8, 8, -1), (2, 0, 1)).reshape(-1, rows)
-    return jnp.dot(xt_KM, g_MN, preferred_element_type=jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def mixed_precision_matmul(x_MK: jax.Array, w_KN: jax.Array, dtype) -> jax.Array:
-    """x @ w with both operands cast to `dtype` and float32 accumulation and output.
-
-    The backward pass casts the incoming gradient to `dtype` too, so all three products of a training step run
-    on the same (fast) kernels; autodiff of the plain product would pair a float32 gradient with `dtype`
-    operands, which XLA computes in float32."""
-    return jnp.dot(x_MK.astype(dtype), w_KN.astype(dtype), preferred_element_type=jnp.float32)
-
-
-def _mixed_precision_matmul_fwd(x_MK, w_KN, dtype):
-    x_MK, w_KN = x_MK.astype(dtype), w_KN.astype(dtype)
-    return jnp.dot(x_MK, w_KN, preferred_element_type=jnp.float32), (x_MK, w_KN)
-
-
-def _mixed_precision_matmul_bwd(dtype, residuals, g_MN):
-    x_MK, w_KN = residuals
-    g_MN = g_MN.astype(dtype)
-    dx_MK = jax.lax.dot_general(g_MN, w_KN, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    if dtype == jnp.float32:
-        dw_KN = jax.lax.dot_general(x_MK, g_MN, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    else:
-        dw_KN = _transposed_product(x_MK, g_MN)
-    return dx_MK, dw_KN
-
-
-mixed_precision_matmul.defvjp(_mixed_precision_matmul_fwd, _mixed_precision_matmul_bwd)
-
-
-class Linear(nnx.Linear):
-    """nnx.Linear as one 2-D `mixed_precision_matmul` in the module's compute dtype, bias added in float32.
-    Leading axes are folded together first: XLA:CPU turns the backward of a [B, T, D] x [D, F] product into
-    transposes and slow dots; the 2-D form reaches its fast matmul kernels."""
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        leading = x.shape[:-1]
-        y = mixed_precision_matmul(x.reshape(-1, x.shape[-1]), self.kernel[...], jnp.dtype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...]
-        return y.reshape(*leading, -1)
-
-
-def _linear(in_features: int, out_features: int, init, dtype, rngs: nnx.Rngs) -> Linear:
-    """A Linear computing in `dtype` with float32 accumulation and output (bf16 inputs reach the fast
-    bf16 x bf16 -> f32 matmul units; norms, softmax and the residual stream stay float32)."""
-    return Linear(in_features, out_features, kernel_init=init, dtype=dtype, rngs=rngs)
-
-
 class TimestepEmbedder(nnx.Module):
     """Sinusoid of dim 256 -> Linear -> SiLU -> Linear."""
 
     def __init__(self, hidden_size: int, *, dtype, rngs: nnx.Rngs):
-        self.fc1 = _linear(TIMESTEP_FREQUENCY_DIM, hidden_size, _normal_002, dtype, rngs)
-        self.fc2 = _linear(hidden_size, hidden_size, _normal_002, dtype, rngs)
+        self.fc1 = ops.Linear(TIMESTEP_FREQUENCY_DIM, hidden_size, kernel_init=_normal_002, dtype=dtype, rngs=rngs)
+        self.fc2 = ops.Linear(hidden_size, hidden_size, kernel_init=_normal_002, dtype=dtype, rngs=rngs)
 
     def __call__(self, t_N: jax.Array) -> jax.Array:
         return self.fc2(nnx.silu(self.fc1(timestep_sinusoid(t_N))))
@@ -313,115 +251,19 @@ def _layer_norm(hidden_size: int, affine: bool, rngs: nnx.Rngs) -> nnx.LayerNorm
                          dtype=jnp.float32, rngs=rngs)
 
 
-def _attention_forward(q_BTHK, k_BSHK, v_BSHK, dtype) -> tuple[jax.Array, jax.Array]:
-    """softmax(q k^T / sqrt(head_dim)) v with products in `dtype` (float32 accumulation) and the softmax in
-    float32. Returns the output [B, T, H*K] and the attention weights [B, H, T, S], both float32."""
-    logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
-    weights_BHTS = jax.nn.softmax(logits_BHTS * q_BTHK.shape[-1] ** -0.5, axis=-1)
-    out_BTHK = jnp.einsum("bhts,bshk->bthk", weights_BHTS.astype(dtype), v_BSHK,
-                          preferred_element_type=jnp.float32)
-    return out_BTHK.reshape(*out_BTHK.shape[:2], -1), weights_BHTS
-
-
-def _attention_backward(q_BTHK, k_BSHK, v_BSHK, weights_BHTS, g_BTD, dtype):
-    """Gradients (dq, dk, dv), float32, of `_attention_forward`'s output for the incoming gradient g. All four
-    products take `dtype` operands: autodiff would pair the float32 gradient with `dtype` operands, which
-    XLA computes in float32."""
-    b, t, heads, head_dim = q_BTHK.shape
-    g_BTHK = g_BTD.reshape(b, t, heads, head_dim).astype(dtype)
-    dweights_BHTS = jnp.einsum("bthk,bshk->bhts", g_BTHK, v_BSHK, preferred_element_type=jnp.float32)
-    dv_BSHK = jnp.einsum("bhts,bthk->bshk", weights_BHTS.astype(dtype), g_BTHK, preferred_element_type=jnp.float32)
-    # softmax backward: w * (dw - sum(dw * w)), then the 1/sqrt(head_dim) scale of the logits.
-    dlogits_BHTS = weights_BHTS * (dweights_BHTS - jnp.sum(dweights_BHTS * weights_BHTS, -1, keepdims=True))
-    dlogits_BHTS = (dlogits_BHTS * head_dim**-0.5).astype(dtype)
-    dq_BTHK = jnp.einsum("bhts,bshk->bthk", dlogits_BHTS, k_BSHK, preferred_element_type=jnp.float32)
-    dk_BSHK = jnp.einsum("bhts,bthk->bshk", dlogits_BHTS, q_BTHK, preferred_element_type=jnp.float32)
-    return dq_BTHK, dk_BSHK, dv_BSHK
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def self_attention(qkv_BT3HK: jax.Array, dtype) -> jax.Array:
-    """Multi-head self-attention of the stacked projections qkv [B, T, 3, H, K] -> [B, T, H*K], float32.
-
-    The gradient of qkv is assembled in one stacked array (autodiff of the three slices pads each gradient
-    to the full shape and adds them). Reverse-mode only: a custom VJP has no forward-mode derivative."""
-    return _self_attention_fwd(qkv_BT3HK, dtype)[0]
-
-
-def _self_attention_fwd(qkv_BT3HK, dtype):
-    input_dtype = jnp.zeros(0, qkv_BT3HK.dtype)  # the gradient returns in the input's dtype
-    qkv_BT3HK = qkv_BT3HK.astype(dtype)
-    out_BTD, weights_BHTS = _attention_forward(qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2], dtype)
-    return out_BTD, (qkv_BT3HK, weights_BHTS, input_dtype)
-
-
-def _self_attention_bwd(dtype, residuals, g_BTD):
-    qkv_BT3HK, weights_BHTS, input_dtype = residuals
-    grads = _attention_backward(qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2], weights_BHTS, g_BTD,
-                                dtype)
-    return (jnp.stack(grads, axis=2).astype(input_dtype.dtype),)
-
-
-self_attention.defvjp(_self_attention_fwd, _self_attention_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def cross_attention(q_BTHK: jax.Array, kv_BS2HK: jax.Array, dtype) -> jax.Array:
-    """Multi-head attention from queries q [B, T, H, K] to stacked keys and values kv [B, S, 2, H, K]."""
-    return _cross_attention_fwd(q_BTHK, kv_BS2HK, dtype)[0]
-
-
-def _cross_attention_fwd(q_BTHK, kv_BS2HK, dtype):
-    input_dtypes = jnp.zeros(0, q_BTHK.dtype), jnp.zeros(0, kv_BS2HK.dtype)
-    q_BTHK, kv_BS2HK = q_BTHK.astype(dtype), kv_BS2HK.astype(dtype)
-    out_BTD, weights_BHTS = _attention_forward(q_BTHK, kv_BS2HK[:, :, 0], kv_BS2HK[:, :, 1], dtype)
-    return out_BTD, (q_BTHK, kv_BS2HK, weights_BHTS, input_dtypes)
-
-
-def _cross_attention_bwd(dtype, residuals, g_BTD):
-    q_BTHK, kv_BS2HK, weights_BHTS, (q_dtype, kv_dtype) = residuals
-    dq, dk, dv = _attention_backward(q_BTHK, kv_BS2HK[:, :, 0], kv_BS2HK[:, :, 1], weights_BHTS, g_BTD, dtype)
-    return dq.astype(q_dtype.dtype), jnp.stack([dk, dv], axis=2).astype(kv_dtype.dtype)
-
-
-cross_attention.defvjp(_cross_attention_fwd, _cross_attention_bwd)
-
-
-def fused_attention_implementation(dtype) -> str | None:
-    """"cudnn" where jax.nn.dot_product_attention has cuDNN's fused (flash) kernel for `dtype`: an NVIDIA GPU of
-    compute capability 8.0 or more, computing in bf16 or fp16. None elsewhere: the einsum attention above, whose
-    products and custom gradient reach the fast kernels of CPUs and TPUs."""
-    if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
-        return None
-    capability = getattr(jax.devices()[0], "compute_capability", None)
-    try:
-        return "cudnn" if float(capability) >= 8.0 else None
-    except (TypeError, ValueError):  # ROCm names its chips ("gfx90a"); cuDNN is NVIDIA's
-        return None
-
-
-def fused_self_attention(qkv_BT3HK: jax.Array, dtype, implementation: str) -> jax.Array:
-    """`self_attention` through jax.nn.dot_product_attention with `implementation` ("cudnn", or "xla"):
-    [B, T, 3, H, K] -> [B, T, H*K] in `dtype`."""
-    q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i].astype(dtype) for i in range(3))
-    out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, implementation=implementation)
-    return out_BTHK.reshape(*out_BTHK.shape[:2], -1)
-
-
 class SelfAttention(nnx.Module):
+    """Multi-head self-attention: one projection to queries, keys and values, attention, an output projection."""
+
     def __init__(self, hidden_size: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
         self.num_heads, self.dtype = num_heads, dtype
-        self.qkv = _linear(hidden_size, 3 * hidden_size, _xavier_uniform, dtype, rngs)
-        self.proj = _linear(hidden_size, hidden_size, _xavier_uniform, dtype, rngs)
+        self.qkv = ops.Linear(hidden_size, 3 * hidden_size, kernel_init=_xavier_uniform, dtype=dtype, rngs=rngs)
+        self.proj = ops.Linear(hidden_size, hidden_size, kernel_init=_xavier_uniform, dtype=dtype, rngs=rngs)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         b, t, d = x_BTD.shape
-        qkv_BT3HK = self.qkv(x_BTD).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-        dtype = jnp.dtype(self.dtype)
-        fused = fused_attention_implementation(dtype)
-        if fused is None:
-            return self.proj(self_attention(qkv_BT3HK, dtype))
-        return self.proj(fused_self_attention(qkv_BT3HK, dtype, fused))
+        qkv_BT3HK = self.qkv(x_BTD).reshape(b, t, 3 * self.num_heads, d // self.num_heads)
+        q_BTHK, k_BTHK, v_BTHK = jnp.split(qkv_BT3HK, 3, axis=2)
+        return self.proj(ops.attention(q_BTHK, k_BTHK, v_BTHK, self.dtype))
 
 
 class CrossAttention(nnx.Module):
@@ -429,39 +271,27 @@ class CrossAttention(nnx.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
         self.num_heads, self.dtype = num_heads, dtype
-        self.q = _linear(hidden_size, hidden_size, _xavier_uniform, dtype, rngs)
-        self.kv = _linear(hidden_size, 2 * hidden_size, _xavier_uniform, dtype, rngs)
-        self.proj = _linear(hidden_size, hidden_size, _xavier_uniform, dtype, rngs)
+        self.q = ops.Linear(hidden_size, hidden_size, kernel_init=_xavier_uniform, dtype=dtype, rngs=rngs)
+        self.kv = ops.Linear(hidden_size, 2 * hidden_size, kernel_init=_xavier_uniform, dtype=dtype, rngs=rngs)
+        self.proj = ops.Linear(hidden_size, hidden_size, kernel_init=_xavier_uniform, dtype=dtype, rngs=rngs)
 
     def __call__(self, x_BTD: jax.Array, cond_BSD: jax.Array) -> jax.Array:
         b, t, d = x_BTD.shape
         heads, head_dim = self.num_heads, d // self.num_heads
         q_BTHK = self.q(x_BTD).reshape(b, t, heads, head_dim)
-        kv_BS2HK = self.kv(cond_BSD).reshape(b, cond_BSD.shape[1], 2, heads, head_dim)
-        return self.proj(cross_attention(q_BTHK, kv_BS2HK, jnp.dtype(self.dtype)))
+        k_BSHK, v_BSHK = jnp.split(self.kv(cond_BSD).reshape(b, cond_BSD.shape[1], 2 * heads, head_dim), 2, axis=2)
+        return self.proj(ops.attention(q_BTHK, k_BSHK, v_BSHK, self.dtype))
 
 
 class Mlp(nnx.Module):
+    """Linear -> GELU (tanh approximation) -> Linear."""
+
     def __init__(self, hidden_size: int, mlp_hidden_size: int, *, dtype, rngs: nnx.Rngs):
-        self.fc1 = _linear(hidden_size, mlp_hidden_size, _xavier_uniform, dtype, rngs)
-        self.fc2 = _linear(mlp_hidden_size, hidden_size, _xavier_uniform, dtype, rngs)
+        self.fc1 = ops.Linear(hidden_size, mlp_hidden_size, kernel_init=_xavier_uniform, dtype=dtype, rngs=rngs)
+        self.fc2 = ops.Linear(mlp_hidden_size, hidden_size, kernel_init=_xavier_uniform, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(nnx.gelu(self.fc1(x), approximate=True))
-
-
-def materialize_on_cpu(x: jax.Array) -> jax.Array:
-    """x, computed into its own buffer on XLA:CPU (elsewhere x unchanged).
-
-    XLA:CPU fuses the residual stream's chain of cheap adds into every consumer, so each layer recomputes the
-    contributions of all earlier layers (quadratic in depth; a tenth of a DiT-B/4 bf16 training step).
-    optimization_barrier does not stop it there, but a conditional boundary does. The predicate, that x's first
-    element is finite, is not known at compile time; the other branch fills the output with NaN, which changes
-    nothing that was not already lost."""
-    if jax.default_backend() != "cpu":
-        return x
-    first = x.reshape(-1)[0]
-    return jax.lax.cond(jnp.isfinite(first), lambda a: a, lambda a: jnp.full_like(a, jnp.nan), x)
 
 
 def _modulate(x_BTD: jax.Array, shift_BD: jax.Array, scale_BD: jax.Array) -> jax.Array:
@@ -479,7 +309,8 @@ class ModulatedBlock(nnx.Module):
         self.attn = SelfAttention(d, config.num_heads, dtype=dtype, rngs=rngs)
         self.norm2 = _layer_norm(d, affine=False, rngs=rngs)
         self.mlp = Mlp(d, config.mlp_hidden_size, dtype=dtype, rngs=rngs)
-        self.modulation = _linear(d, (6 if gated else 4) * d, _zeros if gated else _xavier_uniform, dtype, rngs)
+        self.modulation = ops.Linear(d, (6 if gated else 4) * d, kernel_init=_zeros if gated else _xavier_uniform,
+                                     dtype=dtype, rngs=rngs)
 
     def __call__(self, x_BTD: jax.Array, c_BD: jax.Array) -> jax.Array:
         mod = jnp.split(self.modulation(nnx.silu(c_BD)), 6 if self.gated else 4, axis=-1)
@@ -518,11 +349,11 @@ class FinalLayer(nnx.Module):
     """LayerNorm -> (adaLN shift/scale from c, for the adaLN blocks) -> zero-initialised Linear to p*p*out."""
 
     def __init__(self, config: DiTConfig, *, modulated: bool, rngs: nnx.Rngs):
-        d = config.hidden_size
+        d, dtype = config.hidden_size, config.dtype
         self.norm = _layer_norm(d, affine=not modulated, rngs=rngs)
-        self.modulation = (_linear(d, 2 * d, _zeros, config.dtype, rngs)
-                           if modulated else None)
-        self.linear = _linear(d, config.patch_size**2 * config.out_channels, _zeros, config.dtype, rngs)
+        self.modulation = ops.Linear(d, 2 * d, kernel_init=_zeros, dtype=dtype, rngs=rngs) if modulated else None
+        self.linear = ops.Linear(d, config.patch_size**2 * config.out_channels, kernel_init=_zeros, dtype=dtype,
+                                 rngs=rngs)
 
     def __call__(self, x_BTD: jax.Array, c_BD: jax.Array) -> jax.Array:
         x_BTD = self.norm(x_BTD)
@@ -530,12 +361,6 @@ class FinalLayer(nnx.Module):
             shift, scale = jnp.split(self.modulation(nnx.silu(c_BD)), 2, axis=-1)
             x_BTD = _modulate(x_BTD, shift, scale)
         return self.linear(x_BTD)
-
-
-def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
-    """Modules of one structure as one module whose arrays carry a leading layer axis (layer i is slice i)."""
-    graphdef = nnx.graphdef(layers[0])
-    return nnx.merge(graphdef, jax.tree.map(lambda *arrays: jnp.stack(arrays), *map(nnx.state, layers)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -560,7 +385,7 @@ class DiT(nnx.Module):
         else:
             cross = config.block == "cross-attention"
             layers = [TransformerBlock(config, cross_attention=cross, rngs=rngs) for _ in range(config.depth)]
-        self.blocks = stack_layers(layers) if config.scan_blocks else nnx.List(layers)
+        self.blocks = ops.stack_layers(layers) if config.scan_blocks else nnx.List(layers)
         self.final_layer = FinalLayer(config, modulated=config.block in ("adaLN-Zero", "adaLN"), rngs=rngs)
 
     def __call__(self, x_NHWC: jax.Array, t_N: jax.Array, y_N: jax.Array, *,
@@ -590,33 +415,13 @@ class DiT(nnx.Module):
 
     def block(self, index: int) -> nnx.Module:
         """Block `index`: the module itself, or with scan_blocks a copy of its slice of the stacked arrays."""
-        if not self.config.scan_blocks:
-            return self.blocks[index]
-        graphdef, layers = nnx.split(self.blocks)
-        return nnx.merge(graphdef, jax.tree.map(lambda array: array[index], layers))
+        return ops.stacked_layer(self.blocks, index) if self.config.scan_blocks else self.blocks[index]
 
     def _apply_blocks(self, x_NTD: jax.Array, *context: jax.Array) -> jax.Array:
-        """The blocks in order: one scan over their stacked arrays (scan_blocks), or one after the other."""
-        if not self.config.scan_blocks:
-            def apply(block, *args):
-                return block(*args)
-
-            if self.config.remat:
-                apply = nnx.remat(apply, policy=self._remat_policy())
-            for block in self.blocks:
-                x_NTD = materialize_on_cpu(apply(block, x_NTD, *context))
-            return x_NTD
-        graphdef, layers = nnx.split(self.blocks)
-
-        def layer(x_NTD, layer_state):
-            return nnx.merge(graphdef, layer_state)(x_NTD, *context), None
-
-        if self.config.remat:
-            layer = jax.checkpoint(layer, policy=self._remat_policy())
-        return jax.lax.scan(layer, x_NTD, layers)[0]
-
-    def _remat_policy(self):
-        return getattr(jax.checkpoint_policies, self.config.remat_policy)
+        """The blocks in order, each called as block(x, *context)."""
+        cfg = self.config
+        return ops.apply_layers(self.blocks, x_NTD, *context, scanned=cfg.scan_blocks,
+                                remat_policy=cfg.remat_policy if cfg.remat else None)
 
     def forward_with_cfg(self, x_NHWC: jax.Array, t_N: jax.Array, y_N: jax.Array, cfg_scale: float, *,
                          cfg_channels: int | None = 3) -> jax.Array:

@@ -6,7 +6,9 @@ c = t_emb + y_emb). LightningDiT's other changes (its autoencoder, training sche
 
 This file is a model plug-in, the worked example of `model.factory`: `build` follows the contract of
 models/plugin.py, and `scaling/configs/modern_dit_fmnist.py` trains the family through the grid with the miniature
-study's recipe. It uses nothing of the toolkit but DiT's timestep and label embedders and `unpatchify`.
+study's recipe. It uses nothing of the toolkit but DiT's timestep and label embedders, `unpatchify`, and the
+kernels of models/ops.py (its linear layers, attention and stack of blocks), so that it and DiT compare on the same
+kernels.
 
 Forward multiply-accumulates per image (the paper's "Gflops"), with T tokens, width d, SwiGLU width h, depth L,
 patch p and C input / O output channels: T p^2 C d (patch embedding) + 256 d + d^2 (timestep MLP)
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import ops
 from models.dit import LabelEmbedder, TimestepEmbedder, unpatchify
 
 ROPE_BASE = 10_000.0
@@ -58,9 +61,9 @@ def apply_rope(x_BTHK: jax.Array, angles_TA: jax.Array) -> jax.Array:
     return jnp.concatenate([turned, x_BTHK[..., rotated:]], axis=-1)
 
 
-def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, *, zero: bool = False) -> nnx.Linear:
+def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, *, zero: bool = False) -> ops.Linear:
     init = nnx.initializers.zeros_init() if zero else nnx.initializers.xavier_uniform()
-    return nnx.Linear(d_in, d_out, kernel_init=init, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    return ops.Linear(d_in, d_out, kernel_init=init, dtype=dtype, rngs=rngs)
 
 
 class ModernBlock(nnx.Module):
@@ -68,7 +71,7 @@ class ModernBlock(nnx.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
         d, h = hidden_size, swiglu_hidden_size(hidden_size)
-        self.num_heads = num_heads
+        self.num_heads, self.dtype = num_heads, dtype
         self.qkv = _linear(d, 3 * d, dtype, rngs)
         self.proj = _linear(d, d, dtype, rngs)
         self.gate_up = _linear(d, 2 * h, dtype, rngs)  # the gate and the up projection as one matrix
@@ -77,11 +80,10 @@ class ModernBlock(nnx.Module):
 
     def attention(self, x_BTD: jax.Array, angles_TA: jax.Array) -> jax.Array:
         b, t, d = x_BTD.shape
-        q, k, v = jnp.split(self.qkv(x_BTD).reshape(b, t, 3 * self.num_heads, d // self.num_heads), 3, axis=2)
-        q, k = apply_rope(q, angles_TA), apply_rope(k, angles_TA)
-        logits = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return self.proj(jnp.einsum("bhts,bshk->bthk", weights, v).reshape(b, t, d))
+        qkv_BT3HK = self.qkv(x_BTD).reshape(b, t, 3 * self.num_heads, d // self.num_heads)
+        q_BTHK, k_BTHK, v_BTHK = jnp.split(qkv_BT3HK, 3, axis=2)
+        q_BTHK, k_BTHK = apply_rope(q_BTHK, angles_TA), apply_rope(k_BTHK, angles_TA)
+        return self.proj(ops.attention(q_BTHK, k_BTHK, v_BTHK, self.dtype))
 
     def __call__(self, x_BTD: jax.Array, c_BD: jax.Array, angles_TA: jax.Array) -> jax.Array:
         shift1, scale1, gate1, shift2, scale2, gate2 = (m[:, None] for m in jnp.split(
@@ -114,14 +116,12 @@ class ModernDiT(nnx.Module):
     def __call__(self, x_NHWC: jax.Array, t_N: jax.Array, y_N: jax.Array, dropout_key=None) -> jax.Array:
         n, g, p = x_NHWC.shape[0], self.grid_size, self.patch_size
         patches = x_NHWC.reshape(n, g, p, g, p, self.in_channels).transpose(0, 1, 3, 2, 4, 5)
-        x_NTD = self.patch_embed(patches.reshape(n, self.num_tokens, -1)).astype(jnp.float32)
+        x_NTD = self.patch_embed(patches.reshape(n, self.num_tokens, -1))
         c_ND = self.t_embedder(t_N) + self.y_embedder(y_N, dropout_key).astype(jnp.float32)
-        angles_TA = rope_angles(g, self.head_dim)
-        for block in self.blocks:
-            x_NTD = block(x_NTD, c_ND, angles_TA)
+        x_NTD = ops.apply_layers(self.blocks, x_NTD, c_ND, rope_angles(g, self.head_dim))
         shift, scale = jnp.split(self.final_modulation(nnx.silu(c_ND)), 2, axis=-1)
         x_NTD = rms_norm(x_NTD) * (1 + scale[:, None]) + shift[:, None]
-        return unpatchify(self.final_linear(x_NTD).astype(jnp.float32), p, self.out_channels)
+        return unpatchify(self.final_linear(x_NTD), p, self.out_channels)
 
 
 def build(*, input_size: int, in_channels: int, num_classes: int, learn_sigma: bool, rngs: nnx.Rngs, depth: int,

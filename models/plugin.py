@@ -12,6 +12,11 @@ parameters, checkpoints, sampling and evaluation are the toolkit's, for any such
 takes `dtype` gets the run's compute dtype (model.dtype, "auto" resolved), and one that takes
 `class_dropout_prob` gets the recipe's (model.class_dropout_prob).
 
+Build the module from models/ops.py (`ops.Linear` for linear layers, `ops.attention` for attention,
+`ops.apply_layers` for the stack of blocks), as DiT and models/modern_dit.py do: a comparison then measures the
+architectures, not the kernels under them (the compute dtype's mixed-precision products and their gradients, the
+attention backend chosen per device, the CPU workarounds). Plain flax layers work too, but run on other kernels.
+
 `FactoryConfig` is to a plugged-in model what `DiTConfig` is to a DiT: hashable, stored in the run's manifest
 (with the SHA-256 of the factory's source file), and the argument of `build_model`, `abstract_model` and
 `models.flops.model_compute`, which take either kind.

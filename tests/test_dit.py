@@ -1,4 +1,5 @@
-"""The DiT model: shapes, initialisation, embeddings, label dropout and guidance."""
+"""The DiT model: shapes, initialisation, embeddings, label dropout, guidance, and its blocks unrolled, scanned,
+recomputed and on the fused attention path (the kernels themselves: tests/test_ops.py)."""
 
 import dataclasses
 import math
@@ -9,19 +10,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from models import ops
 from models.dit import (
     BLOCKS,
     PAPER_MODELS,
-    REMAT_POLICIES,
     DiT,
     DiTConfig,
-    cross_attention,
     dit_config,
     drop_labels,
-    materialize_on_cpu,
-    mixed_precision_matmul,
     parse_model_name,
-    self_attention,
     sincos_position_embedding,
     timestep_sinusoid,
     unpatchify,
@@ -191,70 +188,8 @@ def test_bfloat16_compute_tracks_float32(block):
     assert float(jnp.abs(low - reference).max()) < 0.02 * float(jnp.abs(reference).max())
 
 
-def _round_to_bfloat16(a: np.ndarray) -> np.ndarray:
-    return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("rows", [16, 13])  # 13: the backward pads x^T g to a multiple of 8 rows
-def test_mixed_precision_matmul_value_and_gradients_against_float64(dtype, rows):
-    rng = np.random.default_rng(1)
-    x, w, r = rng.standard_normal((rows, 24)), rng.standard_normal((24, 40)), rng.standard_normal((rows, 40))
-    cast = _round_to_bfloat16 if dtype == "bfloat16" else (lambda a: a)
-
-    def loss(x, w):  # sum(r * (x @ w)): its gradients are r w^T and x^T r
-        return jnp.sum(jnp.asarray(r, jnp.float32) * mixed_precision_matmul(x, w, jnp.dtype(dtype)))
-
-    value = mixed_precision_matmul(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), jnp.dtype(dtype))
-    dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
-    assert value.dtype == dx.dtype == dw.dtype == jnp.float32
-    # bf16 operands are rounded once, then multiplied exactly with float32 accumulation; the backward rounds the
-    # incoming gradient r to bf16 as well.
-    np.testing.assert_allclose(value, cast(x) @ cast(w), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dx, cast(r) @ cast(w).T, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dw, cast(x).T @ cast(r), rtol=1e-5, atol=1e-5)
-
-
 def _relative_error(a, b) -> float:
     return float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / np.linalg.norm(b))
-
-
-@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
-def test_attention_value_and_gradients_against_autodiff_of_the_formula(dtype, tolerance):
-    rng = np.random.default_rng(2)
-    qkv = jnp.asarray(rng.standard_normal((2, 6, 3, 2, 8)), jnp.float32)
-    q, kv = qkv[:, :, 0], jnp.asarray(rng.standard_normal((2, 3, 2, 2, 8)), jnp.float32)
-    r = jnp.asarray(rng.standard_normal((2, 6, 16)), jnp.float32)
-
-    def formula(q_BTHK, k_BSHK, v_BSHK):  # softmax(q k^T / sqrt(d)) v, float32 throughout
-        logits = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, precision="highest") / np.sqrt(8)
-        out = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(logits, axis=-1), v_BSHK, precision="highest")
-        return out.reshape(2, 6, 16)
-
-    def gradients(function, args):
-        return jax.grad(lambda *a: jnp.sum(r * function(*a)), range(len(args)))(*args)
-
-    cases = [(lambda a: self_attention(a, jnp.dtype(dtype)), lambda a: formula(a[:, :, 0], a[:, :, 1], a[:, :, 2]),
-              (qkv,)),
-             (lambda a, b: cross_attention(a, b, jnp.dtype(dtype)), lambda a, b: formula(a, b[:, :, 0], b[:, :, 1]),
-              (q, kv))]
-    for attention, reference, args in cases:
-        assert _relative_error(attention(*args), reference(*args)) < tolerance
-        low_precision_inputs = [a.astype(jnp.bfloat16) for a in args]
-        assert all(g.dtype == jnp.bfloat16 for g in gradients(attention, low_precision_inputs))
-        for grad, expected in zip(gradients(attention, args), gradients(reference, args), strict=True):
-            assert grad.dtype == jnp.float32 and grad.shape == expected.shape
-            assert _relative_error(grad, expected) < tolerance
-
-
-def test_materialize_on_cpu_is_the_identity_except_on_non_finite_streams():
-    x = jnp.arange(24.0).reshape(2, 3, 4)
-    np.testing.assert_array_equal(jax.jit(materialize_on_cpu)(x), x)
-    poisoned = x.at[0, 0, 0].set(jnp.inf)
-    if jax.default_backend() == "cpu":
-        assert bool(jnp.isnan(jax.jit(materialize_on_cpu)(poisoned)).all())
-    else:  # other backends get x itself
-        np.testing.assert_array_equal(jax.jit(materialize_on_cpu)(poisoned), poisoned)
 
 
 def test_bad_configs_and_inputs_give_clear_errors():
@@ -278,7 +213,6 @@ def test_bad_configs_and_inputs_give_clear_errors():
         model(x, t[:2], y)
 
 
-
 @pytest.mark.parametrize("scan_blocks", [False, True])
 def test_remat_policies_change_what_is_recomputed_not_results(scan_blocks):
     x, t, y = _inputs()
@@ -295,7 +229,7 @@ def test_remat_policies_change_what_is_recomputed_not_results(scan_blocks):
 
     reference_grads = None if scan_blocks else jitted_grad(plain.config)(params)
     counts = {}
-    for policy in REMAT_POLICIES:
+    for policy in ops.REMAT_POLICIES:
         config = DiTConfig(**SMALL, scan_blocks=scan_blocks, remat=True, remat_policy=policy)
         if not scan_blocks:  # scanned gradients equal unrolled ones (test_scanned_blocks_compute_what_...)
             for a, b in zip(jax.tree.leaves(jitted_grad(config)(params)), jax.tree.leaves(reference_grads),
@@ -338,8 +272,6 @@ def test_scanned_blocks_compute_what_the_unrolled_blocks_do(block, remat):
 
 
 def test_the_fused_attention_path_computes_what_the_einsum_attention_does(monkeypatch):
-    import models.dit as dit
-
     model = _randomize(DiT(DiTConfig(**SMALL), rngs=nnx.Rngs(0)), std=0.2)
     x, t, y = _inputs()
 
@@ -348,10 +280,10 @@ def test_the_fused_attention_path_computes_what_the_einsum_attention_does(monkey
         loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, t, y) ** 2)  # noqa: E731
         return jax.jit(jax.value_and_grad(loss))(params)
 
-    assert dit.fused_attention_implementation(jnp.bfloat16) is None  # on this CPU: the einsum attention
+    assert ops.fused_attention_implementation(jnp.bfloat16, 16) is None  # on this CPU: the einsum attention
     einsum_loss, einsum_grads = value_and_grads()
     # The branch NVIDIA GPUs take (with "cudnn"), here with the XLA implementation of the same function.
-    monkeypatch.setattr(dit, "fused_attention_implementation", lambda dtype: "xla")
+    monkeypatch.setattr(ops, "fused_attention_implementation", lambda dtype, head_dim: "xla")
     fused_loss, fused_grads = value_and_grads()
     np.testing.assert_allclose(fused_loss, einsum_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(einsum_grads), strict=True):

@@ -68,30 +68,30 @@ def check_fused_attention(smoke: bool) -> bool:
     import jax
     import jax.numpy as jnp
 
-    from models.dit import fused_attention_implementation, fused_self_attention, self_attention
+    from models.ops import einsum_attention, fused_attention, fused_attention_implementation
 
     dtype = jnp.bfloat16
-    implementation = fused_attention_implementation(dtype)
+    batch, tokens, heads, head_dim = (2, 16, 2, 8) if smoke else (8, 256, 16, 72)
+    implementation = fused_attention_implementation(dtype, head_dim)
     if implementation is None:
         if not smoke:
             print("fused attention: not available on this device (the model uses the einsum attention)")
             return True
         implementation = "xla"
-    batch, tokens, heads, head_dim = (2, 16, 2, 8) if smoke else (8, 256, 16, 72)
     qkv = jax.random.normal(jax.random.key(0), (batch, tokens, 3, heads, head_dim), jnp.float32)
     cotangent = jax.random.normal(jax.random.key(1), (batch, tokens, heads * head_dim), jnp.float32)
 
-    def einsum_attention(qkv):
-        return self_attention(qkv, jnp.dtype(dtype))
+    def einsum(qkv):
+        return einsum_attention(*(qkv[:, :, i] for i in range(3)), jnp.dtype(dtype))
 
     def fused(qkv):
-        return fused_self_attention(qkv, jnp.dtype(dtype), implementation).astype(jnp.float32)
+        return fused_attention(*(qkv[:, :, i] for i in range(3)), dtype, implementation).astype(jnp.float32)
 
     def value_and_grad(fn):
         out, pullback = jax.vjp(fn, qkv)
         return out, pullback(cotangent)[0]
 
-    (out_a, grad_a), (out_b, grad_b) = jax.jit(lambda: (value_and_grad(einsum_attention), value_and_grad(fused)))()
+    (out_a, grad_a), (out_b, grad_b) = jax.jit(lambda: (value_and_grad(einsum), value_and_grad(fused)))()
 
     def relative(a, b):
         return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))

@@ -18,7 +18,8 @@ import json
 import resource
 import time
 
-from models.dit import REMAT_POLICIES, DiTConfig, canonical_name, dit_config
+from models.dit import DiTConfig, canonical_name, dit_config
+from models.ops import REMAT_POLICIES
 from scaling import precision
 from scaling.benchmarks import model_names, run_measurement
 
