@@ -18,16 +18,12 @@ Numbers are reported whether or not a finding holds; nothing here is tuned to th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from analysis.paper import PATCHES, SIZES
 from analysis.style import dit_size_and_patch, with_dit_columns
-
-if TYPE_CHECKING:  # analyze imports this module to check the findings from its fits
-    from analysis.analyze import Analysis, Fitted
 
 MAX_PEARSON_R = -0.8
 MIN_ORDERED_PAIRS = 14  # of the 17 adjacent (size, patch) pairs of the paper's 12 configs
@@ -79,9 +75,9 @@ def frontier_owners(frontier, runs: pd.DataFrame) -> pd.DataFrame:
     return ranges.assign(gflops=ranges["run"].map(gflops))[["run", "gflops", "x_start", "x_end"]]
 
 
-def paper_findings(analysis: Analysis) -> Findings:
-    """Check the paper's findings (see the module docstring) from the fits of `analysis.analyze`; RecordsError
-    when the records support no model-compute fit or frontier of the sample metric."""
+def paper_findings(analysis) -> Findings:
+    """Check the paper's findings (see the module docstring) from the fits of an `analysis.analyze.Analysis`;
+    RecordsError when the records support no model-compute fit or frontier of the sample metric."""
     model_compute = analysis.model_compute.get()
     fit = model_compute.fit
     metric = fit.metadata["metric"]
@@ -130,7 +126,8 @@ def paper_findings(analysis: Analysis) -> Findings:
     return out
 
 
-def _sampling_finding(sampling: Fitted, metric: str, numbers: dict) -> Finding:
+def _sampling_finding(sampling, metric: str, numbers: dict) -> Finding:
+    """From the Analysis's Fitted sampling trade-off."""
     name = "More sampling steps do not make up for less model compute"
     if not sampling.ok:
         return Finding(name, None, sampling.reason)
@@ -153,7 +150,7 @@ def _sampling_finding(sampling: Fitted, metric: str, numbers: dict) -> Finding:
            "sampling compute") + " (Fig. 10).")
 
 
-def _held_out_loss_finding(analysis: Analysis, metric: str, numbers: dict) -> Finding:
+def _held_out_loss_finding(analysis, metric: str, numbers: dict) -> Finding:
     name = "The held-out validation loss scales the same way"
     loss = analysis.held_out_loss
     if not analysis.loss_model_compute.ok or not analysis.loss_training_compute.ok:
