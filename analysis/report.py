@@ -94,7 +94,7 @@ def render_analysis(analysis: Analysis, out_dir: str | epath.Path) -> Rendering:
     }
     for name in figures.FIGURES:
         if not analysis.selection.ok and name != "fig13_loss":
-            rendering.skipped[name] = "the records hold no evaluations (metric values per run and step)"
+            rendering.skipped[name] = analysis.selection.reason
             continue
         rendering.draw(name, drawings[name])
 
@@ -108,7 +108,7 @@ def render_analysis(analysis: Analysis, out_dir: str | epath.Path) -> Rendering:
         except RecordsError as e:
             rendering.skipped["table4"] = str(e)
     else:
-        rendering.skipped["table4"] = "the records hold no evaluations"
+        rendering.skipped["table4"] = analysis.selection.reason
 
     report = out_dir / "report.md"
     report.write_text(report_markdown(
