@@ -3,9 +3,9 @@
 It trains the 12 miniature configs of `scaling.configs.fmnist` (S, B, L, XL x patch 8, 4, 2) with one recipe (the
 preset's) through the grid, two runs at once on a 2-core CPU; each run records compute at every step and is
 evaluated at several steps (FD-FashionCNN and the held-out validation loss) and, at its last step, at several
-sampling-step counts. Then it fits and renders: WORKDIR/<run>/ holds each run's records, WORKDIR/figures/ every
-figure and the fit report, WORKDIR/report.md the paper's findings checked on these runs (`analysis.findings`)
-with the key figures.
+sampling-step counts. Then it fits everything once (`analysis.analyze`) and renders: WORKDIR/<run>/ holds each
+run's records, WORKDIR/figures/ every figure and the fit report, WORKDIR/report.md the paper's findings checked on
+these runs (`analysis.findings`), the fits beyond the paper and the key figures, written by the same report writer.
 
 Interrupted (Ctrl-C, SIGKILL, a preemption's SIGTERM), the same command resumes: finished runs are kept,
 unfinished ones continue from their newest checkpoint. A finished study only re-renders (seconds).
