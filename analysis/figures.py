@@ -2,10 +2,12 @@
 
 Each `fig*` function takes Records (or an evaluation / step DataFrame), the metric and column filters (`where`)
 that `analysis.study` takes, and returns a matplotlib Figure; when the records cannot support a figure it raises
-RecordsError saying why. The points and fits are study's: `study.select` chooses configs of one block and
-resolution, one metric and one protocol; Fig. 8 draws `study.model_compute_fit`, Fig. 9
-`study.training_compute_fit` and Fig. 10 `study.sampling_tradeoff` for the same arguments. Table 4 is in
-`analysis.tables`; `analysis.report.render_all` writes everything at once.
+RecordsError saying why. The points are study's: `study.select` chooses configs of one block and resolution, one
+metric and one protocol. The figures that draw a fit compute it (`analysis.analyze`) and hand it to their
+`draw_*` function, which draws a fit it is given: Fig. 8 `analyze.model_compute`, Fig. 9
+`analyze.training_compute`, Fig. 10 `analyze.sampling_compute`, the isoFLOP profiles `isoflop.isoflop_analysis`
+and the loss -> metric figure `proxy.loss_proxy`. Table 4 is in `analysis.tables`; `analysis.report.render_all`
+draws every figure from one `analyze` pass.
 
 Figures are built on `matplotlib.figure.Figure` without pyplot, so rendering uses the Agg (PNG) and PDF canvases
 and never touches the interactive backend or pyplot's global figure list.
@@ -21,8 +23,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from analysis import study
-from analysis.fits import FrontierFit, LogLogFit
+from analysis import analyze, isoflop, proxy, study
 from analysis.paper import BLOCKS, SIZES
 from analysis.records import Records
 from analysis.schema import RecordsError
@@ -263,7 +264,7 @@ def fig8_gflops_fit(records: Records | pd.DataFrame, *, metric: str | None = Non
     at one training step, with the fitted line, its confidence band, the prediction interval for a new config, and
     the slope and correlations. `overlay`: another architecture's evaluation points (records columns: run, model,
     gflops, step, value), drawn at the fit's step over DiT's and not fitted."""
-    return _fig8(records, metric=metric, step=step, overlay=overlay, **where)[0]
+    return draw_fig8_gflops_fit(analyze.model_compute(records, metric=metric, step=step, **where), overlay=overlay)
 
 
 OVERLAY_COLOR = "black"
@@ -275,9 +276,9 @@ def _overlay_label(overlay: pd.DataFrame) -> str:
 
 
 @styled
-def _fig8(records, *, overlay: pd.DataFrame | None = None, **selection) -> tuple[Figure, LogLogFit]:
-    points = study.model_compute_points(records, **selection)
-    fit = study.model_compute_fit(points)
+def draw_fig8_gflops_fit(model_compute: analyze.ModelCompute, *, overlay: pd.DataFrame | None = None) -> Figure:
+    """Fig. 8 of a model-compute fit (`analyze.model_compute`); `overlay` as in `fig8_gflops_fit`."""
+    points, fit = model_compute.points, model_compute.fit
     metric, step = fit.metadata["metric"], fit.metadata["step"]
     runs = _per_run(points)
     styles = run_styles(runs)
@@ -321,7 +322,7 @@ def _fig8(records, *, overlay: pd.DataFrame | None = None, **selection) -> tuple
         x_points = np.concatenate([x_points, overlay["gflops"].to_numpy()])
         y_points = np.concatenate([y_points, overlay["value"].to_numpy()])
     label_points(ax, x_points, y_points, labels, np.full(len(labels), 4.0))
-    return fig, fit
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -336,24 +337,16 @@ def fig9_training_compute(records: Records | pd.DataFrame, *, metric: str | None
     it (with its confidence band). When the law cannot be fitted, the figure says why and shows the curves and
     frontier only. `overlay`: another architecture's evaluation points (records columns), each run's
     curve drawn over DiT's, not fitted."""
-    return _fig9(records, metric=metric, n_bootstrap=n_bootstrap, overlay=overlay, **where)[0]
+    return draw_fig9_training_compute(
+        analyze.training_compute(records, metric=metric, n_bootstrap=n_bootstrap, **where), overlay=overlay)
 
 
 @styled
-def _fig9(records, *, n_bootstrap: int, overlay: pd.DataFrame | None = None,
-          **selection) -> tuple[Figure, FrontierFit | None, str | None]:
-    points = study.training_compute_points(records, **selection)
-    if points["run"].nunique() < 2:
-        raise RecordsError(f"Fig. 9 compares runs by training compute, but {points['run'].nunique()} run(s) have "
-                           "both a step and a batch size (train_gflops_cumulative).")
+def draw_fig9_training_compute(training_compute: analyze.TrainingCompute, *,
+                               overlay: pd.DataFrame | None = None) -> Figure:
+    """Fig. 9 of a training-compute fit (`analyze.training_compute`); `overlay` as in `fig9_training_compute`."""
+    points, frontier, fit = training_compute.points, training_compute.frontier, training_compute.fit
     metric = points["metric"].iloc[0]
-    fit, unfitted = None, None
-    try:
-        fit = study.training_compute_fit(points, n_bootstrap=n_bootstrap)
-        frontier = fit.frontier
-    except RecordsError as e:
-        unfitted = str(e)
-        frontier = study.training_compute_frontier(points)
     styles = run_styles(points)
 
     fig = Figure(figsize=(7.6, 4.8), layout="constrained")
@@ -370,8 +363,8 @@ def _fig9(records, *, n_bootstrap: int, overlay: pd.DataFrame | None = None,
         ax.plot(x, fit.predict(x), color="black", linestyle="--", linewidth=1.4, zorder=4,
                 label=f"fit: ${floor} + {sci(law.scale)}\\,(C / {sci(law.x_ref)})^{{-{law.exponent:.3f}}}$")
     else:
-        ax.text(0.02, 0.03, f"power law not fitted: {unfitted}", transform=ax.transAxes, fontsize=8, color="0.3",
-                wrap=True)
+        ax.text(0.02, 0.03, f"power law not fitted: {training_compute.unfitted}", transform=ax.transAxes,
+                fontsize=8, color="0.3", wrap=True)
     shown = points
     if overlay is not None:
         by_run = overlay.sort_values("gflops", kind="stable").groupby("run", sort=False)
@@ -390,7 +383,7 @@ def _fig9(records, *, n_bootstrap: int, overlay: pd.DataFrame | None = None,
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs training compute")
     fig.legend(loc="outside right center", fontsize=8.5)
-    return fig, fit, unfitted
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -402,33 +395,13 @@ def fig10_sampling_compute(records: Records | pd.DataFrame, *, metric: str | Non
     """Fig. 10: `study.sampling_tradeoff` for the same arguments: the metric vs sampling compute per image (Gflops
     x sampling steps, x2 with guidance; log x) at one training step (default: the latest step most runs share),
     one line per model across sampling-step counts, with the frontier over every (model, steps) pair."""
-    return _fig10(records, metric=metric, step=step, **where)[0]
+    return draw_fig10_sampling_compute(analyze.sampling_compute(records, metric=metric, step=step, **where))
 
 
 @styled
-def _fig10(records, **selection) -> tuple[Figure, study.SamplingTradeoff]:
-    evaluations = records.evaluations if isinstance(records, Records) else records
-    if "sampling_steps" not in evaluations.columns or evaluations["sampling_steps"].isna().all():
-        raise RecordsError("Fig. 10 compares sampling-step counts, but the records give no sampling_steps (e.g. a "
-                           "CSV without a sampling_steps column); evaluate the same checkpoints with several step "
-                           "counts and record them.")
-    # Metrics evaluated with several step counts, to point at when the chosen one was not.
-    varying = [m for m in study.metrics_by_count(evaluations)
-               if evaluations.loc[evaluations["metric"] == m, "sampling_steps"].nunique() >= 2]
-    try:
-        tradeoff = study.sampling_tradeoff(records, **selection)
-    except RecordsError as e:
-        # A metric given explicitly that study refuses (e.g. one sampling-step count): point at those that vary.
-        others = [m for m in varying if m != selection.get("metric")]
-        if selection.get("metric") and others and "metric=" not in str(e):
-            raise RecordsError(f"{e} {others} vary sampling_steps: pass metric={others[0]!r}.") from e
-        raise
+def draw_fig10_sampling_compute(tradeoff: study.SamplingTradeoff) -> Figure:
+    """Fig. 10 of a sampling-compute trade-off (`analyze.sampling_compute`)."""
     points, metric, step = tradeoff.points, tradeoff.metadata["metric"], tradeoff.metadata["step"]
-    if points["sampling_steps"].nunique() < 2:
-        hint = f"; {varying} vary it: pass metric={varying[0]!r}" if varying else ""
-        raise RecordsError(f"Fig. 10 compares sampling-step counts, but every {metric} point at step {step} uses "
-                           f"sampling_steps={points['sampling_steps'].iloc[0]:g}{hint}. Evaluate the same "
-                           "checkpoints with several step counts (--config.eval.sampling_steps).")
     styles = run_styles(points)
 
     fig = Figure(figsize=(7.0, 4.6), layout="constrained")
@@ -452,7 +425,7 @@ def _fig10(records, **selection) -> tuple[Figure, study.SamplingTradeoff]:
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs sampling compute, {format_steps(step)} training steps")
     fig.legend(loc="outside right center", fontsize=8.5)
-    return fig, tradeoff
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -512,17 +485,16 @@ def isoflop_profiles(records: Records | pd.DataFrame, *, metric: str | None = No
     """`isoflop.isoflop_analysis` for the same arguments, drawn as Chinchilla's Fig. 3: the profile of each
     budget (metric vs size, its parabola and minimum; flagged budgets faint, without a parabola), then the optimal
     size and the optimal images seen against compute, with the power laws and their bootstrap bands."""
-    return _isoflop_figure(records, metric=metric, size=size, **where)[0]
+    return draw_isoflop_profiles(isoflop.isoflop_analysis(records, metric=metric, size=size, **where))
 
 
 @styled
-def _isoflop_figure(records, *, size: str = "gflops", **selection):
+def draw_isoflop_profiles(analysis: isoflop.IsoFlopAnalysis) -> Figure:
+    """The isoFLOP profiles figure of `isoflop.isoflop_analysis`'s result; RecordsError when no budget has enough
+    configs for a profile."""
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm
 
-    from analysis import isoflop
-
-    analysis = isoflop.isoflop_analysis(records, size=size, **selection)
     reached = [p for p in analysis.profiles if len(p.points)]
     if not any(len(p.points) >= isoflop.MIN_PROFILE_CONFIGS for p in analysis.profiles):
         raise RecordsError(f"isoFLOP profiles: {analysis.note}")
@@ -585,7 +557,7 @@ def _isoflop_figure(records, *, size: str = "gflops", **selection):
         log_axis(ax, "y", y, pad=2.0 if law is not None else 4.0)
     size_ax.set_title("Compute-optimal size", fontsize=10)
     images_ax.set_title("Compute-optimal images seen", fontsize=10)
-    return fig, analysis
+    return fig
 
 
 def _scalar_mappable(cmap, norm):
@@ -601,19 +573,20 @@ def loss_to_metric(records: Records | pd.DataFrame, *, metric: str | None = None
     """`proxy.loss_proxy` for the same arguments: the sample metric against the held-out loss at the same run
     and step, one marker per config, with the best form's curve and its prediction interval (from the
     leave-one-config-out errors) and the other forms faint."""
-    return _loss_to_metric(records, metric=metric, loss_metric=loss_metric, **where)[0]
+    return draw_loss_to_metric(proxy.loss_proxy(records, metric=metric, loss_metric=loss_metric, **where),
+                               records)
 
 
 @styled
-def _loss_to_metric(records, **selection):
-    from analysis import proxy
-
-    analysis = proxy.loss_proxy(records, **selection)
+def draw_loss_to_metric(analysis: proxy.ProxyAnalysis, records: Records | pd.DataFrame) -> Figure:
+    """The loss -> metric figure of `proxy.loss_proxy`'s result; `records` (or their evaluation points) name and
+    style each paired run."""
     pairs = analysis.pairs
-    styles = run_styles(_run_table(records, pairs))
+    runs = _run_table(records, pairs)
+    styles = run_styles(runs)
     fig = Figure(figsize=(7.6, 4.8), layout="constrained")
     ax = fig.add_subplot()
-    for run in ordered_runs(_run_table(records, pairs)):
+    for run in ordered_runs(runs):
         points = pairs[pairs["run"] == run].sort_values("step")
         style = styles[run]
         ax.plot(points["loss"], points["value"], marker="o", markersize=4.5, linestyle=style.linestyle,
@@ -636,7 +609,7 @@ def _loss_to_metric(records, **selection):
                  f"ρ = {analysis.rank_correlation:.2f} across configs at step {format_steps(analysis.rank_step)}",
                  fontsize=10)
     fig.legend(loc="outside right center", fontsize=8.5)
-    return fig, analysis
+    return fig
 
 
 def _run_table(records, pairs: pd.DataFrame) -> pd.DataFrame:

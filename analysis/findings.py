@@ -1,4 +1,5 @@
-"""The paper's findings, checked on a study's records: each a number, the paper's claim and whether it holds.
+"""The paper's findings, checked on a study's fits (`analysis.analyze`): each a number, the paper's claim and
+whether it holds; `analyze(records).findings` checks them on a set of records.
 
 - Model compute: Pearson r(log Gflops, log metric) at the final step, at most `MAX_PEARSON_R`.
 - Ordering: bigger size at equal patch and smaller patch at equal size score better; of the 17 adjacent pairs of
@@ -21,11 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis import study
 from analysis.paper import PATCHES, SIZES
-from analysis.proxy import loss_proxy
-from analysis.records import Records
-from analysis.schema import RecordsError
+from analysis.style import dit_size_and_patch, with_dit_columns
 
 MAX_PEARSON_R = -0.8
 MIN_ORDERED_PAIRS = 14  # of the 17 adjacent (size, patch) pairs of the paper's 12 configs
@@ -56,7 +54,8 @@ def ordered_pairs(points: pd.DataFrame) -> pd.DataFrame:
     """The adjacent pairs of the size x patch grid among `points` (one value per run: columns size, patch, run,
     value; lower is better): bigger size at equal patch, and smaller patch at equal size, with `right` true where
     the bigger model scores better."""
-    values = {(row.size, int(row.patch)): (row.run, row.value) for row in points.itertuples()}
+    configs = ((dit_size_and_patch(row.size, row.patch), row) for row in with_dit_columns(points).itertuples())
+    values = {config: (row.run, row.value) for config, row in configs if config[0] is not None}  # DiT configs only
     rows = []
     for kind, pairs in (
             ("size", [((a, p), (b, p)) for p in PATCHES for a, b in zip(SIZES, SIZES[1:], strict=False)]),
@@ -76,12 +75,13 @@ def frontier_owners(frontier, runs: pd.DataFrame) -> pd.DataFrame:
     return ranges.assign(gflops=ranges["run"].map(gflops))[["run", "gflops", "x_start", "x_end"]]
 
 
-def paper_findings(records: Records, *, metric: str | None = None) -> Findings:
-    """Check the paper's findings on `records` (see the module docstring)."""
-    selection = study.select(records, metric=metric)
-    metric = selection.metric
-    fit = study.model_compute_fit(selection.points)  # points already selected are kept whole
-    final = study.at_step(selection.points).drop_duplicates("run")
+def paper_findings(analysis) -> Findings:
+    """Check the paper's findings (see the module docstring) from the fits of an `analysis.analyze.Analysis`;
+    RecordsError when the records support no model-compute fit or frontier of the sample metric."""
+    model_compute = analysis.model_compute.get()
+    fit = model_compute.fit
+    metric = fit.metadata["metric"]
+    final = model_compute.points.drop_duplicates("run")
     out = Findings(metric=metric, step=int(fit.metadata["step"]))
     r = fit.pearson_r
     out.numbers.update(pearson_r=r, slope=fit.slope, n_configs=fit.n_configs)
@@ -110,7 +110,8 @@ def paper_findings(records: Records, *, metric: str | None = None) -> Findings:
                 f"{run} {value:.2f}" for run, value in accuracy.items())
             + f" (claim: at least {MIN_CLASS_ACCURACY}; chance is 1 / the number of classes)."))
 
-    owners = frontier_owners(study.training_compute_frontier(selection.points), selection.points)
+    training_compute = analysis.training_compute.get()
+    owners = frontier_owners(training_compute.frontier, training_compute.points)
     growing = bool(np.all(np.diff(owners["gflops"].to_numpy()) > 0))
     out.numbers.update(frontier_owners=owners["run"].tolist())
     out.findings.append(Finding(
@@ -119,45 +120,56 @@ def paper_findings(records: Records, *, metric: str | None = None) -> Findings:
         + " -> ".join(f"{o.run} ({o.gflops:.3g} Gflops)" for o in owners.itertuples())
         + " (claim: ever larger models)."))
 
-    try:
-        tradeoff = study.sampling_tradeoff(records, metric=metric)
-        beats = tradeoff.smaller_beats_larger
-        cheap = beats[beats["at_most_the_compute"].astype(bool)] if len(beats) else beats
-        out.numbers.update(smaller_beats_larger_at_no_more_compute=len(cheap))
-        pairs_evaluated = tradeoff.points.groupby(["run", "sampling_steps"]).ngroups
-        out.findings.append(Finding(
-            "More sampling steps do not make up for less model compute", len(cheap) == 0,
-            f"over {pairs_evaluated} (model, sampling steps) pairs at step {tradeoff.metadata['step']}, "
-            + (f"{len(cheap)} case(s) of a smaller model sampled with more steps beating a larger one at no more "
-               "sampling compute" + (": " + ", ".join(
-                   f"{c.model_smaller}@{c.sampling_steps_smaller:g} {c.value_smaller:.1f} vs "
-                   f"{c.model_larger}@{c.sampling_steps_larger:g} {c.value_larger:.1f}"
-                   for c in cheap.head(3).itertuples()) if len(cheap) else "")
-               if len(cheap) else "no smaller model sampled with more steps beats a larger one at no more "
-               "sampling compute") + " (Fig. 10)."))
-    except RecordsError as e:
-        out.findings.append(Finding("More sampling steps do not make up for less model compute", None, str(e)))
-
-    proxies = study.held_out_losses(records)
-    if proxies:
-        proxy = proxies[0]
-        proxy_fit = study.model_compute_fit(records, metric=proxy)
-        proxy_owners = frontier_owners(study.training_compute_frontier(records, metric=proxy),
-                                       study.select_protocol(records, metric=proxy))
-        out.numbers.update(proxy=proxy, proxy_pearson_r=proxy_fit.pearson_r,
-                           proxy_frontier_owners=proxy_owners["run"].tolist())
-        text = (f"Pearson r(log Gflops, log {proxy}) = {proxy_fit.pearson_r:.3f} at step "
-                f"{proxy_fit.metadata['step']}; its frontier is owned by " + " -> ".join(proxy_owners["run"]) + ".")
-        try:
-            mapping = loss_proxy(records, loss_metric=proxy, metric=metric)
-            best = mapping.best
-            out.numbers.update(proxy_rank_r=mapping.rank_correlation, proxy_form=best.form.name,
-                               proxy_typical_error=best.typical_error)
-            text += (f" As a predictor of {metric}: Spearman ρ {mapping.rank_correlation:.3f} across the configs at "
-                     f"step {mapping.rank_step}; {best.form.formula} predicts a config left out of its fit within "
-                     f"{best.typical_error:.0%} typically ({len(mapping.pairs)} (run, step) pairs).")
-        except RecordsError as e:
-            text += f" As a predictor of {metric}: {e}"
-        out.findings.append(Finding("The held-out validation loss scales the same way",
-                                    proxy_fit.pearson_r <= MAX_PEARSON_R, text))
+    out.findings.append(_sampling_finding(analysis.sampling, metric, out.numbers))
+    if analysis.held_out_loss:
+        out.findings.append(_held_out_loss_finding(analysis, metric, out.numbers))
     return out
+
+
+def _sampling_finding(sampling, metric: str, numbers: dict) -> Finding:
+    """From the Analysis's Fitted sampling trade-off."""
+    name = "More sampling steps do not make up for less model compute"
+    if not sampling.ok:
+        return Finding(name, None, sampling.reason)
+    tradeoff = sampling.value
+    beats = tradeoff.smaller_beats_larger
+    cheap = beats[beats["at_most_the_compute"].astype(bool)] if len(beats) else beats
+    numbers.update(smaller_beats_larger_at_no_more_compute=len(cheap))
+    pairs_evaluated = tradeoff.points.groupby(["run", "sampling_steps"]).ngroups
+    # Fig. 10 takes another metric when the sample metric was evaluated with one sampling-step count only.
+    of_metric = "" if tradeoff.metadata["metric"] == metric else f" of {tradeoff.metadata['metric']}"
+    return Finding(
+        name, len(cheap) == 0,
+        f"over {pairs_evaluated} (model, sampling steps) pairs{of_metric} at step {tradeoff.metadata['step']}, "
+        + (f"{len(cheap)} case(s) of a smaller model sampled with more steps beating a larger one at no more "
+           "sampling compute" + (": " + ", ".join(
+               f"{c.model_smaller}@{c.sampling_steps_smaller:g} {c.value_smaller:.1f} vs "
+               f"{c.model_larger}@{c.sampling_steps_larger:g} {c.value_larger:.1f}"
+               for c in cheap.head(3).itertuples()) if len(cheap) else "")
+           if len(cheap) else "no smaller model sampled with more steps beats a larger one at no more "
+           "sampling compute") + " (Fig. 10).")
+
+
+def _held_out_loss_finding(analysis, metric: str, numbers: dict) -> Finding:
+    name = "The held-out validation loss scales the same way"
+    loss = analysis.held_out_loss
+    if not analysis.loss_model_compute.ok or not analysis.loss_training_compute.ok:
+        return Finding(name, None, f"{loss}: " + (analysis.loss_model_compute.reason
+                                                  or analysis.loss_training_compute.reason))
+    loss_fit = analysis.loss_model_compute.value.fit
+    loss_training = analysis.loss_training_compute.value
+    loss_owners = frontier_owners(loss_training.frontier, loss_training.points)
+    numbers.update(proxy=loss, proxy_pearson_r=loss_fit.pearson_r, proxy_frontier_owners=loss_owners["run"].tolist())
+    text = (f"Pearson r(log Gflops, log {loss}) = {loss_fit.pearson_r:.3f} at step "
+            f"{loss_fit.metadata['step']}; its frontier is owned by " + " -> ".join(loss_owners["run"]) + ".")
+    if analysis.loss_proxy.ok:
+        mapping = analysis.loss_proxy.value
+        best = mapping.best
+        numbers.update(proxy_rank_r=mapping.rank_correlation, proxy_form=best.form.name,
+                       proxy_typical_error=best.typical_error)
+        text += (f" As a predictor of {metric}: Spearman ρ {mapping.rank_correlation:.3f} across the configs at "
+                 f"step {mapping.rank_step}; {best.form.formula} predicts a config left out of its fit within "
+                 f"{best.typical_error:.0%} typically ({len(mapping.pairs)} (run, step) pairs).")
+    else:
+        text += f" As a predictor of {metric}: {analysis.loss_proxy.reason}"
+    return Finding(name, loss_fit.pearson_r <= MAX_PEARSON_R, text)

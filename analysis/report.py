@@ -1,10 +1,17 @@
-"""Everything at once: every figure the records support, Table 4 and a one-page Markdown report of the fits."""
+"""Everything at once: every figure the records support, Table 4 and a one-page Markdown report of the fits, all
+from one `analysis.analyze` pass; `report_markdown` is the one writer of a report (the fit report here, the study's
+report in `scaling.study`)."""
 
 from __future__ import annotations
 
-from etils import epath
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
-from analysis import figures, isoflop, study, tables
+from etils import epath
+from matplotlib.figure import Figure
+
+from analysis import figures, isoflop, tables
+from analysis.analyze import Analysis, analyze
 from analysis.fits import describe_extrapolation
 from analysis.records import Records
 from analysis.schema import RecordsError
@@ -27,7 +34,33 @@ CAPTIONS = {
     "isoflop_profiles_loss": "isoFLOP profiles of the held-out loss (evaluated more densely than the samples).",
     "loss_to_metric": "The sample metric against the held-out loss at the same run and step, with the best "
                       "form's prediction interval.",
+    "fig9_validation_loss": "The held-out validation loss vs training compute, with its compute frontier (the "
+                            "proxy of sample quality, beside the sample metric's Fig. 9).",
 }
+# The sections of the fit report, in order (see SECTIONS).
+FIT_REPORT_SECTIONS = ("notes", "model_compute", "training_compute", "sampling", "isoflop", "loss_proxy", "table4")
+
+
+@dataclass
+class Rendering:
+    """The files written into `out_dir`, the caption of each figure drawn (in order) and, for each figure the
+    records could not support, why."""
+
+    out_dir: epath.Path
+    written: list[epath.Path] = field(default_factory=list)
+    captions: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def draw(self, name: str, draw: Callable[[], Figure]) -> None:
+        """Save the figure `draw` returns as NAME.png and NAME.pdf, or record why it could not be drawn."""
+        try:
+            fig = draw()
+        except RecordsError as e:
+            self.skipped[name] = str(e)
+            return
+        self.written += save_figure(fig, self.out_dir, name)
+        one_panel = name == "fig6_curves" and len(fig.axes) == 1  # runs that are not DiT configs
+        self.captions[name] = CAPTIONS["fig6_curves_one_panel" if one_panel else name]
 
 
 def render_all(records: Records, out_dir: str | epath.Path, *, metric: str | None = None
@@ -35,183 +68,156 @@ def render_all(records: Records, out_dir: str | epath.Path, *, metric: str | Non
     """Write every figure the records support (NAME.png and NAME.pdf), table4.md, table4.tex and report.md into
     out_dir. Returns the written paths and {figure name: why it was skipped}. The points are `study.select`'s
     (configs of one block and resolution, one metric, default: the sample metric with the most points, and its
-    most common protocol), the fits study's; the report lists what was left out."""
+    most common protocol), the fits `analyze`'s; the report lists what was left out."""
+    rendering = render_analysis(analyze(records, metric=metric), out_dir)
+    return rendering.written, rendering.skipped
+
+
+def render_analysis(analysis: Analysis, out_dir: str | epath.Path) -> Rendering:
+    """`render_all` for fits already computed."""
     out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    has_evaluations = not records.evaluations.empty
-    notes: list[str] = []
-    protocol, candidates = None, []
-    if has_evaluations:
-        selection = study.select(records, metric=metric)
-        family, protocol, notes = selection.family, selection.protocol, [*selection.notes]
-        if family:
-            notes.append("Fig. 5 and Table 4 show every conditioning block and resolution.")
-        candidates = [metric] if metric else [selection.metric] + [
-            m for m in study.metrics_by_count(records) if m != selection.metric]
-        metric = selection.metric
-    else:
-        family = study.scaling_family(records.runs, notes=notes)
-        notes.append("The records hold no evaluations: only the training loss can be drawn.")
-    written: list[epath.Path] = []
-    skipped: dict[str, str] = {}
-    fits: dict[str, object] = {}
-    captions = dict(CAPTIONS)
-
-    def fig6():
-        fig = figures.fig6_curves(records, metric=metric)
-        if len(fig.axes) == 1:  # the single panel of runs that are not DiT configs
-            captions["fig6_curves"] = CAPTIONS["fig6_curves_one_panel"]
-        return fig
-
-    def fig8():
-        fig, fits["fig8"] = figures._fig8(records, metric=metric)
-        return fig
-
-    def fig9():
-        fig, fit, unfitted = figures._fig9(records, metric=metric, n_bootstrap=study.FRONTIER_N_BOOTSTRAP)
-        fits["fig9"] = (fit, unfitted)
-        return fig
-
-    def isoflop_figure(loss: bool):
-        chosen = held_out_loss() if loss else metric
-        fig, fits["isoflop_loss" if loss else "isoflop"] = figures._isoflop_figure(records, metric=chosen)
-        return fig
-
-    def held_out_loss() -> str:
-        losses = study.held_out_losses(records)
-        if not losses:
-            raise RecordsError("the records hold no held-out loss (train with eval.validation_examples > 0).")
-        return losses[0]
-
-    def loss_to_metric():
-        fig, fits["proxy"] = figures._loss_to_metric(records, metric=metric, loss_metric=held_out_loss())
-        return fig
-
-    def fig10():
-        # The chosen metric's points if they vary the sampling steps, else the first metric's that do.
-        for candidate in candidates:
-            try:
-                fig, fits["fig10"] = figures._fig10(records, metric=candidate)
-                return fig
-            except RecordsError as e:
-                reason = e
-        if len(candidates) == 1:
-            raise reason
-        raise RecordsError(f"no metric ({', '.join(candidates)}) was evaluated with several sampling-step counts "
-                           "under one protocol; evaluate the same checkpoints with several step counts "
-                           "(--config.eval.sampling_steps).")
-
-    renderers = {
+    records, metric = analysis.records, analysis.metric
+    rendering = Rendering(out_dir)
+    drawings = {
         "fig2_bubble": lambda: figures.fig2_bubble(records, metric=metric),
-        "fig5_conditioning": lambda: figures.fig5_conditioning(records, metric=metric, protocol=protocol),
-        "fig6_curves": fig6,
-        "fig8_gflops_fit": fig8,
-        "fig9_training_compute": fig9,
-        "fig10_sampling_compute": fig10,
-        "fig13_loss": lambda: figures.fig13_loss(records.where(**family)),
-        "isoflop_profiles": lambda: isoflop_figure(loss=False),
-        "isoflop_profiles_loss": lambda: isoflop_figure(loss=True),
-        "loss_to_metric": loss_to_metric,
+        "fig5_conditioning": lambda: figures.fig5_conditioning(records, metric=metric,
+                                                               protocol=analysis.selection.get().protocol),
+        "fig6_curves": lambda: figures.fig6_curves(records, metric=metric),
+        "fig8_gflops_fit": lambda: figures.draw_fig8_gflops_fit(analysis.model_compute.get()),
+        "fig9_training_compute": lambda: figures.draw_fig9_training_compute(analysis.training_compute.get()),
+        "fig10_sampling_compute": lambda: figures.draw_fig10_sampling_compute(analysis.sampling.get()),
+        "fig13_loss": lambda: figures.fig13_loss(records.where(**analysis.family)),
+        "isoflop_profiles": lambda: figures.draw_isoflop_profiles(analysis.isoflop.get()),
+        "isoflop_profiles_loss": lambda: figures.draw_isoflop_profiles(analysis.loss_isoflop.get()),
+        "loss_to_metric": lambda: figures.draw_loss_to_metric(analysis.loss_proxy.get(), records),
     }
     for name in figures.FIGURES:
-        render = renderers[name]
-        if not has_evaluations and name != "fig13_loss":
-            skipped[name] = "the records hold no evaluations (metric values per run and step)"
+        if not analysis.selection.ok and name != "fig13_loss":
+            rendering.skipped[name] = analysis.selection.reason
             continue
-        try:
-            written += save_figure(render(), out_dir, name)
-        except RecordsError as e:
-            skipped[name] = str(e)
+        rendering.draw(name, drawings[name])
 
     table_markdown = None
-    if has_evaluations:
+    if analysis.selection.ok:
         try:
             table_markdown = tables.table4_markdown(records, metric=metric)
             (out_dir / "table4.md").write_text(table_markdown)
             (out_dir / "table4.tex").write_text(tables.table4_latex(records, metric=metric))
-            written += [out_dir / "table4.md", out_dir / "table4.tex"]
+            rendering.written += [out_dir / "table4.md", out_dir / "table4.tex"]
         except RecordsError as e:
-            skipped["table4"] = str(e)
+            rendering.skipped["table4"] = str(e)
     else:
-        skipped["table4"] = "the records hold no evaluations"
+        rendering.skipped["table4"] = analysis.selection.reason
 
     report = out_dir / "report.md"
-    report.write_text(_report(records, notes, fits, table_markdown, written, skipped, captions))
-    written.append(report)
-    return written, skipped
+    report.write_text(report_markdown(
+        analysis, heading=["# Scaling report", "",
+                           f"{records.runs['run'].nunique()} runs, {len(records.evaluations)} evaluation points, "
+                           f"{len(records.steps)} training-step records.", ""],
+        sections=FIT_REPORT_SECTIONS, figure_captions=rendering.captions, skipped=rendering.skipped,
+        table_markdown=table_markdown))
+    rendering.written.append(report)
+    return rendering
 
 
-def _report(records, notes: list[str], fits: dict, table_markdown, written, skipped, captions: dict) -> str:
-    lines = ["# Scaling report", "",
-             f"{records.runs['run'].nunique()} runs, {len(records.evaluations)} evaluation points, "
-             f"{len(records.steps)} training-step records.", ""]
-    lines += [f"- {note}" for note in notes]
-    if "fig10" in fits:
-        points = fits["fig10"].points
-        lines.append(f"- Fig. 10 uses {points['metric'].iloc[0]} at sampling steps "
-                     f"{sorted(int(s) for s in points['sampling_steps'].unique())}.")
-    lines.append("")
-
-    if "fig8" in fits:
-        fit = fits["fig8"]
-        lo, hi = fit.slope_ci
-        lines += ["## Model compute (Fig. 8)", "",
-                  f"log10 {fit.metadata['metric']} = {fit.intercept:.3f} {'-' if fit.slope < 0 else '+'} "
-                  f"{abs(fit.slope):.3f} log10 Gflops at {format_steps(fit.metadata['step'])} steps: slope "
-                  f"{fit.slope:.3f} ({fit.confidence:.0%} CI {lo:.3f} to {hi:.3f}, bootstrap over {fit.n_configs} "
-                  f"configs), Pearson r = {fit.pearson_r:.3f} "
-                  f"(p = {fit.pearson_p:.2g}), Spearman r = {fit.spearman_r:.3f} (p = {fit.spearman_p:.2g}), "
-                  f"residual scatter {fit.residual_std:.3f} in log10.", ""]
-        lines += [f"Leave-largest-out check: {describe_extrapolation(fit.leave_largest_out)}.", ""]
-    if "fig9" in fits:
-        fit, unfitted = fits["fig9"]
-        lines += ["## Training compute (Fig. 9)", ""]
-        if fit is None:
-            lines += [f"The offset power law was not fitted: {unfitted}", ""]
-        else:
-            summary = fit.summary()
-            law, convergence = fit.law, fit.convergence
-
-            def interval(name):
-                lo, hi = summary[f"{name}_ci"]
-                return f"{lo:.3g} to {hi:.3g}"
-
-            lines += [f"{fit.metadata['metric']} = floor + scale (C / {law.x_ref:.3g})^-exponent on the "
-                      f"frontier's {len(fit.data)} points ({summary['n_configs']} runs): floor "
-                      f"{'≈0' if 'floor=0' in convergence['at_bound'] else f'{law.floor:.3g}'} "
-                      f"({interval('floor')}), scale {law.scale:.3g} ({interval('scale')}), exponent "
-                      f"{law.exponent:.3f} ({interval('exponent')}); {fit.confidence:.0%} bootstrap intervals over "
-                      f"runs ({summary['n_bootstrap']} replicates).", "",
-                      f"Convergence: {'converged' if convergence['converged'] else 'NOT converged'}, "
-                      f"{convergence['starts_at_best']} of {convergence['starts']} starts reached the best fit"
-                      + (f"; parameters at their bounds: {', '.join(convergence['at_bound'])}"
-                         if convergence["at_bound"] else "") + ".", "",
-                      f"Leave-largest-out check: {describe_extrapolation(fit.leave_largest_out)}.", "",
-                      "Compute-optimal run by range of training compute: "
-                      + "; ".join(f"{r.run} ({r.x_start:.2g} to {r.x_end:.2g})"
-                                  for r in fit.frontier.optimal_ranges().itertuples()) + ".", ""]
-    if "fig10" in fits:
-        lines += _sampling_lines(fits["fig10"])
-    isoflops = [fits[name] for name in ("isoflop", "isoflop_loss") if name in fits]
-    if isoflops:
-        lines += ["## Compute-optimal size (isoFLOP profiles)", ""] + [line for analysis in isoflops
-                                                                      for line in isoflop_lines(analysis)]
-    if "proxy" in fits:
-        lines += proxy_lines(fits["proxy"])
-    if table_markdown:
-        rows = table_markdown.count("\n") - 2
-        lines += ["## Table 4", ""] + ([table_markdown] if rows <= REPORT_TABLE_ROWS else
-                                       [f"{rows} rows: see [table4.md](table4.md).", ""])
-    figures = [p.stem for p in written if p.suffix == ".png"]
-    if figures:
-        lines += ["## Figures", ""]
-        for name in figures:
-            lines += [f"![{captions[name]}]({name}.png)", "", f"*{captions[name]}*", ""]
+def report_markdown(analysis: Analysis, *, heading: Sequence[str], sections: Sequence[str],
+                    figure_captions: dict[str, str], skipped: dict[str, str], figures_title: str = "Figures",
+                    figures_dir: str = "", footer: Sequence[str] = (), table_markdown: str | None = None) -> str:
+    """A report of `analysis`: the `heading` lines, the named `sections` (see SECTIONS; "table4" copies
+    `table_markdown`), the figures ({name: caption}, PNGs in `figures_dir`) under `figures_title`, the `footer`
+    lines, and the figures not drawn with why (`skipped`)."""
+    lines = list(heading)
+    for section in sections:
+        lines += _table4_lines(table_markdown) if section == "table4" else SECTIONS[section](analysis)
+    if figure_captions:
+        lines += [f"## {figures_title}", ""]
+        for name, caption in figure_captions.items():
+            lines += [f"![{caption}]({figures_dir}{name}.png)", "", f"*{caption}*", ""]
+    lines += list(footer)
     if skipped:
         lines += ["## Not drawn", ""]
         lines += [f"- {name}: {reason}".replace("\n", " ") for name, reason in skipped.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _table4_lines(table_markdown: str | None) -> list[str]:
+    if not table_markdown:
+        return []
+    rows = table_markdown.count("\n") - 2
+    return ["## Table 4", ""] + ([table_markdown] if rows <= REPORT_TABLE_ROWS else
+                                 [f"{rows} rows: see [table4.md](table4.md).", ""])
+
+
+def _notes_lines(analysis: Analysis) -> list[str]:
+    lines = [f"- {note}" for note in analysis.notes]
+    if analysis.sampling.ok:
+        points = analysis.sampling.value.points
+        lines.append(f"- Fig. 10 uses {points['metric'].iloc[0]} at sampling steps "
+                     f"{sorted(int(s) for s in points['sampling_steps'].unique())}.")
+    return [*lines, ""]
+
+
+def _findings_lines(analysis: Analysis) -> list[str]:
+    if not analysis.findings.ok:
+        return [f"The findings could not be checked: {analysis.findings.reason}", ""]
+    findings = analysis.findings.value
+    return [f"## The paper's findings ({findings.metric} at step {findings.step})", "", *findings.markdown(), ""]
+
+
+def _model_compute_lines(model_compute) -> list[str]:
+    fit = model_compute.fit
+    lo, hi = fit.slope_ci
+    return ["## Model compute (Fig. 8)", "",
+            f"log10 {fit.metadata['metric']} = {fit.intercept:.3f} {'-' if fit.slope < 0 else '+'} "
+            f"{abs(fit.slope):.3f} log10 Gflops at {format_steps(fit.metadata['step'])} steps: slope "
+            f"{fit.slope:.3f} ({fit.confidence:.0%} CI {lo:.3f} to {hi:.3f}, bootstrap over {fit.n_configs} "
+            f"configs), Pearson r = {fit.pearson_r:.3f} "
+            f"(p = {fit.pearson_p:.2g}), Spearman r = {fit.spearman_r:.3f} (p = {fit.spearman_p:.2g}), "
+            f"residual scatter {fit.residual_std:.3f} in log10.", "",
+            f"Leave-largest-out check: {describe_extrapolation(fit.leave_largest_out)}.", ""]
+
+
+def _training_compute_lines(training_compute) -> list[str]:
+    lines = ["## Training compute (Fig. 9)", ""]
+    fit = training_compute.fit
+    if fit is None:
+        return [*lines, f"The offset power law was not fitted: {training_compute.unfitted}", ""]
+    summary = fit.summary()
+    law, convergence = fit.law, fit.convergence
+
+    def interval(name):
+        lo, hi = summary[f"{name}_ci"]
+        return f"{lo:.3g} to {hi:.3g}"
+
+    return [*lines,
+            f"{fit.metadata['metric']} = floor + scale (C / {law.x_ref:.3g})^-exponent on the "
+            f"frontier's {len(fit.data)} points ({summary['n_configs']} runs): floor "
+            f"{'≈0' if 'floor=0' in convergence['at_bound'] else f'{law.floor:.3g}'} "
+            f"({interval('floor')}), scale {law.scale:.3g} ({interval('scale')}), exponent "
+            f"{law.exponent:.3f} ({interval('exponent')}); {fit.confidence:.0%} bootstrap intervals over "
+            f"runs ({summary['n_bootstrap']} replicates).", "",
+            f"Convergence: {'converged' if convergence['converged'] else 'NOT converged'}, "
+            f"{convergence['starts_at_best']} of {convergence['starts']} starts reached the best fit"
+            + (f"; parameters at their bounds: {', '.join(convergence['at_bound'])}"
+               if convergence["at_bound"] else "") + ".", "",
+            f"Leave-largest-out check: {describe_extrapolation(fit.leave_largest_out)}.", "",
+            "Compute-optimal run by range of training compute: "
+            + "; ".join(f"{r.run} ({r.x_start:.2g} to {r.x_end:.2g})"
+                        for r in fit.frontier.optimal_ranges().itertuples()) + ".", ""]
+
+
+def _isoflop_section(analysis: Analysis) -> list[str]:
+    """The isoFLOP profiles of the sample metric and of the held-out loss (where the records hold one)."""
+    if not analysis.selection.ok:
+        return []
+    lines = ["## Compute-optimal size (isoFLOP profiles)", ""]
+    for metric, fitted in ((analysis.metric, analysis.isoflop), (analysis.held_out_loss, analysis.loss_isoflop)):
+        if metric is not None:
+            lines += _isoflop_lines(fitted.value) if fitted.ok else [
+                f"{metric}: no isoFLOP profiles ({fitted.reason})", ""]
+    return lines
 
 
 SAMPLING_EXAMPLES = 3  # cases of a smaller model beating a larger one that the report spells out
@@ -258,7 +264,7 @@ def _sampling_lines(tradeoff) -> list[str]:
     return lines
 
 
-def isoflop_lines(analysis) -> list[str]:
+def _isoflop_lines(analysis) -> list[str]:
     """What the profiles of one metric say: the two laws with their intervals, or why there are none."""
     if analysis.size_law is None:
         return [f"{analysis.metric} ({analysis.n_configs} configs): {analysis.note}. {isoflop.PROFILES_NEED}", ""]
@@ -274,7 +280,7 @@ def isoflop_lines(analysis) -> list[str]:
             "resamples kept 2 fitted budgets).", ""]
 
 
-def proxy_lines(analysis) -> list[str]:
+def _proxy_lines(analysis) -> list[str]:
     best = analysis.best
     others = ", ".join(f"{fit.form.name} {fit.typical_error:.0%}" for fit in analysis.fits.values()
                        if fit is not best)
@@ -285,3 +291,26 @@ def proxy_lines(analysis) -> list[str]:
             f"each config is predicted by a fit without it (others: {others}); {best.confidence:.0%} of those "
             f"predictions lie within ×/÷ {best.interval_factor:.2f}. Spearman ρ between the two across configs at "
             f"step {format_steps(analysis.rank_step)}: {analysis.rank_correlation:.2f}.", ""]
+
+
+def _section(title: str, lines_of: Callable[[object], list[str]], entry: str) -> Callable[[Analysis], list[str]]:
+    """The section of the Analysis entry `entry`: its lines, or why it could not be computed; nothing when the
+    records hold no evaluations (the notes say so)."""
+    def lines(analysis: Analysis) -> list[str]:
+        if not analysis.selection.ok:
+            return []
+        fitted = getattr(analysis, entry)
+        return lines_of(fitted.value) if fitted.ok else [f"## {title}", "", f"Not computed: {fitted.reason}", ""]
+    return lines
+
+
+# Each section of a report, by name: the lines it writes from an Analysis.
+SECTIONS: dict[str, Callable[[Analysis], list[str]]] = {
+    "notes": _notes_lines,
+    "findings": _findings_lines,
+    "model_compute": _section("Model compute (Fig. 8)", _model_compute_lines, "model_compute"),
+    "training_compute": _section("Training compute (Fig. 9)", _training_compute_lines, "training_compute"),
+    "sampling": _section("Sampling compute (Fig. 10)", _sampling_lines, "sampling"),
+    "isoflop": _isoflop_section,
+    "loss_proxy": _section("The held-out loss as a predictor", _proxy_lines, "loss_proxy"),
+}

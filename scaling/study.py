@@ -3,9 +3,9 @@
 It trains the 12 miniature configs of `scaling.configs.fmnist` (S, B, L, XL x patch 8, 4, 2) with one recipe (the
 preset's) through the grid, two runs at once on a 2-core CPU; each run records compute at every step and is
 evaluated at several steps (FD-FashionCNN and the held-out validation loss) and, at its last step, at several
-sampling-step counts. Then it fits and renders: WORKDIR/<run>/ holds each run's records, WORKDIR/figures/ every
-figure and the fit report, WORKDIR/report.md the paper's findings checked on these runs (`analysis.findings`)
-with the key figures.
+sampling-step counts. Then it fits everything once (`analysis.analyze`) and renders: WORKDIR/<run>/ holds each
+run's records, WORKDIR/figures/ every figure and the fit report, WORKDIR/report.md the paper's findings checked on
+these runs (`analysis.findings`), the fits beyond the paper and the key figures, written by the same report writer.
 
 Interrupted (Ctrl-C, SIGKILL, a preemption's SIGTERM), the same command resumes: finished runs are kept,
 unfinished ones continue from their newest checkpoint. A finished study only re-renders (seconds).
@@ -41,8 +41,6 @@ FIGURES_DIR = "figures"
 REPORT_FILE = "report.md"
 KEY_FIGURES = ("fig6_curves", "fig8_gflops_fit", "fig9_training_compute", "fig10_sampling_compute",
                "fig9_validation_loss", "isoflop_profiles", "isoflop_profiles_loss", "loss_to_metric")
-VALIDATION_FIGURE_CAPTION = ("The held-out validation loss vs training compute, with its compute frontier (the "
-                             "proxy of sample quality, beside the sample metric's Fig. 9).")
 
 
 @dataclasses.dataclass
@@ -177,68 +175,31 @@ def _prepare_feature_network(config) -> None:
     prepare_feature_network(config, data_lib.open_source(config))
 
 
-def _beyond_the_paper(records) -> list[str]:
-    """The compute-optimal size of each metric (isoFLOP profiles) and the held-out loss as a predictor of the
-    sample metric, where the records support them."""
-    from analysis import isoflop, proxy
-    from analysis import study as analysis_study
-    from analysis.report import isoflop_lines, proxy_lines
-
-    lines = []
-    for metric in [None, *analysis_study.held_out_losses(records)]:
-        try:
-            lines += isoflop_lines(isoflop.isoflop_analysis(records, metric=metric))
-        except schema.RecordsError as e:
-            lines += [f"{metric or 'The sample metric'}: no isoFLOP profiles ({e})", ""]
-    lines = ["## Beyond the paper: compute-optimal size (isoFLOP profiles)", "", *lines]
-    try:
-        lines += proxy_lines(proxy.loss_proxy(records))
-    except schema.RecordsError as e:
-        lines += ["## The held-out loss as a predictor", "", str(e), ""]
-    return lines
-
-
 def _render(workdir: epath.Path, preset: str, seed: int, models: list[str]):
-    """Fit and render everything the finished runs support; the study's report on top of the fit report."""
+    """Fit everything once and render what the finished runs support: the fit report and every figure in
+    figures/, and the study's report (its header, the paper's findings, the fits beyond the paper and the key
+    figures) on top."""
     from analysis import figures as figures_lib
-    from analysis import findings as findings_lib
     from analysis import records as records_lib
-    from analysis.report import CAPTIONS, render_all
-    from analysis.style import save_figure
+    from analysis.analyze import analyze
+    from analysis.report import render_analysis, report_markdown
 
     records = records_lib.load(workdir)
-    figures_dir = workdir / FIGURES_DIR
-    written, skipped = render_all(records, figures_dir)
-    findings, problem = None, None
-    try:
-        findings = findings_lib.paper_findings(records)
-    except schema.RecordsError as e:
-        problem = str(e)
-    if findings is not None and findings.numbers.get("proxy"):
-        proxy = findings.numbers["proxy"]
-        written += save_figure(figures_lib.fig9_training_compute(records, metric=proxy), figures_dir,
-                               "fig9_validation_loss")
+    analysis = analyze(records)
+    rendering = render_analysis(analysis, workdir / FIGURES_DIR)
+    if analysis.held_out_loss:
+        rendering.draw("fig9_validation_loss",
+                       lambda: figures_lib.draw_fig9_training_compute(analysis.loss_training_compute.get()))
     settings = json.loads((workdir / STUDY_FILE).read_text())
-    lines = [f"# Miniature scaling study: preset {preset}, seed {seed}", "",
-             f"{len(models)} DiT configs on Fashion-MNIST ({records.runs['run'].nunique()} runs recorded), trained by "
-             f"`dit-scaling study --preset {preset}" + (f" --seed {seed}" if seed else "")
-             + (f" --models {','.join(models)}" if models != ALL_MODELS else "") + "` at code revision "
-             f"{settings.get('code_revision')} on {settings.get('cpu')} ({settings.get('cores')} cores).", ""]
-    if findings is None:
-        lines += [f"The findings could not be checked: {problem}", ""]
-    else:
-        lines += [f"## The paper's findings ({findings.metric} at step {findings.step})", "", *findings.markdown(), ""]
-    lines += _beyond_the_paper(records)
-    captions = {**CAPTIONS, "fig9_validation_loss": VALIDATION_FIGURE_CAPTION}
-    pngs = {p.stem for p in written if p.suffix == ".png"}
-    shown = [name for name in KEY_FIGURES if name in pngs]
-    if shown:
-        lines += ["## Key figures", ""]
-        for name in shown:
-            lines += [f"![{captions[name]}]({FIGURES_DIR}/{name}.png)", "", f"*{captions[name]}*", ""]
-    lines += [f"Every fit with its intervals, Table 4 and every figure: [{FIGURES_DIR}/report.md]"
-              f"({FIGURES_DIR}/report.md)."]
-    if skipped:
-        lines += ["", "Not drawn: " + "; ".join(f"{name} ({reason})" for name, reason in skipped.items()) + "."]
-    (workdir / REPORT_FILE).write_text("\n".join(lines) + "\n")
-    return findings, written
+    heading = [f"# Miniature scaling study: preset {preset}, seed {seed}", "",
+               f"{len(models)} DiT configs on Fashion-MNIST ({records.runs['run'].nunique()} runs recorded), trained "
+               f"by `dit-scaling study --preset {preset}" + (f" --seed {seed}" if seed else "")
+               + (f" --models {','.join(models)}" if models != ALL_MODELS else "") + "` at code revision "
+               f"{settings.get('code_revision')} on {settings.get('cpu')} ({settings.get('cores')} cores).", ""]
+    key_figures = {name: rendering.captions[name] for name in KEY_FIGURES if name in rendering.captions}
+    (workdir / REPORT_FILE).write_text(report_markdown(
+        analysis, heading=heading, sections=("findings", "isoflop", "loss_proxy"), figure_captions=key_figures,
+        figures_title="Key figures", figures_dir=f"{FIGURES_DIR}/", skipped=rendering.skipped,
+        footer=[f"Every fit with its intervals, Table 4 and every figure: [{FIGURES_DIR}/report.md]"
+                f"({FIGURES_DIR}/report.md).", ""]))
+    return analysis.findings.value, rendering.written

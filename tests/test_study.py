@@ -3,6 +3,7 @@ end (interrupted, resumed, re-rendered)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 from run_helpers import REPO
 
 from analysis import findings, paper, records, schema
+from analysis.analyze import analyze
 from models.dit import PAPER_MODELS, parse_model_name
 
 GFLOPS = {"S": 1.0, "B": 4.0, "L": 14.0, "XL": 20.0}  # per patch 8; each halving of the patch x4
@@ -59,7 +61,7 @@ def paper_like(gflops, step, sampling_steps):
 
 
 def test_findings_hold_on_records_that_follow_the_paper(tmp_path):
-    result = findings.paper_findings(records.load(write_study(tmp_path, paper_like)))
+    result = analyze(records.load(write_study(tmp_path, paper_like))).findings.get()
     assert result.metric == "FD-FashionCNN-250" and result.step == 2000
     assert result.numbers["pairs_right"] == 17 and result.numbers["pairs"] == 17
     # The closed form: log value = const - 0.3 log gflops exactly, so r = -1 and the slope is -0.3.
@@ -82,14 +84,14 @@ def test_findings_name_what_fails(tmp_path):
         swap = {0.001: 0.32, 0.32: 0.001}
         return paper_like(swap.get(round(gflops, 6), gflops), step, sampling_steps)
 
-    result = findings.paper_findings(records.load(write_study(tmp_path, swapped)))
+    result = analyze(records.load(write_study(tmp_path, swapped))).findings.get()
     ordering = next(f for f in result.findings if f.name.startswith("Bigger size"))
     # Out of order: B/8 and S/4 against the best S/8; XL/2 against L/2 and XL/4.
     assert result.numbers["pairs_right"] == 13 and ordering.holds is False
     assert "DiT-S-8" in ordering.text and "DiT-XL-2" in ordering.text
     assert result.numbers["pearson_r"] > findings.MAX_PEARSON_R
-    with_flat_sampling = findings.paper_findings(records.load(write_study(
-        tmp_path / "flat", lambda g, s, k: paper_like(g, s, None) * (1 + 400 / k if k else 1))))
+    with_flat_sampling = analyze(records.load(write_study(
+        tmp_path / "flat", lambda g, s, k: paper_like(g, s, None) * (1 + 400 / k if k else 1)))).findings.get()
     sampling = next(f for f in with_flat_sampling.findings if f.name.startswith("More sampling"))
     assert sampling.holds is False and "at no more sampling compute" in sampling.text
 
@@ -104,6 +106,47 @@ def test_ordered_pairs_is_the_seventeen_adjacent_pairs():
     rows[0]["value"] = 0.0  # S/8 best of all: wrong against B/8 and S/4
     pairs = findings.ordered_pairs(pd.DataFrame(rows))
     assert sorted(pairs.loc[~pairs["right"], "bigger"]) == ["B8", "S4"]
+
+
+@pytest.mark.slow
+def test_rendering_the_committed_study_computes_each_fit_once(tmp_path, monkeypatch):
+    """One analysis pass: re-rendering the committed study (every figure, the fit report and the study's report)
+    fits each metric once, the loss -> metric mapping included."""
+    from analysis import isoflop, proxy
+    from analysis import study as analysis_study
+    from scaling import study as scaling_study
+
+    workdir = tmp_path / "study"
+    shutil.copytree(REPO / "runs" / "fmnist-default", workdir, ignore=shutil.ignore_patterns("figures", "report.md"))
+    calls = []
+
+    def count(module, name, metrics_of):
+        original = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            result = original(*args, **kwargs)
+            calls.append((name, metrics_of(result)))
+            return result
+
+        monkeypatch.setattr(module, name, counted)
+
+    for name in ("model_compute_fit", "training_compute_fit", "sampling_tradeoff"):
+        count(analysis_study, name, lambda result: result.metadata["metric"])
+    count(isoflop, "isoflop_analysis", lambda result: result.metric)
+    count(proxy, "loss_proxy", lambda result: (result.loss_metric, result.metric))
+    settings = json.loads((workdir / "study.json").read_text())
+    found, written = scaling_study._render(workdir, settings["preset"], settings["seed"], settings["models"])
+
+    sample, loss = "FD-FashionCNN-250", "val-loss-200"
+    assert sorted(calls) == sorted([
+        ("model_compute_fit", sample), ("model_compute_fit", loss), ("training_compute_fit", sample),
+        ("training_compute_fit", loss), ("sampling_tradeoff", sample), ("isoflop_analysis", sample),
+        ("isoflop_analysis", loss), ("loss_proxy", (loss, sample))])
+    assert found.metric == sample and found.numbers["proxy"] == loss
+    report = (workdir / "report.md").read_text()
+    assert "## The paper's findings" in report and "## The held-out loss as a predictor" in report
+    assert "(figures/fig9_validation_loss.png)" in report
+    assert workdir / "figures" / "fig9_validation_loss.png" in written
 
 
 # -- the held-out validation loss -----------------------------------------------------------------------------

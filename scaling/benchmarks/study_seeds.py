@@ -17,16 +17,16 @@ import subprocess
 import sys
 import time
 
-from analysis import findings as findings_lib
 from analysis import records as records_lib
 from analysis import study as study_lib
+from analysis.analyze import analyze
 from analysis.cli import print_table
 from scaling.study import default_workdir
 
 
 def seed_row(preset: str, seed: int, seconds: float | None) -> dict:
     records = records_lib.load(default_workdir(preset, seed))
-    found = findings_lib.paper_findings(records)
+    found = analyze(records).findings.get()
     final = study_lib.model_compute_points(records, metric=found.metric)
     accuracy = final.set_index("model")["class_accuracy"] if "class_accuracy" in final else {}
     largest = final.sort_values("gflops", ascending=False)["model"].head(2).tolist()
