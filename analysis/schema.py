@@ -200,7 +200,7 @@ class StepRecord(_Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class Protocol(_Record):
+class EvaluationProtocol(_Record):
     """Everything that makes two evaluation points comparable; fits combine points of one protocol only."""
 
     sampler: str | None = _field("ddpm (ancestral) or ddim (eta 0); null when unknown (samples scored as given)")
@@ -224,7 +224,7 @@ class EvaluationRecord(_Record):
     step: int = _field("training step of the evaluated (EMA) parameters")
     metric: str = _field("metric name with its sample count, e.g. FID-50K or FD-FashionCNN-1000")
     value: float = _field("the metric's value (lower is better for distances)")
-    protocol: Protocol = _field("how the samples were drawn and scored")
+    protocol: EvaluationProtocol = _field("how the samples were drawn and scored")
     train_gflops_cumulative: float = _field("training compute up to step (paper units)")
     sampling_gflops_per_image: float | None = _field("gflops x sampling steps, x2 with guidance (paper units); "
                                                      "null when the sampling steps are unknown")
@@ -251,7 +251,7 @@ class EvaluationRecord(_Record):
         return dataclasses.replace(record, details={k: v for k, v in data.items() if k not in known})
 
     @classmethod
-    def of(cls, *, step: int, metric: str, value: float, protocol: Protocol, gflops_per_image: float,
+    def of(cls, *, step: int, metric: str, value: float, protocol: EvaluationProtocol, gflops_per_image: float,
            global_batch: int, details: dict | None = None, seconds: float | None = None,
            time: float | None = None) -> EvaluationRecord:
         """The record of an evaluation, with its compute fields computed here."""

@@ -1,5 +1,5 @@
 """FashionCNN: a small classifier of 32x32 grayscale images whose penultimate features define the small-data
-metrics of CPU-sized studies ("FD-FashionCNN", never "FID"; see scaling/evaluation/small_data.py).
+metrics of CPU-sized studies ("FD-FashionCNN", never "FID"; see scaling/evaluation/fd_fashion_cnn.py).
 
 Three conv-ReLU-maxpool stages (32, 64, 128 channels) and a 128-unit ReLU layer (the features), then the class
 logits. `trained_fashion_cnn` trains it deterministically (fixed seed, fixed data order, AdamW) on a dataset's

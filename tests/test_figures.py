@@ -54,15 +54,17 @@ def write_study_run(runs_dir: Path, model: str, block: str, *, evaluations: bool
         samples = [schema.EvaluationRecord.of(
             step=step, metric="FD-FashionCNN-400",
             value=penalty * (15 + 150 * (step / 400) ** -0.5 * (gflops / 5e-4) ** -0.3) * (1 + 1 / sampling_steps),
-            protocol=schema.Protocol(sampler="ddim", sampling_steps=sampling_steps, guidance_scale=1.0,
-                                     guidance_channels=None, num_samples=400, seed=0, uint8_convention="dit",
-                                     reference="fashion_mnist:train[:10000]", feature_network="FashionCNN(epochs=2)"),
+            protocol=schema.EvaluationProtocol(
+                sampler="ddim", sampling_steps=sampling_steps, guidance_scale=1.0, guidance_channels=None,
+                num_samples=400, seed=0, uint8_convention="dit", reference="fashion_mnist:train[:10000]",
+                feature_network="FashionCNN(epochs=2)"),
             gflops_per_image=gflops, global_batch=STUDY_BATCH).to_json()
             for step in STUDY_EVAL_STEPS for sampling_steps in STUDY_SAMPLING_STEPS]
         # The held-out loss, evaluated more densely: E + A / N^0.5 + B / D^0.5, an optimum that moves with compute.
-        held_out = schema.Protocol(sampler=None, sampling_steps=None, guidance_scale=None, guidance_channels=None,
-                                   num_samples=64, seed=0, uint8_convention=None, reference="fashion_mnist:test[:64]",
-                                   feature_network="none: noise-prediction MSE at timesteps [250, 750]")
+        held_out = schema.EvaluationProtocol(
+            sampler=None, sampling_steps=None, guidance_scale=None, guidance_channels=None, num_samples=64, seed=0,
+            uint8_convention=None, reference="fashion_mnist:test[:64]",
+            feature_network="none: noise-prediction MSE at timesteps [250, 750]")
         losses = [schema.EvaluationRecord.of(
             step=step, metric=schema.metric_name(schema.VALIDATION_FAMILY, 64),
             value=penalty * (0.03 + 4e-4 * gflops ** -0.5 + 2.0 * (step * STUDY_BATCH) ** -0.5), protocol=held_out,

@@ -168,9 +168,9 @@ RECIPE = {"train": {"batch_size": 64, "learning_rate": 3e-3, "weight_decay": 0.0
                     "eps": 1e-8, "ema_decay": 0.99}, "diffusion": {"num_timesteps": 1000},
           "data": {"source": "fashion_mnist", "resolution": 0, "flip": True},
           "model": {"learn_sigma": True, "class_dropout_prob": 0.1}}
-PROTOCOL = schema.Protocol(sampler="ddim", sampling_steps=8, guidance_scale=1.0, guidance_channels=None,
-                           num_samples=250, seed=0, uint8_convention="dit", reference="fmnist train",
-                           feature_network="FashionCNN")
+PROTOCOL = schema.EvaluationProtocol(sampler="ddim", sampling_steps=8, guidance_scale=1.0, guidance_channels=None,
+                                     num_samples=250, seed=0, uint8_convention="dit", reference="fmnist train",
+                                     feature_network="FashionCNN")
 
 
 def write_family(directory, family: str, gflops: list[float], speedup: float, recipe=RECIPE, protocol=PROTOCOL):

@@ -9,16 +9,16 @@ import pytest
 from records_factory import a_manifest
 
 from analysis import records, schema
-from analysis.schema import EvaluationRecord, Manifest, Protocol, RecordsError, StepRecord
+from analysis.schema import EvaluationProtocol, EvaluationRecord, Manifest, RecordsError, StepRecord
 
 RECORDS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "records.md"
 
 
-def _protocol(**changes) -> Protocol:
+def _protocol(**changes) -> EvaluationProtocol:
     fields = dict(sampler="ddim", sampling_steps=25, guidance_scale=1.5, guidance_channels=None, num_samples=400,
                   seed=0, uint8_convention="dit", reference="fashion_mnist:train[:10000]",
                   feature_network="FashionCNN(epochs=2)")
-    return Protocol(**{**fields, **changes})
+    return EvaluationProtocol(**{**fields, **changes})
 
 
 def test_the_writers_formulas_are_the_papers():
@@ -139,6 +139,6 @@ def _records_page_table(heading: str) -> str:
 
 @pytest.mark.parametrize("record_class, heading", [
     (StepRecord, "Step records (records.jsonl)"), (EvaluationRecord, "Evaluation records (evaluations.jsonl)"),
-    (Protocol, "Protocols"), (Manifest, "Manifest (manifest.json)")])
+    (EvaluationProtocol, "Protocols"), (Manifest, "Manifest (manifest.json)")])
 def test_the_records_page_field_tables_are_the_schemas(record_class, heading):
     assert _records_page_table(heading) == schema.markdown_fields(record_class)

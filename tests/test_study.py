@@ -20,14 +20,15 @@ GFLOPS = {"S": 1.0, "B": 4.0, "L": 14.0, "XL": 20.0}  # per patch 8; each halvin
 
 
 def _protocol(sampling_steps, n=250, sampler="ddim"):
-    return schema.Protocol(sampler=sampler, sampling_steps=sampling_steps, guidance_scale=1.0, guidance_channels=None,
-                           num_samples=n, seed=0, uint8_convention="dit", reference="fashion_mnist:train[:1000]",
-                           feature_network="FashionCNN")
+    return schema.EvaluationProtocol(sampler=sampler, sampling_steps=sampling_steps, guidance_scale=1.0,
+                                     guidance_channels=None, num_samples=n, seed=0, uint8_convention="dit",
+                                     reference="fashion_mnist:train[:1000]", feature_network="FashionCNN")
 
 
-VALIDATION = schema.Protocol(sampler=None, sampling_steps=None, guidance_scale=None, guidance_channels=None,
-                             num_samples=100, seed=0, uint8_convention=None, reference="fashion_mnist:test[:100]",
-                             feature_network="none: noise-prediction MSE")
+VALIDATION = schema.EvaluationProtocol(sampler=None, sampling_steps=None, guidance_scale=None, guidance_channels=None,
+                                       num_samples=100, seed=0, uint8_convention=None,
+                                       reference="fashion_mnist:test[:100]",
+                                       feature_network="none: noise-prediction MSE")
 
 
 def write_study(directory, value_of, steps=(500, 1000, 1500, 2000), final_sampling=(4, 8, 32)):

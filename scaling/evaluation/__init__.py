@@ -4,7 +4,7 @@
   precision and recall), numpy only;
 - `npz`: ADM's sample and reference batch files and image folders;
 - `inception`: ADM's suite with the FID Inception (FID, sFID, IS, precision, recall of a sample batch);
-- `small_data`: FD-FashionCNN and its companions for CPU-sized studies;
+- `fd_fashion_cnn`: FD-FashionCNN and its companions for CPU-sized studies;
 - `sampling`: drawing samples from a DiT, sharded over devices and hosts;
 - `in_training`: the evaluator a run calls at its evaluation steps (`Evaluator`, `build_evaluator`).
 """

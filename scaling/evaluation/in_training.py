@@ -13,33 +13,33 @@ reference batch eval.reference, as FID-10K or FID-50K by eval.num_samples.
 from __future__ import annotations
 
 import time
-from typing import Protocol as Interface
+from typing import Protocol
 
 import numpy as np
 from etils import epath
 
 from analysis import schema
-from analysis.schema import FID_FEATURE_NETWORK, EvaluationRecord, Protocol
+from analysis.schema import FID_FEATURE_NETWORK, EvaluationProtocol, EvaluationRecord
 from scaling import data as data_lib
 from scaling.evaluation import metrics
+from scaling.evaluation.fd_fashion_cnn import classifier_outputs, fd_fashion_cnn_metrics_of_features
 from scaling.evaluation.inception import inception_activations
 from scaling.evaluation.npz import to_uint8
 from scaling.evaluation.sampling import make_sampler
-from scaling.evaluation.small_data import classifier_outputs, small_data_metrics_of_features
 
-SMALL_DATA_FAMILY = "FD-FashionCNN"
+FD_FASHION_CNN_FAMILY = "FD-FashionCNN"
 
 
-class Evaluator(Interface):
+class Evaluator(Protocol):
     every: int  # steps between evaluations (and the last step)
-    protocols: list[Protocol]
-    final_protocols: list[Protocol]
+    protocols: list[EvaluationProtocol]
+    final_protocols: list[EvaluationProtocol]
 
-    def run(self, step: int, params, protocols: list[Protocol]) -> list[EvaluationRecord]:
+    def run(self, step: int, params, protocols: list[EvaluationProtocol]) -> list[EvaluationRecord]:
         """Score the model with `params` (trained for `step` steps) under each protocol."""
 
 
-def evaluation_protocols(config, sampling_steps=None) -> list[Protocol]:
+def evaluation_protocols(config, sampling_steps=None) -> list[EvaluationProtocol]:
     """One protocol per entry of `sampling_steps` (default: eval.sampling_steps): everything that makes two
     evaluation points comparable."""
     e = config.eval
@@ -52,10 +52,10 @@ def evaluation_protocols(config, sampling_steps=None) -> list[Protocol]:
         feature_network = (f"FashionCNN(epochs={int(e.classifier_epochs)}, "
                            f"examples={int(e.classifier_examples) or 'all'}, seed={int(config.train.seed)})")
         decoder = None
-    return [Protocol(sampler=e.sampler, sampling_steps=int(steps), guidance_scale=float(e.guidance_scale),
-                     guidance_channels=int(e.guidance_channels) if guided else None,
-                     num_samples=int(e.num_samples), seed=int(e.seed), uint8_convention="dit",
-                     reference=reference, feature_network=feature_network, decoder=decoder)
+    return [EvaluationProtocol(sampler=e.sampler, sampling_steps=int(steps), guidance_scale=float(e.guidance_scale),
+                               guidance_channels=int(e.guidance_channels) if guided else None,
+                               num_samples=int(e.num_samples), seed=int(e.seed), uint8_convention="dit",
+                               reference=reference, feature_network=feature_network, decoder=decoder)
             for steps in (e.sampling_steps if sampling_steps is None else sampling_steps)]
 
 
@@ -67,7 +67,7 @@ def autoencoder_name(path: str) -> str:
     return f"{epath.Path(find_autoencoder_files(path)[0]).name} sha256:{autoencoder_sha256(path)[:16]}"
 
 
-def final_evaluation_protocols(config) -> list[Protocol]:
+def final_evaluation_protocols(config) -> list[EvaluationProtocol]:
     """The protocols of eval.final_sampling_steps not already among eval.sampling_steps'."""
     extra = [s for s in config.eval.final_sampling_steps if s not in tuple(config.eval.sampling_steps)]
     return evaluation_protocols(config, extra)
@@ -84,13 +84,14 @@ def prepare_feature_network(config, source):
     return trained_fashion_cnn(source.images[:n_train], source.labels[:n_train], source.num_classes, recipe)
 
 
-def pending_protocols(done: list[EvaluationRecord], step: int, protocols: list[Protocol]) -> list[Protocol]:
+def pending_protocols(done: list[EvaluationRecord], step: int,
+                      protocols: list[EvaluationProtocol]) -> list[EvaluationProtocol]:
     """The protocols not yet evaluated at `step` (an evaluation already recorded is never repeated)."""
     measured = {(record.step, record.protocol) for record in done}
     return [p for p in protocols if (step, p) not in measured]
 
 
-def protocol_sampler(cache: dict, evaluator, protocol: Protocol, autoencoder=None):
+def protocol_sampler(cache: dict, evaluator, protocol: EvaluationProtocol, autoencoder=None):
     """The sampler of a protocol for an evaluator (its config, model_config, diffusion and mesh), compiled once
     per (sampler, steps, guidance) and kept in `cache`."""
     key = (protocol.sampler, protocol.sampling_steps, protocol.guidance_scale)
@@ -122,10 +123,10 @@ class SmallDataEvaluator:
         self._reference_features, _ = classifier_outputs(self._classifier,
                                                          self.source.images[: int(self.config.eval.num_reference)])
 
-    def _sampler(self, protocol: Protocol):
+    def _sampler(self, protocol: EvaluationProtocol):
         return protocol_sampler(self._samplers, self, protocol)
 
-    def run(self, step: int, params, protocols: list[Protocol]) -> list[EvaluationRecord]:
+    def run(self, step: int, params, protocols: list[EvaluationProtocol]) -> list[EvaluationRecord]:
         if self._classifier is None:
             self._prepare()
         e = self.config.eval
@@ -134,11 +135,11 @@ class SmallDataEvaluator:
         for protocol in protocols:
             start = time.perf_counter()
             images = to_uint8(self._sampler(protocol)(params, labels, int(e.seed)), protocol.uint8_convention)
-            result = small_data_metrics_of_features(self._reference_features,
+            result = fd_fashion_cnn_metrics_of_features(self._reference_features,
                                                     *classifier_outputs(self._classifier, images), labels)
             details = {k: v for k, v in result.items() if k not in ("fd_fashioncnn", "feature_network")}
             records.append(EvaluationRecord.of(
-                step=step, metric=schema.metric_name(SMALL_DATA_FAMILY, len(images)), value=result["fd_fashioncnn"],
+                step=step, metric=schema.metric_name(FD_FASHION_CNN_FAMILY, len(images)), value=result["fd_fashioncnn"],
                 protocol=protocol, gflops_per_image=self.compute.gflops, global_batch=self.config.train.batch_size,
                 details=details, seconds=time.perf_counter() - start, time=time.time()))
         return records
@@ -162,7 +163,7 @@ class ValidationLossEvaluator:
         self.timesteps = validation_timesteps(config)
         self.every = int(config.eval.validation_every or config.eval.every)
         n = int(config.eval.validation_examples)
-        self.protocols = [Protocol(
+        self.protocols = [EvaluationProtocol(
             sampler=None, sampling_steps=None, guidance_scale=None, guidance_channels=None, num_samples=n,
             seed=int(config.eval.seed), uint8_convention=None, reference=f"{config.data.source}:test[:{n}]",
             feature_network=f"none: noise-prediction MSE at timesteps {self.timesteps}")]
@@ -206,7 +207,7 @@ class ValidationLossEvaluator:
 
         self._loss = batch_mse
 
-    def run(self, step: int, params, protocols: list[Protocol]) -> list[EvaluationRecord]:
+    def run(self, step: int, params, protocols: list[EvaluationProtocol]) -> list[EvaluationRecord]:
         if not protocols:
             return []
         if self._loss is None:
@@ -254,10 +255,10 @@ class FIDEvaluator:
         self._reference = reference.pool or metrics.gaussian_statistics(
             inception_activations(self._inception, reference.images).pool)
 
-    def _sampler(self, protocol: Protocol):
+    def _sampler(self, protocol: EvaluationProtocol):
         return protocol_sampler(self._samplers, self, protocol, autoencoder=self._autoencoder)
 
-    def run(self, step: int, params, protocols: list[Protocol]) -> list[EvaluationRecord]:
+    def run(self, step: int, params, protocols: list[EvaluationProtocol]) -> list[EvaluationRecord]:
         if not protocols:
             return []
         if self._autoencoder is None:
@@ -285,14 +286,14 @@ class Evaluators:
         self.protocols = [p for e in evaluators for p in e.protocols]
         self.final_protocols = [p for e in evaluators for p in e.final_protocols]
 
-    def protocols_at(self, step: int, total_steps: int) -> list[Protocol]:
+    def protocols_at(self, step: int, total_steps: int) -> list[EvaluationProtocol]:
         """What is measured at `step`: the protocols of each evaluator whose schedule falls there, and at the last
         step every evaluator's protocols and final protocols."""
         last = step == total_steps
         return [p for e in self.evaluators if step > 0 and (last or step % e.every == 0)
                 for p in e.protocols + (e.final_protocols if last else [])]
 
-    def run(self, step: int, params, protocols: list[Protocol]) -> list[EvaluationRecord]:
+    def run(self, step: int, params, protocols: list[EvaluationProtocol]) -> list[EvaluationRecord]:
         records = []
         for evaluator in self.evaluators:
             mine = set(evaluator.protocols) | set(evaluator.final_protocols)

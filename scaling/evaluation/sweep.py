@@ -17,15 +17,15 @@ from scaling.evaluation.write_samples import SamplingOptions
 
 
 def fid_protocol(*, sampler, sampling_steps, guidance_scale, guidance_channels, num_samples, seed,
-                 uint8_convention, reference: str, decoder) -> schema.Protocol:
+                 uint8_convention, reference: str, decoder) -> schema.EvaluationProtocol:
     """The protocol of an FID record of ADM's evaluation suite (the FID Inception's pool features)."""
-    return schema.Protocol(sampler=sampler, sampling_steps=sampling_steps, guidance_scale=guidance_scale,
-                           guidance_channels=guidance_channels if schema.is_guided(guidance_scale) else None,
-                           num_samples=num_samples, seed=seed, uint8_convention=uint8_convention,
-                           reference=reference, feature_network=schema.FID_FEATURE_NETWORK, decoder=decoder)
+    return schema.EvaluationProtocol(sampler=sampler, sampling_steps=sampling_steps, guidance_scale=guidance_scale,
+                                     guidance_channels=guidance_channels if schema.is_guided(guidance_scale) else None,
+                                     num_samples=num_samples, seed=seed, uint8_convention=uint8_convention,
+                                     reference=reference, feature_network=schema.FID_FEATURE_NETWORK, decoder=decoder)
 
 
-def fid_record(run: schema.Manifest, result: dict, *, step: int, protocol: schema.Protocol,
+def fid_record(run: schema.Manifest, result: dict, *, step: int, protocol: schema.EvaluationProtocol,
                seconds: float | None = None) -> schema.EvaluationRecord:
     """An evaluation record of `run` from `scaling.evaluation.inception.evaluate_samples`' result."""
     details = {k: result[k] for k in ("sfid", "inception_score", "precision", "recall", "n_reference")}

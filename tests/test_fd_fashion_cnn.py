@@ -8,7 +8,7 @@ import scipy.ndimage
 
 from models.fashion_cnn import Recipe, trained_fashion_cnn
 from scaling.data import FashionMNIST
-from scaling.evaluation.small_data import classifier_outputs, small_data_metrics
+from scaling.evaluation.fd_fashion_cnn import classifier_outputs, fd_fashion_cnn_metrics
 
 RECIPE = Recipe(epochs=1, batch_size=128, seed=0)
 
@@ -22,19 +22,19 @@ def setup(tmp_path_factory):
 
 
 def _fd(classifier, real, fake):
-    return small_data_metrics(classifier, real, fake)["fd_fashioncnn"]
+    return fd_fashion_cnn_metrics(classifier, real, fake)["fd_fashioncnn"]
 
 
 def test_real_data_scores_far_better_than_noise(setup):
     classifier, train, test, _ = setup
     real, held_out = train.images[-1000:], test.images[:1000]
     noise = np.random.default_rng(0).integers(0, 256, held_out.shape, dtype=np.uint8)
-    result = small_data_metrics(classifier, real, held_out, test.labels[:1000])
+    result = fd_fashion_cnn_metrics(classifier, real, held_out, test.labels[:1000])
     assert result["fd_fashioncnn"] * 20 < _fd(classifier, real, noise)
     assert result["precision"] > 0.6 and result["recall"] > 0.6
     assert result["class_accuracy"] > 0.75  # real test images with their true labels
     assert 3 < result["classifier_score"] <= 10  # at most the number of classes
-    shuffled = small_data_metrics(classifier, real, held_out, np.roll(test.labels[:1000], 1))
+    shuffled = fd_fashion_cnn_metrics(classifier, real, held_out, np.roll(test.labels[:1000], 1))
     assert shuffled["class_accuracy"] < 0.3
 
 

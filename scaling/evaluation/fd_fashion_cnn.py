@@ -34,18 +34,18 @@ def _jitted_classifier():
     return jax.jit(forward)
 
 
-def small_data_metrics(classifier, real_images: np.ndarray, fake_images: np.ndarray,
+def fd_fashion_cnn_metrics(classifier, real_images: np.ndarray, fake_images: np.ndarray,
                        fake_labels: np.ndarray | None = None) -> dict:
     """FD-FashionCNN (Frechet distance of the classifier's penultimate features), precision and recall on those
     features, the classifier score (the Inception Score's formula with the classifier's softmax; at most the
     number of classes) and, given the labels the samples were generated for, the classifier's accuracy on them."""
     real_features, _ = classifier_outputs(classifier, real_images)
-    return small_data_metrics_of_features(real_features, *classifier_outputs(classifier, fake_images), fake_labels)
+    return fd_fashion_cnn_metrics_of_features(real_features, *classifier_outputs(classifier, fake_images), fake_labels)
 
 
-def small_data_metrics_of_features(real_features: np.ndarray, fake_features: np.ndarray, fake_probs: np.ndarray,
+def fd_fashion_cnn_metrics_of_features(real_features: np.ndarray, fake_features: np.ndarray, fake_probs: np.ndarray,
                                    fake_labels: np.ndarray | None = None) -> dict:
-    """`small_data_metrics` from the classifier's outputs (real features can then be computed once per run)."""
+    """`fd_fashion_cnn_metrics` from the classifier's outputs (real features can then be computed once per run)."""
     precision, recall = metrics.precision_recall(real_features, fake_features)
     distance = metrics.frechet_distance_of_features(fake_features, *metrics.gaussian_statistics(real_features))
     return {
