@@ -269,8 +269,9 @@ def _copy_lines(stream, run_log: _RunLog) -> None:
 
 def _worker_outcome(workdir: epath.Path, code: int, run_log: _RunLog) -> str:
     """A worker's outcome from its exit code (scaling.worker's), and for a failure the reason its manifest gives.
-    A worker that ended without saying (killed, or crashed outside Python) leaves its manifest `running`: that is
-    marked failed here, with the last line of its log as the reason."""
+    Without one (no manifest yet, or a worker killed or crashed outside Python, whose manifest still says
+    `running`) the reason is the exit code and the last line of its log, and a `running` manifest is marked
+    failed with it."""
     if code == 0:
         return "finished"
     if code == EXIT_CODE:  # checkpointed and marked preempted by the run itself
