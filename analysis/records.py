@@ -39,7 +39,7 @@ EVALUATION_COLUMNS = [*RUN_COLUMNS, "step", "train_gflops_cumulative", "metric",
 STEP_COLUMNS = ["run", "step", "images_seen", "loss", "train_gflops_cumulative"]
 
 # Compute columns a CSV may use, with the factor that turns them into paper Gflops (GMACs per image).
-COMPUTE_UNITS = {"gflops": 1.0, "gmacs": 1.0, "macs": 1e-9, "flops": 0.5e-9}
+COMPUTE_UNITS = {"gflops": 1.0, "gmacs": 1.0, "macs": 1e-9, "flops": 1e-9 / schema.FLOPS_PER_MAC}
 _GFLOPS_PLAUSIBLE_MAX = 1e7  # no image model needs 10 PMACs per image: larger "gflops" are raw counts
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ with the formulas below and stored; readers never guess them.
 
 Compute is counted as the paper counts it: "Gflops" are forward multiply-accumulates per image (autoencoder
 excluded); training compute = 3 x Gflops x batch x steps; sampling compute = Gflops x sampling steps (x2 with
-classifier-free guidance).
+classifier-free guidance). A multiply-accumulate is two floating-point operations (FLOPS_PER_MAC): compute set
+against a chip's FLOP/s or a 6ND-style count is converted with it, training compute by `training_flops`.
 
 This module imports no JAX (analysis/ never does).
 """
@@ -46,6 +47,7 @@ LOG_FILE = "train.log"  # the run's printed output, where a grid ran it in a wor
 
 RUN_STATUSES = ("running", "finished", "failed", "diverged", "preempted")
 TRAINING_MULTIPLIER = 3  # training compute per image = 3 x forward (the backward pass costs ~2 forwards)
+FLOPS_PER_MAC = 2  # a multiply-accumulate is a multiply and an add
 GUIDANCE_MULTIPLIER = 2  # classifier-free guidance runs the model on the conditional and the null label
 # The feature network of FID as ADM's evaluator (and so the paper) computes it; protocols name it.
 VALIDATION_FAMILY = "val-loss"  # the held-out diffusion loss at fixed timesteps, recorded beside sample metrics
@@ -66,6 +68,12 @@ class RecordsError(ValueError):
 def training_compute(gflops, batch_size, steps):
     """Training compute in paper units: 3 x forward GMACs per image x batch x steps (numbers or arrays)."""
     return TRAINING_MULTIPLIER * gflops * batch_size * steps
+
+
+def training_flops(macs, batch_size, steps=1):
+    """Training compute in floating-point operations (what a chip's FLOP/s and 6ND formulas count): FLOPS_PER_MAC x
+    training_compute of the forward MACs per image; steps=1 gives the FLOPs of one step."""
+    return FLOPS_PER_MAC * training_compute(macs, batch_size, steps)
 
 
 def is_guided(guidance_scale) -> bool:

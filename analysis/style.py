@@ -77,8 +77,9 @@ def with_dit_columns(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(**missing) if missing else table
 
 
-def short_name(model: str, size, patch) -> str:
-    """"XL/2" for a DiT config, as the paper labels its points; other models keep their names."""
+def config_label(model: str, size, patch) -> str:
+    """A run's label in figures from its records' columns: "XL/2" for a DiT config, as the paper labels its points;
+    other models keep their names."""
     size, patch = dit_size_and_patch(size, patch)
     return f"{size}/{patch}" if size else str(model)
 
@@ -118,7 +119,7 @@ def run_styles(runs: pd.DataFrame) -> dict[str, RunStyle]:
             color, others = OTHER_COLORS[others % len(OTHER_COLORS)], others + 1
         else:
             color = SIZE_COLORS.get(size)
-        styles[row.run] = RunStyle(label=str(row.run) if shared else short_name(row.model, size, patch), color=color,
+        styles[row.run] = RunStyle(label=str(row.run) if shared else config_label(row.model, size, patch), color=color,
                                     marker=PATCH_MARKERS.get(patch, "D"), linestyle=PATCH_LINESTYLES.get(patch, "-"))
     return styles
 

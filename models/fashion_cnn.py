@@ -26,7 +26,6 @@ from flax import nnx
 log = logging.getLogger(__name__)
 
 FEATURES = 128
-CACHE_DIR = Path(os.environ.get("DIT_SCALING_CACHE", Path.home() / ".cache" / "dit-scaling"))
 
 
 class FashionCNN(nnx.Module):
@@ -98,10 +97,11 @@ def train_fashion_cnn(images: np.ndarray, labels: np.ndarray, num_classes: int, 
     return model
 
 
-def trained_fashion_cnn(images: np.ndarray, labels: np.ndarray, num_classes: int, recipe: Recipe = Recipe(),
-                        cache_dir: str | os.PathLike | None = None) -> FashionCNN:
-    """The FashionCNN for this training data and recipe: loaded from the cache, or trained and cached."""
-    cache = Path(cache_dir or CACHE_DIR) / "fashion_cnn"
+def trained_fashion_cnn(images: np.ndarray, labels: np.ndarray, num_classes: int, recipe: Recipe = Recipe(), *,
+                        cache_dir: str | os.PathLike) -> FashionCNN:
+    """The FashionCNN for this training data and recipe: loaded from the cache (cache_dir/fashion_cnn), or trained
+    and cached there."""
+    cache = Path(cache_dir) / "fashion_cnn"
     path = cache / f"{_cache_key(images, labels, num_classes, recipe)}.npz"
     model = nnx.eval_shape(lambda: FashionCNN(num_classes, images.shape[-1], rngs=nnx.Rngs(recipe.seed)))
     graphdef, state = nnx.split(model)

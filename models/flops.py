@@ -3,7 +3,7 @@
 One multiply-add counts as one flop; every matrix product counts (the two attention products included);
 elementwise work (norms, activations, softmax, additions) is ignored; the autoencoder is excluded.
 Training compute = 3 x Gflops x batch x steps; sampling compute = Gflops x steps (x2 with guidance).
-To compare with 6ND-style FLOPs, multiply by 2 (`macs_to_flops`).
+To compare with 6ND-style FLOPs, multiply by 2 (analysis.schema converts: FLOPS_PER_MAC, training_flops).
 
 Two independent counts must agree:
 - `count_macs` walks the jaxpr of any JAX function (through jit, scan, remat, cond, custom_jvp/vjp);
@@ -40,11 +40,6 @@ class MacCount:
     @property
     def gmacs(self) -> float:
         return self.total / 1e9
-
-
-def macs_to_flops(macs: float) -> float:
-    """Convert the paper's MAC-based "flops" to true FLOPs (one multiply-add = 2 FLOPs), as 6ND formulas use."""
-    return 2 * macs
 
 
 def _dot_general_macs(eqn) -> int:

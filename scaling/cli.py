@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from etils import epath
 
 from analysis.cli import add_commands as add_analysis_commands
 from analysis.cli import print_table
-from scaling.host import confine_worker, enable_compilation_cache, keep_freed_memory
+from scaling.host import set_up_process
 from scaling.latents import DEFAULT_SHARD_SIZE
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,7 +136,7 @@ def _init_distributed(args: argparse.Namespace) -> None:
 def _load_study_config(args: argparse.Namespace):
     from scaling.config import load_config
 
-    return load_config(args.config, [o.removeprefix("--config.") for o in args.overrides])
+    return load_config(args.config, args.overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -174,7 +173,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     _init_distributed(args)
     outcome = run_grid(args.config, args.workdir, models=args.models.split(",") if args.models else None,
                        only=args.only.split(",") if args.only else None, shard=args.shard,
-                       overrides=[o.removeprefix("--config.") for o in args.overrides], workers=args.workers)
+                       overrides=args.overrides, workers=args.workers)
     print_table([{"model": m, "outcome": o} for m, o in outcome.items()], [("model", "model"), ("outcome", "outcome")])
     if any(o == "preempted" for o in outcome.values()):
         print("dit-scaling grid: preempted (SIGTERM): the runs are checkpointed; run the same command to resume.",
@@ -188,8 +187,7 @@ def _grid_configs_for_planning(args: argparse.Namespace) -> dict:
 
     models = grid_models(args.config, args.models.split(",") if args.models else None,
                          args.only.split(",") if args.only else None)
-    return load_grid_configs(args.config, models, [o.removeprefix("--config.") for o in args.overrides],
-                             validate=False)
+    return load_grid_configs(args.config, models, args.overrides, validate=False)
 
 
 def _print_dry_run(args: argparse.Namespace) -> int:
@@ -234,7 +232,8 @@ def _print_dry_run(args: argparse.Namespace) -> int:
 
 def _print_shard_plan(args: argparse.Namespace) -> int:
     from scaling.config import run_name
-    from scaling.grid import remaining_costs, shard_plan, shard_plan_path
+    from scaling.cost import remaining_costs
+    from scaling.grid import shard_plan, shard_plan_path
 
     configs = _grid_configs_for_planning(args)
     runs_dir, count = epath.Path(args.workdir), args.plan_shards
@@ -630,22 +629,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    confine_worker()
-    keep_freed_memory()
-    args, unknown = build_parser().parse_known_args(argv)
-    if unknown:
-        if not hasattr(args, "overrides") or not all(u.startswith("--config.") for u in unknown):
-            build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
-        args.overrides = [*args.overrides, *unknown]
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("absl", "orbax", "jax", "fontTools"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # The commands that compile large programs:
-    if args.command in ("train", "grid", "study", "evaluate", "reference", "extract-latents", "sample", "sweep"):
-        from models.fashion_cnn import CACHE_DIR
+# The commands that compile XLA programs (the others, the analysis commands, run without JAX).
+COMPILING_COMMANDS = ("train", "grid", "study", "evaluate", "reference", "extract-latents", "sample", "sweep")
 
-        enable_compilation_cache(CACHE_DIR / "jax")  # keeps the analysis commands free of JAX
+
+def main(argv: list[str] | None = None) -> int:
+    args, unknown = build_parser().parse_known_args(argv)
+    if hasattr(args, "overrides"):  # config overrides, given as --config.KEY=VALUE or KEY=VALUE, become KEY=VALUE
+        flags = [u for u in unknown if u.startswith("--config.")]
+        unknown = [u for u in unknown if not u.startswith("--config.")]
+        args.overrides = [o.removeprefix("--config.") for o in [*args.overrides, *flags]]
+    if unknown:
+        build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+    set_up_process(compiles=args.command in COMPILING_COMMANDS)
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, ImportError) as e:

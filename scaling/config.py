@@ -73,7 +73,7 @@ def _parse_value(text: str, current):
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     """Apply one `a.b.c=value` override in place, parsing value to the field's current type."""
-    key, sep, text = override.removeprefix("--config.").removeprefix("config.").partition("=")
+    key, sep, text = override.partition("=")
     if not sep:
         raise ValueError(f"Override {override!r} is not of the form key.path=value.")
     *parents, leaf = key.split(".")
@@ -135,7 +135,8 @@ def model_name(config: ml_collections.ConfigDict) -> str:
 
 
 def run_name(config: ml_collections.ConfigDict) -> str:
-    """The directory of the config's run in a grid: "DiT-S-8", "DiT-XL-2-in-context", "ModernDiT-S-4"."""
+    """The name of the config's run: its directory in a grid (schema.run_dir_name) and its `run` in records:
+    "DiT-S-8", "DiT-XL-2-in-context", "ModernDiT-S-4"."""
     if config.model.factory:
         return schema.run_dir_name(model_name(config))
     return schema.run_dir_name(model_name(config), config.model.block)

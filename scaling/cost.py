@@ -1,17 +1,22 @@
-"""What a grid will cost before it is launched: compute, memory per device, wall time and chip-hours.
+"""What runs will cost before they are launched: compute, memory per device and time. Every estimate starts from a
+run's training compute (`run_training_flops`: analysis.schema's formula for the model the config trains) and
+answers one question:
 
-`grid --dry-run` prints, for each run: the paper's Gflops, its training compute, the training state's memory per
-device (parameters, EMA and Adam's two moments, plus the gradients) with parameters replicated and with them
-sharded (fsdp), an activation-memory estimate at the per-device batch with and without remat, the cheapest
-setting that fits the chip's HBM, and the wall time and chip-hours at a stated utilisation of the chip's
-published peak.
+- `run_cost`, on accelerators (`grid --dry-run`): per run, the paper's Gflops, its training FLOPs, the training
+  state's memory per device, an activation estimate, the cheapest setting that fits the chip's HBM, and the wall
+  time and chip-hours at a stated utilisation of the chip's published peak.
+- `predicted_seconds`, on one core of a CPU: the order in which the grid's workers take the runs (costliest
+  first) and the study's ETA, from a cost model of steps and evaluations fitted on a reference CPU.
+- `remaining_costs`, what each run of a grid has still to pay, for the split of `grid --shard`: measured step
+  times where runs have records, else training FLOPs.
 
-State memory is exact (the bytes of the abstract training state, split as `train.param_sharding=fsdp` splits
-it). Activations are an estimate of what a block keeps for the backward pass: 26 T D + 2 h T^2 values per example
-(T tokens, D width, h heads; the 2 h T^2 are the attention logits and weights), the constants fitted to XLA's
-compiled temporaries on the CPU in float32, which grow exactly in proportion to the batch (S/4, B/4 and S/2: 26.1
-and 1.7; tests/test_cost.py checks a 3-block B/2, which the fit did not see). With remat a block keeps its input alone
-(T D values) and recomputes the rest, one block at a time.
+The dry run's memory: the training state (parameters, EMA and Adam's two moments, plus the gradients) per device,
+with parameters replicated and with them sharded (fsdp), is exact (the bytes of the abstract training state, split
+as `train.param_sharding=fsdp` splits it). Activations are an estimate of what a block keeps for the backward
+pass: 26 T D + 2 h T^2 values per example (T tokens, D width, h heads; the 2 h T^2 are the attention logits and
+weights), the constants fitted to XLA's compiled temporaries on the CPU in float32, which grow exactly in
+proportion to the batch (S/4, B/4 and S/2: 26.1 and 1.7; tests/test_cost.py checks a 3-block B/2, which the fit
+did not see). With remat a block keeps its input alone (T D values) and recomputes the rest, one block at a time.
 
 The training benchmark (`python -m scaling.benchmarks.train`) prints this prediction beside XLA's compiled size of
 the same step; how far apart they were, and how far one stated utilisation is from the measured ones, is in
@@ -24,10 +29,49 @@ import dataclasses
 import math
 
 import jax
+import numpy as np
+from etils import epath
 
+from analysis import schema
 from models.dit import DiTConfig
-from scaling.grid import planned_model
+from models.flops import model_compute
+from scaling import config as config_lib
+from scaling import data as data_lib
 from scaling.train_step import fsdp_axis, init_state, make_optimizer
+
+# ----------------------------------------------------------------------------------------------------------------
+# A run's training compute
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def planned_model(config):
+    """The model config (DiTConfig, or a plug-in's FactoryConfig) a run of `config` trains, known before its data
+    is at hand: Fashion-MNIST's shape, or the latents' manifest where they exist, else latents of the published SD
+    autoencoder (KL-f8, 4 channels) with ImageNet's 1000 classes."""
+    if config.data.source == "fashion_mnist":
+        shape, classes = data_lib.FashionMNIST.image_shape, data_lib.FashionMNIST.num_classes
+    elif (epath.Path(config.data.path) / "manifest.json").is_file():
+        source = data_lib.open_source(config)
+        shape, classes = source.image_shape, source.num_classes
+    else:
+        from models.autoencoder import AutoencoderConfig
+
+        autoencoder = AutoencoderConfig()
+        side = config.data.resolution // 2 ** (len(autoencoder.block_out_channels) - 1)
+        shape, classes = (side, side, autoencoder.latent_channels), 1000
+    return config_lib.model_config(config, input_size=shape[0], in_channels=shape[2], num_classes=classes,
+                                   dtype="float32")
+
+
+def run_training_flops(config) -> float:
+    """The training FLOPs of a whole run of `config` (analysis.schema.training_flops of its model)."""
+    return schema.training_flops(model_compute(planned_model(config)).macs, config.train.batch_size,
+                                 config.train.steps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# On accelerators: the dry run
+# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,16 +124,13 @@ def activation_bytes(model, batch: int, *, remat: bool) -> int:
 def run_cost(config, *, chip: str, chips: int, utilization: float, slices: int = 1) -> dict:
     """One row of the dry run for a run of `config` on `chips` chips of kind `chip`, in `slices` slices (fsdp
     splits the state within a slice: `train_step.make_mesh`)."""
-    from models.flops import model_compute
-    from scaling.grid import training_flops
-
     spec = CHIPS[chip]
     model = planned_model(config)
     compute_model = dataclasses.replace(model, dtype="bfloat16")  # what an accelerator's auto dtype picks
     abstract = jax.eval_shape(lambda: init_state(model, make_optimizer(config), 0))
     batch = config.train.batch_size
     local_batch = batch // chips if batch % chips == 0 else None
-    row = {"gflops": model_compute(model).gflops, "training_flops": training_flops(config),
+    row = {"gflops": model_compute(model).gflops, "training_flops": run_training_flops(config),
            "local_batch": local_batch}
     for mode in ("replicated", "fsdp"):
         row[f"state_{mode}"] = training_state_bytes(abstract, chips // slices, mode)
@@ -110,3 +151,62 @@ def run_cost(config, *, chip: str, chips: int, utilization: float, slices: int =
     row["hours"] = seconds / 3600
     row["chip_hours"] = seconds / 3600 * chips
     return row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# On one core of a CPU: the grid's order and the study's ETA
+# ----------------------------------------------------------------------------------------------------------------
+
+# Seconds per step = STEP_OVERHEAD_S + training FLOPs / TRAIN_FLOP_RATE; per evaluation, EVAL_OVERHEAD_S + forward
+# FLOPs of sampling and the held-out loss / EVAL_FLOP_RATE. Fitted to a study on one core each of the slowest CPU
+# seen (docs/benchmarks.md, "The miniature study"); the study rescales it by the runs that finish.
+STEP_OVERHEAD_S = 0.003
+TRAIN_FLOP_RATE = 50e9
+EVAL_FLOP_RATE = 22e9
+EVAL_OVERHEAD_S = 5.0
+RUN_OVERHEAD_S = 20.0  # start, compilation, checkpoints
+
+
+def predicted_seconds(config) -> float:
+    """The cost model's seconds for one run of `config` on one core of the reference CPU."""
+    macs = model_compute(planned_model(config)).macs
+    steps = config.train.steps
+    seconds = RUN_OVERHEAD_S + steps * STEP_OVERHEAD_S + schema.training_flops(
+        macs, config.train.batch_size, steps) / TRAIN_FLOP_RATE
+    e = config.eval
+    if e.every:
+        samples = steps // e.every + (steps % e.every != 0)
+        every = e.validation_every or e.every
+        validations = steps // every + (steps % every != 0)
+        forward_passes = (samples * e.num_samples * sum(e.sampling_steps)
+                          + validations * e.validation_examples * e.validation_timesteps)
+        forward_passes += e.num_samples * sum(s for s in e.final_sampling_steps if s not in e.sampling_steps)
+        # validation_every divides eval.every, so the held-out loss's steps include the samples'.
+        evaluations = max(samples, validations) if e.validation_examples else samples
+        seconds += evaluations * EVAL_OVERHEAD_S + schema.FLOPS_PER_MAC * macs * forward_passes / EVAL_FLOP_RATE
+    return seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a grid has left: the split into shards
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def remaining_costs(configs: dict, workdirs: dict | None = None) -> dict[str, float]:
+    """Each run's cost still to pay, in seconds where any run has measured step times, else in training FLOPs: a
+    run with step records costs its mean measured step time x the steps it has left; one without, its training
+    FLOPs left x the median seconds per FLOP of the measured runs."""
+    total_flops = {model: run_training_flops(config) for model, config in configs.items()}
+    flops_left, step_time, steps_left = {}, {}, {}
+    for model, config in configs.items():
+        steps = schema.read_steps(workdirs[model]) if workdirs and (workdirs[model] / schema.STEPS_FILE).is_file() \
+            else []
+        steps_left[model] = max(0, config.train.steps - (steps[-1].step if steps else 0))
+        flops_left[model] = total_flops[model] * steps_left[model] / config.train.steps
+        times = [r.step_time for r in steps if r.step_time]
+        if times:
+            step_time[model] = float(np.mean(times))
+    if not step_time:
+        return flops_left
+    rate = float(np.median([step_time[m] / (total_flops[m] / configs[m].train.steps) for m in step_time]))
+    return {m: step_time[m] * steps_left[m] if m in step_time else flops_left[m] * rate for m in configs}

@@ -8,6 +8,7 @@ the other on two cores. The costliest runs start first, so the workers finish to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,23 +19,21 @@ import threading
 import traceback
 
 import jax
-import numpy as np
 from etils import epath
 
 from analysis import schema, storage
 from models.dit import PAPER_MODELS, short_name
-from models.flops import model_compute
 from scaling import config as config_lib
-from scaling import data as data_lib
+from scaling.cost import predicted_seconds, remaining_costs
 from scaling.host import WORKER_CORES_VARIABLE
-from scaling.lease import HELD_EXIT_CODE, WorkdirHeld
+from scaling.lease import HELD_EXIT_CODE, WorkdirHeld, describe_holder, read_holder
 from scaling.preemption import EXIT_CODE, Preempted
 from scaling.train import train
 
 log = logging.getLogger("dit_scaling.grid")
 
 
-def _short(model: str) -> str:
+def _grid_name(model: str) -> str:
     """A model name as grids use it: DiT's "S/8" for "S/8" or "DiT-S/8"; a family's member names as given."""
     try:
         return short_name(model)
@@ -48,14 +47,14 @@ def grid_models(config_name: str, models: list[str] | None = None, only: list[st
     if not models:
         members = config_lib.family_members(config_lib.load_config(config_name.partition(":")[0]))
         models = members or list(PAPER_MODELS)
-    models = [_short(m) for m in models]
+    models = [_grid_name(m) for m in models]
     if only:
-        known = {_short(m) for m in models}
-        unknown = [m for m in only if _short(m) not in known]
+        known = {_grid_name(m) for m in models}
+        unknown = [m for m in only if _grid_name(m) not in known]
         if unknown:
             raise ValueError(f"--only names configs outside the study: {unknown}; the study has {models}.")
-        wanted = {_short(m) for m in only}
-        models = [m for m in models if _short(m) in wanted]
+        wanted = {_grid_name(m) for m in only}
+        models = [m for m in models if _grid_name(m) in wanted]
     return models
 
 
@@ -67,51 +66,6 @@ def parse_shard(shard: str) -> tuple[int, int]:
     if not 0 <= index < count:
         raise ValueError(f"--shard {shard}: need 0 <= i < n.")
     return index, count
-
-
-def planned_model(config):
-    """The model config (DiTConfig, or a plug-in's FactoryConfig) a run of `config` trains, known before its data
-    is at hand: Fashion-MNIST's shape, or the latents' manifest where they exist, else latents of the published SD
-    autoencoder (KL-f8, 4 channels) with ImageNet's 1000 classes."""
-    if config.data.source == "fashion_mnist":
-        shape, classes = data_lib.FashionMNIST.image_shape, data_lib.FashionMNIST.num_classes
-    elif (epath.Path(config.data.path) / "manifest.json").is_file():
-        source = data_lib.open_source(config)
-        shape, classes = source.image_shape, source.num_classes
-    else:
-        from models.autoencoder import AutoencoderConfig
-
-        autoencoder = AutoencoderConfig()
-        side = config.data.resolution // 2 ** (len(autoencoder.block_out_channels) - 1)
-        shape, classes = (side, side, autoencoder.latent_channels), 1000
-    return config_lib.model_config(config, input_size=shape[0], in_channels=shape[2], num_classes=classes,
-                                   dtype="float32")
-
-
-def training_flops(config) -> float:
-    """A run's training compute in FLOPs: 3 x the forward pass (2 FLOPs per MAC) x batch x steps. (The paper's
-    Gflops, and the records' cumulative training Gflops, count MACs: half of this.)"""
-    return 6 * model_compute(planned_model(config)).macs * config.train.batch_size * config.train.steps
-
-
-def remaining_costs(configs: dict, workdirs: dict | None = None) -> dict[str, float]:
-    """Each run's cost still to pay, in seconds where any run has measured step times, else in training FLOPs: a
-    run with step records costs its mean measured step time x the steps it has left; one without, its training
-    FLOPs left x the median seconds per FLOP of the measured runs."""
-    flops_left, step_time, steps_left = {}, {}, {}
-    for model, config in configs.items():
-        steps = schema.read_steps(workdirs[model]) if workdirs and (workdirs[model] / schema.STEPS_FILE).is_file() \
-            else []
-        steps_left[model] = max(0, config.train.steps - (steps[-1].step if steps else 0))
-        flops_left[model] = training_flops(config) * steps_left[model] / config.train.steps
-        times = [r.step_time for r in steps if r.step_time]
-        if times:
-            step_time[model] = float(np.mean(times))
-    if not step_time:
-        return flops_left
-    rate = float(np.median([step_time[m] / (training_flops(configs[m]) / configs[m].train.steps)
-                            for m in step_time]))
-    return {m: step_time[m] * steps_left[m] if m in step_time else flops_left[m] * rate for m in configs}
 
 
 def plan_shards(costs: dict[str, float], count: int) -> list[list[str]]:
@@ -146,38 +100,6 @@ def shard_plan(configs: dict, count: int, runs_dir: epath.Path, workdirs: dict, 
     return plan
 
 
-# A cost model of one run on a CPU, for the order of the runs and the ETA before any run has finished: seconds per
-# step = STEP_OVERHEAD_S + training FLOPs / TRAIN_FLOP_RATE; per evaluation, EVAL_OVERHEAD_S + forward FLOPs of
-# sampling and the held-out loss / EVAL_FLOP_RATE. Fitted to a study on one core each of a 2-core AMD EPYC, the
-# slowest CPU seen (docs/benchmarks.md, "The miniature study"); the study rescales it by the runs that finish.
-STEP_OVERHEAD_S = 0.003
-TRAIN_FLOP_RATE = 50e9
-EVAL_FLOP_RATE = 22e9
-EVAL_OVERHEAD_S = 5.0
-RUN_OVERHEAD_S = 20.0  # start, compilation, checkpoints
-
-
-def predicted_seconds(config) -> float:
-    """The cost model's seconds for one run of `config` on one core of the reference CPU."""
-    model = planned_model(config)
-    macs = model_compute(model).macs
-    train_flops = 2 * 3 * macs * config.train.batch_size
-    seconds = RUN_OVERHEAD_S + config.train.steps * (STEP_OVERHEAD_S + train_flops / TRAIN_FLOP_RATE)
-    e = config.eval
-    if e.every:
-        steps = config.train.steps
-        samples = steps // e.every + (steps % e.every != 0)
-        every = e.validation_every or e.every
-        validations = steps // every + (steps % every != 0)
-        forward_passes = (samples * e.num_samples * sum(e.sampling_steps)
-                          + validations * e.validation_examples * e.validation_timesteps)
-        forward_passes += e.num_samples * sum(s for s in e.final_sampling_steps if s not in e.sampling_steps)
-        # validation_every divides eval.every, so the held-out loss's steps include the samples'.
-        evaluations = max(samples, validations) if e.validation_examples else samples
-        seconds += evaluations * EVAL_OVERHEAD_S + 2 * macs * forward_passes / EVAL_FLOP_RATE
-    return seconds
-
-
 def load_grid_configs(config_name: str, models: list[str], overrides: list[str] = (), *,
                       validate: bool = True) -> dict:
     """{model: config} for every model of a grid, each loaded and checked before any run starts: a bad override
@@ -208,7 +130,7 @@ def run_grid(config_name: str, runs_dir: str | epath.Path, *, models: list[str] 
     failures. With workers > 1, that many runs at once in worker processes (see the module docstring).
     `on_finish(model, outcome)` is called as each run ends. A preemption notice (SIGTERM) checkpoints the runs in
     progress and starts no other; a run that another machine holds is skipped. Returns {model: "finished" |
-    "skipped" | "skipped: held ..." | "failed: ..." | "preempted" | "not started"}."""
+    "skipped" | "skipped: ... is being written by another run ..." | "failed: ..." | "preempted" | "not started"}."""
     selected = grid_models(config_name, models, only)
     runs_dir = epath.Path(runs_dir)
     configs = load_grid_configs(config_name, selected, overrides)
@@ -231,31 +153,61 @@ def run_grid(config_name: str, runs_dir: str | epath.Path, *, models: list[str] 
         else:
             pending.append(model)
     if workers > 1 and len(pending) > 1:
-        pending.sort(key=lambda m: -predicted_seconds(configs[m]))  # costliest first: the workers end together
-        outcome.update(_run_in_workers(config_name, workdirs, pending, overrides, workers, on_finish))
+        pending.sort(key=lambda m: -_ordering_cost(configs[m]))  # costliest first: the workers end together
+        outcome.update(_run_in_workers({m: configs[m] for m in pending}, workdirs, workers, on_finish))
         return {model: outcome.get(model, "not started") for model in configs}
     for i, model in enumerate(pending):
-        workdir = workdirs[model]
-        log.info("[%d/%d] %s -> %s", i + 1, len(pending), model, workdir)
-        try:
-            train(configs[model], workdir)
-            outcome[model] = "finished"
-        except Preempted as e:
-            log.warning("%s", e)
-            outcome[model] = "preempted"
+        log.info("[%d/%d] %s -> %s", i + 1, len(pending), model, workdirs[model])
+        outcome[model] = train_run(configs[model], workdirs[model])
+        if outcome[model] == "preempted":
             break
-        except WorkdirHeld as e:  # another machine trains it: its manifest is that run's to write
-            log.warning("%s: skipped: %s", model, e)
-            outcome[model] = f"skipped: {e}"
-        except Exception as e:  # one failed run must not stop the grid
-            outcome[model] = f"failed: {type(e).__name__}: {e}"
-            log.error("%s failed:\n%s", model, traceback.format_exc())
-            manifest = schema.read_manifest(workdir)
-            if jax.process_index() == 0 and manifest is not None:
-                schema.write_manifest(workdir, manifest.with_changes(status="failed", error=f"{type(e).__name__}: {e}"))
         if on_finish is not None:
             on_finish(model, outcome[model])
     return {model: outcome.get(model, "not started") for model in configs}
+
+
+def _ordering_cost(config) -> float:
+    """predicted_seconds, or 0 for a config whose model cannot be built: its run fails at once, in its worker."""
+    try:
+        return predicted_seconds(config)
+    except ValueError:
+        return 0.0
+
+
+def train_run(config, workdir: epath.Path) -> str:
+    """Train (or resume) one run of a grid and say how it ended: "finished", "preempted" (checkpointed),
+    "skipped: ..." (another command holds its workdir; its manifest is that command's to write) or "failed: ..."
+    (the reason written to its manifest too, where it has one)."""
+    try:
+        train(config, workdir)
+        return "finished"
+    except Preempted as e:
+        log.warning("%s", e)
+        return "preempted"
+    except WorkdirHeld:
+        outcome = held_outcome(workdir)
+        log.warning("%s: %s", workdir.name, outcome)
+        return outcome
+    except Exception as e:  # one failed run must not stop the grid
+        error = f"{type(e).__name__}: {e}"
+        log.error("%s failed:\n%s", workdir.name, traceback.format_exc().rstrip())
+        if jax.process_index() == 0:
+            _record_failure(workdir, error)
+        return f"failed: {error}"
+
+
+def held_outcome(workdir: epath.Path) -> str:
+    """The outcome of a run whose workdir another command holds, naming the holder its lease names."""
+    return f"skipped: {workdir} is being written by another run: {describe_holder(read_holder(workdir))}"
+
+
+def _record_failure(workdir: epath.Path, error: str) -> None:
+    """Write a failed run's reason into its manifest (where it has one yet); a run that said it diverged keeps
+    that status."""
+    manifest = schema.read_manifest(workdir)
+    if manifest is not None:
+        status = "diverged" if manifest.status == "diverged" else "failed"
+        schema.write_manifest(workdir, manifest.with_changes(status=status, error=error))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,22 +233,27 @@ def worker_environment(cores: list[int]) -> dict[str, str]:
 
 
 class _RunLog:
-    """A worker's output, appended to the run's train.log: line by line on a local disk, in one write when the
-    worker ends on an object store (which cannot append)."""
+    """A worker's output, appended to the run's train.log (from two pipes, so one line at a time): line by line on
+    a local disk, in one write when the worker ends on an object store (which cannot append). Keeps the last lines
+    that say something, for the message of a failed run."""
 
     def __init__(self, path: epath.Path):
-        self.path, self._lines = path, []
+        self.path, self._lines, self.tail = path, [], []
+        self._lock = threading.Lock()
         self._file = None if storage.is_url(path) else open(path, "a")
 
     def __enter__(self) -> _RunLog:
         return self
 
     def write(self, line: str) -> None:
-        if self._file is None:
-            self._lines.append(line)
-        else:
-            self._file.write(line)
-            self._file.flush()
+        with self._lock:
+            if line.strip():
+                self.tail = [*self.tail[-19:], line.rstrip()]
+            if self._file is None:
+                self._lines.append(line)
+            else:
+                self._file.write(line)
+                self._file.flush()
 
     def __exit__(self, *exc) -> None:
         if self._file is None:
@@ -305,10 +262,37 @@ class _RunLog:
             self._file.close()
 
 
-def _run_in_workers(config_name: str, workdirs: dict[str, epath.Path], models: list[str], overrides: list[str],
-                    workers: int, on_finish) -> dict[str, str]:
+def _copy_lines(stream, run_log: _RunLog) -> None:
+    for line in stream:
+        run_log.write(line)
+
+
+def _worker_outcome(workdir: epath.Path, code: int, run_log: _RunLog) -> str:
+    """A worker's outcome from its exit code (scaling.worker's), and for a failure the reason its manifest gives.
+    Without one (no manifest yet, or a worker killed or crashed outside Python, whose manifest still says
+    `running`) the reason is the exit code and the last line of its log, and a `running` manifest is marked
+    failed with it."""
+    if code == 0:
+        return "finished"
+    if code == EXIT_CODE:  # checkpointed and marked preempted by the run itself
+        return "preempted"
+    if code == HELD_EXIT_CODE:
+        return held_outcome(workdir)
+    manifest = schema.read_manifest(workdir)
+    if manifest is not None and manifest.status != "running" and manifest.error:
+        return f"failed: {manifest.error}"
+    reason = f"exit code {code}" + (f": {run_log.tail[-1]}" if run_log.tail else "")
+    if manifest is not None and manifest.status == "running":
+        _record_failure(workdir, reason)
+    return f"failed: {reason}"
+
+
+def _run_in_workers(configs: dict, workdirs: dict[str, epath.Path], workers: int, on_finish) -> dict[str, str]:
+    """Train `configs` (in this order) in `workers` worker processes (`python -m scaling.worker WORKDIR`, the
+    config as JSON on its standard input), each confined to its share of the cores. A worker's output goes to its
+    run's train.log; its standard output, the run's progress lines, to this process's too."""
     shares = core_shares(workers)
-    queue, outcome, lock = list(models), {}, threading.Lock()
+    queue, outcome, lock = list(configs), {}, threading.Lock()
     children: set[subprocess.Popen] = set()
 
     def work(cores: list[int]) -> None:
@@ -319,41 +303,31 @@ def _run_in_workers(config_name: str, workdirs: dict[str, epath.Path], models: l
                 model = queue.pop(0)
             workdir = workdirs[model]
             workdir.mkdir(parents=True, exist_ok=True)
-            base, _, options = config_name.partition(":")
-            command = [sys.executable, "-m", "scaling.cli", "train", "--workdir", str(workdir),
-                       "--config", f"{base}:{model}" + (f",{options}" if options else ""),
-                       *(f"--config.{o}" for o in overrides)]
             log.info("%s -> %s (worker on core%s %s)", model, workdir, "s" if len(cores) > 1 else "",
                      ",".join(map(str, cores)))
-            tail: list[str] = []
+            config_json = json.dumps(configs[model].to_dict(), default=str)  # as the run's manifest records it
             with _RunLog(workdir / schema.LOG_FILE) as run_log:
-                child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                child = subprocess.Popen([sys.executable, "-m", "scaling.worker", str(workdir)], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                          env=worker_environment(cores))
                 with lock:
                     children.add(child)
-                for line in child.stdout:
+                with contextlib.suppress(BrokenPipeError):  # a worker that ended at once says why in its log
+                    child.stdin.write(config_json)
+                    child.stdin.close()
+                details = threading.Thread(target=_copy_lines, args=(child.stderr, run_log), daemon=True)
+                details.start()
+                for line in child.stdout:  # progress lines
                     run_log.write(line)
-                    tail = [*tail[-19:], line.rstrip()]
-                    if line.startswith("["):  # the run's progress and evaluation lines
-                        print(line.rstrip(), flush=True)
+                    print(line.rstrip(), flush=True)
+                details.join()
                 code = child.wait()
             with lock:
                 children.discard(child)
-            if code == 0:
-                result = "finished"
-            elif code == EXIT_CODE:  # checkpointed and marked preempted by the run itself
-                result = "preempted"
-            elif code == HELD_EXIT_CODE:  # another machine trains it
-                result = "skipped: " + next((t for t in reversed(tail) if "error:" in t), "held by another run")
-            else:
-                reason = next((t for t in reversed(tail) if "error" in t.lower() or "Error" in t), "") or \
-                    (tail[-1] if tail else "")
-                result = f"failed: exit code {code}: {reason}"
-                manifest = schema.read_manifest(workdir)
-                if manifest is not None and manifest.status == "running":  # a diverged run says so itself
-                    schema.write_manifest(workdir, manifest.with_changes(status="failed", error=reason))
-                log.error("%s failed (exit code %d); its output is in %s:\n%s", model, code,
-                          workdir / schema.LOG_FILE, "\n".join(tail))
+            result = _worker_outcome(workdir, code, run_log)
+            if result.startswith("failed"):
+                log.error("%s %s; its output is in %s:\n%s", model, result, workdir / schema.LOG_FILE,
+                          "\n".join(run_log.tail))
             with lock:
                 outcome[model] = result
                 if on_finish is not None:

@@ -1,12 +1,15 @@
-"""Process-level settings for the host (CPU) side of the JAX runtime, and what the host's CPU is."""
+"""Process-level settings for the host (CPU) side of the JAX runtime, what the host's CPU is, and where the toolkit
+keeps what it computes once for many runs (CACHE_DIR)."""
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import platform
 import signal
 import sys
+from pathlib import Path
 
 from etils import epath
 
@@ -14,6 +17,21 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc mallopt param
 _DEFAULT_MMAP_MAX = 65536  # glibc's own value of M_MMAP_MAX
 _PR_SET_PDEATHSIG = 1
 WORKER_CORES_VARIABLE = "DIT_SCALING_WORKER_CORES"  # set by the grid for the worker processes it starts
+# Compiled XLA programs (jax/) and the small-data metric's trained classifier (fashion_cnn/).
+CACHE_DIR = epath.Path(os.environ.get("DIT_SCALING_CACHE", Path.home() / ".cache" / "dit-scaling"))
+_QUIET_LOGGERS = ("absl", "orbax", "jax", "fontTools")  # libraries whose INFO messages are noise in a run's output
+
+
+def set_up_process(*, compiles: bool) -> None:
+    """What every entry point (the command line, a grid's worker) does first, before JAX starts its threads: glibc
+    keeps freed memory (keep_freed_memory), messages go to standard error at INFO (the libraries' at WARNING), and
+    a process that compiles XLA programs keeps them in the compilation cache (enable_compilation_cache)."""
+    keep_freed_memory()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if compiles:
+        enable_compilation_cache()
 
 
 def confine_worker() -> None:
@@ -63,15 +81,16 @@ def return_freed_memory_if_large(state_bytes: int) -> bool:
     return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX))
 
 
-def enable_compilation_cache(cache_dir: epath.Path) -> epath.Path:
-    """Keep compiled XLA programs in `cache_dir`, so that a resumed run, the next run of a grid and (on shared
+def enable_compilation_cache() -> epath.Path:
+    """Keep compiled XLA programs in CACHE_DIR/jax, so that a resumed run, the next run of a grid and (on shared
     storage) every host of a pod skip recompiling the same step (minutes for a DiT on a GPU, where XLA autotunes
     every matmul). A cache directory JAX already has (`$JAX_COMPILATION_CACHE_DIR`, or set in this process) is
-    kept. Call before the first computation; returns the directory in use."""
+    kept. Call before the first computation (through set_up_process); returns the directory in use. JAX is
+    imported here, so that commands that compile nothing run without it."""
     import jax
 
     if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+        jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR / "jax"))
     return epath.Path(jax.config.jax_compilation_cache_dir)
 
 

@@ -18,8 +18,9 @@ from models.dit import LATENT_DOWNSAMPLE, dit_config
 from models.flops import dit_compute
 
 
-def run_name(model: str, resolution: int, block: str) -> str:
-    """"paper:DiT-XL/2" for the 256px adaLN-Zero runs; other resolutions and blocks are suffixed."""
+def paper_run_name(model: str, resolution: int, block: str) -> str:
+    """The name a run of the paper has in records (their `run`; ours are named by scaling.config.run_name):
+    "paper:DiT-XL/2" for the 256px adaLN-Zero runs; other resolutions and blocks are suffixed."""
     suffix = ("" if resolution == 256 else f"-{resolution}px") + ("" if block == "adaLN-Zero" else f"-{block}")
     return f"paper:{model}{suffix}"
 
@@ -40,7 +41,7 @@ def paper_evaluations() -> pd.DataFrame:
         count = counted(r.model, r.resolution, r.block)
         from_paper = pd.notna(r.gflops)
         rows.append({
-            "run": run_name(r.model, r.resolution, r.block), "model": r.model, "size": r.size, "patch": r.patch,
+            "run": paper_run_name(r.model, r.resolution, r.block), "model": r.model, "size": r.size, "patch": r.patch,
             "block": r.block,
             "resolution": r.resolution,
             "gflops": float(r.gflops) if from_paper else round(count.gflops, 2),

@@ -26,6 +26,7 @@ from analysis import schema
 from models.dit import PAPER_MODELS, short_name
 from scaling import grid
 from scaling.config import run_name
+from scaling.cost import predicted_seconds
 from scaling.host import cpu_model
 from scaling.preemption import Preempted
 from scaling.train import code_revision, format_duration
@@ -82,11 +83,12 @@ def _claim_workdir(workdir: epath.Path, settings: dict) -> None:
 
 class _Progress:
     """The study's own progress lines: runs done, elapsed time and the ETA. Before any run has finished the ETA
-    is the grid's cost model; afterwards the model is rescaled by how long the finished runs took."""
+    is the CPU cost model's (scaling.cost.predicted_seconds); afterwards the model is rescaled by how long the
+    finished runs took."""
 
     def __init__(self, workdir: epath.Path, configs: dict, pending: list[str], workers: int):
         self.workdir, self.configs, self.workers = workdir, configs, workers
-        self.predicted = {m: grid.predicted_seconds(configs[m]) for m in pending}
+        self.predicted = {m: predicted_seconds(configs[m]) for m in pending}
         self.remaining = set(pending)
         self.done = {}  # model -> seconds it took
         self.start = time.perf_counter()
@@ -141,7 +143,6 @@ def run_study(preset: str = "default", workdir: str | os.PathLike | None = None,
         raise ValueError(f"Unknown preset {preset!r}: use one of {', '.join(PRESETS)}.")
     start = time.perf_counter()
     workdir = epath.Path(workdir) if workdir is not None else default_workdir(preset, seed)
-    overrides = [o.removeprefix("--config.") for o in overrides]
     models = grid.grid_models("fmnist", ALL_MODELS, models)
     _claim_workdir(workdir, {"preset": preset, "seed": seed, "models": models, "overrides": list(overrides)})
     all_overrides = [f"train.seed={seed}", *overrides]
@@ -166,12 +167,9 @@ def run_study(preset: str = "default", workdir: str | os.PathLike | None = None,
 
 def _prepare_feature_network(config) -> None:
     """Train (or load) the evaluation's FashionCNN once, before the workers start: else each would train it."""
-    from models.fashion_cnn import CACHE_DIR
     from scaling import data as data_lib
     from scaling.evaluation.in_training import prepare_feature_network
-    from scaling.host import enable_compilation_cache
 
-    enable_compilation_cache(CACHE_DIR / "jax")
     prepare_feature_network(config, data_lib.open_source(config))
 
 

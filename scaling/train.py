@@ -323,7 +323,7 @@ class _StepLog:
         self.run_start = time.perf_counter()
         self.last_time, self.last_step = None, run.start_step
         self.final_loss = None
-        self.flops_per_step = 2 * 3 * run.compute.macs * run.global_batch
+        self.flops_per_step = schema.training_flops(run.compute.macs, run.global_batch)
         self.writer = _tensorboard_writer(run.workdir) if run.primary else None
 
     def wall_time(self) -> float:

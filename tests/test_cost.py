@@ -8,8 +8,7 @@ from models.diffusion import GaussianDiffusion, linear_betas
 from models.flops import dit_compute
 from scaling.cli import main
 from scaling.config import load_config
-from scaling.cost import CHIPS, activation_bytes, run_cost
-from scaling.grid import planned_model, training_flops
+from scaling.cost import CHIPS, activation_bytes, planned_model, run_cost, run_training_flops
 from scaling.train_step import init_state, make_optimizer, make_train_step
 
 
@@ -21,7 +20,7 @@ def test_state_memory_and_wall_time_follow_from_the_parameter_count():
     assert cost["state_replicated"] == pytest.approx(20 * params, abs=64)
     assert cost["state_fsdp"] == pytest.approx(20 * params / 8, rel=0.01)  # a few small leaves stay whole
     assert cost["gflops"] == pytest.approx(118.6, rel=0.01)  # the paper's Table 4
-    seconds = training_flops(config) / (8 * CHIPS["v4"].peak_flops * 0.5)
+    seconds = run_training_flops(config) / (8 * CHIPS["v4"].peak_flops * 0.5)
     assert cost["hours"] == pytest.approx(seconds / 3600) and cost["chip_hours"] == pytest.approx(8 * seconds / 3600)
     assert cost["local_batch"] == 32 and cost["fits"] == "replicated"
     small = run_cost(config, chip="v5e", chips=8, utilization=0.5)  # 16 GiB chips

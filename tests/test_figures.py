@@ -123,7 +123,7 @@ def test_a_runs_size_and_patch_come_from_its_columns():
     assert style.dit_size_and_patch("XL", 2.0) == ("XL", 2)
     assert style.dit_size_and_patch(np.nan, np.nan) == (None, None)
     assert style.dit_size_and_patch("M", 2) == (None, None)  # not one of the paper's sizes
-    assert style.short_name("DiT-XL/2", "XL", 2) == "XL/2" and style.short_name("ADM", None, None) == "ADM"
+    assert style.config_label("DiT-XL/2", "XL", 2) == "XL/2" and style.config_label("ADM", None, None) == "ADM"
 
 
 def test_render_all_on_the_paper_records(paper_rendered):

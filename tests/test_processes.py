@@ -2,6 +2,7 @@
 simulated devices, two hosts training one model."""
 
 import json
+import os
 import re
 import signal
 import socket
@@ -172,6 +173,26 @@ def test_sigterm_to_the_grid_checkpoints_its_runs_and_starts_no_other(fmnist_dir
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for run in runs:
         assert [r["step"] for r in read_records(tmp_path / run / "records.jsonl")] == list(range(10, steps + 1, 10))
+
+
+@pytest.mark.slow
+def test_a_worker_killed_outright_is_marked_failed_with_the_last_line_of_its_log(fmnist_dir, tmp_path):
+    grid = subprocess.Popen([sys.executable, "-m", "scaling.cli", "grid", "--config", "fmnist:smoke", "--workdir",
+                             str(tmp_path), "--models", "S/8,B/8", "--workers", "2", f"--config.data.path={fmnist_dir}",
+                             *INTERRUPTED, "--config.train.steps=100000"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    killed, preempted = tmp_path / "DiT-S-8", tmp_path / "DiT-B-8"
+    assert _wait_for(lambda: _last_step(killed) > 20 and _last_step(preempted) > 20)
+    worker = json.loads((killed / "lease.json").read_text())["pid"]  # the run's writer: its worker process
+    os.kill(worker, signal.SIGKILL)  # no exit code of its own, no word in its manifest
+    assert _wait_for(lambda: json.loads((killed / "manifest.json").read_text())["status"] == "failed")
+    grid.send_signal(signal.SIGTERM)
+    out, err = grid.communicate(timeout=120)
+    assert grid.returncode == EXIT_CODE, err[-3000:]
+    last_line = (killed / "train.log").read_text().rstrip().splitlines()[-1]
+    error = json.loads((killed / "manifest.json").read_text())["error"]
+    assert error == f"exit code -{int(signal.SIGKILL)}: {last_line}" and f"failed: {error}" in out
+    assert json.loads((preempted / "manifest.json").read_text())["status"] == "preempted"
 
 
 EVALUATED_SMOKE = ["--config.train.steps=10", "--config.eval.every=10", "--config.eval.num_samples=16",

@@ -18,17 +18,9 @@ from models.dit import PAPER_MODELS, short_name
 from scaling.checkpoints import load_final_params
 from scaling.cli import main
 from scaling.config import apply_override, load_config, run_name, validate
+from scaling.cost import remaining_costs, run_training_flops
 from scaling.data import FashionMNIST, make_dataset, read_idx
-from scaling.grid import (
-    grid_models,
-    load_grid_configs,
-    parse_shard,
-    plan_shards,
-    remaining_costs,
-    run_grid,
-    shard_plan,
-    training_flops,
-)
+from scaling.grid import grid_models, load_grid_configs, parse_shard, plan_shards, run_grid, shard_plan
 from scaling.latents import write_latents
 from scaling.train import TrainingDiverged, train
 
@@ -324,7 +316,7 @@ def test_shards_balance_training_compute(capsys):
     best = min(max(sum(cost[m] for m, side in zip(few, sides, strict=True) if side == s) for s in (0, 1))
                for sides in itertools.product((0, 1), repeat=len(few)))
     planned = max(sum(cost[m] for m in shard) for shard in plan_shards(few, 2))
-    assert cost["XL/2"] == training_flops(configs["XL/2"])
+    assert cost["XL/2"] == run_training_flops(configs["XL/2"])
     assert best <= planned <= (4 / 3 - 1 / 6) * best
 
     assert main(["grid", "--config", "imagenet256", "--workdir", "unused", "--plan-shards", "3"]) == 0
@@ -344,17 +336,17 @@ def test_shards_use_measured_step_times_and_the_first_plan_stands(tmp_path):
     configs = load_grid_configs("fmnist", models, validate=False)
     workdirs = {m: tmp_path / run_name(c) for m, c in configs.items()}
     by_compute = remaining_costs(configs, workdirs)
-    assert by_compute == {m: training_flops(c) for m, c in configs.items()}
+    assert by_compute == {m: run_training_flops(c) for m, c in configs.items()}
     # S/8 measured 100x slower per FLOP than B/8, halfway through; the others are priced at the median rate.
     steps = configs["S/8"].train.steps
-    flops_per_step = {m: training_flops(c) / steps for m, c in configs.items()}
+    flops_per_step = {m: run_training_flops(c) / steps for m, c in configs.items()}
     _record_steps(workdirs["S/8"], [steps // 2], 100 * 1e-9 * flops_per_step["S/8"])
     _record_steps(workdirs["B/8"], [steps // 2], 1e-9 * flops_per_step["B/8"])
     measured = remaining_costs(configs, workdirs)
     assert measured["S/8"] == pytest.approx(100e-9 * flops_per_step["S/8"] * steps / 2)
     assert measured["B/8"] == pytest.approx(1e-9 * flops_per_step["B/8"] * steps / 2)
     rate = np.median([100e-9, 1e-9])
-    assert measured["B/4"] == pytest.approx(rate * training_flops(configs["B/4"]))
+    assert measured["B/4"] == pytest.approx(rate * run_training_flops(configs["B/4"]))
 
     first = shard_plan(configs, 2, tmp_path, workdirs, write=True)
     assert first == plan_shards(measured, 2) and (tmp_path / "shards-2.json").is_file()
@@ -379,6 +371,22 @@ def test_grid_skips_finished_runs_and_survives_a_failure(fmnist_dir, tmp_path, c
     assert ablation == {"S/8": "finished"}
     assert json.loads((tmp_path / "DiT-S-8-in-context" / "manifest.json").read_text())["block"] == "in-context"
     assert json.loads((tmp_path / "DiT-S-8" / "manifest.json").read_text())["block"] == "adaLN-Zero"
+
+
+def test_grid_workers_report_failures_through_their_manifests_and_logs(fmnist_dir, tmp_path, capsys):
+    """Two workers: a diverged run's reason is the error its manifest records; a run that fails before it has a
+    manifest is described by the last line of its log; the progress lines reach the console."""
+    overrides = [f"data.path={fmnist_dir}", "train.steps=20", "train.log_every=1", "train.learning_rate=1e4", *TINY]
+    outcome = run_grid("fmnist:smoke", tmp_path, models=["S/8", "S/3"], overrides=overrides, workers=2)
+    manifest = schema.read_manifest(tmp_path / "DiT-S-8")
+    assert manifest.status == "diverged" and manifest.error.startswith("TrainingDiverged: Loss is ")
+    assert outcome["S/8"] == f"failed: {manifest.error}"
+    assert not (tmp_path / "DiT-S-3" / schema.MANIFEST_FILE).exists()
+    last_line = (tmp_path / "DiT-S-3" / schema.LOG_FILE).read_text().rstrip().splitlines()[-1]
+    assert "not divisible by patch_size 3" in last_line and outcome["S/3"] == f"failed: exit code 1: {last_line}"
+    out = capsys.readouterr().out
+    assert "[DiT-S-8] step 1/20" in out and "Traceback" not in out  # progress shown; details in the logs only
+    assert "Traceback" in (tmp_path / "DiT-S-8" / schema.LOG_FILE).read_text()
 
 
 # -- evaluation during training -------------------------------------------------------------------------------

@@ -4,11 +4,11 @@
 
 For each config (256px: 32x32x4 latents, 1000 classes, learned sigma, the paper's AdamW + EMA step) and compute
 dtype, in a fresh process each: the matmul peak of one device measured in that process (`measure_matmul_peak`,
-same dtype), the compile time of the training step, the median time of a step, images/s, achieved FLOP/s
-(2 x 3 x forward MACs x images/s: true FLOPs, backward = 2 x forward) and its ratio to the peak, and the peak
-memory (process RSS on CPU, the device's peak bytes elsewhere) beside the compiled step's own size (XLA's memory
-analysis) and what `grid --dry-run` predicts for one device (scaling/cost.py). With both float32 and bfloat16, it
-says which of them `model.dtype = "auto"` picks on this machine and whether that is the faster one.
+same dtype), the compile time of the training step, the median time of a step, images/s, achieved FLOP/s (a step's
+`analysis.schema.training_flops` per second) and its ratio to the peak, and the peak memory (process RSS on CPU,
+the device's peak bytes elsewhere) beside the compiled step's own size (XLA's memory analysis) and what
+`grid --dry-run` predicts for one device (scaling/cost.py). With both float32 and bfloat16, it says which of them
+`model.dtype = "auto"` picks on this machine and whether that is the faster one.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str, scan_b
     import jax.numpy as jnp
     import numpy as np
 
+    from analysis.schema import training_flops
     from models.diffusion import GaussianDiffusion, linear_betas
     from models.dit import dit_config
     from models.flops import dit_compute
@@ -82,7 +83,7 @@ def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str, scan_b
         times.append(time.perf_counter() - start)
     step_s = float(np.median(times))
     peak = measure_matmul_peak(dtype)
-    achieved = 2 * 3 * macs * batch / step_s
+    achieved = training_flops(macs, batch) / step_s
     stats = jax.devices()[0].memory_stats() or {}
     memory = stats.get("peak_bytes_in_use") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kept = "" if remat_policy == DiTConfig.remat_policy else f"({remat_policy.removesuffix('_saveable')})"

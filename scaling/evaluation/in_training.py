@@ -77,11 +77,13 @@ def prepare_feature_network(config, source):
     """The FashionCNN of a run's evaluation (trained once per data and recipe, then loaded from the cache): a
     grid running several runs at once prepares it first, so that they do not all train it."""
     from models.fashion_cnn import Recipe, trained_fashion_cnn
+    from scaling.host import CACHE_DIR
 
     e = config.eval
     n_train = int(e.classifier_examples) or len(source)
     recipe = Recipe(epochs=int(e.classifier_epochs), seed=int(config.train.seed))
-    return trained_fashion_cnn(source.images[:n_train], source.labels[:n_train], source.num_classes, recipe)
+    return trained_fashion_cnn(source.images[:n_train], source.labels[:n_train], source.num_classes, recipe,
+                               cache_dir=CACHE_DIR)
 
 
 def pending_protocols(done: list[EvaluationRecord], step: int,
