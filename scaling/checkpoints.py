@@ -2,7 +2,7 @@
 and loading a finished run's parameters.
 
 A checkpoint holds the train state (parameters, EMA, optimizer, step, RNG), the data iterator's state and
-metadata: the wall time so far, an exact checksum of every array of the state (`train_step.state_checksum`) and
+metadata: the wall time so far, an exact checksum of every array of the state (`state_checksum`) and
 a SHA-256 of the iterator state. A checkpoint that fails to restore or to match its checksums is never used: it
 is moved to corrupt_checkpoints/ and an older one is taken.
 """
@@ -14,14 +14,15 @@ import json
 import logging
 import os
 import time
+import zlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from analysis import schema, storage
-from scaling.train_step import state_checksum
 
 log = logging.getLogger("dit_scaling.checkpoints")
 
@@ -135,3 +136,52 @@ def load_params(workdir: str | os.PathLike, *, step: int | None = None, ema: boo
 def load_final_params(workdir: str | os.PathLike, *, ema: bool = True) -> dict:
     """The parameters (EMA by default) of the newest checkpoint of a run, as a pure dict of numpy arrays."""
     return load_params(workdir, ema=ema)[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The state's checksum
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+    """The bits of every element of x as uint32 (8-byte elements gain a trailing axis of two words)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if x.dtype.itemsize >= 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]).astype(jnp.uint32)
+
+
+@jax.jit
+def _checksum(leaves: list, salts: jax.Array) -> jax.Array:
+    total = jnp.uint32(0)
+    for index, leaf in enumerate(leaves):
+        bits = _as_uint32(leaf)
+        # Each element's bits times an odd weight from its position: odd numbers are invertible modulo 2^32, so
+        # any change to one element changes the sum (several changes can cancel, with odds of about 2^-32).
+        position = jnp.zeros(bits.shape, jnp.uint32)
+        for axis, stride in enumerate(np.cumprod((1, *bits.shape[::-1]))[-2::-1]):
+            position = position + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride)
+        total = total + jnp.sum(bits * (2 * position + 1), dtype=jnp.uint32) * salts[index]
+    return total
+
+
+def _path_salt(path) -> int:
+    """An odd number from a leaf's path, the same whether a checkpoint restored its containers as dicts with
+    string keys or as the tuples, named tuples and integer-keyed dicts of the live state."""
+    name = "/".join(str(getattr(key, "name", getattr(key, "idx", getattr(key, "key", key)))) for key in path)
+    return zlib.crc32(name.encode()) | 1
+
+
+def state_checksum(state: dict) -> int:
+    """An exact checksum of every array of the state (parameters, optimizer, EMA, step, RNG): a weighted sum of
+    the bits modulo 2^32, stored with each checkpoint and checked on restore. Integer sums are exact in any
+    order, so the value depends neither on how the state is sharded nor on the order of its leaves.
+
+    One jitted program: per-array eager reductions of sharded arrays would put one collective program per
+    array in flight at once, and XLA:CPU's simulated devices can deadlock on those (4 devices, 2 cores)."""
+    paths_and_leaves = jax.tree_util.tree_leaves_with_path(state)
+    salts = np.asarray([_path_salt(path) for path, _ in paths_and_leaves], np.uint32)
+    return int(_checksum([leaf for _, leaf in paths_and_leaves], salts))

@@ -37,7 +37,8 @@ from models.dit import DiTConfig
 from models.flops import model_compute
 from scaling import config as config_lib
 from scaling import data as data_lib
-from scaling.train_step import fsdp_axis, init_state, make_optimizer
+from scaling.devices import fsdp_axis
+from scaling.train_step import init_state, make_optimizer
 
 # ----------------------------------------------------------------------------------------------------------------
 # A run's training compute
@@ -123,7 +124,7 @@ def activation_bytes(model, batch: int, *, remat: bool) -> int:
 
 def run_cost(config, *, chip: str, chips: int, utilization: float, slices: int = 1) -> dict:
     """One row of the dry run for a run of `config` on `chips` chips of kind `chip`, in `slices` slices (fsdp
-    splits the state within a slice: `train_step.make_mesh`)."""
+    splits the state within a slice: `devices.make_mesh`)."""
     spec = CHIPS[chip]
     model = planned_model(config)
     compute_model = dataclasses.replace(model, dtype="bfloat16")  # what an accelerator's auto dtype picks

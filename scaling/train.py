@@ -41,21 +41,12 @@ from scaling import checkpoints, precision, tensorboard
 from scaling import config as config_lib
 from scaling import data as data_lib
 from scaling.configs.common import base_config
+from scaling.devices import BATCH_AXES, make_mesh, measure_matmul_peak, param_sharding
 from scaling.evaluation.in_training import build_evaluator, pending_protocols
 from scaling.host import return_freed_memory_if_large
 from scaling.lease import RunLease
 from scaling.preemption import Preempted, PreemptionNotice
-from scaling.train_step import (
-    BATCH_AXES,
-    init_state,
-    make_mesh,
-    make_multi_step,
-    make_optimizer,
-    make_train_step,
-    measure_matmul_peak,
-    param_sharding,
-    state_bytes,
-)
+from scaling.train_step import init_state, make_multi_step, make_optimizer, make_train_step, state_bytes
 
 log = logging.getLogger("dit_scaling.train")
 

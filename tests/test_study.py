@@ -165,8 +165,8 @@ def test_validation_loss_is_the_noise_prediction_error_on_held_out_images(fmnist
     from models.flops import dit_compute
     from scaling import data as data_lib
     from scaling.config import load_config, model_config
+    from scaling.devices import make_mesh
     from scaling.evaluation.in_training import ValidationLossEvaluator, validation_timesteps
-    from scaling.train_step import make_mesh
 
     config = load_config("fmnist:S/4,study-smoke", [f"data.path={fmnist_dir}", "eval.validation_examples=10",
                                                      "eval.validation_timesteps=3", "eval.batch_size=7"])

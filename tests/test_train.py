@@ -175,7 +175,7 @@ def test_state_checksum_sees_every_change():
     import jax
     import jax.numpy as jnp
 
-    from scaling.train_step import state_checksum
+    from scaling.checkpoints import state_checksum
 
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)

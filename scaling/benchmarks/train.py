@@ -48,7 +48,8 @@ def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str, scan_b
     from models.flops import dit_compute
     from scaling.configs.common import base_config
     from scaling.cost import activation_bytes, training_state_bytes
-    from scaling.train_step import init_state, make_optimizer, make_train_step, measure_matmul_peak, state_bytes
+    from scaling.devices import measure_matmul_peak
+    from scaling.train_step import init_state, make_optimizer, make_train_step, state_bytes
 
     config = base_config()
     remat = _recomputes(model, remat)

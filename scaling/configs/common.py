@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 2  # newest checkpoints kept
     config.train.keep_every = 50_000  # also keep every K-th step for analysis (0: none)
     config.train.param_sharding = "replicated"  # replicated | fsdp (shard parameters over the data axis)
-    config.train.slices = 0  # TPU slices the mesh spans (0: what the devices say; see train_step.make_mesh)
+    config.train.slices = 0  # TPU slices the mesh spans (0: what the devices say; see devices.make_mesh)
     config.train.async_checkpoints = True
 
     # Sample quality of the EMA model during training: one record per (step, sampling_steps entry) in

@@ -181,7 +181,7 @@ class ValidationLossEvaluator:
         from jax.sharding import PartitionSpec as P
 
         from models.plugin import abstract_model
-        from scaling.train_step import BATCH_AXES
+        from scaling.devices import BATCH_AXES
 
         e = self.config.eval
         held_out = data_lib.FashionMNIST(self.config.data.path, split="test")

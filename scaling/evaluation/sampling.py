@@ -22,7 +22,7 @@ from there, so a long sampling job split into calls draws what one call would. W
 
     from models.diffusion import guided_model_fn
     from models.plugin import abstract_model
-    from scaling.train_step import BATCH_AXES
+    from scaling.devices import BATCH_AXES
 
     if batch_size % jax.device_count():
         raise ValueError(f"eval.batch_size {batch_size} must be a multiple of the device count "

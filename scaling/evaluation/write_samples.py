@@ -121,8 +121,8 @@ def write_samples(source: str | os.PathLike, out: str | os.PathLike, options: Sa
 
     from models.diffusion import GaussianDiffusion, linear_betas
     from models.flops import model_compute
+    from scaling.devices import make_mesh
     from scaling.evaluation.sampling import make_sampler
-    from scaling.train_step import make_mesh
 
     out = epath.Path(out)
     model = load_sampling_model(source, step=step, num_heads=num_heads)
