@@ -12,6 +12,7 @@ from etils import epath
 
 from analysis.cli import add_commands as add_analysis_commands
 from analysis.cli import print_table
+from scaling.configs.fmnist import PRESETS as STUDY_PRESETS
 from scaling.host import set_up_process
 from scaling.latents import DEFAULT_SHARD_SIZE
 
@@ -524,8 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "training and over several sampling-step counts at the end, fit and render the paper's figures "
                     "and check its findings: WORKDIR/report.md, WORKDIR/figures/, one run directory per config. The "
                     "same command resumes an interrupted study; a finished one re-renders in seconds.")
-    study.add_argument("--preset", choices=("smoke", "default", "full"), default="default",
-                       help="smoke: about 3 minutes (the tests'); default: within 20 minutes on a 2-core CPU; "
+    study.add_argument("--preset", choices=tuple(STUDY_PRESETS), default="default",
+                       help="tiny: about 3 minutes (the tests'); default: within 20 minutes on a 2-core CPU; "
                             "full: longer runs that sharpen every finding")
     study.add_argument("--workdir", help="where the study goes (default: studies/fmnist-PRESET[-seedN])")
     study.add_argument("--seed", type=int, default=0, help="training seed of every run")

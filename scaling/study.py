@@ -26,6 +26,7 @@ from analysis import schema
 from models.dit import PAPER_MODELS, short_name
 from scaling import grid
 from scaling.config import run_name
+from scaling.configs import fmnist
 from scaling.cost import predicted_seconds
 from scaling.host import cpu_model
 from scaling.preemption import Preempted
@@ -33,9 +34,7 @@ from scaling.train import code_revision, format_duration
 
 log = logging.getLogger("dit_scaling.study")
 
-PRESETS = ("smoke", "default", "full")
-# The config option of each preset: the fmnist config's own ",smoke" is a seconds-long run without evaluation.
-CONFIG_OPTIONS = {"smoke": "study-smoke", "default": "default", "full": "full"}
+PRESETS = tuple(fmnist.PRESETS)  # each preset is the fmnist config's option of the same name
 ALL_MODELS = [short_name(m) for m in PAPER_MODELS]
 STUDY_FILE = "study.json"
 FIGURES_DIR = "figures"
@@ -146,7 +145,7 @@ def run_study(preset: str = "default", workdir: str | os.PathLike | None = None,
     models = grid.grid_models("fmnist", ALL_MODELS, models)
     _claim_workdir(workdir, {"preset": preset, "seed": seed, "models": models, "overrides": list(overrides)})
     all_overrides = [f"train.seed={seed}", *overrides]
-    config_name = f"fmnist:{CONFIG_OPTIONS[preset]}"
+    config_name = f"fmnist:{preset}"
     configs = grid.load_grid_configs(config_name, models, all_overrides)
     pending = [m for m in models if not grid.is_finished(workdir / run_name(configs[m]), configs[m])]
     workers = min(workers or len(os.sched_getaffinity(0)), max(1, len(pending)))

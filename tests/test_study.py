@@ -168,7 +168,7 @@ def test_validation_loss_is_the_noise_prediction_error_on_held_out_images(fmnist
     from scaling.devices import make_mesh
     from scaling.evaluation.in_training import ValidationLossEvaluator, validation_timesteps
 
-    config = load_config("fmnist:S/4,study-smoke", [f"data.path={fmnist_dir}", "eval.validation_examples=10",
+    config = load_config("fmnist:S/4,tiny", [f"data.path={fmnist_dir}", "eval.validation_examples=10",
                                                      "eval.validation_timesteps=3", "eval.batch_size=7"])
     dit = model_config(config, input_size=32, in_channels=1, num_classes=10)
     graphdef, state = nnx.split(DiT(dit, rngs=nnx.Rngs(3)))
@@ -204,7 +204,7 @@ PART = ["S/8", "S/4", "B/8", "B/4"]  # two sizes by two patch sizes: every fit a
 
 
 def _study(workdir, fmnist_dir, **popen):
-    return subprocess.Popen([sys.executable, "-m", "scaling.cli", "study", "--preset", "smoke", "--workdir",
+    return subprocess.Popen([sys.executable, "-m", "scaling.cli", "study", "--preset", "tiny", "--workdir",
                              str(workdir), "--models", ",".join(PART), f"--config.data.path={fmnist_dir}", *SMALL],
                             cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, **popen)
@@ -216,7 +216,7 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_smoke_study_killed_resumes_and_renders(fmnist_dir, tmp_path):
+def test_tiny_study_killed_resumes_and_renders(fmnist_dir, tmp_path):
     """SIGKILL the study once its first runs have finished, while workers train: the workers end with it, the same
     command finishes the study without training the finished runs again, and a finished study only re-renders."""
     workdir = tmp_path / "study"
@@ -263,13 +263,13 @@ def test_smoke_study_killed_resumes_and_renders(fmnist_dir, tmp_path):
     assert "## The paper's findings" in report and "Pearson r(log Gflops" in report
     for name in ("fig8_gflops_fit", "fig10_sampling_compute"):
         assert f"(figures/{name}.png)" in report
-    assert json.loads((workdir / "study.json").read_text())["preset"] == "smoke"
+    assert json.loads((workdir / "study.json").read_text())["preset"] == "tiny"
 
     third = _study(workdir, fmnist_dir)
     out = third.communicate(timeout=300)[0]
     assert third.returncode == 0 and "4/4 runs finished already" in out and "] step " not in out, out
 
     for different in (["--seed", "1", "--models", ",".join(PART)], []):  # another seed; all 12 configs
-        other = subprocess.run([sys.executable, "-m", "scaling.cli", "study", "--preset", "smoke", *different,
+        other = subprocess.run([sys.executable, "-m", "scaling.cli", "study", "--preset", "tiny", *different,
                                 "--workdir", str(workdir)], cwd=REPO, capture_output=True, text=True)
         assert other.returncode == 2 and "holds another study" in other.stderr, other.stderr

@@ -15,6 +15,7 @@ import time
 import jax
 from flax import nnx
 
+from analysis.schema import FLOPS_PER_MAC
 from models.autoencoder import COMPUTE_DTYPES, AutoencoderConfig, AutoencoderKL
 from models.flops import count_macs
 from scaling.host import keep_freed_memory
@@ -45,7 +46,7 @@ def bench(resolution: int, batch: int, dtype: str, iters: int) -> list[dict]:
         macs = count_macs(lambda state, x, what=what: getattr(nnx.merge(graphdef, state), what)(x), state, x[:1]).total
         first, per_call = _seconds_per_call(fn, x, iters=iters)
         rows.append({"what": what, "dtype": dtype, "batch": batch, "first_s": first, "images_per_s": batch / per_call,
-                     "gmac": macs / 1e9, "tflops": 2 * macs * batch / per_call / 1e12})
+                     "gmac": macs / 1e9, "tflops": FLOPS_PER_MAC * macs * batch / per_call / 1e12})
     return rows
 
 

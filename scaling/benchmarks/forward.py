@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from analysis.schema import FLOPS_PER_MAC
 from models.dit import abstract_dit, dit_config
 from models.flops import dit_compute
 from scaling.host import keep_freed_memory
@@ -48,7 +49,7 @@ def bench(name: str, batch: int, dtype: str, iters: int, input_size: int) -> dic
     macs = dit_compute(dit_config(name, input_size=input_size)).macs
     stats = jax.devices()[0].memory_stats() or {}
     return {"model": config.name, "dtype": dtype, "batch": batch, "compile_s": compile_s, "ms": 1e3 * step_s,
-            "images_per_s": batch / step_s, "tflops": 2 * macs * batch / step_s / 1e12,
+            "images_per_s": batch / step_s, "tflops": FLOPS_PER_MAC * macs * batch / step_s / 1e12,
             "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30}
 
 

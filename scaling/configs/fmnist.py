@@ -1,8 +1,9 @@
 """Miniature DiTs on Fashion-MNIST (32x32x1 pixels, 10 classes), for scaling studies on a CPU.
 
 Variants: "S/8" ... "XL/2" pick the miniature size and patch; an option after a comma picks the recipe:
-",smoke" (seconds per run, no evaluation: for trying a command), or a preset of `dit-scaling study`:
-",study-smoke", ",default" (the same as no option) or ",full".
+",smoke" (seconds per run, no evaluation: for trying a command), or a preset of `dit-scaling study`, which
+names its presets as this config does: ",tiny" (every step of the study at toy size), ",default" (the same as no
+option) or ",full".
 
 The miniature family keeps the paper's shape (its Table 1): widths 384/768/1024/1152 and heads 6/12/16/16 divided
 by 16 and 2 (24/48/64/72 wide, 3/6/8/8 heads of 8-9 dimensions), depths 12/12/24/28 divided by 6 and rounded
@@ -34,7 +35,7 @@ MINIATURE_SIZES = {"S": (2, 24, 3), "B": (2, 48, 6), "L": (4, 64, 8), "XL": (5, 
 # - 250 samples per evaluation: FD-FashionCNN's bias at 250 samples is the same for every config, so orderings
 #   and fits hold.
 PRESETS = {  # config fields by path; checkpoints fall at the evaluation steps
-    "study-smoke": {"train.steps": 40, "train.batch_size": 8, "eval.every": 20, "eval.num_samples": 60,
+    "tiny": {"train.steps": 40, "train.batch_size": 8, "eval.every": 20, "eval.num_samples": 60,
                     "eval.sampling_steps": (4,), "eval.final_sampling_steps": (8,), "eval.validation_examples": 32,
                     "eval.validation_timesteps": 4, "eval.validation_every": 10, "eval.classifier_epochs": 1,
                     "eval.classifier_examples": 4000, "eval.num_reference": 1000, "train.log_every": 20,
