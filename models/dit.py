@@ -473,7 +473,7 @@ def abstract_module(build) -> nnx.Module:
     and for graph definitions, allocating nothing."""
     def build_abstract() -> nnx.Module:
         # A reference-backed counter: a plain one, updated under tracing, has nnx look up the tracer's sharding at
-        # every random draw, which walks the whole trace so far (XL/2: 10 s to build; 1.4 s like this).
+        # every random draw, which walks the whole trace so far (docs/benchmarks.md, "Building abstract models").
         with nnx.var_defaults(ref=True):
             rngs = nnx.Rngs(0)
         return build(rngs)
