@@ -25,14 +25,86 @@ def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
                         for i, (text, width) in enumerate(zip(line, widths, strict=True))))
 
 
-def _where(conditions: list[str]) -> dict:
-    out = {}
-    for condition in conditions or []:
-        key, sep, value = condition.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--where {condition!r}: use COLUMN=VALUE, e.g. --where step=400000.")
-        out[key] = value
-    return out
+# ----------------------------------------------------------------------------------------------------------------
+# argument types: every numeric argument of every command is parsed by one of these, so that a value out of range
+# stops the command before it reads or writes anything, with argparse's "argument --NAME: ..." before the message.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def number(kind: type, *, above: float | None = None, at_least: float | None = None, below: float | None = None,
+           at_most: float | None = None):
+    """An argparse type: the text as `kind` (int or float), finite and within the bounds given; an error names the
+    value and the accepted range."""
+    low = ("(", above) if above is not None else ("[", at_least) if at_least is not None else None
+    high = (")", below) if below is not None else ("]", at_most) if at_most is not None else None
+    if low and high:
+        accepted = f" in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    elif low:
+        accepted = f" {'>' if low[0] == '(' else '>='} {low[1]:g}"
+    elif high:
+        accepted = f" {'<' if high[0] == ')' else '<='} {high[1]:g}"
+    else:
+        accepted = ""
+    what = f"{'an integer' if kind is int else 'a finite number'}{accepted}"
+
+    def within(value) -> bool:
+        return ((above is None or value > above) and (at_least is None or value >= at_least)
+                and (below is None or value < below) and (at_most is None or value <= at_most))
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and within(value)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = number(int, at_least=1)
+non_negative_int = number(int, at_least=0)  # steps, seeds, indices
+positive_float = number(float, above=0)
+fraction = number(float, above=0, at_most=1)  # of a whole, e.g. of a chip's peak FLOP/s
+confidence_level = number(float, above=0, below=1)
+
+
+def comma_separated(item):
+    """An argparse type: comma-separated values, each parsed by the type `item`."""
+
+    def parse(text: str) -> list:
+        return [item(part) for part in text.split(",")]
+
+    return parse
+
+
+def boolean(text: str) -> bool:
+    """An argparse type: true or false (also 1/0, yes/no)."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def where_condition(text: str) -> tuple[str, str]:
+    """An argparse type: COLUMN=VALUE, a filter of records. A number that is not finite equals no value, so it is
+    refused here rather than found in no row."""
+    column, sep, value = text.partition("=")
+    if not sep or not column or not value:
+        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE such as step=400000, got {text!r}")
+    try:
+        finite = math.isfinite(float(value))
+    except ValueError:
+        finite = True  # text: compared as text
+    if not finite:
+        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE with a finite number or text as VALUE, got {text!r}")
+    return column, value
+
+
+def _where(conditions: list[tuple[str, str]] | None) -> dict:
+    return dict(conditions or [])
 
 
 def _json_default(value):
@@ -168,6 +240,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from analysis.planning import plan_budget, plan_target, to_paper_units
     from analysis.study import training_compute_fit
 
+    # The budget is converted, and its unit's arguments checked, before the records are fitted.
+    compute = None if args.compute is None else to_paper_units(
+        args.compute, args.unit, utilization=args.utilization, chip_peak_tflops=args.chip_peak_tflops, chips=args.chips)
     records = _load_records(args.records)
     where = _where(args.where)
     fit = training_compute_fit(records, metric=args.metric, **where)
@@ -186,8 +261,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         _print_pairs(rows)
         _print_notes(fit.metadata["notes"])
         return 0
-    compute = to_paper_units(args.compute, args.unit, utilization=args.utilization,
-                             chip_peak_tflops=args.chip_peak_tflops, chips=args.chips)
     plan = plan_budget(fit, records.runs, compute, isoflop)
     if args.json:
         print(_dumps(plan.summary()))
@@ -345,10 +418,11 @@ def add_commands(commands) -> None:
     fit.add_argument("file", type=epath.Path)
     fit.add_argument("--x", required=True, help="column, e.g. gflops or train_gflops_cumulative")
     fit.add_argument("--y", required=True, help="column, e.g. fid (records: the metric family, or value)")
-    fit.add_argument("--where", action="append", metavar="COLUMN=VALUE", help="keep rows with COLUMN == VALUE")
+    fit.add_argument("--where", type=where_condition, action="append", metavar="COLUMN=VALUE",
+                     help="keep rows with COLUMN == VALUE")
     fit.add_argument("--frontier", action="store_true",
                      help="fit Y = floor + scale X^-exponent to the frontier of each run's curve instead")
-    fit.add_argument("--confidence", type=float, default=0.95)
+    fit.add_argument("--confidence", type=confidence_level, default=0.95, help="of the intervals, in (0, 1)")
     fit.add_argument("--json", action="store_true")
     fit.set_defaults(handler=cmd_fit)
 
@@ -356,20 +430,22 @@ def add_commands(commands) -> None:
         parser.add_argument(flag, dest="records", type=epath.Path, action="append",
                             help="DiT records (runs directory, run, .jsonl or .csv); default: runs/paper")
         parser.add_argument("--metric", help="metric to use (default: the sample metric with the most points)")
-        parser.add_argument("--where", action="append", metavar="COLUMN=VALUE", help="filter the DiT records")
+        parser.add_argument("--where", type=where_condition, action="append", metavar="COLUMN=VALUE",
+                            help="filter the DiT records")
         parser.add_argument("--json", action="store_true")
 
     plan = commands.add_parser(
         "plan", help="What a training budget buys (config, steps, predicted metric), or the least compute for a "
                      "target.", description="Plan from the frontier fit of the DiT records (default: runs/paper).")
     target = plan.add_mutually_exclusive_group(required=True)
-    target.add_argument("--compute", type=float, help="training compute in --unit")
-    target.add_argument("--target", type=float, help="target metric value (e.g. FID 10)")
+    target.add_argument("--compute", type=positive_float, help="training compute in --unit")
+    target.add_argument("--target", type=positive_float, help="target metric value (e.g. FID 10)")
     plan.add_argument("--unit", default="gflops", choices=("gflops", "flops", "accelerator-hours"),
                       help="gflops: paper units (3 x GMACs x images); flops: true FLOPs; accelerator-hours")
-    plan.add_argument("--utilization", type=float, help="accelerator-hours: fraction of peak reached")
-    plan.add_argument("--chip-peak-tflops", type=float, help="accelerator-hours: dense peak per chip (TFLOP/s)")
-    plan.add_argument("--chips", type=int, default=1, help="accelerator-hours: chips")
+    plan.add_argument("--utilization", type=fraction, help="accelerator-hours: fraction of peak reached, in (0, 1]")
+    plan.add_argument("--chip-peak-tflops", type=positive_float,
+                      help="accelerator-hours: dense peak per chip (TFLOP/s)")
+    plan.add_argument("--chips", type=positive_int, default=1, help="accelerator-hours: chips")
     add_records_arguments(plan)
     plan.set_defaults(handler=cmd_plan)
 
@@ -380,9 +456,10 @@ def add_commands(commands) -> None:
                     "its own curve), a parabola in log size and its minimum; then N_opt and D_opt as power laws of "
                     "the compute. Budgets whose minimum lies at an edge of the grid are flagged, not fitted.")
     isoflop.add_argument("--size", default="gflops", choices=("gflops", "params"), help="the size to profile over")
-    isoflop.add_argument("--budgets", type=int, help="budgets, log-spaced over the compute that at least 3 curves "
-                                                     "span (default: analysis.isoflop.DEFAULT_BUDGETS)")
-    isoflop.add_argument("--confidence", type=float, default=0.95)
+    isoflop.add_argument("--budgets", type=positive_int,
+                         help="budgets, log-spaced over the compute that at least 3 curves span (default: "
+                              "analysis.isoflop.DEFAULT_BUDGETS)")
+    isoflop.add_argument("--confidence", type=confidence_level, default=0.95, help="of the intervals, in (0, 1)")
     add_records_arguments(isoflop)
     isoflop.set_defaults(handler=cmd_isoflop)
 
@@ -393,8 +470,9 @@ def add_commands(commands) -> None:
                     "metric vs loss in several forms, each judged by predicting every config from a fit without "
                     "it.")
     proxy.add_argument("--loss-metric", help="the held-out loss metric (default: the val-loss with most points)")
-    proxy.add_argument("--loss", type=float, action="append", help="predict the metric at this loss (repeatable)")
-    proxy.add_argument("--confidence", type=float, default=0.95)
+    proxy.add_argument("--loss", type=positive_float, action="append",
+                       help="predict the metric at this loss (repeatable)")
+    proxy.add_argument("--confidence", type=confidence_level, default=0.95, help="of the intervals, in (0, 1)")
     add_records_arguments(proxy)
     proxy.set_defaults(handler=cmd_loss_proxy)
 
@@ -405,7 +483,8 @@ def add_commands(commands) -> None:
                     "(forward GMACs per image; or gmacs/macs/flops), the metric (e.g. fid), steps with batch_size "
                     "(or --batch-size) or train_gflops_cumulative, and optionally name.")
     compare.add_argument("points", type=epath.Path, metavar="POINTS")
-    compare.add_argument("--batch-size", type=int, help="batch size of the points, when POINTS has no batch_size")
+    compare.add_argument("--batch-size", type=positive_int,
+                         help="batch size of the points, when POINTS has no batch_size")
     compare.add_argument("--figures", type=epath.Path, metavar="DIR",
                          help="records POINTS: draw them over DiT's Fig. 8 and Fig. 9 into DIR")
     add_records_arguments(compare, flag="--against")

@@ -32,8 +32,13 @@ def _as_array(x) -> np.ndarray:
 
 
 def _check_confidence(confidence: float) -> None:
-    if not 0 < confidence < 1:
-        raise RecordsError(f"confidence must be a fraction between 0 and 1 (e.g. 0.95), got {confidence}.")
+    if not 0 < confidence < 1:  # NaN fails too
+        raise RecordsError(f"confidence must be a fraction in (0, 1), e.g. 0.95; got {confidence!r}.")
+
+
+def _check_bootstrap(n_bootstrap: int) -> None:
+    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int | np.integer) or n_bootstrap < 1:
+        raise RecordsError(f"n_bootstrap must be an integer >= 1, got {n_bootstrap!r}.")
 
 
 def _check_xy(x: np.ndarray, y: np.ndarray, what: str, minimum: int) -> None:
@@ -195,6 +200,7 @@ def fit_loglog(x, y, *, groups=None, x_name: str = "x", y_name: str = "y", confi
     its own config."""
     x, y = _as_array(x), _as_array(y)
     _check_confidence(confidence)
+    _check_bootstrap(n_bootstrap)
     _check_xy(x, y, "a log-log fit", 3)
     groups = np.asarray(groups if groups is not None else np.arange(len(x)).astype(str), dtype=object)
     indices = _group_indices(groups)
@@ -471,6 +477,7 @@ def fit_frontier(runs, x, y, *, largest: str | None = None, x_name: str = "x", y
     """Fit the offset power law to the frontier of the curves (run, x, y). `largest` names the config left out by
     the extrapolation check (default: the run that reaches the most compute)."""
     _check_confidence(confidence)
+    _check_bootstrap(n_bootstrap)
     frontier = compute_frontier(runs, x, y)
     if frontier.curves["run"].nunique() < 4:
         raise RecordsError(f"a frontier fit needs at least 4 configs for its bootstrap over configs, got "

@@ -22,22 +22,31 @@ from analysis.schema import RecordsError, training_compute
 UNITS = ("gflops", "flops", "accelerator-hours")
 
 
+def _require_positive(name: str, value: float) -> None:
+    """A budget, target or rate: a finite number above 0 (NaN and inf would plan nothing or overflow)."""
+    if not (isinstance(value, int | float | np.number) and np.isfinite(value) and value > 0):
+        raise RecordsError(f"{name} must be a finite number > 0, got {value!r}.")
+
+
 def to_paper_units(amount: float, unit: str = "gflops", *, utilization: float | None = None,
                    chip_peak_tflops: float | None = None, chips: int = 1) -> float:
     """Training compute in paper units (GMACs). `flops` are true FLOPs (2 per multiply-add); `accelerator-hours`
-    need the chip's peak (dense TFLOP/s, true FLOPs) and the utilisation reached (0-1)."""
-    if not amount > 0:
-        raise RecordsError(f"compute must be positive, got {amount}.")
+    need the chip's peak (dense TFLOP/s, true FLOPs) and the utilisation reached, in (0, 1]."""
+    _require_positive("compute", amount)
     if unit == "gflops":
         return float(amount)
     if unit == "flops":
         return float(amount) * COMPUTE_UNITS["flops"]
     if unit == "accelerator-hours":
-        if chips < 1:
-            raise RecordsError(f"chips must be at least 1, got {chips}.")
-        if not (utilization and 0 < utilization <= 1) or not (chip_peak_tflops and chip_peak_tflops > 0):
-            raise RecordsError("accelerator-hours need --utilization (0-1, e.g. 0.4) and --chip-peak-tflops (e.g. "
-                               "989 for an H100's dense bf16).")
+        if utilization is None or chip_peak_tflops is None:
+            raise RecordsError("accelerator-hours need --utilization (in (0, 1], e.g. 0.4) and --chip-peak-tflops "
+                               "(e.g. 989 for an H100's dense bf16).")
+        _require_positive("utilization", utilization)
+        if utilization > 1:
+            raise RecordsError(f"utilization is a fraction of the chips' peak, in (0, 1]; got {utilization!r}.")
+        _require_positive("chip_peak_tflops", chip_peak_tflops)
+        if not (isinstance(chips, int | np.integer) and chips >= 1):
+            raise RecordsError(f"chips must be an integer >= 1, got {chips!r}.")
         flops = amount * chips * 3600 * chip_peak_tflops * 1e12 * utilization
         return flops * COMPUTE_UNITS["flops"]
     raise RecordsError(f"unknown compute unit {unit!r}; use one of {UNITS}.")
@@ -102,6 +111,7 @@ def plan_budget(fit: FrontierFit, runs: pd.DataFrame, compute: float,
     config at its end (flagged `extrapolated`). The metric comes from the frontier's fitted law with its
     intervals. A config can be asked to train longer than it was ever evaluated (its metric beyond its last
     evaluation is the law's guess): `beyond_config_evaluations` says so."""
+    _require_positive("compute", compute)
     grid = fit.frontier.grid
     if compute < grid["x"].iloc[0]:
         raise RecordsError(f"compute {compute:.3g} is below the smallest evaluated point ({grid['x'].iloc[0]:.3g}); "
@@ -159,8 +169,7 @@ class TargetPlan:
 
 def plan_target(fit: FrontierFit, runs: pd.DataFrame, target: float,
                 isoflop: IsoFlopAnalysis | None = None) -> TargetPlan:
-    if not target > 0:
-        raise RecordsError(f"the target metric must be positive, got {target}.")
+    _require_positive("target", target)
     compute = float(fit.inverse(target))
     lo, hi, unreachable = fit.inverse_interval(target)
     unreachable = float(unreachable[0])

