@@ -13,8 +13,10 @@ errors that list a section's fields, and integers written as 1e3.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib
 import importlib.util
+import math
 
 import ml_collections
 from etils import epath
@@ -55,33 +57,98 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
     return config
 
 
-def _parse_value(text: str, current):
-    if isinstance(current, bool):
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-        raise ValueError(f"expected true or false, got {text!r}")
-    if isinstance(current, int):
-        return int(float(text)) if "e" in text.lower() else int(text)
-    if isinstance(current, float):
-        return float(text)
-    if isinstance(current, str):
-        return text
-    return ast.literal_eval(text)
+def _parse_int(text: str) -> int:
+    """An integer, also written as 1e3 or 4e5 (which must come out whole)."""
+    if "e" not in text.lower():
+        return int(text)
+    value = float(text)
+    if not math.isfinite(value) or value != int(value):
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(value)
+
+
+def _parse_sequence(text: str, current: tuple | list):
+    """A tuple (or list) written as 8,16 or (8, 16) or [8, 16]; a single value is a sequence of one and the empty
+    text an empty one. Entries take the type of the current entries (ints in a tuple of ints)."""
+    value = () if text.strip() in ("", "()", "[]") else ast.literal_eval(text)
+    value = tuple(value) if isinstance(value, tuple | list) else (value,)
+    kinds = {type(v) for v in current}
+    if len(kinds) == 1 and not all(type(v) in kinds for v in value):
+        raise ValueError(f"entries must be {kinds.pop().__name__}s")
+    return type(current)(value)
+
+
+def _expected(current, field_type: type) -> str:
+    """What an override of a field holding `current` (of `field_type`: a placeholder's declared type) looks like."""
+    if field_type is bool:
+        return "true or false (also yes/no, 1/0)"
+    if field_type is int:
+        return "an int such as 1000 or 1e3"
+    if field_type is float:
+        return "a float such as 0.5 or 1e-4"
+    if field_type in (tuple, list):
+        kinds = {type(v).__name__ for v in current or ()}
+        entries = f" of {kinds.pop()}s" if len(kinds) == 1 else ""
+        return f"a {field_type.__name__}{entries} such as (8,) or 8,16"
+    if field_type is ml_collections.ConfigDict:
+        return "a dict such as {'depth': 12} (or set one field: SECTION.FIELD=VALUE)"
+    return f"a Python literal of type {field_type.__name__}"
+
+
+def _parse_value(key: str, text: str, current, field_type: type):
+    """The override's text as a value of the field's type (a field that is None now, typed by nothing, takes a
+    Python literal or else the text); a value of another shape is an error naming the field, the value and what
+    the field takes."""
+    if current is None and text.strip().lower() == "none":
+        return None
+    try:
+        if field_type is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(text)
+        if field_type is int:
+            return _parse_int(text)
+        if field_type is float:
+            return float(text)
+        if field_type is str:
+            return text
+        if field_type in (tuple, list):
+            return _parse_sequence(text, current if current is not None else field_type())
+        if field_type is type(None):
+            try:
+                return ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                return text
+        value = ast.literal_eval(text)
+        if not isinstance(value, dict if field_type is ml_collections.ConfigDict else field_type):
+            raise ValueError(text)
+        return value
+    except (ValueError, SyntaxError, TypeError):
+        raise ValueError(f"{key}: expected {_expected(current, field_type)}, got {text!r}.") from None
+
+
+def _did_you_mean(name: str, names) -> str:
+    close = difflib.get_close_matches(name, list(names), n=3)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
-    """Apply one `a.b.c=value` override in place, parsing value to the field's current type."""
+    """Apply one `a.b.c=value` override in place, parsing value to the field's type."""
     key, sep, text = override.partition("=")
     if not sep:
         raise ValueError(f"Override {override!r} is not of the form key.path=value.")
     *parents, leaf = key.split(".")
-    node = config
+    node, path = config, []
     for part in parents:
         if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise ValueError(f"Override {override!r}: config has no section {part!r}.")
+            where = ".".join(path) or "the config"
+            sections = [k for k, v in node.items() if isinstance(v, ml_collections.ConfigDict)]
+            raise ValueError(f"Override {override!r}: {where} has no section {part!r}; its sections: "
+                             f"{sorted(sections)}.{_did_you_mean(part, sections)}")
         node = node[part]
+        path.append(part)
     if parents == ["model", "factory_args"] and leaf not in node:  # the factory's own arguments: any name
         try:
             node[leaf] = ast.literal_eval(text)
@@ -89,11 +156,9 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
             node[leaf] = text
         return
     if leaf not in node:
-        raise ValueError(f"Override {override!r}: config has no field {key!r}; fields here: {sorted(node.keys())}.")
-    try:
-        node[leaf] = _parse_value(text, node[leaf])
-    except (ValueError, SyntaxError) as e:
-        raise ValueError(f"Override {override!r}: {e}") from e
+        raise ValueError(f"Override {override!r}: config has no field {key!r}; fields here: {sorted(node.keys())}."
+                         f"{_did_you_mean(leaf, node.keys())}")
+    node[leaf] = _parse_value(key, text, node[leaf], node.get_type(leaf))
 
 
 def model_config(config: ml_collections.ConfigDict, *, input_size: int, in_channels: int,
@@ -148,14 +213,37 @@ def family_members(config: ml_collections.ConfigDict) -> list[str] | None:
     return list(config.model.family_sizes.to_dict()) or None if config.model.factory else None
 
 
+def _non_finite_fields(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """`field = value` for every float field, at any depth, that holds NaN or inf."""
+    found = []
+    for name, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            found += _non_finite_fields(value, f"{prefix}{name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{prefix}{name} = {value}")
+    return found
+
+
+def _positive_ints(values) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Check the training fields that no later step would catch clearly."""
+    non_finite = _non_finite_fields(config)
+    if non_finite:  # the range checks below say nothing useful about NaN
+        raise ValueError(f"Invalid config: {'; '.join(non_finite)}: every number of a config must be finite.")
     train = config.train
     checks = [
         (train.steps > 0, "train.steps must be positive"),
         (train.batch_size > 0, "train.batch_size must be positive"),
         (train.learning_rate > 0, "train.learning_rate must be positive"),
+        (train.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (0 <= train.b1 < 1 and 0 <= train.b2 < 1, "train.b1 and train.b2 (Adam's decay rates) must be in [0, 1)"),
+        (train.eps > 0, "train.eps must be positive"),
         (0 <= train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
+        (train.seed >= 0 and config.eval.seed >= 0, "train.seed and eval.seed must be >= 0"),
+        (0 <= config.model.class_dropout_prob < 1, "model.class_dropout_prob must be in [0, 1)"),
         (train.log_every > 0, "train.log_every must be positive"),
         (train.checkpoint_every > 0, "train.checkpoint_every must be positive"),
         (train.keep_checkpoints > 0, "train.keep_checkpoints must be positive"),
@@ -172,9 +260,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         (config.diffusion.num_timesteps > 1, "diffusion.num_timesteps must be > 1"),
         (config.eval.every >= 0, "eval.every must be >= 0 (0 turns evaluation off)"),
         (config.eval.sampler in ("ddpm", "ddim"), "eval.sampler must be ddpm or ddim"),
-        (len(config.eval.sampling_steps) > 0 and all(int(s) > 0 for s in config.eval.sampling_steps),
+        (len(config.eval.sampling_steps) > 0 and _positive_ints(config.eval.sampling_steps),
          "eval.sampling_steps must list positive step counts"),
-        (all(int(s) > 0 for s in config.eval.final_sampling_steps),
+        (_positive_ints(config.eval.final_sampling_steps),
          "eval.final_sampling_steps must list positive step counts (or be empty)"),
         (config.eval.validation_examples >= 0 and config.eval.validation_timesteps > 0,
          "eval.validation_examples must be >= 0 (0 turns the held-out loss off) and eval.validation_timesteps > 0"),

@@ -362,12 +362,17 @@ def _run_in_workers(configs: dict, workdirs: dict[str, epath.Path], workers: int
     return outcome
 
 
-def run_status(runs_dir: str | epath.Path) -> list[dict]:
-    """One row per run under runs_dir: model, status, progress, compute spent, last loss, and the newest evaluation
-    of each metric (a sample metric and the held-out loss keep their own schedules)."""
+def run_status(path: str | epath.Path) -> list[dict]:
+    """One row per run, of the run directory `path` or of every run directory under it (a directory that is
+    neither has none): model, status, progress, compute spent, last loss, and the newest evaluation of each metric
+    (a sample metric and the held-out loss keep their own schedules)."""
+    path = epath.Path(path)
+    if (path / schema.MANIFEST_FILE).is_file():
+        workdirs = [path]
+    else:
+        workdirs = [manifest_path.parent for manifest_path in sorted(path.glob(f"*/{schema.MANIFEST_FILE}"))]
     rows = []
-    for manifest_path in sorted(epath.Path(runs_dir).glob(f"*/{schema.MANIFEST_FILE}")):
-        workdir = manifest_path.parent
+    for workdir in workdirs:
         manifest = schema.read_manifest(workdir)
         steps = schema.read_steps(workdir)
         evaluations = schema.read_evaluations(workdir)

@@ -143,10 +143,10 @@ def run_study(preset: str = "default", workdir: str | os.PathLike | None = None,
     start = time.perf_counter()
     workdir = epath.Path(workdir) if workdir is not None else default_workdir(preset, seed)
     models = grid.grid_models("fmnist", ALL_MODELS, models)
-    _claim_workdir(workdir, {"preset": preset, "seed": seed, "models": models, "overrides": list(overrides)})
     all_overrides = [f"train.seed={seed}", *overrides]
     config_name = f"fmnist:{preset}"
-    configs = grid.load_grid_configs(config_name, models, all_overrides)
+    configs = grid.load_grid_configs(config_name, models, all_overrides)  # a bad override claims no workdir
+    _claim_workdir(workdir, {"preset": preset, "seed": seed, "models": models, "overrides": list(overrides)})
     pending = [m for m in models if not grid.is_finished(workdir / run_name(configs[m]), configs[m])]
     workers = min(workers or len(os.sched_getaffinity(0)), max(1, len(pending)))
     progress = _Progress(workdir, configs, pending, workers)
