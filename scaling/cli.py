@@ -198,7 +198,7 @@ def _print_dry_run(args: argparse.Namespace) -> int:
     if args.chip not in CHIPS:
         raise ValueError(f"--chip {args.chip!r}: use one of {', '.join(CHIPS)}.")
     if args.chips % args.slices:
-        raise ValueError(f"--slices {args.slices}: give a number of slices that divides --chips {args.chips}.")
+        raise ValueError(f"--slices {args.slices}: give a positive number of slices that divides --chips {args.chips}.")
     configs = _grid_configs_for_planning(args)
     gib = lambda b: "-" if b is None else f"{b / 2**30:.1f}"  # noqa: E731
     rows, total_flops, total_hours = [], 0.0, 0.0

@@ -122,7 +122,7 @@ def test_checks_in_the_handlers_name_the_value(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for argv, expected in [
         (["grid", "--config", "fmnist:smoke", "--workdir", "runs", "--dry-run", "--chips", "8", "--slices", "3"],
-         "--slices 3: give a number of slices that divides --chips 8"),
+         "--slices 3: give a positive number of slices that divides --chips 8"),
         (["grid", "--config", "fmnist:smoke", "--workdir", "runs", "--shard", "2/2"], "--shard 2/2"),
         (["grid", "--config", "fmnist:smoke", "--workdir", "runs", "--shard", "one/2"], "'one/2'"),
         (["plan", "--compute", "10", "--unit", "accelerator-hours"], "need --utilization"),
