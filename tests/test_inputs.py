@@ -5,6 +5,7 @@ import math
 
 import ml_collections
 import pytest
+from etils import epath
 from records_factory import a_manifest
 
 from analysis import fits, planning, schema
@@ -180,12 +181,15 @@ def _a_run(runs_dir, name: str, steps: int):
     return workdir
 
 
-def test_status_of_a_run_directory_is_its_row_under_the_parent(capsys, tmp_path):
-    run = _a_run(tmp_path, "DiT-S-8", 3)
-    _a_run(tmp_path, "DiT-B-8", 2)
-    code, out, _ = _run(capsys, ["status", str(tmp_path), "--json"])
+@pytest.mark.parametrize("storage", ["local", "gs"])
+def test_status_of_a_run_directory_is_its_row_under_the_parent(capsys, tmp_path, request, storage):
+    runs = epath.Path(tmp_path) if storage == "local" else epath.Path(request.getfixturevalue("gcs").path("status"))
+    run = _a_run(runs, "DiT-S-8", 3)
+    _a_run(runs, "DiT-B-8", 2)
+    code, out, _ = _run(capsys, ["status", str(runs), "--json"])
     assert code == 0
     under_parent = {row["run"]: row for row in json.loads(out)}
+    assert sorted(under_parent) == ["DiT-B-8", "DiT-S-8"]
     code, out, _ = _run(capsys, ["status", str(run), "--json"])
     assert code == 0 and json.loads(out) == [under_parent["DiT-S-8"]]
     code, out, _ = _run(capsys, ["status", str(run)])
