@@ -331,6 +331,10 @@ class OffsetPowerLaw:
 
 
 EXPONENT_BOUNDS = (1e-3, 5.0)
+# A bootstrap replicate's refit stops after this many evaluations. Replicates of a frontier that scales converge in
+# a few dozen; on a flat one (no scaling to fit) the solver crawls along a valley of near-equal cost for hundreds
+# without moving the replicates' percentiles (measured in docs/benchmarks.md, "Frontier fits").
+BOOTSTRAP_MAX_EVALUATIONS = 100
 
 
 def _log_residuals(params, log_x, log_y):
@@ -348,7 +352,8 @@ def _log_residuals_jacobian(params, log_x):
 
 def _fit_offset_power_law(x: np.ndarray, y: np.ndarray, x_ref: float, f_scale: float,
                           starts: list[tuple[float, float]] | None = None,
-                          weights: np.ndarray | None = None) -> tuple[OffsetPowerLaw, dict]:
+                          weights: np.ndarray | None = None,
+                          max_evaluations: int = 2000) -> tuple[OffsetPowerLaw, dict]:
     """Robust (soft-L1) least squares on log y from several (floor fraction, exponent) starts; the best is kept.
     `weights` count each point's copies (a config drawn twice by the bootstrap). Reports how many starts
     converged and how many reached the best solution."""
@@ -365,7 +370,7 @@ def _fit_offset_power_law(x: np.ndarray, y: np.ndarray, x_ref: float, f_scale: f
                 lambda p: root_weights * _log_residuals(p, log_x, log_y), x0=[floor, log_scale, exponent],
                 jac=lambda p: np.reshape(root_weights, (-1, 1)) * _log_residuals_jacobian(p, log_x), loss="soft_l1",
                 f_scale=f_scale, bounds=([0.0, -np.inf, EXPONENT_BOUNDS[0]], [floor_max, np.inf, EXPONENT_BOUNDS[1]]),
-                x_scale="jac", max_nfev=2000)
+                x_scale="jac", max_nfev=max_evaluations)
         except ValueError:
             continue
         results.append(result)
@@ -509,7 +514,8 @@ def fit_frontier(runs, x, y, *, largest: str | None = None, x_name: str = "x", y
         weight_of = dict(zip(names[drawn], draws[drawn], strict=True))
         fitted, _ = _fit_offset_power_law(sample_points["x"].to_numpy(), sample_points["y"].to_numpy(), x_ref,
                                           f_scale, starts=start,
-                                          weights=sample_points["run"].map(weight_of).to_numpy(dtype=float))
+                                          weights=sample_points["run"].map(weight_of).to_numpy(dtype=float),
+                                          max_evaluations=BOOTSTRAP_MAX_EVALUATIONS)
         replicates.append((fitted.floor, fitted.scale, fitted.exponent))
     if len(replicates) < max(20, n_bootstrap // 4):
         raise RecordsError(f"only {len(replicates)} of {n_bootstrap} bootstrap resamples had a frontier with 4 "
