@@ -502,6 +502,7 @@ def draw_isoflop_profiles(analysis: isoflop.IsoFlopAnalysis) -> Figure:
     norm = LogNorm(min(budgets), max(budgets))
     cmap = colormaps["viridis"]
     fig = Figure(figsize=(13.5, 4.4), layout="constrained")
+    fig.get_layout_engine().set(wspace=0.06)  # room between the colorbar's label and the next panel's
     profiles_ax, size_ax, images_ax = fig.subplots(1, 3)
     for profile in reached:
         color = cmap(norm(profile.budget))

@@ -292,10 +292,16 @@ def quiet_font_logging() -> Iterator[None]:
             logger.setLevel(level)
 
 
+# No creation date in the files: the same records render to the same bytes, so a re-rendered study that did not
+# change leaves nothing to commit.
+REPRODUCIBLE_METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None}}
+
+
 def save_figure(fig: Figure, out_dir: epath.Path, name: str) -> list[epath.Path]:
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     with matplotlib.rc_context(STYLE), quiet_font_logging():
         for path in paths:  # through epath: the figures directory may be a gs:// URL
+            kind = path.suffix[1:]
             with storage.atomic_writer(path) as f:
-                fig.savefig(f, format=path.suffix[1:], dpi=PNG_DPI)
+                fig.savefig(f, format=kind, dpi=PNG_DPI, metadata=REPRODUCIBLE_METADATA[kind])
     return paths
