@@ -30,8 +30,15 @@ from analysis import schema, storage
 log = logging.getLogger("dit_scaling.checkpoints")
 
 
+def _not_a_lack_of_space(record: logging.LogRecord) -> bool:
+    """orbax logs every write of a checkpoint that finds no space with its traceback (three for one full disk);
+    `writing` reports the lack of space once, as storage.DiskFull."""
+    return not (record.exc_info and storage.is_no_space(record.exc_info[1]))
+
+
 def manager(workdir: epath.Path, config) -> ocp.CheckpointManager:
     """The run's checkpoint manager, keeping the newest `train.keep_checkpoints` and every `train.keep_every`-th."""
+    logging.getLogger("absl").addFilter(_not_a_lack_of_space)  # orbax logs through absl; added once
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.train.keep_checkpoints, keep_period=config.train.keep_every or None,
         enable_async_checkpointing=config.train.async_checkpoints, create=True,

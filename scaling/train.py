@@ -540,7 +540,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, lease: RunLea
         raise Interrupted(run.workdir, steps.step) from None
     except Exception as e:
         if storage.is_no_space(e) and not isinstance(e, storage.DiskFull):  # a write not through analysis.storage
-            disk_full = storage.DiskFull(run.workdir)
+            disk_full = storage.DiskFull(getattr(e, "filename", None) or run.workdir)
             _stop(run, steps, "failed", error=failure_cause(disk_full))
             raise disk_full from None
         _stop(run, steps, "failed", error=failure_cause(e))

@@ -146,7 +146,7 @@ def test_a_checkpoint_on_a_full_disk_fails_cleanly_and_the_run_resumes(fmnist_di
     overrides = [*QUICK, "--config.train.steps=30", f"--config.train.async_checkpoints={asynchronous}"]
     straight = tmp_path / "straight"
     assert cli("train", *smoke(fmnist_dir, *overrides), "--workdir", str(straight)).returncode == 0
-    checkpoint = sum(p.stat().st_blocks * 512 for p in (straight / schema.CHECKPOINTS_DIR / "10").rglob("*"))
+    checkpoint = sum(p.stat().st_blocks * 512 for p in (straight / schema.CHECKPOINTS_DIR / "20").rglob("*"))
     # Room for the run's small files and one checkpoint, not for a second: the one at step 20 fails.
     filler = _fill(small_disk, leave=int(1.5 * checkpoint) + 64 * 1024)
     run = small_disk / "run"
