@@ -330,7 +330,13 @@ def _run_in_workers(configs: dict, workdirs: dict[str, epath.Path], workers: int
     queue, outcome, lock = list(configs), {}, threading.Lock()
     children: set[subprocess.Popen] = set()
 
-    def work(cores: list[int]) -> None:
+    def work(cores: list[int], done: threading.Event) -> None:
+        try:
+            run_queued(cores)
+        finally:
+            done.set()
+
+    def run_queued(cores: list[int]) -> None:
         while True:
             with lock:
                 if not queue:
@@ -376,22 +382,24 @@ def _run_in_workers(configs: dict, workdirs: dict[str, epath.Path], workers: int
             for child in children:
                 child.send_signal(signal.SIGTERM)
 
-    threads = [threading.Thread(target=work, args=(cores,), daemon=True) for cores in shares]
-    for thread in threads:
-        thread.start()
+    # Each thread says when it is done with an event: a Thread.join cut short by Ctrl-C can leave the thread
+    # looking finished while it still runs (CPython 3.11), an Event.wait cannot.
+    finished = [threading.Event() for _ in shares]
+    for cores, done in zip(shares, finished, strict=True):
+        threading.Thread(target=work, args=(cores, done), daemon=True).start()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, pass_preemption_on) if in_main_thread else None
     try:
-        while any(thread.is_alive() for thread in threads):
-            for thread in threads:
-                thread.join(timeout=0.5)
+        while not all(done.is_set() for done in finished):
+            for done in finished:
+                done.wait(timeout=0.5)
     except KeyboardInterrupt:  # the workers record their runs as interrupted; their outcomes say so
         with lock:
             queue.clear()
             for child in children:
                 child.send_signal(signal.SIGINT)
-        for thread in threads:
-            thread.join()
+        for done in finished:
+            done.wait()
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler if previous_handler is not None else signal.SIG_DFL)
