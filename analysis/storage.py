@@ -47,12 +47,13 @@ _NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded")  # how libra
 
 class DiskFull(OSError):
     """A write found no space left on its device (or the user's quota spent): the message names the path, the
-    space the write needed (where known) and the space free; nothing already written is damaged."""
+    space the write needed (where known; `at_least`: what it had written when space ran out) and the space free;
+    nothing already written is damaged."""
 
-    def __init__(self, path: str | os.PathLike, needed: int | None = None):
+    def __init__(self, path: str | os.PathLike, needed: int | None = None, *, at_least: bool = False):
         free = free_bytes(path)
         amounts = ", ".join(part for part in (
-            None if needed is None else f"the write needed {format_bytes(needed)}",
+            None if needed is None else f"the write needed {'at least ' if at_least else ''}{format_bytes(needed)}",
             None if free is None else f"{format_bytes(free)} free") if part)
         super().__init__(errno.ENOSPC, f"No space left on the device of {path}" + (f" ({amounts})" if amounts else "")
                          + ". Free some space (or move the directory elsewhere) and run the same command again.")
@@ -142,7 +143,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[typing.BinaryIO]:
         os.replace(partial, path)
     except OSError as e:
         if is_no_space(e) and not isinstance(e, DiskFull):
-            raise DiskFull(path, written) from None
+            raise DiskFull(path, written, at_least=True) from None
         raise
     finally:
         partial.unlink(missing_ok=True)
