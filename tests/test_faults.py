@@ -98,6 +98,24 @@ def test_records_on_a_full_disk_fail_the_run_cleanly_and_it_resumes(fmnist_dir, 
     assert schema.read_manifest(run).status == "finished" and schema.read_manifest(run).error is None
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="finds a descriptor's file through /proc")
+def test_a_manifest_with_no_room_either_keeps_its_previous_content(fmnist_dir, tmp_path, monkeypatch, caplog):
+    run = tmp_path / "run"
+    _writes_fail_once_full(monkeypatch, run / schema.STEPS_FILE, after=1)
+    write_manifest = schema.write_manifest
+
+    def no_room_once_running(workdir, manifest):  # the start's manifest fits, the failure's does not
+        if manifest.status != "running":
+            raise storage.DiskFull(Path(workdir) / schema.MANIFEST_FILE, 4096)
+        write_manifest(workdir, manifest)
+
+    monkeypatch.setattr(schema, "write_manifest", no_room_once_running)
+    assert main(["train", *smoke(fmnist_dir, *QUICK), "--workdir", str(run)]) == storage.DISK_FULL_EXIT_CODE
+    assert f"{run / schema.MANIFEST_FILE} could not be marked failed: No space left on the device of" in caplog.text
+    assert "It keeps its previous content." in caplog.text
+    assert schema.read_manifest(run).status == "running"  # as the start wrote it, whole
+
+
 # -- a real full disk --------------------------------------------------------------------------------------------
 
 
@@ -141,7 +159,6 @@ def test_a_run_started_on_a_full_disk_says_so(fmnist_dir, small_disk):
     assert not (run / schema.MANIFEST_FILE).exists() and not (run / "lease.json").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
 def test_a_checkpoint_on_a_full_disk_fails_cleanly_and_the_run_resumes(fmnist_dir, tmp_path, small_disk,
                                                                        asynchronous):
@@ -172,7 +189,6 @@ def test_a_checkpoint_on_a_full_disk_fails_cleanly_and_the_run_resumes(fmnist_di
 # -- Ctrl-C -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_ctrl_c_marks_the_run_interrupted_and_it_resumes(fmnist_dir, tmp_path):
     run = tmp_path / "run"
     args = smoke(fmnist_dir, *QUICK, "--config.train.log_every=1")
