@@ -45,7 +45,7 @@ CORRUPT_CHECKPOINTS_DIR = "corrupt_checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 LOG_FILE = "train.log"  # the run's printed output, where a grid ran it in a worker process
 
-RUN_STATUSES = ("running", "finished", "failed", "diverged", "preempted")
+RUN_STATUSES = ("running", "finished", "failed", "diverged", "preempted", "interrupted")
 TRAINING_MULTIPLIER = 3  # training compute per image = 3 x forward (the backward pass costs ~2 forwards)
 FLOPS_PER_MAC = 2  # a multiply-accumulate is a multiply and an add
 GUIDANCE_MULTIPLIER = 2  # classifier-free guidance runs the model on the conditional and the null label
@@ -296,7 +296,14 @@ class Manifest(_Record):
     code_revision: str | None = _field("git revision of the code that started the run (+dirty with local changes)",
                                        default=None)
     final_step: int | None = _field("the last step, once finished", default=None)
-    error: str | None = _field("why the run failed", default=None)
+    error: str | None = _field("why the run stopped, when an error stopped it (failed, diverged): the error's type "
+                               "and first line", default=None)
+    stopped_step: int | None = _field("the last step the run completed before it stopped unfinished (failed, "
+                                      "diverged, preempted, interrupted); null while running and once finished",
+                                      default=None)
+    records_gap: str | None = _field("logged steps missing from records.jsonl up to the checkpoint the run last "
+                                     "resumed from (lost after that checkpoint was written, e.g. in a host crash); "
+                                     "null when none are", default=None)
     schema_version: int = _field("version of this schema", default=SCHEMA_VERSION)
 
     @classmethod
@@ -351,22 +358,33 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line. A torn last line left by a killed writer is cut off first, so it never joins the new
-    line into one that no reader can parse (a complete last object that only lacks its newline is kept). On an
-    object store, where a write is whole or absent, nothing is ever torn."""
+    """Append one JSON line, whole or not at all (`storage.append_text`: a write that fails, for lack of space
+    too, leaves the file as it was). A torn last line (left by a crash mid-write) is cut off first, so it never
+    joins the new line into one that no reader can parse; a complete last object that only lacks its newline is
+    kept and gets it in the same write. On an object store, where a write is whole or absent, nothing is torn."""
     path = epath.Path(path)
+    line = json.dumps(record) + "\n"
     if not storage.is_url(path) and path.is_file() and os.path.getsize(path):
         with open(path, "rb+") as f:
-            data = f.read()
-            if not data.endswith(b"\n"):
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                data = f.read()
                 tail_start = data.rfind(b"\n") + 1
                 try:
                     json.loads(data[tail_start:])
-                    f.write(b"\n")
+                    line = "\n" + line
                 except json.JSONDecodeError:
                     f.truncate(tail_start)
                     log.warning("%s: cut off a torn last line before appending.", path)
-    storage.append_text(path, json.dumps(record) + "\n")
+    storage.append_text(path, line)
+
+
+def sync_records(workdir: str | os.PathLike) -> None:
+    """Make a run's step and evaluation records durable (`storage.sync`). Called before each checkpoint commits,
+    so that no checkpoint outlives the records of the steps before it."""
+    for name in (STEPS_FILE, EVALUATIONS_FILE):
+        storage.sync(epath.Path(workdir) / name)
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:

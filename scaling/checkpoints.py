@@ -4,15 +4,18 @@ and loading a finished run's parameters.
 A checkpoint holds the train state (parameters, EMA, optimizer, step, RNG), the data iterator's state and
 metadata: the wall time so far, an exact checksum of every array of the state (`state_checksum`) and
 a SHA-256 of the iterator state. A checkpoint that fails to restore or to match its checksums is never used: it
-is moved to corrupt_checkpoints/ and an older one is taken.
+is moved to corrupt_checkpoints/ and an older one is taken. A checkpoint that runs out of space is removed and
+raises `storage.DiskFull` (`writing`); the checkpoints before it stay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 import zlib
 
@@ -27,11 +30,19 @@ from analysis import schema, storage
 log = logging.getLogger("dit_scaling.checkpoints")
 
 
+def _not_a_lack_of_space(record: logging.LogRecord) -> bool:
+    """orbax logs every write of a checkpoint that finds no space with its traceback (three for one full disk);
+    `writing` reports the lack of space once, as storage.DiskFull."""
+    return not (record.exc_info and storage.is_no_space(record.exc_info[1]))
+
+
 def manager(workdir: epath.Path, config) -> ocp.CheckpointManager:
     """The run's checkpoint manager, keeping the newest `train.keep_checkpoints` and every `train.keep_every`-th."""
+    logging.getLogger("absl").addFilter(_not_a_lack_of_space)  # orbax logs through absl; added once
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.train.keep_checkpoints, keep_period=config.train.keep_every or None,
-        enable_async_checkpointing=config.train.async_checkpoints, create=True)
+        enable_async_checkpointing=config.train.async_checkpoints, create=True,
+        cleanup_tmp_directories=True)  # a checkpoint cut short (a kill, a full disk) frees its space at the next start
     return ocp.CheckpointManager(storage.absolute(workdir) / schema.CHECKPOINTS_DIR, options=options)
 
 
@@ -44,6 +55,23 @@ def save(checkpoints: ocp.CheckpointManager, step: int, state: dict, data_state,
     checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    data=ocp.args.JsonSave(data_state),
                                                    meta=ocp.args.JsonSave(meta)), force=True)
+
+
+@contextlib.contextmanager
+def writing(checkpoints: ocp.CheckpointManager, needed: int | None = None):
+    """Around a save, or the wait for an asynchronous one: a checkpoint write that runs out of space (orbax raises
+    it wrapped in its own errors, from the save or, asynchronous, from a later call) becomes storage.DiskFull
+    naming the checkpoints directory and `needed`, the state's size. The partial checkpoint is removed at once, so
+    that its space is free for the run's records and manifest."""
+    try:
+        yield
+    except Exception as e:
+        if not storage.is_no_space(e):
+            raise
+        if jax.process_index() == 0:
+            for partial in epath.Path(checkpoints.directory).glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        raise storage.DiskFull(checkpoints.directory, needed) from None
 
 
 def checksum_problem(restored: dict, name: str) -> str | None:

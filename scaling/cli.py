@@ -10,6 +10,7 @@ import sys
 
 from etils import epath
 
+from analysis import storage
 from analysis.cli import add_commands as add_analysis_commands
 from analysis.cli import boolean, comma_separated, fraction, non_negative_int, number, positive_int, print_table
 from scaling.configs.fmnist import PRESETS as STUDY_PRESETS
@@ -142,7 +143,7 @@ def _load_study_config(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from scaling.lease import HELD_EXIT_CODE, WorkdirHeld
-    from scaling.preemption import EXIT_CODE, Preempted
+    from scaling.preemption import EXIT_CODE, INTERRUPTED_EXIT_CODE, Interrupted, Preempted
     from scaling.train import TrainingDiverged, train
 
     _init_distributed(args)
@@ -158,6 +159,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except WorkdirHeld as e:
         print(f"dit-scaling train: error: {e}", file=sys.stderr)
         return HELD_EXIT_CODE
+    except KeyboardInterrupt as e:  # Interrupted once training began; before, nothing of this start to record
+        print(f"\ndit-scaling train: {e if isinstance(e, Interrupted) else Interrupted(args.workdir)}",
+              file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     loss = "" if result.final_loss is None else f", final loss {result.final_loss:.4f}"
     print(f"{result.workdir}: {result.status} at step {result.step}{loss}")
     return 0
@@ -165,7 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     from scaling.grid import run_grid
-    from scaling.preemption import EXIT_CODE
+    from scaling.preemption import EXIT_CODE, INTERRUPTED_EXIT_CODE
 
     if args.plan_shards:
         return _print_shard_plan(args)
@@ -180,6 +185,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
         print("dit-scaling grid: preempted (SIGTERM): the runs are checkpointed; run the same command to resume.",
               file=sys.stderr)
         return EXIT_CODE
+    if any(o == "interrupted" for o in outcome.values()):
+        print("dit-scaling grid: interrupted (Ctrl-C); run the same command to resume.", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     return 1 if any(o.startswith("failed") for o in outcome.values()) else 0
 
 
@@ -257,7 +265,7 @@ def _print_shard_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from scaling.preemption import EXIT_CODE, Preempted
+    from scaling.preemption import EXIT_CODE, INTERRUPTED_EXIT_CODE, Preempted
     from scaling.study import run_study
     from scaling.train import format_duration
 
@@ -267,7 +275,7 @@ def cmd_study(args: argparse.Namespace) -> int:
                            workers=args.workers)
     except KeyboardInterrupt:
         print("\ndit-scaling study: interrupted; run the same command to resume.", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT_CODE
     except Preempted as e:
         print(f"dit-scaling study: {e}", file=sys.stderr)
         return EXIT_CODE
@@ -299,9 +307,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         row["progress"] = f"{row['step']}/{row['total_steps']}"
         row["evaluations"] = ", ".join(f"{metric}={r['value']:.4g} (step {r['step']})"
                                        for metric, r in row["latest_evaluations"].items()) or "-"
+        notes = [f"stopped at step {row['stopped_step']}" if row["stopped_step"] is not None else None,
+                 row["error"], row["records_gap"] and f"records lost: {row['records_gap']}"]
+        row["notes"] = "; ".join(note for note in notes if note) or None
     print_table(rows, [("run", "run"), ("model", "model"), ("status", "status"), ("progress", "step"),
                         ("images_seen", "images"), ("train_gflops_cumulative", "train Gflops"),
-                        ("loss", "last loss"), ("wall_time", "wall s"), ("evaluations", "latest evaluations")])
+                        ("loss", "last loss"), ("wall_time", "wall s"), ("evaluations", "latest evaluations"),
+                        ("notes", "stopped / records")])
     return 0
 
 
@@ -654,6 +666,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"dit-scaling {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a lack of space, wherever it struck: its message, no traceback
+        if not storage.is_no_space(e):
+            raise
+        disk_full = e if isinstance(e, storage.DiskFull) else storage.DiskFull(getattr(e, "filename", None) or ".")
+        print(f"dit-scaling {args.command}: error: {disk_full}", file=sys.stderr)
+        return storage.DISK_FULL_EXIT_CODE
 
 
 if __name__ == "__main__":

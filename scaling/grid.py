@@ -27,8 +27,8 @@ from scaling import config as config_lib
 from scaling.cost import predicted_seconds, remaining_costs
 from scaling.host import WORKER_CORES_VARIABLE
 from scaling.lease import HELD_EXIT_CODE, WorkdirHeld, describe_holder, read_holder
-from scaling.preemption import EXIT_CODE, Preempted
-from scaling.train import train
+from scaling.preemption import EXIT_CODE, INTERRUPTED_EXIT_CODE, Interrupted, Preempted
+from scaling.train import failure_cause, train
 
 log = logging.getLogger("dit_scaling.grid")
 
@@ -129,8 +129,9 @@ def run_grid(config_name: str, runs_dir: str | epath.Path, *, models: list[str] 
     """Train every selected config into runs_dir/<run>; skip finished runs, resume the rest, keep going on
     failures. With workers > 1, that many runs at once in worker processes (see the module docstring).
     `on_finish(model, outcome)` is called as each run ends. A preemption notice (SIGTERM) checkpoints the runs in
-    progress and starts no other; a run that another machine holds is skipped. Returns {model: "finished" |
-    "skipped" | "skipped: ... is being written by another run ..." | "failed: ..." | "preempted" | "not started"}."""
+    progress and starts no other, as Ctrl-C stops them and starts no other; a run that another machine holds is
+    skipped. Returns {model: "finished" | "skipped" | "skipped: ... is being written by another run ..." |
+    "failed: ..." | "preempted" | "interrupted" | "not started"}."""
     selected = grid_models(config_name, models, only)
     runs_dir = epath.Path(runs_dir)
     configs = load_grid_configs(config_name, selected, overrides)
@@ -159,10 +160,10 @@ def run_grid(config_name: str, runs_dir: str | epath.Path, *, models: list[str] 
     for i, model in enumerate(pending):
         log.info("[%d/%d] %s -> %s", i + 1, len(pending), model, workdirs[model])
         outcome[model] = train_run(configs[model], workdirs[model])
-        if outcome[model] == "preempted":
-            break
         if on_finish is not None:
             on_finish(model, outcome[model])
+        if outcome[model] in ("preempted", "interrupted"):
+            break
     return {model: outcome.get(model, "not started") for model in configs}
 
 
@@ -176,21 +177,27 @@ def _ordering_cost(config) -> float:
 
 def train_run(config, workdir: epath.Path) -> str:
     """Train (or resume) one run of a grid and say how it ended: "finished", "preempted" (checkpointed),
-    "skipped: ..." (another command holds its workdir; its manifest is that command's to write) or "failed: ..."
-    (the reason written to its manifest too, where it has one)."""
+    "interrupted" (Ctrl-C), "skipped: ..." (another command holds its workdir; its manifest is that command's to
+    write) or "failed: ..." (the reason, in one line, written to its manifest too, where it has one)."""
     try:
         train(config, workdir)
         return "finished"
     except Preempted as e:
         log.warning("%s", e)
         return "preempted"
+    except KeyboardInterrupt as e:  # Interrupted once training began; before, nothing of this start to record
+        log.warning("%s", e if isinstance(e, Interrupted) else Interrupted(workdir))
+        return "interrupted"
     except WorkdirHeld:
         outcome = held_outcome(workdir)
         log.warning("%s: %s", workdir.name, outcome)
         return outcome
     except Exception as e:  # one failed run must not stop the grid
-        error = f"{type(e).__name__}: {e}"
-        log.error("%s failed:\n%s", workdir.name, traceback.format_exc().rstrip())
+        error = failure_cause(e)
+        if isinstance(e, storage.DiskFull):  # the message says all there is
+            log.error("%s failed: %s", workdir.name, e)
+        else:
+            log.error("%s failed:\n%s", workdir.name, traceback.format_exc().rstrip())
         if jax.process_index() == 0:
             _record_failure(workdir, error)
         return f"failed: {error}"
@@ -203,11 +210,14 @@ def held_outcome(workdir: epath.Path) -> str:
 
 def _record_failure(workdir: epath.Path, error: str) -> None:
     """Write a failed run's reason into its manifest (where it has one yet); a run that said it diverged keeps
-    that status."""
+    that status. A manifest with no space to be written keeps its previous content."""
     manifest = schema.read_manifest(workdir)
     if manifest is not None:
         status = "diverged" if manifest.status == "diverged" else "failed"
-        schema.write_manifest(workdir, manifest.with_changes(status=status, error=error))
+        try:
+            schema.write_manifest(workdir, manifest.with_changes(status=status, error=error))
+        except storage.DiskFull as e:
+            log.error("%s could not be marked failed: %s", workdir / schema.MANIFEST_FILE, e)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,6 +251,7 @@ class _RunLog:
         self.path, self._lines, self.tail = path, [], []
         self._lock = threading.Lock()
         self._file = None if storage.is_url(path) else open(path, "a")
+        self._full = False  # no space left for the log: its lines are kept in the tail alone
 
     def __enter__(self) -> _RunLog:
         return self
@@ -251,15 +262,22 @@ class _RunLog:
                 self.tail = [*self.tail[-19:], line.rstrip()]
             if self._file is None:
                 self._lines.append(line)
-            else:
-                self._file.write(line)
-                self._file.flush()
+            elif not self._full:
+                try:
+                    self._file.write(line)
+                    self._file.flush()
+                except OSError as e:
+                    if not storage.is_no_space(e):
+                        raise
+                    self._full = True
+                    log.error("%s", storage.DiskFull(self.path, len(line.encode())))
 
     def __exit__(self, *exc) -> None:
         if self._file is None:
             storage.append_text(self.path, "".join(self._lines))
         else:
-            self._file.close()
+            with contextlib.suppress(OSError):  # what did not fit was reported when it was written
+                self._file.close()
 
 
 def _copy_lines(stream, run_log: _RunLog) -> None:
@@ -267,15 +285,32 @@ def _copy_lines(stream, run_log: _RunLog) -> None:
         run_log.write(line)
 
 
+def worker_exit_code(outcome: str) -> int:
+    """The exit code a worker (scaling.worker) answers a run's outcome with (`_worker_outcome` reads it back): 0
+    finished, scaling.preemption's for preempted and interrupted, scaling.lease's when another command holds the
+    workdir, analysis.storage's for lack of space, 1 for another failure."""
+    if outcome == "finished":
+        return 0
+    if outcome == "preempted":
+        return EXIT_CODE
+    if outcome == "interrupted":
+        return INTERRUPTED_EXIT_CODE
+    if outcome.startswith("skipped"):
+        return HELD_EXIT_CODE
+    return storage.DISK_FULL_EXIT_CODE if outcome.startswith(f"failed: {storage.DiskFull.__name__}") else 1
+
+
 def _worker_outcome(workdir: epath.Path, code: int, run_log: _RunLog) -> str:
-    """A worker's outcome from its exit code (scaling.worker's), and for a failure the reason its manifest gives.
-    Without one (no manifest yet, or a worker killed or crashed outside Python, whose manifest still says
-    `running`) the reason is the exit code and the last line of its log, and a `running` manifest is marked
-    failed with it."""
+    """A worker's outcome from its exit code (`worker_exit_code`), and for a failure the reason its manifest
+    gives. Without one (no manifest yet, a manifest that a full disk kept from being marked, or a worker killed
+    or crashed outside Python, whose manifest still says `running`) the reason is the exit code and the last line
+    of its log, and a `running` manifest is marked failed with it."""
     if code == 0:
         return "finished"
     if code == EXIT_CODE:  # checkpointed and marked preempted by the run itself
         return "preempted"
+    if code == INTERRUPTED_EXIT_CODE:  # marked interrupted by the run itself
+        return "interrupted"
     if code == HELD_EXIT_CODE:
         return held_outcome(workdir)
     manifest = schema.read_manifest(workdir)
@@ -295,7 +330,13 @@ def _run_in_workers(configs: dict, workdirs: dict[str, epath.Path], workers: int
     queue, outcome, lock = list(configs), {}, threading.Lock()
     children: set[subprocess.Popen] = set()
 
-    def work(cores: list[int]) -> None:
+    def work(cores: list[int], done: threading.Event) -> None:
+        try:
+            run_queued(cores)
+        finally:
+            done.set()
+
+    def run_queued(cores: list[int]) -> None:
         while True:
             with lock:
                 if not queue:
@@ -307,9 +348,11 @@ def _run_in_workers(configs: dict, workdirs: dict[str, epath.Path], workers: int
                      ",".join(map(str, cores)))
             config_json = json.dumps(configs[model].to_dict(), default=str)  # as the run's manifest records it
             with _RunLog(workdir / schema.LOG_FILE) as run_log:
+                # In a process group of its own: Ctrl-C at a terminal reaches the grid alone, which passes it on
+                # once (a second SIGINT could cut short a worker's recording of the first).
                 child = subprocess.Popen([sys.executable, "-m", "scaling.worker", str(workdir)], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                         env=worker_environment(cores))
+                                         env=worker_environment(cores), process_group=0)
                 with lock:
                     children.add(child)
                 with contextlib.suppress(BrokenPipeError):  # a worker that ended at once says why in its log
@@ -339,23 +382,24 @@ def _run_in_workers(configs: dict, workdirs: dict[str, epath.Path], workers: int
             for child in children:
                 child.send_signal(signal.SIGTERM)
 
-    threads = [threading.Thread(target=work, args=(cores,), daemon=True) for cores in shares]
-    for thread in threads:
-        thread.start()
+    # Each thread says when it is done with an event: a Thread.join cut short by Ctrl-C can leave the thread
+    # looking finished while it still runs (CPython 3.11), an Event.wait cannot.
+    finished = [threading.Event() for _ in shares]
+    for cores, done in zip(shares, finished, strict=True):
+        threading.Thread(target=work, args=(cores, done), daemon=True).start()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, pass_preemption_on) if in_main_thread else None
     try:
-        while any(thread.is_alive() for thread in threads):
-            for thread in threads:
-                thread.join(timeout=0.5)
-    except KeyboardInterrupt:
+        while not all(done.is_set() for done in finished):
+            for done in finished:
+                done.wait(timeout=0.5)
+    except KeyboardInterrupt:  # the workers record their runs as interrupted; their outcomes say so
         with lock:
             queue.clear()
             for child in children:
                 child.send_signal(signal.SIGINT)
-        for child in list(children):
-            child.wait()
-        raise
+        for done in finished:
+            done.wait()
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler if previous_handler is not None else signal.SIG_DFL)
@@ -364,8 +408,9 @@ def _run_in_workers(configs: dict, workdirs: dict[str, epath.Path], workers: int
 
 def run_status(path: str | epath.Path) -> list[dict]:
     """One row per run, of the run directory `path` or of every run directory under it (a directory that is
-    neither has none): model, status, progress, compute spent, last loss, and the newest evaluation of each metric
-    (a sample metric and the held-out loss keep their own schedules)."""
+    neither has none): model, status, progress, compute spent, last loss, the newest evaluation of each metric (a
+    sample metric and the held-out loss keep their own schedules), and how an unfinished run stopped (the error
+    and the step) and the records it lost, if any."""
     path = epath.Path(path)
     if (path / schema.MANIFEST_FILE).is_file():
         workdirs = [path]
@@ -384,6 +429,6 @@ def run_status(path: str | epath.Path) -> list[dict]:
             "train_gflops_cumulative": last.train_gflops_cumulative if last else 0.0,
             "loss": last.loss if last else None, "wall_time": last.wall_time if last else None,
             "latest_evaluations": {r.metric: r.to_json() for r in sorted(evaluations, key=lambda r: r.step)},
-            "error": manifest.error,
+            "error": manifest.error, "stopped_step": manifest.stopped_step, "records_gap": manifest.records_gap,
         })
     return rows

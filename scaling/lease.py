@@ -12,6 +12,7 @@ when), for the message that refuses a second writer.
   `heartbeat_s` seconds; a lease whose heartbeat is older than `stale_after_s` is taken over, as is at once one
   whose holder was on this host and is no longer alive. A holder that finds its lease taken over stops at its
   next checkpoint (`check`) instead of writing beside the new one.
+A workdir with no space left for the lease refuses the run with `analysis.storage.DiskFull`, holding nothing.
 """
 
 from __future__ import annotations
@@ -119,14 +120,19 @@ class RunLease:
         return self._take_object() if storage.is_url(self.workdir) else self._take_local()
 
     def _take_local(self) -> str | None:
-        fd = os.open(self.workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        with storage.raising_disk_full(self.workdir / LOCK_FILE):
+            fd = os.open(self.workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return self._refusal(read_holder(self.workdir))
+        try:
+            storage.write_atomic(self.workdir / HOLDER_FILE, json.dumps(self._new_holder()) + "\n")
+        except BaseException:  # no space for lease.json, say: let go of the lock, a later try in this process takes it
+            os.close(fd)
+            raise
         self._fd = fd
-        storage.write_atomic(self.workdir / HOLDER_FILE, json.dumps(self._new_holder()) + "\n")
         return None
 
     def _take_object(self) -> str | None:

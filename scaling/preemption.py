@@ -1,4 +1,5 @@
-"""Preemption: stop at a step boundary that every host agrees on, checkpointed, when the machine is going away.
+"""Preemption: stop at a step boundary that every host agrees on, checkpointed, when the machine is going away;
+and interruption (Ctrl-C), which stops at once.
 
 A preempted TPU VM, a spot instance, a queued resource's eviction and SLURM's `scancel` all send SIGTERM, then
 kill the process after a grace period. A run that receives it checkpoints at its next step boundary, marks its
@@ -8,16 +9,21 @@ On several hosts the boundary must be the same everywhere, though perhaps only o
 coordination service spreads the notice and picks the first boundary that every host has yet to pass
 (`multihost_utils.reached_preemption_sync_point`, whose SIGTERM handler `jax.distributed.initialize` installs).
 A single process catches SIGTERM itself.
+
+Ctrl-C (SIGINT) stops a run where it is: its manifest says `interrupted`, the command exits with
+INTERRUPTED_EXIT_CODE and the same command resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
 import jax
 
 EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): try again later; a scheduler may requeue on it
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # what shells report for a command stopped by Ctrl-C
 
 
 class Preempted(RuntimeError):
@@ -28,6 +34,31 @@ class Preempted(RuntimeError):
         where = f"checkpointed at step {step}" if step is not None else "its runs are checkpointed"
         super().__init__(f"{workdir}: preempted (SIGTERM), {where}; run the same command to resume.")
         self.workdir, self.step = workdir, step
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped by Ctrl-C (the run at `step`, its manifest marked interrupted): run the same command to resume from
+    the newest checkpoint."""
+
+    def __init__(self, workdir, step: int | None = None):
+        where = f" at step {step}" if step is not None else ""
+        super().__init__(f"{workdir}: interrupted (Ctrl-C){where}; run the same command to resume from the newest "
+                         "checkpoint.")
+        self.workdir, self.step = workdir, step
+
+
+@contextlib.contextmanager
+def ignoring_interrupts():
+    """Ctrl-C ignored inside the block (from the main thread; elsewhere signals cannot be set), so that a second
+    one does not cut short the recording of how the run ended."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
 class PreemptionNotice:

@@ -29,7 +29,7 @@ from scaling.config import run_name
 from scaling.configs import fmnist
 from scaling.cost import predicted_seconds
 from scaling.host import cpu_model
-from scaling.preemption import Preempted
+from scaling.preemption import Interrupted, Preempted
 from scaling.train import code_revision, format_duration
 
 log = logging.getLogger("dit_scaling.study")
@@ -109,8 +109,13 @@ class _Progress:
               "a 2-core AMD EPYC)", flush=True)
 
     def finished(self, model: str, outcome: str) -> None:
+        """The line of a run that ended: its result, or how it stopped (preempted and interrupted runs are still to
+        do; a failed one is done, with its cause)."""
         if outcome == "preempted":  # checkpointed, still to do
             print(f"[study] {short_name(model)} preempted: checkpointed", flush=True)
+            return
+        if outcome == "interrupted":  # resumes from its newest checkpoint
+            print(f"[study] {short_name(model)} interrupted (Ctrl-C)", flush=True)
             return
         run_dir = self.workdir / run_name(self.configs[model])
         steps = schema.read_steps(run_dir)
@@ -159,6 +164,8 @@ def run_study(preset: str = "default", workdir: str | os.PathLike | None = None,
                                      workers=workers, on_finish=progress.finished))
         if "preempted" in outcome.values():  # the grace period is short: render when the study resumes
             raise Preempted(workdir)
+        if "interrupted" in outcome.values():
+            raise Interrupted(workdir)
     findings, figures = _render(workdir, preset, seed, models)
     return StudyResult(workdir=workdir, outcome={m: outcome[m] for m in models}, findings=findings,
                        report=workdir / REPORT_FILE, figures=figures, seconds=time.perf_counter() - start)

@@ -6,16 +6,22 @@ evaluation step and protocol) and checkpoints/ (see scaling.checkpoints).
 
 The same command continues a run killed at any moment: it restores the newest checkpoint that loads and
 verifies, cuts records.jsonl back to that step (so every step has exactly one record), and replays the data
-stream from the checkpointed iterator state. With a fixed seed a resumed run ends bit-for-bit where an
+stream from the checkpointed iterator state. The records are made durable before each checkpoint is written, so a
+checkpoint never outlives them; records missing up to the checkpoint resumed from (lost to a host crash, or
+deleted) are named in the log and in the manifest's `records_gap`. A train.steps below the step the run has
+reached is refused. With a fixed seed a resumed run ends bit-for-bit where an
 uninterrupted one does: each step's timesteps, noise and label dropout come from fold_in(seed, step).
 A non-finite loss stops the run: the last good state (before the step that produced it, replayed from the
 newest checkpoint) is checkpointed, and `TrainingDiverged` names the step. A preemption notice (SIGTERM) stops the
-run at the next step boundary, checkpointed there, and raises `scaling.preemption.Preempted`. A run holds its
-workdir's lease (`scaling.lease`) while it trains: a second writer is refused with `WorkdirHeld`.
+run at the next step boundary, checkpointed there, and raises `scaling.preemption.Preempted`. Ctrl-C stops it at
+once and raises `scaling.preemption.Interrupted`; any other error (`analysis.storage.DiskFull` for lack of space
+anywhere) is recorded with the step reached and raised. Each of these endings is the manifest's status. A run
+holds its workdir's lease (`scaling.lease`) while it trains: a second writer is refused with `WorkdirHeld`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,7 +38,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from analysis import schema
+from analysis import schema, storage
 from models.diffusion import GaussianDiffusion, linear_betas
 from models.dit import parse_model_name
 from models.flops import model_compute
@@ -44,8 +50,8 @@ from scaling.configs.common import base_config
 from scaling.devices import BATCH_AXES, make_mesh, measure_matmul_peak, param_sharding
 from scaling.evaluation.in_training import build_evaluator, pending_protocols
 from scaling.host import return_freed_memory_if_large
-from scaling.lease import RunLease
-from scaling.preemption import Preempted, PreemptionNotice
+from scaling.lease import RunLease, WorkdirHeld
+from scaling.preemption import Interrupted, Preempted, PreemptionNotice, ignoring_interrupts
 from scaling.train_step import init_state, make_multi_step, make_optimizer, make_train_step, state_bytes
 
 log = logging.getLogger("dit_scaling.train")
@@ -93,6 +99,7 @@ class _Run:
     start_step: int
     elapsed: float  # wall time of earlier starts
     state: dict
+    checkpoint_bytes: int  # the state's size: about what a checkpoint needs on disk
 
     def batch(self) -> dict:
         """The next global batch, sharded over the mesh (each host gives its rows)."""
@@ -175,6 +182,11 @@ def _prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
     initial_data_state = iterator.get_state()
     init = jax.jit(lambda: init_state(model_config, optimizer, config.train.seed), out_shardings=state_sharding)
     if restored is not None:
+        if start_step > config.train.steps:
+            manager.close()
+            raise ValueError(f"{workdir} has reached step {start_step} (its newest checkpoint), beyond train.steps "
+                             f"{config.train.steps}. Give --config.train.steps={start_step} or more to continue it "
+                             "(or leave it as it is), or use a new --workdir for a shorter run.")
         state, elapsed = restored["state"], restored["meta"]["wall_time"]
         iterator.set_state(restored["data"])
         log.info("Resuming %s from step %d.", workdir, start_step)
@@ -187,17 +199,6 @@ def _prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
     chosen_precision = precision.resolve(config.model.dtype, model_config.hidden_size)  # None: a plug-in's unknown
     if chosen_precision.requested == precision.AUTO:
         log.info("model.dtype auto: %s (%s).", chosen_precision.dtype, chosen_precision.reason)
-    if primary:
-        _truncate_records(workdir / schema.STEPS_FILE, start_step)
-        manifest = previous or _new_manifest(config, config_dict, model_config, compute, source)
-        start = {"time": time.time(), "step": start_step, "versions": _versions(),
-                 "precision": chosen_precision.to_json(),
-                 "devices": {"count": jax.device_count(), "processes": jax.process_count(),
-                             "kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
-                             "mesh": dict(mesh.shape)},
-                 "matmul_peak_flops": peak}
-        schema.write_manifest(workdir, manifest.with_changes(
-            starts=[*manifest.starts, start], status="running", total_steps=config.train.steps, config=config_dict))
 
     data_sharding, stacked_data_sharding = NamedSharding(mesh, P(BATCH_AXES)), NamedSharding(mesh, P(None, BATCH_AXES))
     train_step = make_train_step(model_config, diffusion, optimizer, config.train.ema_decay)
@@ -208,13 +209,26 @@ def _prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
         out_shardings=(state_sharding, None), donate_argnums=(0,))
     evaluator = build_evaluator(config, source, model_config, diffusion, compute, mesh) if config.eval.every \
         else None
+    # Written last: a start that fails before it leaves the manifest (and records) as the previous start left them.
+    if primary:
+        gap = _resume_records(workdir, start_step, config.train.log_every)
+        manifest = previous or _new_manifest(config, config_dict, model_config, compute, source)
+        start = {"time": time.time(), "step": start_step, "versions": _versions(),
+                 "precision": chosen_precision.to_json(),
+                 "devices": {"count": jax.device_count(), "processes": jax.process_count(),
+                             "kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+                             "mesh": dict(mesh.shape)},
+                 "matmul_peak_flops": peak}
+        schema.write_manifest(workdir, manifest.with_changes(
+            starts=[*manifest.starts, start], status="running", total_steps=config.train.steps, config=config_dict,
+            error=None, stopped_step=None, records_gap=gap))
     return _Run(config=config, workdir=workdir, primary=primary, model_config=model_config, compute=compute,
                 global_batch=global_batch, total_steps=config.train.steps, peak_flops=peak, init=init,
                 abstract_state=abstract_state, data_sharding=data_sharding,
                 stacked_data_sharding=stacked_data_sharding, step_fn=step_fn, multi_step_fn=multi_step_fn,
                 checkpoints=manager,
                 iterator=iterator, initial_data_state=initial_data_state, evaluator=evaluator,
-                start_step=start_step, elapsed=elapsed, state=state)
+                start_step=start_step, elapsed=elapsed, state=state, checkpoint_bytes=state_bytes(abstract))
 
 
 def _new_manifest(config, config_dict: dict, model_config, compute, source) -> schema.Manifest:
@@ -261,10 +275,32 @@ def _check_same_run(previous: dict, current: dict, workdir: epath.Path) -> None:
                          "--workdir, or the run's own config to resume it.")
 
 
-def _truncate_records(path: epath.Path, last_step: int) -> None:
-    """Keep the step records up to last_step (the checkpoint resumed from): later ones are replayed."""
-    kept = [r for r in schema.read_jsonl(path) if r["step"] <= last_step]
-    schema.write_jsonl(path, kept)
+def _resume_records(workdir: epath.Path, last_step: int, log_every: int) -> str | None:
+    """Keep the step records up to last_step (the checkpoint resumed from: later steps are replayed, so each is
+    recorded once), and name the logged steps up to it that have no record (None when every one has)."""
+    path = workdir / schema.STEPS_FILE
+    records = schema.read_jsonl(path)
+    kept = [r for r in records if r["step"] <= last_step]
+    if len(kept) < len(records):  # rewritten only when needed: a resume on a nearly full disk needs no copy
+        schema.write_jsonl(path, kept)
+    missing = sorted(set(range(log_every, last_step + 1, log_every)) - {r["step"] for r in kept})
+    if not missing:
+        return None
+    gap = f"{_step_ranges(missing, log_every)} ({len(missing)} record{'s' if len(missing) > 1 else ''})"
+    log.warning("%s lacks the records of %s before the checkpoint at step %d this run resumes from: they were lost "
+                "after that checkpoint was written (a host crash, or a deletion) and cannot be recomputed; the run "
+                "continues without them (the manifest's records_gap says so).", path, gap, last_step)
+    return gap
+
+
+def _step_ranges(steps: list[int], every: int) -> str:
+    """[10, 20, 30, 50] (every 10) -> "steps 10-30, 50"."""
+    ranges, first = [], steps[0]
+    for step, following in zip(steps, [*steps[1:], None], strict=True):
+        if following != step + every:
+            ranges.append(str(step) if first == step else f"{first}-{step}")
+            first = following
+    return ("steps " if len(steps) > 1 else "step ") + ", ".join(ranges)
 
 
 def _versions() -> dict:
@@ -313,6 +349,7 @@ class _StepLog:
         self.first_call_end = run.start_step + run.call_size(run.start_step)  # its steps include compilation
         self.run_start = time.perf_counter()
         self.last_time, self.last_step = None, run.start_step
+        self.step = run.start_step  # the last step whose metrics came back: how far the run got
         self.final_loss = None
         self.flops_per_step = schema.training_flops(run.compute.macs, run.global_batch)
         self.writer = _tensorboard_writer(run.workdir) if run.primary else None
@@ -327,6 +364,7 @@ class _StepLog:
     def handle(self, step: int, metrics: dict) -> None:
         run = self.run
         metrics = jax.device_get(metrics)
+        self.step = step
         if not metrics["finite"]:
             _stop_diverged(run, step, metrics, self.wall_time())
         self.final_loss = float(metrics["loss"])
@@ -396,16 +434,17 @@ def _replay(run: _Run, step: int) -> dict:
 
 def _stop_diverged(run: _Run, step: int, metrics: dict, wall_time: float) -> None:
     """Checkpoint the last good state (step - 1), mark the run diverged and raise TrainingDiverged."""
-    run.checkpoints.wait_until_finished()
-    if step - 1 not in run.checkpoints.all_steps():
-        checkpoints.save(run.checkpoints, step - 1, _replay(run, step - 1), run.iterator.get_state(), wall_time)
-    run.checkpoints.wait_until_finished()
-    if run.primary:
-        schema.write_manifest(run.workdir, schema.read_manifest(run.workdir).with_changes(status="diverged"))
-    raise TrainingDiverged(
+    with checkpoints.writing(run.checkpoints, run.checkpoint_bytes):
+        run.checkpoints.wait_until_finished()
+        if step - 1 not in run.checkpoints.all_steps():
+            _save(run, step - 1, _replay(run, step - 1), wall_time)
+        run.checkpoints.wait_until_finished()
+    error = TrainingDiverged(
         f"Loss is {float(metrics['loss'])} (grad norm {float(metrics['grad_norm'])}) at step {step}. The last good "
         f"state (step {step - 1}) is checkpointed in {run.workdir / schema.CHECKPOINTS_DIR}. Lower "
         "train.learning_rate or use float32 (model.dtype) and start a new workdir.")
+    _record_ending(run, "diverged", error=failure_cause(error), stopped_step=step)
+    raise error
 
 
 def _evaluate(run: _Run, step: int) -> None:
@@ -429,14 +468,52 @@ def _evaluate(run: _Run, step: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _close(run: _Run, steps: _StepLog, status: str) -> None:
+def failure_cause(error: BaseException) -> str:
+    """An error in one line, as a manifest's `error` and a grid's outcome give it: its type and first line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _save(run: _Run, step: int, state: dict, wall_time: float) -> None:
+    """Checkpoint `state` as of `step`, after making the records before it durable (the checkpoint must not
+    outlive them)."""
+    if run.primary:
+        schema.sync_records(run.workdir)
+    with checkpoints.writing(run.checkpoints, run.checkpoint_bytes):
+        checkpoints.save(run.checkpoints, step, state, run.iterator.get_state(), wall_time)
+
+
+def _record_ending(run: _Run, status: str, **changes) -> None:
+    """Mark the manifest with how the run ended (process 0)."""
+    if run.primary:
+        schema.write_manifest(run.workdir, schema.read_manifest(run.workdir).with_changes(status=status, **changes))
+
+
+def _close(run: _Run, steps: _StepLog, status: str, **changes) -> None:
     """Wait for the checkpoints, close the writers and mark the manifest."""
-    run.checkpoints.wait_until_finished()
+    with checkpoints.writing(run.checkpoints, run.checkpoint_bytes):
+        run.checkpoints.wait_until_finished()
     run.checkpoints.close()
     steps.close()
-    if run.primary:
-        final = {"final_step": run.total_steps} if status == "finished" else {}
-        schema.write_manifest(run.workdir, schema.read_manifest(run.workdir).with_changes(status=status, **final))
+    _record_ending(run, status, **changes)
+
+
+def _stop(run: _Run, steps: _StepLog, status: str, error: str | None = None) -> None:
+    """Record a run stopped by an error or Ctrl-C: the checkpoint in flight is finished where it can be, the
+    writers closed, and the manifest marked with the status, the error and the step reached. A manifest that
+    cannot be written (no space for it) keeps its previous content, and standard error says so."""
+    # The run is stopping on its own error: one from finishing its last checkpoint or closing would only hide it.
+    with contextlib.suppress(Exception):
+        with checkpoints.writing(run.checkpoints, run.checkpoint_bytes):
+            run.checkpoints.wait_until_finished()
+        run.checkpoints.close()
+    with contextlib.suppress(Exception):
+        steps.close()
+    try:
+        _record_ending(run, status, error=error, stopped_step=steps.step)
+    except storage.DiskFull as e:
+        log.error("%s could not be marked %s: %s It keeps its previous content.",
+                  run.workdir / schema.MANIFEST_FILE, status, e)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunResult:
@@ -450,8 +527,28 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
 
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, lease: RunLease,
            notice: PreemptionNotice) -> RunResult:
+    """Prepare the run, train it, and record how it ended whichever way it did."""
     run = _prepare(config, workdir)
     steps = _StepLog(run)
+    try:
+        _loop(run, steps, lease, notice)
+    except (Preempted, TrainingDiverged, WorkdirHeld):
+        raise  # recorded where raised (a run whose lease was taken over leaves the manifest to the new holder)
+    except KeyboardInterrupt:
+        with ignoring_interrupts():
+            _stop(run, steps, "interrupted")
+        raise Interrupted(run.workdir, steps.step) from None
+    except Exception as e:
+        if storage.is_no_space(e) and not isinstance(e, storage.DiskFull):  # a write not through analysis.storage
+            disk_full = storage.DiskFull(getattr(e, "filename", None) or run.workdir)
+            _stop(run, steps, "failed", error=failure_cause(disk_full))
+            raise disk_full from None
+        _stop(run, steps, "failed", error=failure_cause(e))
+        raise
+    return RunResult(workdir=run.workdir, step=run.total_steps, status="finished", final_loss=steps.final_loss)
+
+
+def _loop(run: _Run, steps: _StepLog, lease: RunLease, notice: PreemptionNotice) -> None:
     if run.is_eval_step(run.start_step):  # a run stopped during the evaluation that follows its checkpoint
         _evaluate(run, run.start_step)
     # (first step, steps, metrics) of the call dispatched last: fetched after the next dispatch, so the host never
@@ -467,14 +564,13 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, lease: RunLea
             steps.handle_call(*pending)
             pending = None
             lease.check()  # a run whose lease was taken over writes no checkpoint beside the new holder
-            checkpoints.save(run.checkpoints, step, run.state, run.iterator.get_state(), steps.wall_time())
+            _save(run, step, run.state, steps.wall_time())
         if preempted:  # a resumed run evaluates at this step if it is an evaluation step
-            _close(run, steps, "preempted")
+            _close(run, steps, "preempted", stopped_step=step)
             raise Preempted(run.workdir, step)
         if run.is_eval_step(step):
             _evaluate(run, step)
             steps.restart_clock(step)
     if pending is not None:
         steps.handle_call(*pending)
-    _close(run, steps, "finished")
-    return RunResult(workdir=run.workdir, step=run.total_steps, status="finished", final_loss=steps.final_loss)
+    _close(run, steps, "finished", final_step=run.total_steps)

@@ -18,7 +18,7 @@ from run_helpers import REPO, TINY, cli, cli_on_hosts, finish_on_hosts, leaves, 
 from analysis.schema import read_jsonl as read_records
 from scaling.checkpoints import kept_steps, load_final_params
 from scaling.lease import HELD_EXIT_CODE
-from scaling.preemption import EXIT_CODE
+from scaling.preemption import EXIT_CODE, INTERRUPTED_EXIT_CODE
 
 
 def _wait_for(predicate, timeout=120):
@@ -173,6 +173,29 @@ def test_sigterm_to_the_grid_checkpoints_its_runs_and_starts_no_other(fmnist_dir
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for run in runs:
         assert [r["step"] for r in read_records(tmp_path / run / "records.jsonl")] == list(range(10, steps + 1, 10))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_to_the_grid_marks_its_runs_interrupted_and_starts_no_other(fmnist_dir, tmp_path, workers):
+    grid = subprocess.Popen([sys.executable, "-m", "scaling.cli", "grid", "--config", "fmnist:smoke", "--workdir",
+                             str(tmp_path), "--models", "S/8,B/8,S/4", "--workers", str(workers),
+                             f"--config.data.path={fmnist_dir}", *INTERRUPTED, "--config.train.steps=100000"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = ["DiT-S-8", "DiT-B-8", "DiT-S-4"]
+
+    def started() -> list[str]:
+        return [run for run in runs if (tmp_path / run / "manifest.json").is_file()]
+
+    assert _wait_for(lambda: len(started()) == workers and all(_last_step(tmp_path / run) > 20 for run in started()))
+    grid.send_signal(signal.SIGINT)  # as Ctrl-C at its terminal
+    out, err = grid.communicate(timeout=120)
+    assert grid.returncode == INTERRUPTED_EXIT_CODE, err[-3000:]
+    assert "Traceback" not in err and "interrupted (Ctrl-C); run the same command to resume" in err
+    assert out.count("interrupted") == workers and out.count("not started") == len(runs) - workers
+    for run in started():
+        manifest = json.loads((tmp_path / run / "manifest.json").read_text())
+        assert manifest["status"] == "interrupted" and manifest["stopped_step"] >= _last_step(tmp_path / run)
 
 
 @pytest.mark.slow
