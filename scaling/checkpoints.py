@@ -16,7 +16,9 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
+import traceback
 import zlib
 
 import jax
@@ -31,14 +33,33 @@ log = logging.getLogger("dit_scaling.checkpoints")
 
 
 def _not_a_lack_of_space(record: logging.LogRecord) -> bool:
-    """orbax logs every write of a checkpoint that finds no space with its traceback (three for one full disk);
-    `writing` reports the lack of space once, as storage.DiskFull."""
+    """orbax logs every write of a checkpoint that finds no space with its traceback (three for one full disk, and
+    more for the writes still running); `writing` reports the lack of space once, as storage.DiskFull."""
     return not (record.exc_info and storage.is_no_space(record.exc_info[1]))
+
+
+def _without_writes_after_a_failed_save(report_unraisable):
+    """sys.unraisablehook, less one report: when a save fails (a full disk), orbax closes the event loop it wrote
+    with while array writes are still finishing, and each finished write's callback then finds the loop closed.
+    The callbacks had nothing left to do; the failure itself is reported as storage.DiskFull."""
+    def hook(unraisable) -> None:
+        frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+        raised_by = [frame.name for frame in frames[-2:]]
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+                and raised_by == ["call_soon_threadsafe", "_check_closed"]):
+            report_unraisable(unraisable)
+    hook.filters_failed_saves = True
+    return hook
 
 
 def manager(workdir: epath.Path, config) -> ocp.CheckpointManager:
     """The run's checkpoint manager, keeping the newest `train.keep_checkpoints` and every `train.keep_every`-th."""
-    logging.getLogger("absl").addFilter(_not_a_lack_of_space)  # orbax logs through absl; added once
+    # orbax logs through absl; the writes it left running when a save failed report through asyncio's logger when
+    # their event loop goes. Added once (a logger keeps one copy of a filter).
+    for logger in ("absl", "asyncio"):
+        logging.getLogger(logger).addFilter(_not_a_lack_of_space)
+    if not getattr(sys.unraisablehook, "filters_failed_saves", False):
+        sys.unraisablehook = _without_writes_after_a_failed_save(sys.unraisablehook)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.train.keep_checkpoints, keep_period=config.train.keep_every or None,
         enable_async_checkpointing=config.train.async_checkpoints, create=True,

@@ -252,3 +252,33 @@ def test_a_grid_reports_a_run_that_found_no_space_and_goes_on(fmnist_dir, tmp_pa
     assert "Traceback" not in err
     assert schema.read_manifest(tmp_path / "DiT-S-8").status == "failed"
     assert schema.read_manifest(tmp_path / "DiT-B-8").status == "finished"
+
+
+def test_callbacks_that_find_a_failed_saves_loop_closed_are_not_reported():
+    """After a save that found no space, array writes still finishing call back into orbax's closed event loop;
+    those reports are dropped (the failure is reported once, as DiskFull), any other unraisable error is not."""
+    import asyncio
+    import types
+
+    from scaling.checkpoints import _without_writes_after_a_failed_save
+
+    def unraisable(call) -> types.SimpleNamespace:
+        try:
+            call()
+        except RuntimeError as e:
+            return types.SimpleNamespace(exc_type=RuntimeError, exc_value=e, exc_traceback=e.__traceback__,
+                                         err_msg=None, object=None)
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    reported = []
+    hook = _without_writes_after_a_failed_save(reported.append)
+    hook(unraisable(lambda: loop.call_soon_threadsafe(print)))
+    assert reported == []
+
+    def closed_elsewhere():
+        raise RuntimeError("Event loop is closed")
+
+    other = unraisable(closed_elsewhere)
+    hook(other)
+    assert reported == [other]
