@@ -159,6 +159,17 @@ def test_a_run_started_on_a_full_disk_says_so(fmnist_dir, small_disk):
     assert not (run / schema.MANIFEST_FILE).exists() and not (run / "lease.json").exists()
 
 
+def test_figures_on_a_full_disk_say_so_and_leave_no_partial_file(small_disk):
+    _fill(small_disk, leave=16 * 1024)  # room for a few small files, not for the figures
+    out = small_disk / "figures"
+    result = cli("figures", str(REPO / "runs" / "paper"), "--out", str(out))
+    assert result.returncode == storage.DISK_FULL_EXIT_CODE, result.stderr[-3000:]
+    assert "No space left on the device of" in result.stderr and str(out) in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) < 15, result.stderr[-3000:]
+    for path in out.glob("*.png"):  # what was written is whole: atomic writes leave no torn figure
+        assert path.read_bytes().startswith(b"\x89PNG") and path.read_bytes().endswith(b"IEND\xaeB`\x82")
+
+
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
 def test_a_checkpoint_on_a_full_disk_fails_cleanly_and_the_run_resumes(fmnist_dir, tmp_path, small_disk,
                                                                        asynchronous):
