@@ -308,7 +308,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         row["evaluations"] = ", ".join(f"{metric}={r['value']:.4g} (step {r['step']})"
                                        for metric, r in row["latest_evaluations"].items()) or "-"
         notes = [f"stopped at step {row['stopped_step']}" if row["stopped_step"] is not None else None,
-                 row["error"], row["records_gap"] and f"records lost: {row['records_gap']}"]
+                 row["error"], row["records_gap"] and f"records lost: {row['records_gap']}",
+                 row["holder_gone"] and "its process is gone (killed outright); the same command resumes it"]
         row["notes"] = "; ".join(note for note in notes if note) or None
     print_table(rows, [("run", "run"), ("model", "model"), ("status", "status"), ("progress", "step"),
                         ("images_seen", "images"), ("train_gflops_cumulative", "train Gflops"),

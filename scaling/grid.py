@@ -26,7 +26,7 @@ from models.dit import PAPER_MODELS, short_name
 from scaling import config as config_lib
 from scaling.cost import predicted_seconds, remaining_costs
 from scaling.host import WORKER_CORES_VARIABLE
-from scaling.lease import HELD_EXIT_CODE, WorkdirHeld, describe_holder, read_holder
+from scaling.lease import HELD_EXIT_CODE, WorkdirHeld, describe_holder, gone_from_this_host, read_holder
 from scaling.preemption import EXIT_CODE, INTERRUPTED_EXIT_CODE, Interrupted, Preempted
 from scaling.train import failure_cause, train
 
@@ -406,11 +406,18 @@ def _run_in_workers(configs: dict, workdirs: dict[str, epath.Path], workers: int
     return outcome
 
 
+def _holder_gone(workdir: epath.Path) -> bool:
+    """A run whose manifest says running, but whose lease holder was a process of this host that no longer lives:
+    it was killed outright (SIGKILL, out of memory, a lost machine) with no chance to record why."""
+    holder = read_holder(workdir)
+    return holder is not None and gone_from_this_host(holder)
+
+
 def run_status(path: str | epath.Path) -> list[dict]:
     """One row per run, of the run directory `path` or of every run directory under it (a directory that is
     neither has none): model, status, progress, compute spent, last loss, the newest evaluation of each metric (a
-    sample metric and the held-out loss keep their own schedules), and how an unfinished run stopped (the error
-    and the step) and the records it lost, if any."""
+    sample metric and the held-out loss keep their own schedules), how an unfinished run stopped (the error and the
+    step) and the records it lost, if any, and whether a run said to be running lost its process (`holder_gone`)."""
     path = epath.Path(path)
     if (path / schema.MANIFEST_FILE).is_file():
         workdirs = [path]
@@ -430,5 +437,6 @@ def run_status(path: str | epath.Path) -> list[dict]:
             "loss": last.loss if last else None, "wall_time": last.wall_time if last else None,
             "latest_evaluations": {r.metric: r.to_json() for r in sorted(evaluations, key=lambda r: r.step)},
             "error": manifest.error, "stopped_step": manifest.stopped_step, "records_gap": manifest.records_gap,
+            "holder_gone": manifest.status == "running" and _holder_gone(workdir),
         })
     return rows

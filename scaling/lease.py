@@ -56,7 +56,8 @@ def read_holder(workdir: epath.Path) -> dict | None:
         return None
 
 
-def _gone_from_this_host(holder: dict) -> bool:
+def gone_from_this_host(holder: dict) -> bool:
+    """Whether the holder ran on this host and its process no longer lives (elsewhere nobody here can tell)."""
     if holder.get("host") != socket.gethostname():
         return False
     try:
@@ -157,7 +158,7 @@ class RunLease:
         return None
 
     def _expired(self, holder: dict) -> bool:
-        return time.time() - holder.get("heartbeat", 0) > self.stale_after_s or _gone_from_this_host(holder)
+        return time.time() - holder.get("heartbeat", 0) > self.stale_after_s or gone_from_this_host(holder)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

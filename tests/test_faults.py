@@ -293,3 +293,23 @@ def test_callbacks_that_find_a_failed_saves_loop_closed_are_not_reported():
     other = unraisable(closed_elsewhere)
     hook(other)
     assert reported == [other]
+
+
+def test_status_names_a_running_run_whose_process_was_killed_outright(tmp_path, capsys):
+    """SIGKILL leaves no chance to record an ending: the manifest still says running. status tells from the lease
+    that the run's process on this host is gone, and says the same command resumes it."""
+    from records_factory import a_manifest
+
+    run = tmp_path / "runs" / "DiT-S-8"
+    schema.write_manifest(run, a_manifest(status="running", final_step=None))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom scaling.lease import RunLease\n"
+                               f"with RunLease({str(run)!r}):\n    print('held', flush=True)\n    time.sleep(600)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert main(["status", str(run)]) == 0
+    assert "its process is gone" not in capsys.readouterr().out  # alive: running is true
+    holder.kill()
+    holder.wait()
+    assert main(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "running" in out and "its process is gone (killed outright); the same command resumes it" in out
