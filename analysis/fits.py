@@ -500,7 +500,9 @@ def fit_frontier(runs, x, y, *, largest: str | None = None, x_name: str = "x", y
     indices = _group_indices(curves["run"].to_numpy())
     rng = np.random.default_rng(seed)
     replicates, skipped = [], 0
-    start = [(min(law.floor / (0.999 * points["y"].min()), 0.999), law.exponent), (0.0, 0.3), (0.5, 0.5)]
+    # Each replicate is refitted from the full fit's solution alone: further starts cost three times as much and
+    # move no interval (docs/benchmarks.md, "Frontier fits").
+    start = [(min(law.floor / (0.999 * points["y"].min()), 0.999), law.exponent)]
     names = np.array([curves["run"].iloc[rows[0]] for rows in indices], dtype=object)
     for _ in range(n_bootstrap):
         # A config drawn k times enters the frontier once, with weight k (a frontier has no duplicate points).
