@@ -127,10 +127,8 @@ def test_sigterm_checkpoints_at_the_next_step_and_resumes_losing_nothing(fmnist_
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_host_stops_both_at_one_step(fmnist_dir, tmp_path):
+def test_sigterm_to_one_host_stops_both_at_one_step(fmnist_dir, straight_run, tmp_path):
     args = ["train", *smoke(fmnist_dir, *INTERRUPTED, "--config.train.steps=100")]  # two hosts step slower
-    straight = tmp_path / "straight"
-    assert all(code == 0 for code, _, _ in cli_on_hosts(*args, "--workdir", str(straight)))
     preempted = tmp_path / "preempted"
     hosts = start_on_hosts(*args, "--workdir", str(preempted))
     assert _wait_for(lambda: _last_step(preempted) > 50)
@@ -141,12 +139,19 @@ def test_sigterm_to_one_host_stops_both_at_one_step(fmnist_dir, tmp_path):
     assert len(steps) == 1 and 50 < max(kept_steps(preempted)) == steps.pop() < 100
     resumed = cli_on_hosts(*args, "--workdir", str(preempted))
     assert all(code == 0 for code, _, _ in resumed), resumed[0][2][-3000:]
-    _assert_resumed_exactly(preempted, straight, steps=100)
+    # Every step recorded once, on the one-host run's course (a constant learning rate: its first 100 steps are a
+    # 100-step run's). Two hosts sum gradients in another order: equal to rounding, where a resume that lost any
+    # optimizer state would be off by far more.
+    records = read_records(preempted / "records.jsonl")
+    assert [r["step"] for r in records] == list(range(10, 101, 10))
+    np.testing.assert_allclose([r["loss"] for r in records],
+                               [r["loss"] for r in read_records(straight_run / "records.jsonl")][:10], rtol=1e-5)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [1, 2])
-def test_sigterm_to_the_grid_checkpoints_its_runs_and_starts_no_other(fmnist_dir, tmp_path, workers):
+def test_sigterm_to_the_grid_checkpoints_its_runs_and_starts_no_other(fmnist_dir, tmp_path):
+    """Two worker processes (the grid's own handling of a signal in process is the Ctrl-C test's)."""
+    workers = 2
     grid_command = [sys.executable, "-m", "scaling.cli", "grid", "--config", "fmnist:smoke", "--workdir",
                     str(tmp_path), "--models", "S/8,B/8,S/4", "--workers", str(workers),
                     f"--config.data.path={fmnist_dir}", *INTERRUPTED]
@@ -176,8 +181,9 @@ def test_sigterm_to_the_grid_checkpoints_its_runs_and_starts_no_other(fmnist_dir
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [1, 2])
-def test_ctrl_c_to_the_grid_marks_its_runs_interrupted_and_starts_no_other(fmnist_dir, tmp_path, workers):
+def test_ctrl_c_to_the_grid_marks_its_runs_interrupted_and_starts_no_other(fmnist_dir, tmp_path):
+    """The grid training in its own process (workers: the SIGTERM test and the worker killed outright)."""
+    workers = 1
     grid = subprocess.Popen([sys.executable, "-m", "scaling.cli", "grid", "--config", "fmnist:smoke", "--workdir",
                              str(tmp_path), "--models", "S/8,B/8,S/4", "--workers", str(workers),
                              f"--config.data.path={fmnist_dir}", *INTERRUPTED, "--config.train.steps=100000"],
@@ -237,30 +243,30 @@ def _assert_same_run(run: Path, reference: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["replicated", "fsdp"])
-def test_four_simulated_devices_give_the_losses_of_one(fmnist_dir, one_device_run, tmp_path, sharding):
-    four = cli("train", *smoke(fmnist_dir, *EVALUATED_SMOKE, f"--config.train.param_sharding={sharding}"),
-                "--workdir", str(tmp_path / "four"), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+def test_four_simulated_devices_give_the_losses_of_one(fmnist_dir, one_device_run, tmp_path):
+    """Data parallel with replicated parameters (fsdp: the two-slice test)."""
+    four = cli("train", *smoke(fmnist_dir, *EVALUATED_SMOKE), "--workdir", str(tmp_path / "four"),
+               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert four.returncode == 0, four.stderr
     manifest = json.loads((tmp_path / "four" / "manifest.json").read_text())
     assert manifest["starts"][0]["devices"]["count"] == 4
-    assert manifest["config"]["train"]["param_sharding"] == sharding
+    assert manifest["config"]["train"]["param_sharding"] == "replicated"
     _assert_same_run(tmp_path / "four", one_device_run)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("slices", [1, 2])
-def test_two_processes_train_one_model_together(fmnist_dir, one_device_run, tmp_path, slices):
-    """Two hosts of one device each; or two slices (a host each, simulated) of two devices, fsdp within a slice."""
-    multislice = ["--config.train.slices=2", "--config.train.param_sharding=fsdp"] if slices == 2 else []
-    hosts = cli_on_hosts("train", *smoke(fmnist_dir, *EVALUATED_SMOKE, *multislice), "--workdir",
-                         str(tmp_path / "pair"),
-                         env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={slices}"})
+def test_two_hosts_of_two_slices_train_one_model_together(fmnist_dir, one_device_run, tmp_path):
+    """Two processes, each a slice of two simulated devices with the parameters sharded (fsdp) within it: every
+    level of a multi-slice pod at once."""
+    hosts = cli_on_hosts("train", *smoke(fmnist_dir, *EVALUATED_SMOKE, "--config.train.slices=2",
+                                         "--config.train.param_sharding=fsdp"), "--workdir", str(tmp_path / "pair"),
+                         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert all(code == 0 for code, _, _ in hosts), hosts[0][2][-3000:] + hosts[1][2][-3000:]
     assert "step 10/10" in hosts[0][1] and "step 10/10" not in hosts[1][1]  # only process 0 reports
     manifest = json.loads((tmp_path / "pair" / "manifest.json").read_text())
-    assert manifest["starts"][0]["devices"]["processes"] == 2
-    assert manifest["starts"][0]["devices"]["mesh"] == {"slice": slices, "data": 2}
+    assert manifest["starts"][0]["devices"]["processes"] == 2 and manifest["starts"][0]["devices"]["count"] == 4
+    assert manifest["starts"][0]["devices"]["mesh"] == {"slice": 2, "data": 2}
+    assert manifest["config"]["train"]["param_sharding"] == "fsdp"
     _assert_same_run(tmp_path / "pair", one_device_run)
 
 

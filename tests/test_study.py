@@ -15,6 +15,7 @@ from run_helpers import REPO
 from analysis import findings, paper, records, schema
 from analysis.analyze import analyze
 from models.dit import PAPER_MODELS, parse_model_name
+from scaling.cli import main
 
 GFLOPS = {"S": 1.0, "B": 4.0, "L": 14.0, "XL": 20.0}  # per patch 8; each halving of the patch x4
 
@@ -216,7 +217,7 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_tiny_study_killed_resumes_and_renders(fmnist_dir, tmp_path):
+def test_tiny_study_killed_resumes_and_renders(fmnist_dir, tmp_path, capsys):
     """SIGKILL the study once its first runs have finished, while workers train: the workers end with it, the same
     command finishes the study without training the finished runs again, and a finished study only re-renders."""
     workdir = tmp_path / "study"
@@ -265,11 +266,11 @@ def test_tiny_study_killed_resumes_and_renders(fmnist_dir, tmp_path):
         assert f"(figures/{name}.png)" in report
     assert json.loads((workdir / "study.json").read_text())["preset"] == "tiny"
 
-    third = _study(workdir, fmnist_dir)
-    out = third.communicate(timeout=300)[0]
-    assert third.returncode == 0 and "4/4 runs finished already" in out and "] step " not in out, out
-
+    # In this process from here: nothing is trained, so nothing needs a process of its own.
+    study_command = ["study", "--preset", "tiny", "--workdir", str(workdir)]
+    assert main([*study_command, "--models", ",".join(PART), f"--config.data.path={fmnist_dir}", *SMALL]) == 0
+    out = "".join(capsys.readouterr())
+    assert "4/4 runs finished already" in out and "] step " not in out, out
     for different in (["--seed", "1", "--models", ",".join(PART)], []):  # another seed; all 12 configs
-        other = subprocess.run([sys.executable, "-m", "scaling.cli", "study", "--preset", "tiny", *different,
-                                "--workdir", str(workdir)], cwd=REPO, capture_output=True, text=True)
-        assert other.returncode == 2 and "holds another study" in other.stderr, other.stderr
+        assert main([*study_command, *different]) == 2
+        assert "holds another study" in capsys.readouterr().err
