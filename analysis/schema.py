@@ -211,7 +211,8 @@ class StepRecord(_Record):
 class EvaluationProtocol(_Record):
     """Everything that makes two evaluation points comparable; fits combine points of one protocol only."""
 
-    sampler: str | None = _field("ddpm (ancestral) or ddim (eta 0); null when unknown (samples scored as given)")
+    sampler: str | None = _field("ddpm (ancestral), ddim (eta 0) or dpm-solver++ (2M); null when unknown (samples "
+                                 "scored as given)")
     sampling_steps: int | None = _field("respaced sampling steps")
     guidance_scale: float | None = _field("classifier-free guidance scale (1: none)")
     guidance_channels: int | None = _field("guided channels (the paper's 3 of 4 latent channels; null: all, or "

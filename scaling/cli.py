@@ -13,6 +13,7 @@ from etils import epath
 from analysis import storage
 from analysis.cli import add_commands as add_analysis_commands
 from analysis.cli import boolean, comma_separated, fraction, non_negative_int, number, positive_int, print_table
+from models.timesteps import SAMPLERS
 from scaling.configs.fmnist import PRESETS as STUDY_PRESETS
 from scaling.host import set_up_process
 from scaling.latents import DEFAULT_SHARD_SIZE
@@ -440,7 +441,7 @@ def _add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num", type=positive_int, default=50_000, help="images (50000 for FID-50K)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     parser.add_argument("--guidance-scale", type=guidance_scale, default=1.0,
                         help="classifier-free guidance, >= 1 (1: none; the paper's headline numbers: 1.5)")
     parser.add_argument("--guidance-channels", type=non_negative_int, default=3,
@@ -566,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(in its evaluations.jsonl, with the protocol below; what `dit-scaling sample` wrote "
                           "beside SAMPLES fills the options not given)")
     evaluate.add_argument("--step", type=non_negative_int, help="with --run: training step of the sampled parameters")
-    evaluate.add_argument("--sampler", choices=("ddpm", "ddim"), help="with --run: how the samples were drawn")
+    evaluate.add_argument("--sampler", choices=SAMPLERS, help="with --run: how the samples were drawn")
     evaluate.add_argument("--sampling-steps", type=positive_int, help="with --run: sampling steps")
     evaluate.add_argument("--guidance-scale", type=guidance_scale,
                           help="with --run: classifier-free guidance, >= 1 (default 1)")

@@ -24,6 +24,7 @@ from etils import epath
 from analysis import schema
 from models.dit import DIT_SIZES, DiTConfig, canonical_name, parse_model_name
 from models.plugin import FactoryConfig, factory_module_name
+from models.timesteps import SAMPLERS
 from scaling import precision
 
 BUILTIN = ("fmnist", "imagenet256", "modern_dit_fmnist")
@@ -259,7 +260,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"model.dtype must be {precision.AUTO} or one of {', '.join(precision.DTYPES)}"),
         (config.diffusion.num_timesteps > 1, "diffusion.num_timesteps must be > 1"),
         (config.eval.every >= 0, "eval.every must be >= 0 (0 turns evaluation off)"),
-        (config.eval.sampler in ("ddpm", "ddim"), "eval.sampler must be ddpm or ddim"),
+        (config.eval.sampler in SAMPLERS, f"eval.sampler must be one of {', '.join(SAMPLERS)}"),
         (len(config.eval.sampling_steps) > 0 and _positive_ints(config.eval.sampling_steps),
          "eval.sampling_steps must list positive step counts"),
         (_positive_ints(config.eval.final_sampling_steps),

@@ -34,7 +34,7 @@ from there, so a long sampling job split into calls draws what one call would. W
         scale = autoencoder.config.scaling_factor
     else:
         vae_state = None
-    spaced = diffusion.respace(f"ddim{sampling_steps}" if sampler == "ddim" else str(sampling_steps))
+    spaced = diffusion.for_sampler(sampler, sampling_steps)
     data_sharding = NamedSharding(mesh, P(BATCH_AXES))
     shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
 

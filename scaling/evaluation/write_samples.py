@@ -21,6 +21,7 @@ import numpy as np
 from etils import epath
 
 from analysis import schema, storage
+from models.timesteps import SAMPLERS
 from scaling.evaluation.npz import UINT8_CONVENTIONS, atomic_savez, to_uint8, write_sample_batch
 
 LABEL_MODES = ("balanced", "random")  # balanced: N / classes of each class (shuffled); random: uniform draws
@@ -41,7 +42,7 @@ class SamplingOptions:
 
     def __post_init__(self):
         checks = [(self.num_samples > 0, "--num must be positive"),
-                  (self.sampler in ("ddpm", "ddim"), "--sampler must be ddpm or ddim"),
+                  (self.sampler in SAMPLERS, f"--sampler must be one of {', '.join(SAMPLERS)}"),
                   (self.sampling_steps > 0, "--sampling-steps must be positive"),
                   (self.guidance_scale >= 1, "--guidance-scale must be >= 1 (1: no guidance)"),
                   (self.labels in LABEL_MODES, f"--labels must be one of {LABEL_MODES}"),
