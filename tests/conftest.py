@@ -16,6 +16,10 @@ if "DIT_SCALING_CACHE" not in os.environ:
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["DIT_SCALING_CACHE"], "jax"))
 # Small programs too (a random FID Inception compiles one sampler per kernel shape, 94 in all).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Tests compile far more than they run: without LLVM's optimisations XLA:CPU compiles a third faster (docs/
+# benchmarks.md, "The test suite"). Results may differ in their last bits from an optimised build's, so a test's
+# processes share these flags (run_helpers.environment).
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 
 @pytest.fixture(scope="module")

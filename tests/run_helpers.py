@@ -32,10 +32,18 @@ def write_small_fashion_mnist(directory: Path) -> Path:
     return directory
 
 
+def environment(extra: dict | None) -> dict:
+    """This process's environment with `extra`; XLA_FLAGS given there are added to the suite's own."""
+    merged = {**os.environ, **(extra or {})}
+    if extra and "XLA_FLAGS" in extra and os.environ.get("XLA_FLAGS"):
+        merged["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {extra['XLA_FLAGS']}"
+    return merged
+
+
 def cli(*args, env=None, timeout=300):
     """`python -m scaling.cli ARGS` in a fresh process."""
     return subprocess.run([sys.executable, "-m", "scaling.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env=environment(env))
 
 
 def start_on_hosts(*args, num_processes=2, env=None) -> list[subprocess.Popen]:
@@ -47,7 +55,7 @@ def start_on_hosts(*args, num_processes=2, env=None) -> list[subprocess.Popen]:
     return [subprocess.Popen(
         [sys.executable, "-m", "scaling.cli", *args, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
          str(num_processes), "--process-id", str(i)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env={**os.environ, **(env or {})}) for i in range(num_processes)]
+        text=True, env=environment(env)) for i in range(num_processes)]
 
 
 def finish_on_hosts(processes: list[subprocess.Popen], timeout=300) -> list[tuple[int, str, str]]:

@@ -205,7 +205,7 @@ def test_sample_writes_an_adm_batch_that_resumes_after_a_kill_to_the_same_images
     import sys
     import time
 
-    from run_helpers import REPO
+    from run_helpers import REPO, environment
 
     root, run, _, env = latent_run
     command = ["sample", str(run), "--num", "48", "--sampling-steps", "2", "--batch-size", "4",
@@ -216,7 +216,7 @@ def test_sample_writes_an_adm_batch_that_resumes_after_a_kill_to_the_same_images
 
     killed_out = tmp_path / "killed.npz"
     process = subprocess.Popen([sys.executable, "-m", "scaling.cli", *command, "--out", str(killed_out)], cwd=REPO,
-                               env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               env=environment(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     chunks = tmp_path / "killed.npz.chunks"
     while not (chunks / "chunk-00001.npz").exists() and process.poll() is None:
         time.sleep(0.01)

@@ -453,7 +453,7 @@ def test_evaluation_settings_are_checked():
     with pytest.raises(ValueError, match="needs data.autoencoder .* and eval.reference"):
         validate(load_config("imagenet256:S/8", ["eval.every=100"]))
     validate(load_config("imagenet256:S/8", ["data.autoencoder=vae", "eval.reference=ref.npz"]))
-    with pytest.raises(ValueError, match="eval.sampler must be ddpm or ddim"):
+    with pytest.raises(ValueError, match="eval.sampler must be one of ddpm, ddim, dpm-solver\\+\\+"):
         validate(load_config("fmnist:S/8", ["eval.sampler=euler"]))
     validate(load_config("fmnist:S/8", ["eval.guidance_scale=2.0"]))  # guides the one channel there is
     with pytest.raises(ValueError, match="single image channel"):
