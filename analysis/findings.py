@@ -8,6 +8,9 @@ whether it holds; `analyze(records).findings` checks them on a set of records.
 - Sampling compute: no smaller model sampled with more steps beats a larger one at no more sampling compute.
 - Class conditioning: the samples of the `LARGEST_CONFIGS` configs with the most Gflops are classified as the
   class they were drawn for at least `MIN_CLASS_ACCURACY` of the time (where the metric records class_accuracy).
+- The instrument: the best config's metric at most `MAX_FLOOR_RATIO` times the metric's floor (what as many real
+  held-out images score against the same reference, where the records hold it): differences far above the floor are
+  the models', not the metric's.
 - The held-out validation loss (a metric of family `VALIDATION_FAMILY`): its own model-compute correlation and
   frontier, and how well it predicts the sample metric (`proxy.loss_proxy`: rank correlation across configs, and
   the error of predicting a config left out of the fit).
@@ -29,6 +32,7 @@ MAX_PEARSON_R = -0.8
 MIN_ORDERED_PAIRS = 14  # of the 17 adjacent (size, patch) pairs of the paper's 12 configs
 MIN_CLASS_ACCURACY = 0.7  # of the largest configs' samples, where the metric records it
 LARGEST_CONFIGS = 2
+MAX_FLOOR_RATIO = 15.0  # the best config's metric over the floor, where the records hold one
 
 
 @dataclass(frozen=True)
@@ -121,9 +125,23 @@ def paper_findings(analysis) -> Findings:
         + " (claim: ever larger models)."))
 
     out.findings.append(_sampling_finding(analysis.sampling, metric, out.numbers))
+    if "floor" in final.columns and final["floor"].notna().any():
+        out.findings.append(_floor_finding(final, metric, out.numbers))
     if analysis.held_out_loss:
         out.findings.append(_held_out_loss_finding(analysis, metric, out.numbers))
     return out
+
+
+def _floor_finding(final: pd.DataFrame, metric: str, numbers: dict) -> Finding:
+    best = final.loc[final["value"].idxmin()]
+    floor = float(final["floor"].median())  # one value per study: the same real images and reference
+    ratio = float(best["value"]) / floor
+    numbers.update(floor=floor, floor_ratio=ratio)
+    return Finding(
+        "The best samples are near what real images score", ratio <= MAX_FLOOR_RATIO,
+        f"The best config, {best['run']}, scores {best['value']:.3g}: {ratio:.1f} times the floor {floor:.3g} "
+        f"(real held-out images, as many as samples, against the same reference; claim: at most "
+        f"{MAX_FLOOR_RATIO:g} times).")
 
 
 def _sampling_finding(sampling, metric: str, numbers: dict) -> Finding:

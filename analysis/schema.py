@@ -238,8 +238,9 @@ class EvaluationRecord(_Record):
     sampling_gflops_per_image: float | None = _field("gflops x sampling steps, x2 with guidance (paper units); "
                                                      "null when the sampling steps are unknown")
     details: dict = _field("the metric family's other numbers (FD-FashionCNN: precision, recall, classifier_score, "
-                           "class_accuracy; FID: sfid, inception_score, precision, recall), written as top-level "
-                           "fields", default_factory=dict)
+                           "class_accuracy, and floor and floor_class_accuracy: what as many real held-out test "
+                           "images score against the same reference; FID: sfid, inception_score, precision, "
+                           "recall), written as top-level fields", default_factory=dict)
     seconds: float | None = _field("seconds the evaluation took (sampling and scoring)", default=None)
     time: float | None = _field("Unix time of the record", default=None)
 

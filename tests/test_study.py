@@ -32,6 +32,9 @@ VALIDATION = schema.EvaluationProtocol(sampler=None, sampling_steps=None, guidan
                                        feature_network="none: noise-prediction MSE")
 
 
+FLOOR = 40.0  # what real images score: the best config, DiT-XL/2, scores about 10.7 times as much
+
+
 def write_study(directory, value_of, steps=(500, 1000, 1500, 2000), final_sampling=(4, 8, 32)):
     """A finished 12-config study whose metric at (gflops, step, sampling steps) is value_of(...)."""
     for name in PAPER_MODELS:
@@ -49,7 +52,7 @@ def write_study(directory, value_of, steps=(500, 1000, 1500, 2000), final_sampli
             if step == steps[-1]:
                 evaluations += [(_protocol(s), value_of(gflops, step, s), "FD-FashionCNN-250") for s in final_sampling]
             for protocol, value, metric in evaluations:
-                details = {"class_accuracy": min(1.0, 30 / value)} if metric.startswith("FD") else {}
+                details = {"class_accuracy": min(1.0, 30 / value), "floor": FLOOR} if metric.startswith("FD") else {}
                 record = schema.EvaluationRecord.of(step=step, metric=metric, value=value, protocol=protocol,
                                                     gflops_per_image=gflops, global_batch=16, details=details)
                 schema.append_jsonl(run / schema.EVALUATIONS_FILE, record.to_json())
@@ -75,6 +78,8 @@ def test_findings_hold_on_records_that_follow_the_paper(tmp_path):
     accuracy = next(f for f in result.findings if f.name.startswith("The largest"))
     assert accuracy.holds is False  # about 0.07: far from 0.7
     assert all(f.holds for f in result.findings if f is not accuracy), result.markdown()
+    assert result.numbers["floor"] == FLOOR
+    assert result.numbers["floor_ratio"] == pytest.approx(paper_like(0.32, 2000, 16) / FLOOR)
     assert result.numbers["proxy"] == "val-loss-100"
     # The proxy is the metric / 1000: ranks agree and a line through the origin predicts a left-out config exactly.
     assert result.numbers["proxy_rank_r"] == pytest.approx(1.0)
@@ -96,6 +101,17 @@ def test_findings_name_what_fails(tmp_path):
         tmp_path / "flat", lambda g, s, k: paper_like(g, s, None) * (1 + 400 / k if k else 1)))).findings.get()
     sampling = next(f for f in with_flat_sampling.findings if f.name.startswith("More sampling"))
     assert sampling.holds is False and "at no more sampling compute" in sampling.text
+
+
+def test_the_floor_finding_names_the_best_run_and_its_ratio():
+    import pandas as pd
+
+    final = pd.DataFrame({"run": ["DiT-S-8", "DiT-XL-2"], "value": [200.0, 100.0], "floor": [5.0, 5.0]})
+    numbers = {}
+    finding = findings._floor_finding(final, "FD-FashionCNN-250", numbers)
+    assert numbers == {"floor": 5.0, "floor_ratio": 20.0} and finding.holds is False
+    assert "DiT-XL-2, scores 100: 20.0 times the floor 5 " in finding.text
+    assert findings._floor_finding(final.assign(floor=10.0), "FD-FashionCNN-250", {}).holds  # 10 times
 
 
 def test_ordered_pairs_is_the_seventeen_adjacent_pairs():

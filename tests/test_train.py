@@ -416,6 +416,26 @@ def test_evaluations_are_recorded_with_their_protocol_and_never_repeated(fmnist_
             manifest["gflops_per_image"] * record["protocol"]["sampling_steps"])
         assert record["train_gflops_cumulative"] == pytest.approx(3 * manifest["gflops_per_image"] * 8 * record["step"])
     assert "eval step 20: FD-FashionCNN-24" in capsys.readouterr().out
+    # The floor: the first 24 held-out test images against the same reference, the Frechet distance of their
+    # FashionCNN features computed here in closed form; one value for the run (real images do not train).
+    import scipy.linalg
+
+    from scaling import data as data_lib
+    from scaling.evaluation.fd_fashion_cnn import classifier_outputs
+    from scaling.evaluation.in_training import prepare_feature_network
+
+    assert len({(r["floor"], r["floor_class_accuracy"]) for r in evaluations}) == 1
+    source = data_lib.FashionMNIST(str(fmnist_dir))
+    classifier = prepare_feature_network(config, source)
+    reference = classifier_outputs(classifier, source.images[:100])[0].astype(np.float64)
+    held_out = classifier_outputs(classifier, data_lib.FashionMNIST(str(fmnist_dir), split="test").images[:24])[0]
+    held_out = held_out.astype(np.float64)
+    a, b = np.cov(reference, rowvar=False), np.cov(held_out, rowvar=False)
+    # tr sqrt(AB) from the eigenvalues of AB (real and >= 0 for covariances; 24 images leave most of them 0)
+    trace_sqrt = np.sum(np.sqrt(np.clip(scipy.linalg.eigvals(a @ b).real, 0, None)))
+    expected = np.sum((reference.mean(0) - held_out.mean(0)) ** 2) + np.trace(a + b) - 2 * trace_sqrt
+    assert evaluations[0]["floor"] == pytest.approx(expected, rel=1e-4)
+    assert 0 <= evaluations[0]["floor_class_accuracy"] <= 1
 
     # The same command on the finished run evaluates nothing again; a lost evaluation is recomputed, identically.
     path.write_text("".join(json.dumps(r) + "\n" for r in evaluations[:2]))

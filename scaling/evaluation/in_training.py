@@ -106,6 +106,20 @@ def protocol_sampler(cache: dict, evaluator, protocol: EvaluationProtocol, autoe
     return cache[key]
 
 
+def real_data_floor(config, classifier, reference_features) -> dict:
+    """What real images score: the first eval.num_samples held-out test images against the same reference, with
+    the same feature network. A perfect model's samples score about this at the same N; no model scores far below.
+    Returns the details every FD record carries: `floor` (their FD) and `floor_class_accuracy`."""
+    held_out = data_lib.FashionMNIST(config.data.path, split="test")
+    n = int(config.eval.num_samples)
+    if n > len(held_out):
+        raise ValueError(f"eval.num_samples={n} exceeds the {len(held_out)} held-out test images that give the "
+                         "metric's floor.")
+    real = fd_fashion_cnn_metrics_of_features(reference_features, *classifier_outputs(classifier, held_out.images[:n]),
+                                              held_out.labels[:n])
+    return {"floor": real["fd_fashioncnn"], "floor_class_accuracy": real["class_accuracy"]}
+
+
 class SmallDataEvaluator:
     """Scores a run's EMA model with the small-data metrics. The classifier, the real reference features and each
     sampler are prepared on first use and reused at every evaluation of the run."""
@@ -118,12 +132,14 @@ class SmallDataEvaluator:
         self.final_protocols = final_evaluation_protocols(config)
         self._classifier = None
         self._reference_features = None
+        self._floor = None
         self._samplers = {}
 
     def _prepare(self) -> None:
         self._classifier = prepare_feature_network(self.config, self.source)
         self._reference_features, _ = classifier_outputs(self._classifier,
                                                          self.source.images[: int(self.config.eval.num_reference)])
+        self._floor = real_data_floor(self.config, self._classifier, self._reference_features)
 
     def _sampler(self, protocol: EvaluationProtocol):
         return protocol_sampler(self._samplers, self, protocol)
@@ -140,6 +156,7 @@ class SmallDataEvaluator:
             result = fd_fashion_cnn_metrics_of_features(self._reference_features,
                                                     *classifier_outputs(self._classifier, images), labels)
             details = {k: v for k, v in result.items() if k not in ("fd_fashioncnn", "feature_network")}
+            details.update(self._floor)
             records.append(EvaluationRecord.of(
                 step=step, metric=schema.metric_name(FD_FASHION_CNN_FAMILY, len(images)), value=result["fd_fashioncnn"],
                 protocol=protocol, gflops_per_image=self.compute.gflops, global_batch=self.config.train.batch_size,
