@@ -31,6 +31,7 @@ STUDY_BATCH = 32
 STUDY_EVAL_STEPS = (400, 800, 1200)
 STUDY_VALIDATION_STEPS = tuple(range(100, 1201, 100))
 STUDY_SAMPLING_STEPS = (10, 25, 50)
+STUDY_FLOOR = 8.0  # what real images score: the sample metric's floor
 
 
 def write_study_run(runs_dir: Path, model: str, block: str, *, evaluations: bool = True) -> Path:
@@ -58,7 +59,7 @@ def write_study_run(runs_dir: Path, model: str, block: str, *, evaluations: bool
                 sampler="ddim", sampling_steps=sampling_steps, guidance_scale=1.0, guidance_channels=None,
                 num_samples=400, seed=0, uint8_convention="dit", reference="fashion_mnist:train[:10000]",
                 feature_network="FashionCNN(epochs=2)"),
-            gflops_per_image=gflops, global_batch=STUDY_BATCH).to_json()
+            gflops_per_image=gflops, global_batch=STUDY_BATCH, details={"floor": STUDY_FLOOR}).to_json()
             for step in STUDY_EVAL_STEPS for sampling_steps in STUDY_SAMPLING_STEPS]
         # The held-out loss, evaluated more densely: E + A / N^0.5 + B / D^0.5, an optimum that moves with compute.
         held_out = schema.EvaluationProtocol(
@@ -299,8 +300,21 @@ def test_fig10_plots_every_model_across_sampling_steps(study_dir):
     fig = figures.fig10_sampling_compute(study)
     (ax,) = fig.axes
     assert "1200 training steps" in ax.get_title()
-    model_lines = [line for line in ax.get_lines() if line.get_label() != "frontier"]
+    model_lines = [line for line in ax.get_lines() if line.get_label() != "frontier"
+                   and not line.get_label().startswith("floor")]
     assert len(model_lines) == 6 and all(len(line.get_xdata()) == 3 for line in model_lines)
+
+
+def test_sample_metric_figures_draw_the_floor_where_the_records_hold_it(study_dir, paper_scaling):
+    records = load(study_dir).where(block="adaLN-Zero")
+    for figure in (figures.fig8_gflops_fit(records), figures.fig9_training_compute(records),
+                   figures.fig10_sampling_compute(records)):
+        (ax,) = figure.axes
+        floor = _line(ax, "floor: real held-out images")
+        assert set(floor.get_ydata()) == {STUDY_FLOOR} and ax.get_ylim()[0] < STUDY_FLOOR
+        assert ax.get_yscale() == "log"
+    (ax,) = figures.fig8_gflops_fit(paper_scaling).axes  # the paper's records state no floor
+    assert not [line for line in ax.get_lines() if line.get_label().startswith("floor")]
 
 
 def test_fig9_without_enough_frontier_points_draws_the_curves_and_says_why(paper_scaling):
