@@ -260,17 +260,13 @@ class GaussianDiffusion:
     def _sample_dpm_solver_pp(self, model_fn: ModelFn, noise, *, clip_denoised: bool):
         timestep_map = jnp.asarray(self.timestep_map)
         coefficients = jnp.asarray(self._dpm_solver_pp_coefficients(), jnp.float32)
-        n, channels = noise.shape[0], noise.shape[-1]
+        n = noise.shape[0]
 
         def step(carry, inputs):
             x, x0_before = carry
             i, (a, c0, c1) = inputs
             t = jnp.full((n,), i, jnp.int32)
-            output = model_fn(x, timestep_map[t])
-            eps = output[..., :channels] if self.learn_sigma else output
-            x0 = self._at("sqrt_recip_alphas_cumprod", t, x) * x - self._at("sqrt_recipm1_alphas_cumprod", t, x) * eps
-            if clip_denoised:
-                x0 = jnp.clip(x0, -1.0, 1.0)
+            _, _, x0, _ = self.p_mean_variance(model_fn(x, timestep_map[t]), x, t, clip_denoised=clip_denoised)
             return (a * x + c0 * x0 + c1 * x0_before, x0), None
 
         steps = jnp.arange(self.num_timesteps - 1, -1, -1)
