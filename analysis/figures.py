@@ -52,15 +52,15 @@ FIGURES = ("fig2_bubble", "fig5_conditioning", "fig6_curves", "fig8_gflops_fit",
            "fig10_sampling_compute", "fig13_loss", "isoflop_profiles", "isoflop_profiles_loss", "loss_to_metric")
 
 
-def draw_floor(ax, points: pd.DataFrame) -> pd.Series:
+def draw_floor(ax, points: pd.DataFrame) -> list[float]:
     """The metric's floor, where the records hold one (what as many real held-out images score against the same
-    reference), as a dotted line. Returns the values the y axis must show: the points' and the floor."""
+    reference), as a dotted line. Returns it, for the y axis to show, or nothing."""
     if "floor" not in points.columns or points["floor"].isna().all():
-        return points["value"]
+        return []
     floor = float(points["floor"].median())
     ax.axhline(floor, color="0.35", linestyle=":", linewidth=1.4, zorder=1,
                label=f"floor: real held-out images ({floor:.3g})")
-    return pd.concat([points["value"], pd.Series([floor])], ignore_index=True)
+    return [floor]
 
 
 def _per_run(points: pd.DataFrame) -> pd.DataFrame:
@@ -315,7 +315,7 @@ def draw_fig8_gflops_fit(model_compute: analyze.ModelCompute, *, overlay: pd.Dat
         ax.plot(overlay["gflops"], overlay["value"], marker="D", color=OVERLAY_COLOR, markersize=6.5, linestyle="",
                 markerfacecolor="white", markeredgewidth=1.6, zorder=4, label=_overlay_label(overlay))
     log_axis(ax, "x", x, pad=1.0)
-    log_axis(ax, "y", pd.concat([shown["value"], draw_floor(ax, points)]), pad=1.25)
+    log_axis(ax, "y", [*shown["value"], *draw_floor(ax, points)], pad=1.25)
     ax.set_xlabel("Transformer Gflops (forward, per image)")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} at {format_steps(step)} training steps vs model compute")
@@ -389,7 +389,7 @@ def draw_fig9_training_compute(training_compute: analyze.TrainingCompute, *,
                         xytext=(5, -3), textcoords="offset points", fontsize=7.5, color=OVERLAY_COLOR)
         shown = pd.concat([points, overlay])
     log_axis(ax, "x", shown["train_gflops_cumulative"])
-    log_axis(ax, "y", pd.concat([shown["value"], draw_floor(ax, points)]))
+    log_axis(ax, "y", [*shown["value"], *draw_floor(ax, points)])
     ax.set_xlabel("Training compute C (Gflops: 3 × forward Gflops × batch × steps)")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs training compute")
@@ -426,8 +426,8 @@ def draw_fig10_sampling_compute(tradeoff: study.SamplingTradeoff) -> Figure:
         ax.annotate(f"{int(row.sampling_steps)} steps", (row.sampling_gflops_per_image, row.value), xytext=(5, 5),
                     textcoords="offset points", fontsize=7.5, color="0.3")
     log_axis(ax, "x", points["sampling_gflops_per_image"], pad=1.5)
-    shown = draw_floor(ax, points)
-    if shown.max() / shown.min() > 3:
+    shown = [*points["value"], *draw_floor(ax, points)]
+    if max(shown) / min(shown) > 3:
         log_axis(ax, "y", shown)
     else:
         ax.margins(y=0.15)
