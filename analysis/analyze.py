@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 
 import pandas as pd
 
-from analysis import isoflop, proxy, study
+from analysis import isoflop, noise, proxy, study
 from analysis.findings import Findings, paper_findings
 from analysis.fits import Frontier, FrontierFit, LogLogFit
 from analysis.isoflop import IsoFlopAnalysis
@@ -128,6 +128,26 @@ def _sampling_compute_of_any(records: Records, candidates: list[str]) -> study.S
                        "(--config.eval.sampling_steps).")
 
 
+def guided_points(records: Records, points: pd.DataFrame) -> pd.DataFrame:
+    """The evaluations at the last step of `points` (one metric and protocol, unguided) under the same protocol but
+    for classifier-free guidance, at the largest guidance scale evaluated: one row per run."""
+    from analysis.records import PROTOCOL_COLUMNS, protocol_string
+
+    step = int(points["step"].max())
+    ignore = ("guidance_scale", "guidance_channels")
+    protocol = protocol_string(points.iloc[0][PROTOCOL_COLUMNS].to_dict(), ignore=ignore)
+    table = records.evaluations
+    table = table[(table["step"] == step) & table["run"].isin(points["run"].unique())
+                  & (table["guidance_scale"].astype(float) > 1.0)]
+    guided = table[[protocol_string(row, ignore=ignore) == protocol
+                    for row in table[PROTOCOL_COLUMNS].to_dict("records")]]
+    if guided.empty:
+        raise RecordsError(f"no guided evaluations of {points['metric'].iloc[0]} at step {step}; set "
+                           "eval.final_guidance_scales (the paper samples Fig. 7 at 4).")
+    scale = float(guided["guidance_scale"].max())
+    return guided[guided["guidance_scale"].astype(float) == scale].drop_duplicates("run").reset_index(drop=True)
+
+
 @dataclass(frozen=True)
 class Analysis:
     """Every fit of one set of records, each `Fitted` (the fit, or why not).
@@ -144,6 +164,8 @@ class Analysis:
     model_compute: Fitted[ModelCompute]  # Fig. 8
     training_compute: Fitted[TrainingCompute]  # Fig. 9
     sampling: Fitted[study.SamplingTradeoff]  # Fig. 10
+    noise: Fitted[noise.EvaluationNoise]  # of one evaluation of the sample metric at its last step
+    guided: Fitted[pd.DataFrame]  # the sample metric at its last step under classifier-free guidance (Fig. 7)
     isoflop: Fitted[IsoFlopAnalysis]
     held_out_loss: str | None
     loss_model_compute: Fitted[ModelCompute]
@@ -168,7 +190,8 @@ def analyze(records: Records, *, metric: str | None = None) -> Analysis:
         notes.append("The records hold no evaluations: only the training loss can be drawn.")
         missing = Fitted(reason=reason)
         return Analysis(records=records, selection=missing, family=family, notes=notes, model_compute=missing,
-                        training_compute=missing, sampling=missing, isoflop=missing, held_out_loss=None,
+                        training_compute=missing, sampling=missing, noise=missing, guided=missing,
+                        isoflop=missing, held_out_loss=None,
                         loss_model_compute=missing, loss_training_compute=missing, loss_isoflop=missing,
                         loss_proxy=missing, findings=missing)
     selection = study.select(records, metric=metric)
@@ -189,6 +212,8 @@ def analyze(records: Records, *, metric: str | None = None) -> Analysis:
         model_compute=attempt(lambda: model_compute(records, metric=metric)),
         training_compute=attempt(lambda: training_compute(records, metric=metric)),
         sampling=attempt(lambda: _sampling_compute_of_any(records, candidates)),
+        noise=attempt(lambda: noise.evaluation_noise(records, selection.points)),
+        guided=attempt(lambda: guided_points(records, selection.points)),
         isoflop=attempt(lambda: isoflop.isoflop_analysis(records, metric=metric)),
         held_out_loss=loss,
         loss_model_compute=of_loss(lambda m: model_compute(records, metric=m)),

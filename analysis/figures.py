@@ -48,8 +48,9 @@ from analysis.style import (
     with_dit_columns,
 )
 
-FIGURES = ("fig2_bubble", "fig5_conditioning", "fig6_curves", "fig8_gflops_fit", "fig9_training_compute",
-           "fig10_sampling_compute", "fig13_loss", "isoflop_profiles", "isoflop_profiles_loss", "loss_to_metric")
+FIGURES = ("fig2_bubble", "fig5_conditioning", "fig6_curves", "fig7_samples", "class_grids", "fig8_gflops_fit",
+           "fig9_training_compute", "fig10_sampling_compute", "fig13_loss", "isoflop_profiles",
+           "isoflop_profiles_loss", "loss_to_metric")
 
 
 def draw_floor(ax, points: pd.DataFrame) -> list[float]:
@@ -215,12 +216,14 @@ def fig6_curves(records: Records | pd.DataFrame, *, metric: str | None = None, *
          size_label, lambda p: (PATCH_COLORS.get(p, "gray"), f"patch {p}")),
     ]
     # Every panel on the same axes, so curves compare across panels too.
-    y_values = pd.concat(curves.values())
+    floor = [float(points["floor"].median())] if "floor" in points.columns and points["floor"].notna().any() else []
+    y_values = pd.concat([*curves.values(), pd.Series(floor, dtype=float)])
     y_limits, x_limits = padded(y_values, 0.08), padded(points["step"], 0.04)
     for subfigure, panels, fixed, varied, title, panel_title, style in rows:
         axes = subfigure.subplots(1, len(panels), squeeze=False, sharey=True)[0]
         legend = {}
         for ax, panel in zip(axes, panels, strict=True):
+            draw_floor(ax, points)
             members = runs[runs[fixed] == panel]
             for run in ordered_runs(members.reset_index()):
                 color, label = style(members.loc[run, varied])
@@ -236,6 +239,7 @@ def fig6_curves(records: Records | pd.DataFrame, *, metric: str | None = None, *
         axes[0].set_ylabel(metric)
         subfigure.suptitle(title, fontsize=10.5)
         entries = [legend[v] for v in sorted(legend, key=lambda v: SIZES.index(v) if varied == "size" else -v)]
+        entries += [(line.get_label(), line) for line in axes[0].get_lines() if line.get_label().startswith("floor")]
         subfigure.legend([line for _, line in entries], [label for label, _ in entries], loc="outside right center")
     if not_dit:
         fig.suptitle(f"Not shown (not DiT configs, so not grouped by patch and size): {', '.join(not_dit)}",

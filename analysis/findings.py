@@ -7,7 +7,10 @@ whether it holds; `analyze(records).findings` checks them on a set of records.
 - Compute efficiency: the training-compute frontier is owned by ever larger models as compute grows.
 - Sampling compute: no smaller model sampled with more steps beats a larger one at no more sampling compute.
 - Class conditioning: the samples of the `LARGEST_CONFIGS` configs with the most Gflops are classified as the
-  class they were drawn for at least `MIN_CLASS_ACCURACY` of the time (where the metric records class_accuracy).
+  class they were drawn for at least `MIN_CLASS_ACCURACY` of the time (where the metric records class_accuracy),
+  with guidance where the records have guided evaluations (Fig. 7's setting), the unguided accuracy beside it.
+- Noise: where the final step was evaluated with several noise seeds (`analysis.noise`), each ordering, frontier
+  and sampling statement says which of its differences exceed the evaluation's noise.
 - The instrument: the best config's metric at most `MAX_FLOOR_RATIO` times the metric's floor (what as many real
   held-out images score against the same reference, where the records hold it): differences far above the floor are
   the models', not the metric's.
@@ -48,10 +51,12 @@ class Findings:
     step: int
     findings: list[Finding] = field(default_factory=list)
     numbers: dict = field(default_factory=dict)
+    noise: str | None = None  # what the evaluation's noise is, where the records measure it
 
     def markdown(self) -> list[str]:
         mark = {True: "holds", False: "**does not hold**", None: "not measured"}
-        return [f"- {f.name}: {mark[f.holds]}. {f.text}" for f in self.findings]
+        lines = [f"- The evaluation's noise: {self.noise}"] if self.noise else []
+        return lines + [f"- {f.name}: {mark[f.holds]}. {f.text}" for f in self.findings]
 
 
 def ordered_pairs(points: pd.DataFrame) -> pd.DataFrame:
@@ -94,25 +99,13 @@ def paper_findings(analysis) -> Findings:
         f"Pearson r(log Gflops, log {metric}) = {r:.3f} over {fit.n_configs} configs at step {out.step} "
         f"(claim: at most {MAX_PEARSON_R}); slope {fit.slope:.3f}."))
 
-    pairs = ordered_pairs(final)
-    right = int(pairs["right"].sum())
-    out.numbers.update(pairs_right=right, pairs=len(pairs))
-    wrong = pairs[~pairs["right"]]
-    out.findings.append(Finding(
-        "Bigger size and smaller patch score better", right >= MIN_ORDERED_PAIRS if len(pairs) == 17 else None,
-        f"{right} of {len(pairs)} adjacent pairs in the right order (claim: at least {MIN_ORDERED_PAIRS} of 17)"
-        + ("; out of order: " + ", ".join(f"{w.bigger} {w.value_bigger:.1f} vs {w.smaller} {w.value_smaller:.1f}"
-                                         for w in wrong.itertuples()) if len(wrong) else "") + "."))
-
-    if "class_accuracy" in final.columns and final["class_accuracy"].notna().any():
-        largest = final.sort_values("gflops", ascending=False).head(LARGEST_CONFIGS)
-        accuracy = dict(zip(largest["run"], largest["class_accuracy"].astype(float), strict=True))
-        out.numbers.update(class_accuracy=accuracy)
-        out.findings.append(Finding(
-            "The largest configs' samples are class-conditional", min(accuracy.values()) >= MIN_CLASS_ACCURACY,
-            "class accuracy of the samples by the feature network: " + ", ".join(
-                f"{run} {value:.2f}" for run, value in accuracy.items())
-            + f" (claim: at least {MIN_CLASS_ACCURACY}; chance is 1 / the number of classes)."))
+    noise = analysis.noise.value if analysis.noise.ok else None
+    if noise is not None:
+        out.numbers.update(noise_sd_log=noise.sd_log, noise_relative=noise.relative)
+        out.noise = (f"{metric} of the same checkpoints sampled with other noise moves by {noise.text()}; the "
+                     "statements below say which of their differences exceed it.")
+    out.findings.append(_ordering_finding(final, noise, out.numbers))
+    out.findings.append(_class_finding(final, analysis.guided, out.numbers))
 
     training_compute = analysis.training_compute.get()
     owners = frontier_owners(training_compute.frontier, training_compute.points)
@@ -122,14 +115,72 @@ def paper_findings(analysis) -> Findings:
         "Larger models are more compute-efficient", growing and len(owners) > 1,
         "The training-compute frontier is owned, as compute grows, by "
         + " -> ".join(f"{o.run} ({o.gflops:.3g} Gflops)" for o in owners.itertuples())
-        + " (claim: ever larger models)."))
+        + " (claim: ever larger models)" + _handovers_text(owners, training_compute.points, noise, out.numbers)
+        + "."))
 
-    out.findings.append(_sampling_finding(analysis.sampling, metric, out.numbers))
+    out.findings.append(_sampling_finding(analysis.sampling, metric, noise, out.numbers))
     if "floor" in final.columns and final["floor"].notna().any():
         out.findings.append(_floor_finding(final, metric, out.numbers))
     if analysis.held_out_loss:
         out.findings.append(_held_out_loss_finding(analysis, metric, out.numbers))
     return out
+
+
+def _ordering_finding(final: pd.DataFrame, noise, numbers: dict) -> Finding:
+    pairs = ordered_pairs(final)
+    right = int(pairs["right"].sum())
+    numbers.update(pairs_right=right, pairs=len(pairs))
+    wrong = pairs[~pairs["right"]]
+    text = f"{right} of {len(pairs)} adjacent pairs in the right order (claim: at least {MIN_ORDERED_PAIRS} of 17)"
+    if noise is not None and len(pairs):
+        resolved = noise.resolved(pairs["value_smaller"], pairs["value_bigger"])
+        right_resolved = int((pairs["right"] & resolved).sum())
+        wrong_resolved = int((~pairs["right"] & resolved).sum())
+        numbers.update(pairs_right_resolved=right_resolved, pairs_wrong_resolved=wrong_resolved)
+        text += f"; {right_resolved} of them resolved beyond the noise, {wrong_resolved} out of order beyond it"
+    if len(wrong):
+        text += "; out of order: " + ", ".join(
+            f"{w.bigger} {w.value_bigger:.1f} vs {w.smaller} {w.value_smaller:.1f}" for w in wrong.itertuples())
+    return Finding("Bigger size and smaller patch score better",
+                   right >= MIN_ORDERED_PAIRS if len(pairs) == 17 else None, text + ".")
+
+
+def _class_finding(final: pd.DataFrame, guided, numbers: dict) -> Finding:
+    """Class accuracy of the largest configs' samples: guided (the Fig. 7 setting) where the records have it, with
+    the unguided beside it."""
+    name = "The largest configs' samples are class-conditional"
+    if "class_accuracy" not in final.columns or final["class_accuracy"].isna().all():
+        return Finding(name, None, "the metric records no class accuracy.")
+    largest = final.sort_values("gflops", ascending=False).head(LARGEST_CONFIGS)
+    unguided = dict(zip(largest["run"], largest["class_accuracy"].astype(float), strict=True))
+    numbers.update(class_accuracy=unguided)
+    claim = f" (claim: at least {MIN_CLASS_ACCURACY}; chance is 1 / the number of classes)."
+    if not guided.ok:
+        return Finding(name, min(unguided.values()) >= MIN_CLASS_ACCURACY,
+                       "class accuracy of the samples by the feature network: " + ", ".join(
+                           f"{run} {value:.2f}" for run, value in unguided.items()) + claim)
+    by_run = guided.value.set_index("run")
+    scale = float(guided.value["guidance_scale"].iloc[0])
+    accuracy = {run: float(by_run.loc[run, "class_accuracy"]) for run in unguided if run in by_run.index}
+    numbers.update(guided_class_accuracy=accuracy, guidance_scale=scale)
+    holds = min(accuracy.values()) >= MIN_CLASS_ACCURACY if len(accuracy) == len(unguided) else None
+    return Finding(name, holds, f"class accuracy of the samples by the feature network with guidance {scale:g} "
+                   "(Fig. 7's setting): " + ", ".join(f"{run} {value:.2f} (unguided {unguided[run]:.2f})"
+                                                       for run, value in accuracy.items()) + claim)
+
+
+def _handovers_text(owners: pd.DataFrame, points: pd.DataFrame, noise, numbers: dict) -> str:
+    """Whether each handover of the frontier is beyond the noise: the new owner's best value below the previous
+    owner's best by more than the noise (it reaches what the smaller model never does in the study)."""
+    if noise is None or len(owners) < 2:
+        return ""
+    best = points.groupby("run")["value"].min()
+    runs = owners["run"].tolist()
+    resolved = [bool(best[b] < best[a] and noise.resolved(best[a], best[b]))
+                for a, b in zip(runs[:-1], runs[1:], strict=True)]
+    numbers.update(frontier_handovers_resolved=sum(resolved), frontier_handovers=len(resolved))
+    return (f"; {sum(resolved)} of {len(resolved)} handovers beyond the noise (the new owner's best below the "
+            "previous owner's best by more than it)")
 
 
 def _floor_finding(final: pd.DataFrame, metric: str, numbers: dict) -> Finding:
@@ -144,8 +195,9 @@ def _floor_finding(final: pd.DataFrame, metric: str, numbers: dict) -> Finding:
         f"{MAX_FLOOR_RATIO:g} times).")
 
 
-def _sampling_finding(sampling, metric: str, numbers: dict) -> Finding:
-    """From the Analysis's Fitted sampling trade-off."""
+def _sampling_finding(sampling, metric: str, noise, numbers: dict) -> Finding:
+    """From the Analysis's Fitted sampling trade-off: the paper's comparison, and whether the best config's metric
+    has stopped changing (beyond the noise) between the two largest step counts."""
     name = "More sampling steps do not make up for less model compute"
     if not sampling.ok:
         return Finding(name, None, sampling.reason)
@@ -153,6 +205,13 @@ def _sampling_finding(sampling, metric: str, numbers: dict) -> Finding:
     beats = tradeoff.smaller_beats_larger
     cheap = beats[beats["at_most_the_compute"].astype(bool)] if len(beats) else beats
     numbers.update(smaller_beats_larger_at_no_more_compute=len(cheap))
+    saturation = ""
+    if noise is not None:
+        if len(cheap):
+            resolved = noise.resolved(cheap["value_smaller"], cheap["value_larger"])
+            numbers.update(smaller_beats_larger_resolved=int(resolved.sum()))
+            saturation += f" {int(resolved.sum())} of those case(s) beyond the noise."
+        saturation += " " + _saturation_text(tradeoff.points, noise, numbers)
     pairs_evaluated = tradeoff.points.groupby(["run", "sampling_steps"]).ngroups
     # Fig. 10 takes another metric when the sample metric was evaluated with one sampling-step count only.
     of_metric = "" if tradeoff.metadata["metric"] == metric else f" of {tradeoff.metadata['metric']}"
@@ -165,7 +224,21 @@ def _sampling_finding(sampling, metric: str, numbers: dict) -> Finding:
                f"{c.model_larger}@{c.sampling_steps_larger:g} {c.value_larger:.1f}"
                for c in cheap.head(3).itertuples()) if len(cheap) else "")
            if len(cheap) else "no smaller model sampled with more steps beats a larger one at no more "
-           "sampling compute") + " (Fig. 10).")
+           "sampling compute") + " (Fig. 10)." + saturation)
+
+
+def _saturation_text(points: pd.DataFrame, noise, numbers: dict) -> str:
+    """Whether the best config (most Gflops) has saturated in sampling steps: its metric at the two largest step
+    counts within the noise."""
+    largest = points[points["gflops"] == points["gflops"].max()].sort_values("sampling_steps")
+    if len(largest) < 2:
+        return ""
+    (steps_a, value_a), (steps_b, value_b) = largest[["sampling_steps", "value"]].tail(2).itertuples(index=False)
+    saturated = not bool(noise.resolved(value_a, value_b))
+    numbers.update(sampling_saturated=saturated)
+    return (f"{largest['run'].iloc[0]} scores {value_a:.3g} with {steps_a:g} steps and {value_b:.3g} with "
+            f"{steps_b:g}: sampling has " + ("saturated (within the noise)." if saturated
+                                             else "not saturated (beyond the noise); evaluate more steps."))
 
 
 def _held_out_loss_finding(analysis, metric: str, numbers: dict) -> Finding:

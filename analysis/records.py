@@ -33,7 +33,7 @@ from analysis.schema import RecordsError, metric_column, training_compute
 
 RUN_COLUMNS = ["run", "model", "size", "patch", "block", "resolution", "gflops", "params_m", "batch_size", "source"]
 PROTOCOL_COLUMNS = ["metric", "sampler", "sampling_steps", "guidance_scale", "guidance_channels", "num_samples",
-                    "reference", "feature_network", "decoder"]
+                    "seed", "reference", "feature_network", "decoder"]
 EVALUATION_COLUMNS = [*RUN_COLUMNS, "step", "train_gflops_cumulative", "metric", "value", *PROTOCOL_COLUMNS[1:],
                       "sampling_gflops_per_image", "protocol"]
 STEP_COLUMNS = ["run", "step", "images_seen", "loss", "train_gflops_cumulative"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from etils import epath
 from matplotlib.figure import Figure
 
-from analysis import figures, isoflop, tables
+from analysis import figures, isoflop, sample_figures, tables
 from analysis.analyze import Analysis, analyze
 from analysis.fits import describe_extrapolation
 from analysis.records import Records
@@ -25,6 +25,8 @@ CAPTIONS = {
     "fig6_curves": "Fig. 6: the metric over training, by patch size (top) and by model size (bottom).",
     "fig6_curves_one_panel": "Fig. 6: the metric over training, one curve per run (not grouped by patch and size: "
                              "fewer than two runs with curves are DiT configs).",
+    "fig7_samples": "Fig. 7: the same noise and class labels sampled from every config, with guidance.",
+    "class_grids": "Each config's samples by class (one row per class), unguided, as the metric scores them.",
     "fig8_gflops_fit": "Fig. 8: the metric vs model Gflops, log-log fit with confidence band and prediction interval.",
     "fig9_training_compute": "Fig. 9: the metric vs training compute, with the compute frontier and its power law.",
     "fig10_sampling_compute": "Fig. 10: the metric vs sampling compute per image.",
@@ -84,6 +86,8 @@ def render_analysis(analysis: Analysis, out_dir: str | epath.Path) -> Rendering:
         "fig5_conditioning": lambda: figures.fig5_conditioning(records, metric=metric,
                                                                protocol=analysis.selection.get().protocol),
         "fig6_curves": lambda: figures.fig6_curves(records, metric=metric),
+        "fig7_samples": lambda: sample_figures.fig7_samples(analysis.guided.get()),
+        "class_grids": lambda: sample_figures.class_grids(analysis.model_compute.get().points),
         "fig8_gflops_fit": lambda: figures.draw_fig8_gflops_fit(analysis.model_compute.get()),
         "fig9_training_compute": lambda: figures.draw_fig9_training_compute(analysis.training_compute.get()),
         "fig10_sampling_compute": lambda: figures.draw_fig10_sampling_compute(analysis.sampling.get()),

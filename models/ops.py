@@ -7,7 +7,7 @@ that architectures compared with each other run on the same kernels:
   accumulation and output are float32, and whose own gradient keeps all three products of a training step in the
   compute dtype;
 - `attention`: multi-head softmax attention, cuDNN's fused kernel where the device has one for the operands,
-  else an einsum attention with its own backward pass;
+  else a matmul attention with its own backward pass;
 - `apply_layers`: a stack of layers unrolled or as one lax.scan over stacked arrays (`stack_layers`), optionally
   recomputed in the backward pass (`REMAT_POLICIES`), the residual stream materialised between unrolled layers on
   CPU (`materialize_on_cpu`).
@@ -104,7 +104,7 @@ class Linear(nnx.Linear):
 def fused_attention_implementation(dtype, head_dim: int) -> str | None:
     """"cudnn" where jax.nn.dot_product_attention has cuDNN's fused (flash) kernel for these operands: an NVIDIA GPU
     of compute capability 8.0 or more, bf16 or fp16 operands, and a head dimension that is a multiple of 8 up to
-    128 (256 from compute capability 9.0). None elsewhere: `einsum_attention`, whose products and custom gradient
+    128 (256 from compute capability 9.0). None elsewhere: `matmul_attention`, whose products and custom gradient
     reach the fast kernels of CPUs and TPUs."""
     if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or head_dim % 8:
         return None
@@ -120,13 +120,13 @@ def fused_attention_implementation(dtype, head_dim: int) -> str | None:
 def attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, dtype) -> jax.Array:
     """Multi-head attention softmax(q k^T / sqrt(K)) v of queries q [B, T, H, K] over keys k and values v
     [B, S, H, K] -> [B, T, H*K], the products' operands in `dtype`: cuDNN's fused kernel where
-    `fused_attention_implementation` names one (output in `dtype`), else `einsum_attention` (output float32).
+    `fused_attention_implementation` names one (output in `dtype`), else `matmul_attention` (output float32).
 
     Callers holding q, k and v in one projection split it with jnp.split, whose gradient is one concatenation;
     indexing would pad each part's gradient to the full shape and add them."""
     implementation = fused_attention_implementation(dtype, q_BTHK.shape[-1])
     if implementation is None:
-        return einsum_attention(q_BTHK, k_BSHK, v_BSHK, jnp.dtype(dtype))
+        return matmul_attention(q_BTHK, k_BSHK, v_BSHK, jnp.dtype(dtype))
     return fused_attention(q_BTHK, k_BSHK, v_BSHK, dtype, implementation)
 
 
@@ -140,42 +140,50 @@ def fused_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, dty
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def einsum_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """`attention` as two einsums with `dtype` (a jnp.dtype) operands and float32 accumulation, the softmax in
-    float32: [B, T, H*K] float32.
+def matmul_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`attention` as two batched matmuls with `dtype` (a jnp.dtype) operands and float32 accumulation, the softmax
+    in float32: [B, T, H*K] float32.
 
-    Its own backward pass gives all four backward products `dtype` operands (autodiff would pair the float32
-    gradient with `dtype` operands, which XLA computes in float32) and returns each gradient in its input's
-    dtype. Reverse-mode only: a custom VJP has no forward-mode derivative."""
-    return _einsum_attention_fwd(q_BTHK, k_BSHK, v_BSHK, dtype)[0]
+    The heads move in front of the tokens first ([B, H, T, K]), so that every product has its batch dimensions
+    leading, as XLA:CPU's batched matmul wants them: with the heads between tokens and features, a 256-token
+    forward pass took three times as long (docs/benchmarks.md). Its own backward pass gives all four backward
+    products `dtype` operands (autodiff would pair the float32 gradient with `dtype` operands, which XLA computes
+    in float32) and returns each gradient in its input's dtype. Reverse-mode only: a custom VJP has no
+    forward-mode derivative."""
+    return _matmul_attention_fwd(q_BTHK, k_BSHK, v_BSHK, dtype)[0]
 
 
-def _einsum_attention_fwd(q_BTHK, k_BSHK, v_BSHK, dtype):
+def _heads_first(x_BTHK: jax.Array) -> jax.Array:
+    return jnp.transpose(x_BTHK, (0, 2, 1, 3))
+
+
+def _matmul_attention_fwd(q_BTHK, k_BSHK, v_BSHK, dtype):
     input_dtypes = tuple(jnp.zeros(0, a.dtype) for a in (q_BTHK, k_BSHK, v_BSHK))  # residuals must be arrays
-    q_BTHK, k_BSHK, v_BSHK = (a.astype(dtype) for a in (q_BTHK, k_BSHK, v_BSHK))
-    logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
-    weights_BHTS = jax.nn.softmax(logits_BHTS * q_BTHK.shape[-1] ** -0.5, axis=-1)
-    out_BTHK = jnp.einsum("bhts,bshk->bthk", weights_BHTS.astype(dtype), v_BSHK,
-                          preferred_element_type=jnp.float32)
-    return out_BTHK.reshape(*out_BTHK.shape[:2], -1), (q_BTHK, k_BSHK, v_BSHK, weights_BHTS, input_dtypes)
+    q_BHTK, k_BHSK, v_BHSK = (_heads_first(a.astype(dtype)) for a in (q_BTHK, k_BSHK, v_BSHK))
+    logits_BHTS = jnp.matmul(q_BHTK, jnp.swapaxes(k_BHSK, -1, -2), preferred_element_type=jnp.float32)
+    weights_BHTS = jax.nn.softmax(logits_BHTS * q_BHTK.shape[-1] ** -0.5, axis=-1)
+    out_BHTK = jnp.matmul(weights_BHTS.astype(dtype), v_BHSK, preferred_element_type=jnp.float32)
+    out_BTHK = _heads_first(out_BHTK)
+    return out_BTHK.reshape(*out_BTHK.shape[:2], -1), (q_BHTK, k_BHSK, v_BHSK, weights_BHTS, input_dtypes)
 
 
-def _einsum_attention_bwd(dtype, residuals, g_BTD):
-    q_BTHK, k_BSHK, v_BSHK, weights_BHTS, input_dtypes = residuals
-    b, t, heads, head_dim = q_BTHK.shape
-    g_BTHK = g_BTD.reshape(b, t, heads, head_dim).astype(dtype)
-    dweights_BHTS = jnp.einsum("bthk,bshk->bhts", g_BTHK, v_BSHK, preferred_element_type=jnp.float32)
-    dv_BSHK = jnp.einsum("bhts,bthk->bshk", weights_BHTS.astype(dtype), g_BTHK, preferred_element_type=jnp.float32)
+def _matmul_attention_bwd(dtype, residuals, g_BTD):
+    q_BHTK, k_BHSK, v_BHSK, weights_BHTS, input_dtypes = residuals
+    b, heads, t, head_dim = q_BHTK.shape
+    g_BHTK = _heads_first(g_BTD.reshape(b, t, heads, head_dim)).astype(dtype)
+    dweights_BHTS = jnp.matmul(g_BHTK, jnp.swapaxes(v_BHSK, -1, -2), preferred_element_type=jnp.float32)
+    dv_BHSK = jnp.matmul(jnp.swapaxes(weights_BHTS.astype(dtype), -1, -2), g_BHTK,
+                         preferred_element_type=jnp.float32)
     # softmax backward: w * (dw - sum(dw * w)), then the 1/sqrt(head_dim) scale of the logits.
     dlogits_BHTS = weights_BHTS * (dweights_BHTS - jnp.sum(dweights_BHTS * weights_BHTS, -1, keepdims=True))
     dlogits_BHTS = (dlogits_BHTS * head_dim**-0.5).astype(dtype)
-    dq_BTHK = jnp.einsum("bhts,bshk->bthk", dlogits_BHTS, k_BSHK, preferred_element_type=jnp.float32)
-    dk_BSHK = jnp.einsum("bhts,bthk->bshk", dlogits_BHTS, q_BTHK, preferred_element_type=jnp.float32)
-    return tuple(grad.astype(like.dtype) for grad, like in zip((dq_BTHK, dk_BSHK, dv_BSHK), input_dtypes,
-                                                                   strict=True))
+    dq_BHTK = jnp.matmul(dlogits_BHTS, k_BHSK, preferred_element_type=jnp.float32)
+    dk_BHSK = jnp.matmul(jnp.swapaxes(dlogits_BHTS, -1, -2), q_BHTK, preferred_element_type=jnp.float32)
+    return tuple(_heads_first(grad).astype(like.dtype) for grad, like in zip((dq_BHTK, dk_BHSK, dv_BHSK),
+                                                                             input_dtypes, strict=True))
 
 
-einsum_attention.defvjp(_einsum_attention_fwd, _einsum_attention_bwd)
+matmul_attention.defvjp(_matmul_attention_fwd, _matmul_attention_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------------

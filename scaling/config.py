@@ -184,7 +184,7 @@ def model_config(config: ml_collections.ConfigDict, *, input_size: int, in_chann
     depth, width, heads = DIT_SIZES[size]
     width = m.hidden_size or width
     return DiTConfig(
-        depth=m.depth or depth, hidden_size=width, num_heads=m.num_heads or heads, patch_size=patch,
+        depth=m.depth or depth, hidden_size=width, num_heads=m.num_heads or heads, patch_size=m.patch_size or patch,
         input_size=input_size, in_channels=in_channels, num_classes=num_classes, learn_sigma=m.learn_sigma,
         class_dropout_prob=m.class_dropout_prob, block=m.block,
         dtype=dtype or precision.resolve(m.dtype, width).dtype,
@@ -265,6 +265,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "eval.sampling_steps must list positive step counts"),
         (_positive_ints(config.eval.final_sampling_steps),
          "eval.final_sampling_steps must list positive step counts (or be empty)"),
+        (all(isinstance(s, int) and s >= 0 and s != config.eval.seed for s in config.eval.final_seeds),
+         f"eval.final_seeds must list seeds >= 0 other than eval.seed ({config.eval.seed}), or be empty"),
+        (all(isinstance(g, (int, float)) and g >= 1 and g != config.eval.guidance_scale
+             for g in config.eval.final_guidance_scales),
+         f"eval.final_guidance_scales must list scales >= 1 other than eval.guidance_scale "
+         f"({config.eval.guidance_scale}), or be empty"),
         (config.eval.validation_examples >= 0 and config.eval.validation_timesteps > 0,
          "eval.validation_examples must be >= 0 (0 turns the held-out loss off) and eval.validation_timesteps > 0"),
         (config.eval.validation_every >= 0 and (config.eval.validation_every == 0 or config.eval.every == 0

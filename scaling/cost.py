@@ -50,7 +50,8 @@ def planned_model(config):
     is at hand: Fashion-MNIST's shape, or the latents' manifest where they exist, else latents of the published SD
     autoencoder (KL-f8, 4 channels) with ImageNet's 1000 classes."""
     if config.data.source == "fashion_mnist":
-        shape, classes = data_lib.FashionMNIST.image_shape, data_lib.FashionMNIST.num_classes
+        side = config.data.resolution or 32
+        shape, classes = (side, side, 1), data_lib.FashionMNIST.num_classes
     elif (epath.Path(config.data.path) / "manifest.json").is_file():
         source = data_lib.open_source(config)
         shape, classes = source.image_shape, source.num_classes
@@ -182,6 +183,9 @@ def predicted_seconds(config) -> float:
         forward_passes = (samples * e.num_samples * sum(e.sampling_steps)
                           + validations * e.validation_examples * e.validation_timesteps)
         forward_passes += e.num_samples * sum(s for s in e.final_sampling_steps if s not in e.sampling_steps)
+        guided = 2  # classifier-free guidance runs the model on the labels and on the null label
+        forward_passes += e.num_samples * e.sampling_steps[0] * (len(e.final_seeds)
+                                                                  + guided * len(e.final_guidance_scales))
         # validation_every divides eval.every, so the held-out loss's steps include the samples'.
         evaluations = max(samples, validations) if e.validation_examples else samples
         seconds += evaluations * EVAL_OVERHEAD_S + schema.FLOPS_PER_MAC * macs * forward_passes / EVAL_FLOP_RATE

@@ -1,7 +1,8 @@
 """Training data with grain: class-conditional images or pre-extracted latents, NHWC, values in [-1, 1].
 
 Sources (random access, numpy):
-- `FashionMNIST`: IDX files (Debian's `dataset-fashion-mnist` by default), 28x28 padded to 32x32x1, 10 classes.
+- `FashionMNIST`: IDX files (Debian's `dataset-fashion-mnist` by default), 28x28 padded to 32x32x1, or those
+  averaged over 2x2 blocks to 16x16x1 (data.resolution 16), 10 classes.
 - `LatentShards` (scaling.latents): posterior moments of autoencoded crops and their flips, as
   `dit-scaling extract-latents` writes them; each epoch draws a fresh latent and a fresh flip.
 
@@ -55,14 +56,21 @@ def _find(directory: epath.Path, stem: str) -> epath.Path:
         "with the IDX files.")
 
 
+FASHION_MNIST_RESOLUTIONS = (32, 16)
+
+
 class FashionMNIST:
-    """Fashion-MNIST as uint8 [N, 32, 32, 1] images (zero-padded from 28x28) and int32 labels."""
+    """Fashion-MNIST as uint8 [N, R, R, 1] images and int32 labels: R = 32 zero-pads the 28x28 images, R = 16
+    averages those over 2x2 blocks (rounded)."""
 
     num_classes = 10
-    image_shape = (32, 32, 1)
     pixels_per_input = 1  # the model sees pixels
+    classifier_resolution = 32  # what the FashionCNN of the small-data metrics takes
 
-    def __init__(self, path: str = "", split: str = "train"):
+    def __init__(self, path: str = "", split: str = "train", resolution: int = 32):
+        if resolution not in FASHION_MNIST_RESOLUTIONS:
+            raise ValueError(f"Fashion-MNIST resolution {resolution}: use one of {FASHION_MNIST_RESOLUTIONS} "
+                             "(data.resolution; 0 is 32).")
         directory = epath.Path(path or FASHION_MNIST_DIR)
         images_stem, labels_stem = FASHION_MNIST_FILES[split]
         images = read_idx(_find(directory, images_stem))
@@ -70,7 +78,11 @@ class FashionMNIST:
         if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != (images.shape[0],):
             raise ValueError(f"Unexpected Fashion-MNIST shapes in {directory}: images {images.shape}, "
                              f"labels {labels.shape}.")
-        self.images = np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]
+        padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))
+        if resolution == 16:
+            padded = padded.reshape(-1, 16, 2, 16, 2).mean(axis=(2, 4)).round().astype(np.uint8)
+        self.images = padded[..., None]
+        self.image_shape = (resolution, resolution, 1)
         self.labels = labels.astype(np.int32)
 
     def __len__(self) -> int:
@@ -78,6 +90,13 @@ class FashionMNIST:
 
     def __getitem__(self, index):
         return {"image": self.images[index], "label": self.labels[index]}
+
+    @classmethod
+    def at_classifier_resolution(cls, images: np.ndarray) -> np.ndarray:
+        """uint8 images [N, R, R, 1] enlarged to the FashionCNN's 32x32 by repeating pixels (the inverse of the
+        2x2 average where R = 16), so that samples, reference and held-out images reach it alike."""
+        factor = cls.classifier_resolution // images.shape[1]
+        return images if factor == 1 else np.repeat(np.repeat(images, factor, axis=1), factor, axis=2)
 
     @staticmethod
     def to_model_input(example, rng: np.random.Generator, flip: bool) -> dict:
@@ -88,11 +107,15 @@ class FashionMNIST:
         return {"image": np.ascontiguousarray(image), "label": example["label"]}
 
 
-def open_source(config):
-    """The random-access training source of a study config."""
+def open_source(config, split: str = "train"):
+    """The random-access training source of a study config (Fashion-MNIST's `split` where the config trains on
+    Fashion-MNIST)."""
     if config.data.source == "fashion_mnist":
-        return FashionMNIST(config.data.path)
+        return FashionMNIST(config.data.path, split=split, resolution=config.data.resolution or 32)
     if config.data.source == "latent_shards":
+        if split != "train":
+            raise ValueError(f"Latent runs have no {split!r} split here: their held-out images are the reference "
+                             "batch's.")
         autoencoder = config.data.autoencoder
         return LatentShards(config.data.path, resolution=config.data.resolution,
                             autoencoder_sha256=autoencoder_sha256(autoencoder) if autoencoder else "")

@@ -39,8 +39,9 @@ ALL_MODELS = [short_name(m) for m in PAPER_MODELS]
 STUDY_FILE = "study.json"
 FIGURES_DIR = "figures"
 REPORT_FILE = "report.md"
-KEY_FIGURES = ("fig6_curves", "fig8_gflops_fit", "fig9_training_compute", "fig10_sampling_compute",
-               "fig9_validation_loss", "isoflop_profiles", "isoflop_profiles_loss", "loss_to_metric")
+KEY_FIGURES = ("fig6_curves", "fig7_samples", "class_grids", "fig8_gflops_fit", "fig9_training_compute",
+               "fig10_sampling_compute", "fig9_validation_loss", "isoflop_profiles", "isoflop_profiles_loss",
+               "loss_to_metric")
 
 
 @dataclasses.dataclass

@@ -207,7 +207,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
     multi_step_fn = None if config.train.steps_per_call == 1 else jax.jit(
         make_multi_step(train_step), in_shardings=(state_sharding, stacked_data_sharding),
         out_shardings=(state_sharding, None), donate_argnums=(0,))
-    evaluator = build_evaluator(config, source, model_config, diffusion, compute, mesh) if config.eval.every \
+    evaluator = build_evaluator(config, source, model_config, diffusion, compute, mesh, workdir) if config.eval.every \
         else None
     # Written last: a start that fails before it leaves the manifest (and records) as the previous start left them.
     if primary:
@@ -455,8 +455,11 @@ def _evaluate(run: _Run, step: int) -> None:
     for record in run.evaluator.run(step, run.state["ema"], protocols) if protocols else []:
         if run.primary:
             schema.append_jsonl(run.workdir / schema.EVALUATIONS_FILE, record.to_json())
-            how = (f"{record.protocol.sampler} {record.protocol.sampling_steps} steps"
-                   if record.protocol.sampler else "held-out images")
+            protocol = record.protocol
+            how = "held-out images" if not protocol.sampler else (
+                f"{protocol.sampler} {protocol.sampling_steps} steps"
+                + (f", guidance {protocol.guidance_scale:g}" if schema.is_guided(protocol.guidance_scale) else "")
+                + (f", noise seed {protocol.seed}" if protocol.seed != int(run.config.eval.seed) else ""))
             accuracy = record.details.get("class_accuracy")
             accuracy = "" if accuracy is None else f", class accuracy {accuracy:.2f}"
             print(f"[{run.workdir.name}] eval step {step}: {record.metric} {record.value:.4f}{accuracy} "

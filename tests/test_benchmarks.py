@@ -37,7 +37,7 @@ def test_the_gpu_script_runs_end_to_end_at_toy_sizes():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "fused attention (xla) vs einsum attention, bf16" in out and ": agree" in out
+    assert "fused attention (xla) vs matmul attention, bf16" in out and ": agree" in out
     assert "compile S/8 bf16 training step (batch 2): empty persistent cache" in out
     assert "S/8 bf16 batch 4:" in out and "img/s" in out
     no_gpu = subprocess.run([sys.executable, "-m", "scaling.benchmarks.gpu"], cwd=REPO, capture_output=True,

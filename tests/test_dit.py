@@ -271,7 +271,7 @@ def test_scanned_blocks_compute_what_the_unrolled_blocks_do(block, remat):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
-def test_the_fused_attention_path_computes_what_the_einsum_attention_does(monkeypatch):
+def test_the_fused_attention_path_computes_what_the_matmul_attention_does(monkeypatch):
     model = _randomize(DiT(DiTConfig(**SMALL), rngs=nnx.Rngs(0)), std=0.2)
     x, t, y = _inputs()
 
@@ -280,7 +280,7 @@ def test_the_fused_attention_path_computes_what_the_einsum_attention_does(monkey
         loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, t, y) ** 2)  # noqa: E731
         return jax.jit(jax.value_and_grad(loss))(params)
 
-    assert ops.fused_attention_implementation(jnp.bfloat16, 16) is None  # on this CPU: the einsum attention
+    assert ops.fused_attention_implementation(jnp.bfloat16, 16) is None  # on this CPU: the matmul attention
     einsum_loss, einsum_grads = value_and_grads()
     # The branch NVIDIA GPUs take (with "cudnn"), here with the XLA implementation of the same function.
     monkeypatch.setattr(ops, "fused_attention_implementation", lambda dtype, head_dim: "xla")

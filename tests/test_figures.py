@@ -137,8 +137,8 @@ def test_render_all_on_the_paper_records(paper_rendered):
     _assert_valid_outputs(written)
     # One run (XL/2) has a curve: Fig. 6 compares curves and isoFLOP profiles need them; the paper records hold
     # no training losses and no held-out loss.
-    assert set(skipped) == {"fig6_curves", "fig13_loss", "isoflop_profiles", "isoflop_profiles_loss",
-                            "loss_to_metric"}
+    assert set(skipped) == {"fig6_curves", "fig7_samples", "class_grids", "fig13_loss", "isoflop_profiles",
+                            "isoflop_profiles_loss", "loss_to_metric"}
     assert "11 of 12 configs have a single evaluation" in skipped["isoflop_profiles"]
     assert "no held-out loss" in skipped["isoflop_profiles_loss"] and "no held-out loss" in skipped["loss_to_metric"]
     assert "two or more steps" in skipped["fig6_curves"]
@@ -171,7 +171,10 @@ def test_render_all_on_a_study_writes_every_figure(study_dir, study_rendered):
     out_dir, written, skipped = study_rendered
     # The samples' curves span 3x in compute each, too little for three of them to meet at one budget; the
     # held-out loss, evaluated from step 100, spans 12x.
-    assert set(skipped) == {"isoflop_profiles"} and "too little compute" in skipped["isoflop_profiles"]
+    assert set(skipped) == {"isoflop_profiles", "fig7_samples", "class_grids"}
+    assert "too little compute" in skipped["isoflop_profiles"]
+    # Written records keep no samples: the sample figures say how to get them (the tiny study draws them).
+    assert "no guided evaluations" in skipped["fig7_samples"] and "keep no samples" in skipped["class_grids"]
     expected = {f"{name}.{ext}" for name in figures.FIGURES if name not in skipped for ext in ("png", "pdf")}
     assert expected | {"table4.md", "table4.tex", "report.md"} == {p.name for p in written}
     _assert_valid_outputs(written)
@@ -377,8 +380,8 @@ def test_render_all_on_a_users_csv_draws_what_it_supports(user_csv, tmp_path, ca
                                          | {"table4.md", "table4.tex", "report.md"})
     _assert_valid_outputs(written)
     assert _font_log_records(caplog) == []
-    assert set(skipped) == {"fig5_conditioning", "fig10_sampling_compute", "fig13_loss", "isoflop_profiles",
-                            "isoflop_profiles_loss", "loss_to_metric"}
+    assert set(skipped) == {"fig5_conditioning", "fig7_samples", "class_grids", "fig10_sampling_compute",
+                            "fig13_loss", "isoflop_profiles", "isoflop_profiles_loss", "loss_to_metric"}
     assert "name no run's block" in skipped["fig5_conditioning"]
     assert "no sampling_steps" in skipped["fig10_sampling_compute"]
     assert "training-step records" in skipped["fig13_loss"]

@@ -95,8 +95,8 @@ def _naive_attention(q_BTHK, k_BSHK, v_BSHK):
 
 
 ENTRY_POINTS = {
-    "attention": ops.attention,  # on a CPU: the einsum attention
-    "einsum_attention": lambda q, k, v, dtype: ops.einsum_attention(q, k, v, jnp.dtype(dtype)),
+    "attention": ops.attention,  # on a CPU: the matmul attention
+    "matmul_attention": lambda q, k, v, dtype: ops.matmul_attention(q, k, v, jnp.dtype(dtype)),
     "fused_attention (xla)": lambda q, k, v, dtype: ops.fused_attention(q, k, v, dtype, "xla"),
 }
 
@@ -124,7 +124,7 @@ def test_attention_against_autodiff_of_softmax_attention(entry, dtype, keys):
 
 def test_attention_takes_the_fused_kernel_where_one_is_named(monkeypatch):
     q = k = v = _normal(10, (2, 4, 2, 8))
-    assert ops.attention(q, k, v, "bfloat16").dtype == jnp.float32  # the einsum attention here
+    assert ops.attention(q, k, v, "bfloat16").dtype == jnp.float32  # the matmul attention here
     monkeypatch.setattr(ops, "fused_attention_implementation", lambda dtype, head_dim: "xla")
     fused = ops.attention(q, k, v, "bfloat16")
     assert fused.dtype == jnp.bfloat16
@@ -207,7 +207,7 @@ def test_dit_and_modern_dit_compute_through_ops(monkeypatch):
 
     def counted(*args):
         calls.append(args[0].shape)
-        return ops.einsum_attention(*args[:3], jnp.dtype(args[3]))
+        return ops.matmul_attention(*args[:3], jnp.dtype(args[3]))
 
     monkeypatch.setattr(ops, "attention", counted)
     x, t, y = jnp.zeros((2, 8, 8, 4)), jnp.array([1, 500]), jnp.array([3, 10])

@@ -120,8 +120,8 @@ def test_a_factory_model_trains_resumes_evaluates_and_samples_through_the_grid(f
     manifest = schema.read_manifest(runs / "Mine-S-8")
     assert (manifest.model_name, manifest.block, manifest.size, manifest.patch) == ("Mine-S/8", "Mine", None, None)
     assert manifest.model["factory"] == f"{factory}:build" and len(manifest.model["source_sha256"]) == 64
-    assert manifest.macs_per_image == modern_macs_closed_form(input_size=32, in_channels=1, learn_sigma=True,
-                                                              depth=2, hidden_size=24, patch_size=8)
+    assert manifest.macs_per_image == modern_macs_closed_form(input_size=16, in_channels=1, learn_sigma=True,
+                                                              depth=2, hidden_size=24, patch_size=4)
     evaluations = schema.read_evaluations(runs / "Mine-S-8")
     assert [(e.step, e.metric) for e in evaluations] == [(10, "FD-FashionCNN-16")] and evaluations[0].value > 0
 
@@ -140,7 +140,7 @@ def test_a_factory_model_trains_resumes_evaluates_and_samples_through_the_grid(f
                  "--sampler", "ddim", "--sampling-steps", "4", "--guidance-scale", "2.0",
                  "--guidance-channels", "1"]) == 0
     images = np.load(out)["arr_0"]
-    assert images.shape == (8, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0  # ADM's RGB layout
+    assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0  # ADM's RGB layout
     capsys.readouterr()
 
     # The factory's source changed: its weights mean nothing to the new code, so the run does not resume.

@@ -20,10 +20,11 @@ from scaling.cli import main
 GFLOPS = {"S": 1.0, "B": 4.0, "L": 14.0, "XL": 20.0}  # per patch 8; each halving of the patch x4
 
 
-def _protocol(sampling_steps, n=250, sampler="ddim"):
-    return schema.EvaluationProtocol(sampler=sampler, sampling_steps=sampling_steps, guidance_scale=1.0,
-                                     guidance_channels=None, num_samples=n, seed=0, uint8_convention="dit",
-                                     reference="fashion_mnist:train[:1000]", feature_network="FashionCNN")
+def _protocol(sampling_steps, n=250, sampler="ddim", seed=0, guidance_scale=1.0):
+    return schema.EvaluationProtocol(sampler=sampler, sampling_steps=sampling_steps, guidance_scale=guidance_scale,
+                                     guidance_channels=0 if guidance_scale > 1 else None, num_samples=n, seed=seed,
+                                     uint8_convention="dit", reference="fashion_mnist:train[:1000]",
+                                     feature_network="FashionCNN")
 
 
 VALIDATION = schema.EvaluationProtocol(sampler=None, sampling_steps=None, guidance_scale=None, guidance_channels=None,
@@ -35,8 +36,10 @@ VALIDATION = schema.EvaluationProtocol(sampler=None, sampling_steps=None, guidan
 FLOOR = 40.0  # what real images score: the best config, DiT-XL/2, scores about 10.7 times as much
 
 
-def write_study(directory, value_of, steps=(500, 1000, 1500, 2000), final_sampling=(4, 8, 32)):
-    """A finished 12-config study whose metric at (gflops, step, sampling steps) is value_of(...)."""
+def write_study(directory, value_of, steps=(500, 1000, 1500, 2000), final_sampling=(4, 8, 32), noise_of=None):
+    """A finished 12-config study whose metric at (gflops, step, sampling steps) is value_of(...). With
+    `noise_of(gflops)`, the last step is evaluated again with noise seed 1 (the value times exp(noise_of(gflops)))
+    and with guidance 4 (class accuracy 0.8 at DiT-XL/2, 0.6 at the other configs)."""
     for name in PAPER_MODELS:
         size, patch = parse_model_name(name)
         gflops = GFLOPS[size] * (8 // patch) ** 2 / 1000
@@ -51,8 +54,15 @@ def write_study(directory, value_of, steps=(500, 1000, 1500, 2000), final_sampli
                            (VALIDATION, value_of(gflops, step, None) / 1000, "val-loss-100")]
             if step == steps[-1]:
                 evaluations += [(_protocol(s), value_of(gflops, step, s), "FD-FashionCNN-250") for s in final_sampling]
+            if step == steps[-1] and noise_of is not None:
+                evaluations += [(_protocol(16, seed=1), value_of(gflops, step, 16) * np.exp(noise_of(gflops)),
+                                 "FD-FashionCNN-250"),
+                                (_protocol(16, guidance_scale=4.0), value_of(gflops, step, 16) / 2,
+                                 "FD-FashionCNN-250")]
             for protocol, value, metric in evaluations:
                 details = {"class_accuracy": min(1.0, 30 / value), "floor": FLOOR} if metric.startswith("FD") else {}
+                if protocol.guidance_scale == 4.0:
+                    details["class_accuracy"] = 0.8 if name == "DiT-XL/2" else 0.6
                 record = schema.EvaluationRecord.of(step=step, metric=metric, value=value, protocol=protocol,
                                                     gflops_per_image=gflops, global_batch=16, details=details)
                 schema.append_jsonl(run / schema.EVALUATIONS_FILE, record.to_json())
@@ -101,6 +111,27 @@ def test_findings_name_what_fails(tmp_path):
         tmp_path / "flat", lambda g, s, k: paper_like(g, s, None) * (1 + 400 / k if k else 1)))).findings.get()
     sampling = next(f for f in with_flat_sampling.findings if f.name.startswith("More sampling"))
     assert sampling.holds is False and "at no more sampling compute" in sampling.text
+
+
+def test_noise_from_a_second_seed_resolves_pairs_and_guided_accuracy_is_reported(tmp_path):
+    offsets = {g: 0.02 * (i % 5 - 2) for i, g in enumerate(sorted(
+        GFLOPS[s] * (8 // p) ** 2 / 1000 for s, p in map(parse_model_name, PAPER_MODELS)))}
+    analysis = analyze(records.load(write_study(tmp_path, paper_like, noise_of=lambda g: offsets[round(g, 9)])))
+    # Two values per run: the pooled variance of log value is the mean over runs of (offset^2 / 2).
+    expected_sd = np.sqrt(np.mean([o ** 2 / 2 for o in offsets.values()]))
+    noise = analysis.noise.get()
+    assert noise.sd_log == pytest.approx(expected_sd) and noise.runs == 12 and noise.dof == 12
+    result = analysis.findings.get()
+    # The seed-1 and guided evaluations are other protocols: the fits keep seed 0's unguided points alone.
+    assert result.numbers["pearson_r"] == pytest.approx(-1.0)
+    pairs = findings.ordered_pairs(analysis.model_compute.get().points)
+    threshold = 1.96 * np.sqrt(2) * expected_sd
+    brute_force = sum(abs(np.log(r.value_smaller) - np.log(r.value_bigger)) > threshold for r in pairs.itertuples())
+    assert result.numbers["pairs_right_resolved"] == brute_force and result.numbers["pairs_wrong_resolved"] == 0
+    assert result.numbers["guided_class_accuracy"] == {"DiT-XL-2": 0.8, "DiT-L-2": 0.6}
+    accuracy = next(f for f in result.findings if f.name.startswith("The largest"))
+    assert accuracy.holds is False and "DiT-L-2 0.60 (unguided" in accuracy.text
+    assert "saturated" in next(f for f in result.findings if f.name.startswith("More sampling")).text
 
 
 def test_the_floor_finding_names_the_best_run_and_its_ratio():
@@ -187,7 +218,7 @@ def test_validation_loss_is_the_noise_prediction_error_on_held_out_images(fmnist
 
     config = load_config("fmnist:S/4,tiny", [f"data.path={fmnist_dir}", "eval.validation_examples=10",
                                                      "eval.validation_timesteps=3", "eval.batch_size=7"])
-    dit = model_config(config, input_size=32, in_channels=1, num_classes=10)
+    dit = model_config(config, input_size=16, in_channels=1, num_classes=10)
     graphdef, state = nnx.split(DiT(dit, rngs=nnx.Rngs(3)))
     leaves, treedef = jax.tree.flatten(state)  # a trained-looking model: adaLN-Zero starts at a zero output
     params = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(jax.random.key(i), x.shape)
@@ -196,12 +227,12 @@ def test_validation_loss_is_the_noise_prediction_error_on_held_out_images(fmnist
     diffusion = GaussianDiffusion(linear_betas(1000), learn_sigma=True)
     evaluator = ValidationLossEvaluator(config, dit, diffusion, dit_compute(dit), make_mesh())
     [record] = evaluator.run(100, params, evaluator.protocols)
-    assert record.metric == "val-loss-10" and record.protocol.reference == "fashion_mnist:test[:10]"
+    assert record.metric == "val-loss-10" and record.protocol.reference == "fashion_mnist@16x16:test[:10]"
     assert validation_timesteps(config) == [166, 500, 833]
 
-    held_out = data_lib.FashionMNIST(str(fmnist_dir), split="test")
+    held_out = data_lib.FashionMNIST(str(fmnist_dir), split="test", resolution=16)
     x0 = held_out.images[:10].astype(np.float64) / 127.5 - 1
-    noise = np.asarray(jax.random.normal(jax.random.key(config.eval.seed), (30, 32, 32, 1)), np.float64)
+    noise = np.asarray(jax.random.normal(jax.random.key(config.eval.seed), (30, 16, 16, 1)), np.float64)
     alphas_bar = np.cumprod(1 - linear_betas(1000))
     errors = []
     for i, t in enumerate([166, 500, 833]):
@@ -275,10 +306,19 @@ def test_tiny_study_killed_resumes_and_renders(fmnist_dir, tmp_path, capsys):
     final = evaluations[(evaluations["step"] == 40) & (evaluations["metric"] == "FD-FashionCNN-60")]
     assert sorted(final["sampling_steps"].unique()) == [4, 8]  # Fig. 10's sampling-step counts at the end
     figures = sorted(p.stem for p in (workdir / "figures").glob("*.png"))
-    assert len(figures) >= 4 and {"fig8_gflops_fit", "fig9_training_compute", "fig10_sampling_compute"} <= set(figures)
+    assert {"fig7_samples", "class_grids", "fig8_gflops_fit", "fig9_training_compute",
+            "fig10_sampling_compute"} <= set(figures)
+    # The last step's samples, guided and unguided, kept in each run: the same labels, the first of each class.
+    for run in loaded.runs["run"]:
+        kept = sorted(p.name for p in (workdir / run / "samples").iterdir())
+        assert kept == ["final-dpm-solver++4-guidance1.npz", "final-dpm-solver++4-guidance4.npz"]
+        with np.load(workdir / run / "samples" / kept[1]) as batch:
+            assert batch["arr_0"].shape == (60, 16, 16, 1) and list(batch["arr_1"][:10]) == list(range(10))
     report = (workdir / "report.md").read_text()
     assert "## The paper's findings" in report and "Pearson r(log Gflops" in report
-    for name in ("fig8_gflops_fit", "fig10_sampling_compute"):
+    # The floor and the evaluation's noise (noise seed 1 at the last step) are stated.
+    assert "The evaluation's noise: FD-FashionCNN-60 of the same checkpoints" in report and "times the floor" in report
+    for name in ("fig7_samples", "fig8_gflops_fit", "fig10_sampling_compute"):
         assert f"(figures/{name}.png)" in report
     assert json.loads((workdir / "study.json").read_text())["preset"] == "tiny"
 

@@ -4,7 +4,7 @@
 
 1. The device: JAX version, GPU model, compute capability, what `model.dtype = "auto"` picks.
 2. Fused attention: cuDNN's kernel (jax.nn.dot_product_attention, the model's attention on NVIDIA GPUs from
-   compute capability 8.0 in bf16) against the einsum attention at DiT-XL/2's shapes: outputs and gradients.
+   compute capability 8.0 in bf16) against the matmul attention at DiT-XL/2's shapes: outputs and gradients.
 3. Compile times of the S/2 and XL/2 bf16 training steps, in fresh processes: with an empty persistent
    compilation cache, then with the cache that first process wrote.
 4. DiT-XL/2 bf16 training (256px, the paper's AdamW + EMA step) at batch 32, 64, 128, ... until a batch does not
@@ -64,25 +64,25 @@ def describe_device() -> None:
 
 
 def check_fused_attention(smoke: bool) -> bool:
-    """cuDNN attention against the einsum attention (value and gradient); True when they agree."""
+    """cuDNN attention against the matmul attention (value and gradient); True when they agree."""
     import jax
     import jax.numpy as jnp
 
-    from models.ops import einsum_attention, fused_attention, fused_attention_implementation
+    from models.ops import fused_attention, fused_attention_implementation, matmul_attention
 
     dtype = jnp.bfloat16
     batch, tokens, heads, head_dim = (2, 16, 2, 8) if smoke else (8, 256, 16, 72)
     implementation = fused_attention_implementation(dtype, head_dim)
     if implementation is None:
         if not smoke:
-            print("fused attention: not available on this device (the model uses the einsum attention)")
+            print("fused attention: not available on this device (the model uses the matmul attention)")
             return True
         implementation = "xla"
     qkv = jax.random.normal(jax.random.key(0), (batch, tokens, 3, heads, head_dim), jnp.float32)
     cotangent = jax.random.normal(jax.random.key(1), (batch, tokens, heads * head_dim), jnp.float32)
 
     def einsum(qkv):
-        return einsum_attention(*(qkv[:, :, i] for i in range(3)), jnp.dtype(dtype))
+        return matmul_attention(*(qkv[:, :, i] for i in range(3)), jnp.dtype(dtype))
 
     def fused(qkv):
         return fused_attention(*(qkv[:, :, i] for i in range(3)), dtype, implementation).astype(jnp.float32)
@@ -98,7 +98,7 @@ def check_fused_attention(smoke: bool) -> bool:
 
     errors = relative(out_b, out_a), relative(grad_b, grad_a)
     ok = max(errors) < 2e-2  # bf16 operands: a few ulps of 2^-8 in norm
-    print(f"fused attention ({implementation}) vs einsum attention, bf16: relative error of the output "
+    print(f"fused attention ({implementation}) vs matmul attention, bf16: relative error of the output "
           f"{errors[0]:.1e}, of the gradient {errors[1]:.1e}: {'agree' if ok else 'DISAGREE'}", flush=True)
     return ok
 
@@ -160,7 +160,7 @@ def main() -> None:
         compile_times(["S/2", "XL/2"], 32)
         throughput("XL/2", [32, 64, 128, 256, 512, 1024], 10)
     if not agree:
-        sys.exit("The fused attention disagrees with the einsum attention (see above).")
+        sys.exit("The fused attention disagrees with the matmul attention (see above).")
 
 
 if __name__ == "__main__":

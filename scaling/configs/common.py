@@ -11,6 +11,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.depth = 0  # 0: from the name (paper Table 1)
     config.model.hidden_size = 0
     config.model.num_heads = 0
+    config.model.patch_size = 0  # 0: from the name; else the patch itself (a miniature keeps a named config's tokens)
     config.model.block = "adaLN-Zero"
     config.model.learn_sigma = True
     config.model.class_dropout_prob = 0.1
@@ -75,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.sampling_steps = (250,)  # one evaluation per entry (the paper's Fig. 10: 16 ... 1000)
     config.eval.final_sampling_steps = ()  # more entries evaluated at the last step only (Fig. 10 of the end)
     config.eval.guidance_scale = 1.0  # 1.0: no classifier-free guidance
+    # At the last step only, with the first eval.sampling_steps entry: more noise seeds (the evaluation's own noise,
+    # which analysis states beside every comparison) and more guidance scales (the paper samples Fig. 7 at 4).
+    config.eval.final_seeds = ()
+    config.eval.final_guidance_scales = ()
     config.eval.guidance_channels = 3  # guided latent channels: 3 is the paper's mode, 0 guides all
     config.eval.seed = 0  # noise and labels: the same at every step, so evaluations compare directly
     config.eval.num_reference = 10_000  # real images the samples are compared with

@@ -16,6 +16,7 @@ def get_config(variant: str = "S/4"):
     config.model.factory = "models.modern_dit:build"
     config.model.family = "ModernDiT"
     config.model.family_sizes = {
-        f"{size}/{patch}": {"depth": depth, "hidden_size": width, "num_heads": heads, "patch_size": patch}
+        f"{size}/{patch}": {"depth": depth, "hidden_size": width, "num_heads": heads,
+                            "patch_size": patch * config.data.resolution // fmnist.PAPER_LATENT_SIZE}
         for size, (depth, width, heads) in fmnist.MINIATURE_SIZES.items() for patch in PATCH_SIZES}
     return config

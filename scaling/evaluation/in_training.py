@@ -39,24 +39,35 @@ class Evaluator(Protocol):
         """Score the model with `params` (trained for `step` steps) under each protocol."""
 
 
-def evaluation_protocols(config, sampling_steps=None) -> list[EvaluationProtocol]:
-    """One protocol per entry of `sampling_steps` (default: eval.sampling_steps): everything that makes two
-    evaluation points comparable."""
+def evaluation_protocols(config, sampling_steps=None, *, seed: int | None = None,
+                         guidance_scale: float | None = None) -> list[EvaluationProtocol]:
+    """One protocol per entry of `sampling_steps` (default: eval.sampling_steps), with eval.seed and
+    eval.guidance_scale unless given: everything that makes two evaluation points comparable."""
     e = config.eval
-    guided = schema.is_guided(float(e.guidance_scale))
+    seed = int(e.seed) if seed is None else seed
+    guidance_scale = float(e.guidance_scale) if guidance_scale is None else float(guidance_scale)
+    guided = schema.is_guided(guidance_scale)
     if config.data.source == "latent_shards":
         reference, feature_network = epath.Path(e.reference).name, FID_FEATURE_NETWORK
         decoder = autoencoder_name(config.data.autoencoder)
     else:
-        reference = f"{config.data.source}:train[:{int(e.num_reference)}]"
+        reference = data_name(config, "train", int(e.num_reference))
         feature_network = (f"FashionCNN(epochs={int(e.classifier_epochs)}, "
                            f"examples={int(e.classifier_examples) or 'all'}, seed={int(config.train.seed)})")
         decoder = None
-    return [EvaluationProtocol(sampler=e.sampler, sampling_steps=int(steps), guidance_scale=float(e.guidance_scale),
+    return [EvaluationProtocol(sampler=e.sampler, sampling_steps=int(steps), guidance_scale=guidance_scale,
                                guidance_channels=int(e.guidance_channels) if guided else None,
-                               num_samples=int(e.num_samples), seed=int(e.seed), uint8_convention="dit",
+                               num_samples=int(e.num_samples), seed=seed, uint8_convention="dit",
                                reference=reference, feature_network=feature_network, decoder=decoder)
             for steps in (e.sampling_steps if sampling_steps is None else sampling_steps)]
+
+
+def data_name(config, split: str, n: int) -> str:
+    """How a protocol names Fashion-MNIST images: "fashion_mnist:train[:10000]", with the resolution where it is not
+    the 32x32 of the padded originals ("fashion_mnist@16x16:test[:200]")."""
+    resolution = config.data.resolution or data_lib.FashionMNIST.classifier_resolution
+    at = "" if resolution == data_lib.FashionMNIST.classifier_resolution else f"@{resolution}x{resolution}"
+    return f"{config.data.source}{at}:{split}[:{n}]"
 
 
 def autoencoder_name(path: str) -> str:
@@ -68,18 +79,27 @@ def autoencoder_name(path: str) -> str:
 
 
 def final_evaluation_protocols(config) -> list[EvaluationProtocol]:
-    """The protocols of eval.final_sampling_steps not already among eval.sampling_steps'."""
-    extra = [s for s in config.eval.final_sampling_steps if s not in tuple(config.eval.sampling_steps)]
-    return evaluation_protocols(config, extra)
+    """The protocols of the last step alone: eval.final_sampling_steps not already among eval.sampling_steps', and
+    the first sampling-step count with each of eval.final_seeds and eval.final_guidance_scales."""
+    e = config.eval
+    extra = [s for s in e.final_sampling_steps if s not in tuple(e.sampling_steps)]
+    first = [e.sampling_steps[0]]
+    return (evaluation_protocols(config, extra)
+            + [p for seed in e.final_seeds for p in evaluation_protocols(config, first, seed=int(seed))]
+            + [p for scale in e.final_guidance_scales
+               for p in evaluation_protocols(config, first, guidance_scale=float(scale))])
 
 
 def prepare_feature_network(config, source):
-    """The FashionCNN of a run's evaluation (trained once per data and recipe, then loaded from the cache): a
-    grid running several runs at once prepares it first, so that they do not all train it."""
+    """The FashionCNN of a run's evaluation (trained once per data and recipe on the 32x32 training images, then
+    loaded from the cache; every resolution is scored by the same network): a grid running several runs at once
+    prepares it first, so that they do not all train it."""
     from models.fashion_cnn import Recipe, trained_fashion_cnn
     from scaling.host import CACHE_DIR
 
     e = config.eval
+    if source.image_shape[0] != source.classifier_resolution:
+        source = data_lib.FashionMNIST(config.data.path, resolution=source.classifier_resolution)
     n_train = int(e.classifier_examples) or len(source)
     recipe = Recipe(epochs=int(e.classifier_epochs), seed=int(config.train.seed))
     return trained_fashion_cnn(source.images[:n_train], source.labels[:n_train], source.num_classes, recipe,
@@ -110,21 +130,43 @@ def real_data_floor(config, classifier, reference_features) -> dict:
     """What real images score: the first eval.num_samples held-out test images against the same reference, with
     the same feature network. A perfect model's samples score about this at the same N; no model scores far below.
     Returns the details every FD record carries: `floor` (their FD) and `floor_class_accuracy`."""
-    held_out = data_lib.FashionMNIST(config.data.path, split="test")
+    held_out = data_lib.open_source(config, split="test")
     n = int(config.eval.num_samples)
     if n > len(held_out):
         raise ValueError(f"eval.num_samples={n} exceeds the {len(held_out)} held-out test images that give the "
                          "metric's floor.")
-    real = fd_fashion_cnn_metrics_of_features(reference_features, *classifier_outputs(classifier, held_out.images[:n]),
+    images = held_out.at_classifier_resolution(held_out.images[:n])
+    real = fd_fashion_cnn_metrics_of_features(reference_features, *classifier_outputs(classifier, images),
                                               held_out.labels[:n])
     return {"floor": real["fd_fashioncnn"], "floor_class_accuracy": real["class_accuracy"]}
 
 
+KEPT_SAMPLES = 100  # of a final evaluation's samples, kept in the run: ten of each class for the sample figures
+
+
+def kept_samples_path(protocol: EvaluationProtocol) -> str:
+    """Where in a run the samples of a final evaluation lie: samples/final-dpm-solver++16-guidance4.npz."""
+    return f"samples/final-{protocol.sampler}{protocol.sampling_steps}-guidance{protocol.guidance_scale:g}.npz"
+
+
+def keep_samples(workdir: epath.Path, protocol: EvaluationProtocol, samples: np.ndarray, labels: np.ndarray) -> str:
+    """Write the first KEPT_SAMPLES samples (uint8 at the model's resolution) and their labels into the run, as an
+    .npz of arr_0 (images) and arr_1 (labels) like ADM's sample batches; returns the path within the run."""
+    from scaling.evaluation.npz import atomic_savez
+
+    path = kept_samples_path(protocol)
+    atomic_savez(workdir / path, {"arr_0": samples[:KEPT_SAMPLES], "arr_1": labels[:KEPT_SAMPLES].astype(np.int64),
+                                  "uint8_convention": np.array(protocol.uint8_convention)})
+    return path
+
+
 class SmallDataEvaluator:
     """Scores a run's EMA model with the small-data metrics. The classifier, the real reference features and each
-    sampler are prepared on first use and reused at every evaluation of the run."""
+    sampler are prepared on first use and reused at every evaluation of the run. With a `workdir`, the last step's
+    samples of the first sampling-step count are kept there (`keep_samples`)."""
 
-    def __init__(self, config, source, model_config, diffusion, compute, mesh):
+    def __init__(self, config, source, model_config, diffusion, compute, mesh, workdir: epath.Path | None = None):
+        self.workdir = workdir
         self.config, self.source, self.model_config = config, source, model_config
         self.diffusion, self.compute, self.mesh = diffusion, compute, mesh
         self.every = int(config.eval.every)
@@ -137,12 +179,21 @@ class SmallDataEvaluator:
 
     def _prepare(self) -> None:
         self._classifier = prepare_feature_network(self.config, self.source)
+        reference = self.source.images[: int(self.config.eval.num_reference)]
         self._reference_features, _ = classifier_outputs(self._classifier,
-                                                         self.source.images[: int(self.config.eval.num_reference)])
+                                                         self.source.at_classifier_resolution(reference))
         self._floor = real_data_floor(self.config, self._classifier, self._reference_features)
 
     def _sampler(self, protocol: EvaluationProtocol):
         return protocol_sampler(self._samplers, self, protocol)
+
+    def _keeps_samples(self, step: int, protocol: EvaluationProtocol) -> bool:
+        """At the last step, the samples of the first sampling-step count and eval.seed, guided or not."""
+        import jax
+
+        e = self.config.eval
+        return (self.workdir is not None and jax.process_index() == 0 and step == int(self.config.train.steps)
+                and protocol.sampling_steps == int(e.sampling_steps[0]) and protocol.seed == int(e.seed))
 
     def run(self, step: int, params, protocols: list[EvaluationProtocol]) -> list[EvaluationRecord]:
         if self._classifier is None:
@@ -152,11 +203,14 @@ class SmallDataEvaluator:
         records = []
         for protocol in protocols:
             start = time.perf_counter()
-            images = to_uint8(self._sampler(protocol)(params, labels, int(e.seed)), protocol.uint8_convention)
+            samples = to_uint8(self._sampler(protocol)(params, labels, protocol.seed), protocol.uint8_convention)
+            images = self.source.at_classifier_resolution(samples)
             result = fd_fashion_cnn_metrics_of_features(self._reference_features,
                                                     *classifier_outputs(self._classifier, images), labels)
             details = {k: v for k, v in result.items() if k not in ("fd_fashioncnn", "feature_network")}
             details.update(self._floor)
+            if self._keeps_samples(step, protocol):
+                details["samples"] = keep_samples(self.workdir, protocol, samples, labels)
             records.append(EvaluationRecord.of(
                 step=step, metric=schema.metric_name(FD_FASHION_CNN_FAMILY, len(images)), value=result["fd_fashioncnn"],
                 protocol=protocol, gflops_per_image=self.compute.gflops, global_batch=self.config.train.batch_size,
@@ -184,7 +238,7 @@ class ValidationLossEvaluator:
         n = int(config.eval.validation_examples)
         self.protocols = [EvaluationProtocol(
             sampler=None, sampling_steps=None, guidance_scale=None, guidance_channels=None, num_samples=n,
-            seed=int(config.eval.seed), uint8_convention=None, reference=f"{config.data.source}:test[:{n}]",
+            seed=int(config.eval.seed), uint8_convention=None, reference=data_name(config, "test", n),
             feature_network=f"none: noise-prediction MSE at timesteps {self.timesteps}")]
         self.final_protocols = []
         self._loss = None
@@ -201,7 +255,7 @@ class ValidationLossEvaluator:
         from scaling.devices import BATCH_AXES
 
         e = self.config.eval
-        held_out = data_lib.FashionMNIST(self.config.data.path, split="test")
+        held_out = data_lib.open_source(self.config, split="test")
         n = int(e.validation_examples)
         if n > len(held_out):
             raise ValueError(f"eval.validation_examples={n} exceeds the {len(held_out)} held-out test images.")
@@ -287,7 +341,7 @@ class FIDEvaluator:
         records = []
         for protocol in protocols:
             start = time.perf_counter()
-            images = to_uint8(self._sampler(protocol)(params, labels, int(e.seed)), protocol.uint8_convention)
+            images = to_uint8(self._sampler(protocol)(params, labels, protocol.seed), protocol.uint8_convention)
             features = inception_activations(self._inception, images).pool
             fid = metrics.frechet_distance_of_features(features, *self._reference)
             records.append(EvaluationRecord.of(
@@ -320,11 +374,13 @@ class Evaluators:
         return records
 
 
-def build_evaluator(config, source, model_config, diffusion, compute, mesh) -> Evaluator:
-    """The evaluators of a run's data source (config.validate has refused sources without one)."""
+def build_evaluator(config, source, model_config, diffusion, compute, mesh,
+                    workdir: epath.Path | None = None) -> Evaluator:
+    """The evaluators of a run's data source (config.validate has refused sources without one); the small-data
+    evaluator keeps its final samples in `workdir`."""
     if config.data.source == "latent_shards":
         return Evaluators([FIDEvaluator(config, source, model_config, diffusion, compute, mesh)])
-    evaluators = [SmallDataEvaluator(config, source, model_config, diffusion, compute, mesh)]
+    evaluators = [SmallDataEvaluator(config, source, model_config, diffusion, compute, mesh, workdir)]
     if config.eval.validation_examples:
         evaluators.append(ValidationLossEvaluator(config, model_config, diffusion, compute, mesh))
     return Evaluators(evaluators)
