@@ -8,7 +8,7 @@ ratio exceeds z * sqrt(2) * sd_log, z = RESOLVED_Z (two-sided 95% for the differ
 
 Seeds rather than a bootstrap over one set of samples: resampling 250 samples with replacement repeats some of them,
 which a Frechet distance of few samples reads as a narrower distribution, and the bootstrap's spread came out 2.5 to
-3 times the spread between seeds (docs/benchmarks.md, "The miniature study").
+3 times the spread between seeds (docs/benchmarks.md, "The evaluation's noise: seeds or a bootstrap").
 """
 
 from __future__ import annotations

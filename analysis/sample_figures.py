@@ -65,27 +65,37 @@ def _draw(ax, image: np.ndarray) -> None:
         spine.set_visible(False)
 
 
-def fig7_samples(guided: pd.DataFrame) -> Figure:
-    """Fig. 7 from the guided final evaluations (`analyze.guided_points`): the first FIG7_SAMPLES samples of each
-    config (the same noise and labels for all) in a patch x size grid."""
-    points = _with_samples(guided, "Fig. 7")
+def _config_grid(points: pd.DataFrame, panel_size: tuple[float, float], draw_panel) -> Figure:
+    """A patch x size grid of panels, one per DiT config in `points` (model size grows to the right, patch size
+    shrinks downwards); `draw_panel(ax, row)` fills a config's panel."""
     sizes = [s for s in SIZES if s in set(points["size"])]
     patches = [p for p in PATCHES if p in set(points["patch"])]
-    fig = Figure(figsize=(2.6 * len(sizes) + 0.6, 1.25 * len(patches) + 0.9), layout="constrained")
+    width, height = panel_size
+    fig = Figure(figsize=(width * len(sizes) + 0.6, height * len(patches) + 0.9), layout="constrained")
     axes = fig.subplots(len(patches), len(sizes), squeeze=False)
     by_config = {(row.size, row.patch): row for row in points.itertuples()}
     for i, patch in enumerate(patches):
         for j, size in enumerate(sizes):
-            ax = axes[i, j]
             row = by_config.get((size, patch))
             if row is None:
-                ax.set_axis_off()
-                continue
-            images, _ = read_kept_samples(row._asdict())
-            _draw(ax, tile(images[:FIG7_SAMPLES], FIG7_SAMPLES // 2))
-            ax.set_title(f"{size}/{patch}  ({row.gflops:.2g} Gflops)", fontsize=8.5)
-            if j == 0:
-                ax.set_ylabel(f"patch {patch}", fontsize=9)
+                axes[i, j].set_axis_off()
+            else:
+                draw_panel(axes[i, j], row)
+        axes[i, 0].set_ylabel(f"patch {patch}", fontsize=9)
+    return fig
+
+
+def fig7_samples(guided: pd.DataFrame) -> Figure:
+    """Fig. 7 from the guided final evaluations (`analyze.guided_points`): the first FIG7_SAMPLES samples of each
+    config (the same noise and labels for all) in a patch x size grid."""
+    points = _with_samples(guided, "Fig. 7")
+
+    def panel(ax, row):
+        images, _ = read_kept_samples(row._asdict())
+        _draw(ax, tile(images[:FIG7_SAMPLES], FIG7_SAMPLES // 2))
+        ax.set_title(f"{row.size}/{row.patch}  ({row.gflops:.2g} Gflops)", fontsize=8.5)
+
+    fig = _config_grid(points, (2.6, 1.25), panel)
     scale = float(points["guidance_scale"].iloc[0])
     fig.suptitle(f"The same noise and class labels through every config (guidance {scale:g}, step "
                  f"{int(points['step'].iloc[0])}): model size grows to the right, patch size shrinks downwards",
@@ -96,26 +106,17 @@ def fig7_samples(guided: pd.DataFrame) -> Figure:
 def class_grids(final: pd.DataFrame) -> Figure:
     """Each config's kept samples of its final evaluation, one row per class, in the patch x size grid."""
     points = _with_samples(final, "The class grids")
-    sizes = [s for s in SIZES if s in set(points["size"])]
-    patches = [p for p in PATCHES if p in set(points["patch"])]
-    fig = Figure(figsize=(2.3 * len(sizes) + 0.4, 2.45 * len(patches) + 0.6), layout="constrained")
-    axes = fig.subplots(len(patches), len(sizes), squeeze=False)
-    by_config = {(row.size, row.patch): row for row in points.itertuples()}
-    for i, patch in enumerate(patches):
-        for j, size in enumerate(sizes):
-            ax = axes[i, j]
-            row = by_config.get((size, patch))
-            if row is None:
-                ax.set_axis_off()
-                continue
-            images, labels = read_kept_samples(row._asdict())
-            classes = np.unique(labels)
-            per_class = min(int(np.sum(labels == c)) for c in classes)
-            by_class = np.concatenate([images[labels == c][:per_class] for c in classes])
-            _draw(ax, tile(by_class, per_class))
-            accuracy = getattr(row, "class_accuracy", np.nan)
-            ax.set_title(f"{size}/{patch}: {row.value:.3g}" + ("" if pd.isna(accuracy) else
-                                                                f", class acc. {accuracy:.2f}"), fontsize=8)
+
+    def panel(ax, row):
+        images, labels = read_kept_samples(row._asdict())
+        classes = np.unique(labels)
+        per_class = min(int(np.sum(labels == c)) for c in classes)
+        _draw(ax, tile(np.concatenate([images[labels == c][:per_class] for c in classes]), per_class))
+        accuracy = getattr(row, "class_accuracy", np.nan)
+        ax.set_title(f"{row.size}/{row.patch}: {row.value:.3g}"
+                     + ("" if pd.isna(accuracy) else f", class acc. {accuracy:.2f}"), fontsize=8)
+
+    fig = _config_grid(points, (2.3, 2.45), panel)
     scale = float(points["guidance_scale"].iloc[0])
     guidance = "no guidance" if scale == 1.0 else f"guidance {scale:g}"
     fig.suptitle(f"Samples by class (one row per class; {guidance}, step {int(points['step'].iloc[0])}), with "

@@ -101,6 +101,10 @@ def test_plan_compute_budget_prints_what_the_planning_api_computes(paper, fronti
     # and its held-out loss the isoFLOP law, with the plan it chooses.
     mini = load(ROOT / "runs" / "fmnist-default")
     iso = isoflop_analysis(mini, metric="val-loss-200")
+    if iso.size_law is None:  # too few budgets with an interior minimum: the notebook says why
+        assert f"no law of the optimum: {iso.note}" in text
+        assert len(displayed(notebook, "image/png")) >= 1
+        return
     law = line(rf"^N_opt = ({NUMBER}) C\^({NUMBER}); 95% interval of the exponent \[({NUMBER}), ({NUMBER})\]", text)
     assert [number(law.group(i)) for i in (2, 3, 4)] == pytest.approx(
         [iso.size_law.exponent, *iso.size_law.exponent_ci], abs=6e-4)
