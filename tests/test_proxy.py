@@ -68,8 +68,10 @@ def test_the_miniature_study_pairs_each_loss_with_the_sample_metric_of_its_step(
     analysis = proxy.loss_proxy(study)
     evaluations = study.evaluations
     assert metric_family(analysis.loss_metric) == "val-loss" and analysis.metric.startswith("FD-")
-    # The sample metric's main protocol (the 8-step sampler of every evaluation, not the final extra steps).
-    samples = evaluations[(evaluations["metric"] == analysis.metric) & (evaluations["sampling_steps"] == 8)]
+    # The sample metric's main protocol (the 8-step sampler of every evaluation, unguided, noise seed 0; not the
+    # last step's other step counts, seed or guidance).
+    samples = evaluations[(evaluations["metric"] == analysis.metric) & (evaluations["sampling_steps"] == 8)
+                          & (evaluations["seed"] == 0) & (evaluations["guidance_scale"] == 1.0)]
     losses = evaluations[evaluations["metric"] == analysis.loss_metric]
     expected = samples.merge(losses, on=["run", "step"], suffixes=("", "_loss"))
     assert len(analysis.pairs) == len(expected) and analysis.pairs["run"].nunique() == 12
