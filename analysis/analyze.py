@@ -131,19 +131,12 @@ def _sampling_compute_of_any(records: Records, candidates: list[str]) -> study.S
 def guided_points(records: Records, points: pd.DataFrame) -> pd.DataFrame:
     """The evaluations at the last step of `points` (one metric and protocol, unguided) under the same protocol but
     for classifier-free guidance, at the largest guidance scale evaluated: one row per run."""
-    from analysis.records import PROTOCOL_COLUMNS, protocol_string
-
-    step = int(points["step"].max())
-    ignore = ("guidance_scale", "guidance_channels")
-    protocol = protocol_string(points.iloc[0][PROTOCOL_COLUMNS].to_dict(), ignore=ignore)
-    table = records.evaluations
-    table = table[(table["step"] == step) & table["run"].isin(points["run"].unique())
-                  & (table["guidance_scale"].astype(float) > 1.0)]
-    guided = table[[protocol_string(row, ignore=ignore) == protocol
-                    for row in table[PROTOCOL_COLUMNS].to_dict("records")]]
+    table = study.at_last_step_but_for(records, points, ignore=("guidance_scale", "guidance_channels"))
+    guided = table[table["guidance_scale"].astype(float) > 1.0]
     if guided.empty:
-        raise RecordsError(f"no guided evaluations of {points['metric'].iloc[0]} at step {step}; set "
-                           "eval.final_guidance_scales (the paper samples Fig. 7 at 4).")
+        raise RecordsError(f"no guided evaluations of {points['metric'].iloc[0]} at step "
+                           f"{int(points['step'].max())}; set eval.final_guidance_scales (the paper samples Fig. 7 at "
+                           "4).")
     scale = float(guided["guidance_scale"].max())
     return guided[guided["guidance_scale"].astype(float) == scale].drop_duplicates("run").reset_index(drop=True)
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis.records import PROTOCOL_COLUMNS, Records, protocol_string
+from analysis.records import Records
 from analysis.schema import RecordsError
+from analysis.study import at_last_step_but_for
 
 RESOLVED_Z = 1.96
 
@@ -73,12 +74,8 @@ def pooled_sd_log(values: pd.DataFrame) -> tuple[float, int]:
 def evaluation_noise(records: Records | pd.DataFrame, points: pd.DataFrame) -> EvaluationNoise:
     """The noise of the evaluations `points` (one metric and protocol, as `study.select` chooses them), from the
     records' evaluations at the last step of `points` under the same protocol but for the seed."""
-    evaluations = records.evaluations if isinstance(records, Records) else records
-    step = int(points["step"].max())
-    protocol = protocol_string(points.iloc[0][PROTOCOL_COLUMNS].to_dict(), ignore=("seed",))
-    at_step = evaluations[(evaluations["step"] == step) & evaluations["run"].isin(points["run"].unique())]
-    same = at_step[[protocol_string(row, ignore=("seed",)) == protocol
-                    for row in at_step[PROTOCOL_COLUMNS].to_dict("records")]]
+    same = at_last_step_but_for(records, points, ignore=("seed",))
     sd_log, dof = pooled_sd_log(same.assign(group=same["run"])[["group", "value"]])
     runs = int((same.groupby("run")["value"].count() > 1).sum())
-    return EvaluationNoise(metric=str(points["metric"].iloc[0]), step=step, sd_log=sd_log, runs=runs, dof=dof)
+    return EvaluationNoise(metric=str(points["metric"].iloc[0]), step=int(points["step"].max()), sd_log=sd_log,
+                           runs=runs, dof=dof)

@@ -166,6 +166,18 @@ def select_protocol(records: Records | pd.DataFrame, *, metric: str | None = Non
     return select(records, metric=metric, vary=vary, **where).points
 
 
+def at_last_step_but_for(records: Records | pd.DataFrame, points: pd.DataFrame,
+                         ignore: tuple[str, ...]) -> pd.DataFrame:
+    """The records' evaluations at the last step of `points` (one metric and protocol), of their runs, under their
+    protocol but for the columns in `ignore` (e.g. the noise seed)."""
+    evaluations = _evaluations(records)
+    protocol = protocol_string(points.iloc[0][PROTOCOL_COLUMNS].to_dict(), ignore=ignore)
+    table = evaluations[(evaluations["step"] == int(points["step"].max()))
+                        & evaluations["run"].isin(points["run"].unique())]
+    return table[[protocol_string(row, ignore=ignore) == protocol
+                  for row in table[PROTOCOL_COLUMNS].to_dict("records")]]
+
+
 def default_step(points: pd.DataFrame) -> int:
     """The training step evaluated for the most runs (ties: the latest)."""
     counts = points.groupby("step")["run"].nunique()
