@@ -110,7 +110,7 @@ def paper_findings(analysis) -> Findings:
     training_compute = analysis.training_compute.get()
     owners = frontier_owners(training_compute.frontier, training_compute.points)
     growing = bool(np.all(np.diff(owners["gflops"].to_numpy()) > 0))
-    out.numbers.update(frontier_owners=owners["run"].tolist())
+    out.numbers.update(frontier_owners=owners["run"].tolist(), frontier_growing=growing)
     out.findings.append(Finding(
         "Larger models are more compute-efficient", growing and len(owners) > 1,
         "The training-compute frontier is owned, as compute grows, by "

@@ -4,10 +4,12 @@
 
 Runs `dit-scaling study --preset PRESET --seed N` for each seed (into studies/fmnist-PRESET[-seedN]; a finished
 study is only re-rendered, an interrupted one resumes) and prints, per seed: Pearson r(log Gflops, log FD) at
-the final step, the adjacent (size, patch) pairs in the right order, the owners of the training-compute
-frontier, the largest configs' class accuracy, the held-out loss's agreement with FD (rank correlation across
-configs, and the typical error of FD predicted from it for a config left out of the fit), and the study's wall
-time.
+the final step, the adjacent (size, patch) pairs in the right order and how many of those are resolved beyond
+the evaluation's noise, the best config's metric over its floor, the owners of the training-compute frontier
+and whether they grow in size, the largest configs' class accuracy (guided where the study samples with
+guidance), the held-out loss's agreement with FD (rank correlation across configs, and the typical error of FD
+predicted from it for a config left out of the fit), and the study's wall time (None when it was only
+re-rendered).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import sys
 import time
 
 from analysis import records as records_lib
-from analysis import study as study_lib
 from analysis.analyze import analyze
 from analysis.cli import print_table
 from scaling.study import default_workdir
@@ -27,14 +28,15 @@ from scaling.study import default_workdir
 def seed_row(preset: str, seed: int, seconds: float | None) -> dict:
     records = records_lib.load(default_workdir(preset, seed))
     found = analyze(records).findings.get()
-    final = study_lib.model_compute_points(records, metric=found.metric)
-    accuracy = final.set_index("model")["class_accuracy"] if "class_accuracy" in final else {}
-    largest = final.sort_values("gflops", ascending=False)["model"].head(2).tolist()
-    return {"seed": seed, "pearson_r": found.numbers["pearson_r"],
-            "pairs": f"{found.numbers['pairs_right']}/{found.numbers['pairs']}",
-            "frontier": " > ".join(o.removeprefix("DiT-") for o in found.numbers["frontier_owners"]),
-            "class_accuracy": ", ".join(f"{m.removeprefix('DiT-')} {accuracy[m]:.2f}" for m in largest
-                                        if m in accuracy),
+    numbers = found.numbers
+    accuracy = numbers.get("guided_class_accuracy") or numbers.get("class_accuracy") or {}
+    return {"seed": seed, "pearson_r": numbers["pearson_r"],
+            "pairs": f"{numbers['pairs_right']}/{numbers['pairs']}",
+            "pairs_resolved": numbers.get("pairs_right_resolved"),
+            "floor_ratio": numbers.get("floor_ratio"),
+            "frontier": " > ".join(o.removeprefix("DiT-") for o in numbers["frontier_owners"])
+            + ("" if numbers["frontier_growing"] else " (not ever larger)"),
+            "class_accuracy": ", ".join(f"{m.removeprefix('DiT-')} {a:.2f}" for m, a in accuracy.items()),
             "proxy_rank_r": found.numbers.get("proxy_rank_r"),
             "proxy_error": found.numbers.get("proxy_typical_error"),
             "minutes": None if seconds is None else seconds / 60}
@@ -55,6 +57,7 @@ def main() -> int:
         rows.append(seed_row(args.preset, seed, time.perf_counter() - start))
     print()
     print_table(rows, [("seed", "seed"), ("pearson_r", "r(log Gflops, log FD)"), ("pairs", "pairs ordered"),
+                       ("pairs_resolved", "of them resolved"), ("floor_ratio", "best / floor"),
                        ("frontier", "frontier owners (by compute)"), ("class_accuracy", "class accuracy"),
                        ("proxy_rank_r", "rho(val-loss, FD)"), ("proxy_error", "FD from val-loss, left-out error"),
                        ("minutes", "minutes (this time)")])
