@@ -183,9 +183,8 @@ def predicted_seconds(config) -> float:
         forward_passes = (samples * e.num_samples * sum(e.sampling_steps)
                           + validations * e.validation_examples * e.validation_timesteps)
         forward_passes += e.num_samples * sum(s for s in e.final_sampling_steps if s not in e.sampling_steps)
-        guided = 2  # classifier-free guidance runs the model on the labels and on the null label
-        forward_passes += e.num_samples * e.sampling_steps[0] * (len(e.final_seeds)
-                                                                  + guided * len(e.final_guidance_scales))
+        forward_passes += e.num_samples * e.sampling_steps[0] * (
+            len(e.final_seeds) + schema.GUIDANCE_MULTIPLIER * len(e.final_guidance_scales))
         # validation_every divides eval.every, so the held-out loss's steps include the samples'.
         evaluations = max(samples, validations) if e.validation_examples else samples
         seconds += evaluations * EVAL_OVERHEAD_S + schema.FLOPS_PER_MAC * macs * forward_passes / EVAL_FLOP_RATE

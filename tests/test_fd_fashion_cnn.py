@@ -8,7 +8,13 @@ import scipy.ndimage
 
 from models.fashion_cnn import Recipe, trained_fashion_cnn
 from scaling.data import FashionMNIST
-from scaling.evaluation.fd_fashion_cnn import classifier_outputs, fd_fashion_cnn_metrics
+from scaling.evaluation import metrics
+from scaling.evaluation.fd_fashion_cnn import (
+    cached_reference,
+    classifier_outputs,
+    fd_fashion_cnn_metrics,
+    fd_fashion_cnn_metrics_of_features,
+)
 
 RECIPE = Recipe(epochs=1, batch_size=128, seed=0)
 
@@ -71,3 +77,23 @@ def test_classifier_is_cached_by_data_and_seed(setup, caplog):
     assert "unreadable" in caplog.text
     np.testing.assert_allclose(classifier_outputs(retrained, images)[0], classifier_outputs(small, images)[0],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_the_reference_is_computed_once_and_kept(setup, tmp_path, caplog):
+    classifier, train, test, _ = setup
+    real, fake = train.images[-300:], test.images[:100]
+    first = cached_reference(classifier, real, tmp_path)
+    (saved,) = (tmp_path / "fd_reference").iterdir()
+    np.testing.assert_array_equal(first.radii, metrics.knn_radii(classifier_outputs(classifier, real)[0]))
+    again = cached_reference(classifier, real, tmp_path)
+    np.testing.assert_array_equal(again.radii, first.radii)
+    assert fd_fashion_cnn_metrics_of_features(again, *classifier_outputs(classifier, fake)) == pytest.approx(
+        fd_fashion_cnn_metrics(classifier, real, fake))
+    other = cached_reference(classifier, real[:-1], tmp_path)  # other images: another entry
+    assert len(other.radii) == len(real) - 1 and len(list((tmp_path / "fd_reference").iterdir())) == 2
+    saved.write_bytes(b"not an npz")  # a damaged entry is computed again, with a warning, and replaced
+    with caplog.at_level(logging.WARNING):
+        repaired = cached_reference(classifier, real, tmp_path)
+    assert "unreadable" in caplog.text
+    np.testing.assert_array_equal(repaired.radii, first.radii)
+    assert cached_reference(classifier, real, tmp_path).features.shape == first.features.shape

@@ -10,6 +10,7 @@ from scaling.evaluation.metrics import (
     frechet_distance_of_features,
     gaussian_statistics,
     inception_score,
+    knn_radii,
     precision_recall,
 )
 
@@ -135,6 +136,11 @@ def test_precision_recall_against_brute_force(block_size):
     assert (precision, recall) == pytest.approx(expected)
     assert 0 < precision < 1 and 0 < recall < 1
     assert precision_recall(real, real, block_size=block_size) == (1.0, 1.0)
+    # The reference's radii computed once and passed in give the same result.
+    radii = knn_radii(real, 3, block_size)
+    assert precision_recall(real, fake, block_size=block_size, real_radii=radii) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="one radius per real feature vector"):
+        precision_recall(real, fake, real_radii=radii[:-1])
 
 
 def test_precision_recall_falls_back_to_float32_when_float16_overflows():

@@ -22,10 +22,16 @@ from analysis import schema
 from analysis.schema import FID_FEATURE_NETWORK, EvaluationProtocol, EvaluationRecord
 from scaling import data as data_lib
 from scaling.evaluation import metrics
-from scaling.evaluation.fd_fashion_cnn import classifier_outputs, fd_fashion_cnn_metrics_of_features
+from scaling.evaluation.fd_fashion_cnn import (
+    Reference,
+    cached_reference,
+    classifier_outputs,
+    fd_fashion_cnn_metrics_of_features,
+)
 from scaling.evaluation.inception import inception_activations
 from scaling.evaluation.npz import to_uint8
 from scaling.evaluation.sampling import make_sampler
+from scaling.host import CACHE_DIR
 
 FD_FASHION_CNN_FAMILY = "FD-FashionCNN"
 
@@ -95,7 +101,6 @@ def prepare_feature_network(config, source):
     loaded from the cache; every resolution is scored by the same network): a grid running several runs at once
     prepares it first, so that they do not all train it."""
     from models.fashion_cnn import Recipe, trained_fashion_cnn
-    from scaling.host import CACHE_DIR
 
     e = config.eval
     if source.image_shape[0] != source.classifier_resolution:
@@ -126,7 +131,7 @@ def protocol_sampler(cache: dict, evaluator, protocol: EvaluationProtocol, autoe
     return cache[key]
 
 
-def real_data_floor(config, classifier, reference_features) -> dict:
+def real_data_floor(config, classifier, reference: Reference) -> dict:
     """What real images score: the first eval.num_samples held-out test images against the same reference, with
     the same feature network. A perfect model's samples score about this at the same N; no model scores far below.
     Returns the details every FD record carries: `floor` (their FD) and `floor_class_accuracy`."""
@@ -136,7 +141,7 @@ def real_data_floor(config, classifier, reference_features) -> dict:
         raise ValueError(f"eval.num_samples={n} exceeds the {len(held_out)} held-out test images that give the "
                          "metric's floor.")
     images = held_out.at_classifier_resolution(held_out.images[:n])
-    real = fd_fashion_cnn_metrics_of_features(reference_features, *classifier_outputs(classifier, images),
+    real = fd_fashion_cnn_metrics_of_features(reference, *classifier_outputs(classifier, images),
                                               held_out.labels[:n])
     return {"floor": real["fd_fashioncnn"], "floor_class_accuracy": real["class_accuracy"]}
 
@@ -173,16 +178,16 @@ class SmallDataEvaluator:
         self.protocols = evaluation_protocols(config)
         self.final_protocols = final_evaluation_protocols(config)
         self._classifier = None
-        self._reference_features = None
+        self._reference = None
         self._floor = None
         self._samplers = {}
 
     def _prepare(self) -> None:
         self._classifier = prepare_feature_network(self.config, self.source)
         reference = self.source.images[: int(self.config.eval.num_reference)]
-        self._reference_features, _ = classifier_outputs(self._classifier,
-                                                         self.source.at_classifier_resolution(reference))
-        self._floor = real_data_floor(self.config, self._classifier, self._reference_features)
+        self._reference = cached_reference(self._classifier, self.source.at_classifier_resolution(reference),
+                                           CACHE_DIR)
+        self._floor = real_data_floor(self.config, self._classifier, self._reference)
 
     def _sampler(self, protocol: EvaluationProtocol):
         return protocol_sampler(self._samplers, self, protocol)
@@ -205,8 +210,8 @@ class SmallDataEvaluator:
             start = time.perf_counter()
             samples = to_uint8(self._sampler(protocol)(params, labels, protocol.seed), protocol.uint8_convention)
             images = self.source.at_classifier_resolution(samples)
-            result = fd_fashion_cnn_metrics_of_features(self._reference_features,
-                                                    *classifier_outputs(self._classifier, images), labels)
+            result = fd_fashion_cnn_metrics_of_features(self._reference,
+                                                        *classifier_outputs(self._classifier, images), labels)
             details = {k: v for k, v in result.items() if k not in ("fd_fashioncnn", "feature_network")}
             details.update(self._floor)
             if self._keeps_samples(step, protocol):

@@ -14,7 +14,8 @@ Everything here works on numpy feature arrays and returns Python floats; the fea
   needs none.
 - `inception_score`: exp(E_x KL(p(y|x) || p(y))) per contiguous chunk of 5000 predictions, averaged over chunks.
 - `precision_recall`: k-nearest-neighbour manifolds (k=3) of Kynkaanniemi et al., distances in blocks, computed
-  in float16 first and again in float32 for any block with a non-finite value.
+  in float16 first and again in float32 for any block with a non-finite value; a reference's radii (`knn_radii`)
+  can be computed once and reused.
 """
 
 from __future__ import annotations
@@ -161,23 +162,26 @@ def _block_distances(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return distances.astype(np.float32)
 
 
-def _knn_radii(features: np.ndarray, k: int, block: int) -> np.ndarray:
-    """Squared distance from each point to its k-th nearest neighbour in its own set (itself at index 0)."""
+def knn_radii(features: np.ndarray, k: int = PRECISION_RECALL_K, block_size: int = DISTANCE_BLOCK) -> np.ndarray:
+    """Squared distance from each point [N, D] to its k-th nearest neighbour in its own set (itself at index 0):
+    the radii of `precision_recall`'s balls. A reference's radii cost N^2 distances, far more than the rest of
+    an evaluation: compute them once per reference and pass them as `precision_recall(real_radii=...)`."""
+    features = np.asarray(features, np.float32)
     radii = np.empty(features.shape[0], np.float32)
-    for start in range(0, features.shape[0], block):
-        rows = np.concatenate([_block_distances(features[start:start + block], features[col:col + block])
-                               for col in range(0, features.shape[0], block)], axis=1)
-        radii[start:start + block] = np.partition(rows, k, axis=1)[:, k]
+    for start in range(0, features.shape[0], block_size):
+        rows = np.concatenate([_block_distances(features[start:start + block_size], features[col:col + block_size])
+                               for col in range(0, features.shape[0], block_size)], axis=1)
+        radii[start:start + block_size] = np.partition(rows, k, axis=1)[:, k]
     return radii
 
 
 def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = PRECISION_RECALL_K,
-                     block_size: int = DISTANCE_BLOCK) -> tuple[float, float]:
+                     block_size: int = DISTANCE_BLOCK, real_radii: np.ndarray | None = None) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) as ADM computes them.
 
     Precision: the fraction of fake points inside the k-NN ball of some real point; recall: the fraction of
     real points inside the k-NN ball of some fake point (a point is inside when its squared distance is <= the
-    ball's squared radius)."""
+    ball's squared radius). `real_radii`: `knn_radii(real_features, k, block_size)`, computed here if not given."""
     real, fake = np.asarray(real_features, np.float32), np.asarray(fake_features, np.float32)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"expected two feature arrays [N, D] with the same D, got {real.shape} and {fake.shape}.")
@@ -187,7 +191,12 @@ def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: in
                              f"{features.shape[0]}.")
         if not np.isfinite(features).all():
             raise ValueError(f"{name} features contain NaN or Inf.")
-    real_radii, fake_radii = _knn_radii(real, k, block_size), _knn_radii(fake, k, block_size)
+    if real_radii is None:
+        real_radii = knn_radii(real, k, block_size)
+    elif np.shape(real_radii) != (real.shape[0],):
+        raise ValueError(f"real_radii has shape {np.shape(real_radii)}; expected one radius per real feature vector "
+                         f"({real.shape[0]},): pass knn_radii(real_features, k, block_size).")
+    fake_radii = knn_radii(fake, k, block_size)
     fake_inside = np.zeros(fake.shape[0], bool)
     real_inside = np.zeros(real.shape[0], bool)
     for r in range(0, real.shape[0], block_size):
