@@ -160,13 +160,14 @@ def run_cost(config, *, chip: str, chips: int, utilization: float, slices: int =
 # ----------------------------------------------------------------------------------------------------------------
 
 # Seconds per step = STEP_OVERHEAD_S + training FLOPs / TRAIN_FLOP_RATE; per evaluation, EVAL_OVERHEAD_S + forward
-# FLOPs of sampling and the held-out loss / EVAL_FLOP_RATE. Fitted to a study on one core each of the slowest CPU
-# seen (docs/benchmarks.md, "The miniature study"); the study rescales it by the runs that finish.
-STEP_OVERHEAD_S = 0.003
-TRAIN_FLOP_RATE = 50e9
-EVAL_FLOP_RATE = 22e9
-EVAL_OVERHEAD_S = 5.0
-RUN_OVERHEAD_S = 20.0  # start, compilation, checkpoints
+# FLOPs of sampling and the held-out loss / EVAL_FLOP_RATE. Fitted by least squares to the step times and evaluation
+# seconds of a default study, one run per core of a 2-core AMD EPYC (docs/benchmarks.md, "The miniature study");
+# the study rescales it by the runs that finish.
+STEP_OVERHEAD_S = 0.005
+TRAIN_FLOP_RATE = 51e9
+EVAL_FLOP_RATE = 53e9
+EVAL_OVERHEAD_S = 0.3
+RUN_OVERHEAD_S = 8.0  # start, compilation, checkpoints
 
 
 def predicted_seconds(config) -> float:
