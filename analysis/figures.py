@@ -419,16 +419,18 @@ def draw_fig10_sampling_compute(tradeoff: study.SamplingTradeoff) -> Figure:
     points, metric, step = tradeoff.points, tradeoff.metadata["metric"], tradeoff.metadata["step"]
     styles = run_styles(points)
 
-    fig = Figure(figsize=(7.0, 4.6), layout="constrained")
+    fig = Figure(figsize=(8.0, 4.8), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(tradeoff.frontier.grid["x"], tradeoff.frontier.grid["y"], color="0.35", linewidth=3.5, alpha=0.35,
             solid_capstyle="butt", label="frontier", zorder=1)
     plot_curves(ax, points, "sampling_gflops_per_image", styles)
-    # Step counts beside the points: all of them when few, else along the largest model's line only.
+    # Step counts beside the points: all of them when few, else along the largest model's line only, above and
+    # below in turn (a saturated line's points lie level, closer than their labels are wide).
     annotated = points if len(points) <= 8 else points[points["gflops"] == points["gflops"].max()]
-    for row in annotated.itertuples():
-        ax.annotate(f"{int(row.sampling_steps)} steps", (row.sampling_gflops_per_image, row.value), xytext=(5, 5),
-                    textcoords="offset points", fontsize=7.5, color="0.3")
+    annotated = annotated.sort_values("sampling_gflops_per_image")
+    for i, row in enumerate(annotated.itertuples()):
+        ax.annotate(f"{int(row.sampling_steps)} steps", (row.sampling_gflops_per_image, row.value),
+                    xytext=(5, 5 if i % 2 == 0 else -12), textcoords="offset points", fontsize=7.5, color="0.3")
     log_axis(ax, "x", points["sampling_gflops_per_image"], pad=1.5)
     shown = [*points["value"], *draw_floor(ax, points)]
     if max(shown) / min(shown) > 3:
@@ -436,7 +438,7 @@ def draw_fig10_sampling_compute(tradeoff: study.SamplingTradeoff) -> Figure:
     else:
         ax.margins(y=0.15)
     guided = points["guidance_scale"].fillna(1.0).iloc[0] != 1.0
-    ax.set_xlabel("Sampling compute (Gflops per image: forward Gflops × sampling steps"
+    ax.set_xlabel("Sampling compute, Gflops per image\n(forward Gflops × sampling steps"
                   + (" × 2 for guidance)" if guided else ")"))
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs sampling compute, {format_steps(step)} training steps")
