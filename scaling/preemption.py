@@ -61,6 +61,24 @@ def ignoring_interrupts():
         signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
+@contextlib.contextmanager
+def deferring_interrupts():
+    """Ctrl-C inside the block takes effect at its end (from the main thread; elsewhere signals cannot be set):
+    a KeyboardInterrupt inside a checkpoint's save would leave the checkpointer's threads mid-write, to hang the
+    run's ending or die at interpreter shutdown with a traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 class PreemptionNotice:
     """Whether a preemption notice has reached every host, asked at each step boundary (in the same order on
     every host). Use as a context manager around the loop: a single process's SIGTERM handler is installed on

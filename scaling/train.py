@@ -51,7 +51,7 @@ from scaling.devices import BATCH_AXES, make_mesh, measure_matmul_peak, param_sh
 from scaling.evaluation.in_training import build_evaluator, pending_protocols
 from scaling.host import return_freed_memory_if_large
 from scaling.lease import RunLease, WorkdirHeld
-from scaling.preemption import Interrupted, Preempted, PreemptionNotice, ignoring_interrupts
+from scaling.preemption import Interrupted, Preempted, PreemptionNotice, deferring_interrupts, ignoring_interrupts
 from scaling.train_step import init_state, make_multi_step, make_optimizer, make_train_step, state_bytes
 
 log = logging.getLogger("dit_scaling.train")
@@ -482,7 +482,7 @@ def _save(run: _Run, step: int, state: dict, wall_time: float) -> None:
     outlive them)."""
     if run.primary:
         schema.sync_records(run.workdir)
-    with checkpoints.writing(run.checkpoints, run.checkpoint_bytes):
+    with deferring_interrupts(), checkpoints.writing(run.checkpoints, run.checkpoint_bytes):
         checkpoints.save(run.checkpoints, step, state, run.iterator.get_state(), wall_time)
 
 

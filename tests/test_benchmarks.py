@@ -1,6 +1,7 @@
 """The benchmark scripts: the facts they compare against, and the GPU script's code path at toy sizes."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 
 from scaling.benchmarks.compare import other_load
 from scaling.benchmarks.gpu import published_peak
+from scaling.benchmarks.study_seeds import seed_row
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,3 +45,21 @@ def test_the_gpu_script_runs_end_to_end_at_toy_sizes():
     no_gpu = subprocess.run([sys.executable, "-m", "scaling.benchmarks.gpu"], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert no_gpu.returncode != 0 and "No GPU here" in no_gpu.stderr
+
+
+def test_the_seeds_benchmark_reports_what_the_study_report_states():
+    """Its row for the committed study: the numbers the study's report writes in words."""
+    study = REPO / "runs" / "fmnist-default"
+    report = (study / "report.md").read_text()
+    row = seed_row(study, 0, None)
+    right, total = (int(n) for n in row["pairs"].split("/"))
+    assert f"Pearson r(log Gflops, log FD-FashionCNN-250) = {row['pearson_r']:.3f}" in report
+    assert f"{right} of {total} adjacent pairs in the right order" in report
+    assert f"{row['pairs_resolved']} of them resolved beyond the noise" in report
+    assert f"{row['floor_ratio']:.1f} times the floor" in report
+    frontier = next(line for line in report.splitlines() if "The training-compute frontier is owned" in line)
+    assert row["frontier"].split(" > ") == [o.removeprefix("DiT-") for o in re.findall(r"(DiT-\w+-\d) \(", frontier)]
+    assert "Larger models are more compute-efficient: holds" in report and "not ever larger" not in row["frontier"]
+    for pair in row["class_accuracy"].split(", "):
+        model, accuracy = pair.split()
+        assert f"DiT-{model} {accuracy} (unguided" in report  # guided, the Fig. 7 setting

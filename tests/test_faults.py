@@ -17,7 +17,7 @@ from run_helpers import REPO, TINY, cli, smoke
 from analysis import schema, storage
 from analysis.schema import read_jsonl as read_records
 from scaling.cli import main
-from scaling.preemption import INTERRUPTED_EXIT_CODE
+from scaling.preemption import INTERRUPTED_EXIT_CODE, deferring_interrupts
 
 QUICK = [f"--config.{o}" for o in TINY]
 
@@ -313,3 +313,14 @@ def test_status_names_a_running_run_whose_process_was_killed_outright(tmp_path, 
     assert main(["status", str(run)]) == 0
     out = capsys.readouterr().out
     assert "running" in out and "its process is gone (killed outright); the same command resumes it" in out
+
+
+def test_ctrl_c_during_a_checkpoint_save_takes_effect_after_it():
+    finished, before = [], signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with deferring_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler has run by now: without deferring, KeyboardInterrupt is raised here
+            finished.append(True)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is before

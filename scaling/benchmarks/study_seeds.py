@@ -25,8 +25,9 @@ from analysis.cli import print_table
 from scaling.study import default_workdir
 
 
-def seed_row(preset: str, seed: int, seconds: float | None) -> dict:
-    records = records_lib.load(default_workdir(preset, seed))
+def seed_row(workdir, seed: int, seconds: float | None) -> dict:
+    """The printed row of one seed's finished study in `workdir`."""
+    records = records_lib.load(workdir)
     found = analyze(records).findings.get()
     numbers = found.numbers
     accuracy = numbers.get("guided_class_accuracy") or numbers.get("class_accuracy") or {}
@@ -37,8 +38,8 @@ def seed_row(preset: str, seed: int, seconds: float | None) -> dict:
             "frontier": " > ".join(o.removeprefix("DiT-") for o in numbers["frontier_owners"])
             + ("" if numbers["frontier_growing"] else " (not ever larger)"),
             "class_accuracy": ", ".join(f"{m.removeprefix('DiT-')} {a:.2f}" for m, a in accuracy.items()),
-            "proxy_rank_r": found.numbers.get("proxy_rank_r"),
-            "proxy_error": found.numbers.get("proxy_typical_error"),
+            "proxy_rank_r": numbers.get("proxy_rank_r"),
+            "proxy_error": numbers.get("proxy_typical_error"),
             "minutes": None if seconds is None else seconds / 60}
 
 
@@ -54,7 +55,7 @@ def main() -> int:
         if subprocess.run(command).returncode != 0:
             print(f"seed {seed}: the study failed; see its output above", file=sys.stderr)
             return 1
-        rows.append(seed_row(args.preset, seed, time.perf_counter() - start))
+        rows.append(seed_row(default_workdir(args.preset, seed), seed, time.perf_counter() - start))
     print()
     print_table(rows, [("seed", "seed"), ("pearson_r", "r(log Gflops, log FD)"), ("pairs", "pairs ordered"),
                        ("pairs_resolved", "of them resolved"), ("floor_ratio", "best / floor"),
