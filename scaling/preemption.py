@@ -79,6 +79,33 @@ def deferring_interrupts():
         raise KeyboardInterrupt
 
 
+class InterruptNotice:
+    """Ctrl-C asked at each step boundary: the first one is noted and stops the run at the next boundary (no thread
+    of the checkpointer or the lease is cut mid-write), a second one at once. Use as a context manager around the
+    run (the main thread's SIGINT handler is installed on entry, the previous one restored on exit)."""
+
+    def __init__(self):
+        self.requested = False
+        self._installed, self._previous_handler = False, None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> InterruptNotice:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler if self._previous_handler is None
+                          else self._previous_handler)
+            self._installed = False
+
+
 class PreemptionNotice:
     """Whether a preemption notice has reached every host, asked at each step boundary (in the same order on
     every host). Use as a context manager around the loop: a single process's SIGTERM handler is installed on

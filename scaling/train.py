@@ -51,7 +51,14 @@ from scaling.devices import BATCH_AXES, make_mesh, measure_matmul_peak, param_sh
 from scaling.evaluation.in_training import build_evaluator, pending_protocols
 from scaling.host import return_freed_memory_if_large
 from scaling.lease import RunLease, WorkdirHeld
-from scaling.preemption import Interrupted, Preempted, PreemptionNotice, deferring_interrupts, ignoring_interrupts
+from scaling.preemption import (
+    Interrupted,
+    InterruptNotice,
+    Preempted,
+    PreemptionNotice,
+    deferring_interrupts,
+    ignoring_interrupts,
+)
 from scaling.train_step import init_state, make_multi_step, make_optimizer, make_train_step, state_bytes
 
 log = logging.getLogger("dit_scaling.train")
@@ -524,17 +531,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunR
     config_lib.validate(config)
     workdir = epath.Path(workdir)
     # The notice from the start: one during compilation stops the run at its first boundary.
-    with RunLease(workdir) as lease, PreemptionNotice() as notice:
-        return _train(config, workdir, lease, notice)
+    with RunLease(workdir) as lease, PreemptionNotice() as notice, InterruptNotice() as interrupt:
+        return _train(config, workdir, lease, notice, interrupt)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, lease: RunLease,
-           notice: PreemptionNotice) -> RunResult:
+           notice: PreemptionNotice, interrupt: InterruptNotice) -> RunResult:
     """Prepare the run, train it, and record how it ended whichever way it did."""
     run = _prepare(config, workdir)
     steps = _StepLog(run)
     try:
-        _loop(run, steps, lease, notice)
+        _loop(run, steps, lease, notice, interrupt)
     except (Preempted, TrainingDiverged, WorkdirHeld):
         raise  # recorded where raised (a run whose lease was taken over leaves the manifest to the new holder)
     except KeyboardInterrupt:
@@ -551,7 +558,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, lease: RunLea
     return RunResult(workdir=run.workdir, step=run.total_steps, status="finished", final_loss=steps.final_loss)
 
 
-def _loop(run: _Run, steps: _StepLog, lease: RunLease, notice: PreemptionNotice) -> None:
+def _loop(run: _Run, steps: _StepLog, lease: RunLease, notice: PreemptionNotice, interrupt: InterruptNotice) -> None:
     if run.is_eval_step(run.start_step):  # a run stopped during the evaluation that follows its checkpoint
         _evaluate(run, run.start_step)
     # (first step, steps, metrics) of the call dispatched last: fetched after the next dispatch, so the host never
@@ -562,6 +569,9 @@ def _loop(run: _Run, steps: _StepLog, lease: RunLease, notice: PreemptionNotice)
         if pending is not None:
             steps.handle_call(*pending)
         pending, step = (step, n, metrics), step + n
+        if interrupt.requested:
+            steps.handle_call(*pending)
+            raise KeyboardInterrupt
         preempted = notice.reached()  # at every boundary, on every host alike
         if run.is_checkpoint_step(step) or preempted:
             steps.handle_call(*pending)
