@@ -48,33 +48,35 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def ignoring_interrupts():
-    """Ctrl-C ignored inside the block (from the main thread; elsewhere signals cannot be set), so that a second
-    one does not cut short the recording of how the run ended."""
+def handling_signal(signum: int, handler):
+    """`handler` for `signum` inside the block, the previous handler restored after it. Only the main thread can
+    set signal handlers: elsewhere the block runs under the handler it has."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+        # None: the previous handler was not set from Python, i.e. the interpreter's own (SIGINT) or the default.
+        default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, default if previous is None else previous)
+
+
+def ignoring_interrupts():
+    """Ctrl-C ignored inside the block, so that a second one does not cut short the recording of how the run
+    ended."""
+    return handling_signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
 def deferring_interrupts():
-    """Ctrl-C inside the block takes effect at its end (from the main thread; elsewhere signals cannot be set):
-    a KeyboardInterrupt inside a checkpoint's save would leave the checkpointer's threads mid-write, to hang the
-    run's ending or die at interpreter shutdown with a traceback."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    """Ctrl-C inside the block takes effect at its end: a KeyboardInterrupt inside a checkpoint's save would leave
+    the checkpointer's threads mid-write, to hang the run's ending or die at interpreter shutdown with a
+    traceback."""
     received = []
-    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
-    try:
+    with handling_signal(signal.SIGINT, lambda *_: received.append(True)):
         yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
     if received:
         raise KeyboardInterrupt
 
@@ -86,7 +88,7 @@ class InterruptNotice:
 
     def __init__(self):
         self.requested = False
-        self._installed, self._previous_handler = False, None
+        self._handlers = contextlib.ExitStack()
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
@@ -94,16 +96,11 @@ class InterruptNotice:
         self.requested = True
 
     def __enter__(self) -> InterruptNotice:
-        if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+        self._handlers.enter_context(handling_signal(signal.SIGINT, self._handle))
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, signal.default_int_handler if self._previous_handler is None
-                          else self._previous_handler)
-            self._installed = False
+        self._handlers.close()
 
 
 class PreemptionNotice:
@@ -115,18 +112,15 @@ class PreemptionNotice:
         self._hosts = jax.process_count() > 1
         self._boundary = 0
         self._received = threading.Event()
-        self._installed, self._previous_handler = False, None
+        self._handlers = contextlib.ExitStack()
 
     def __enter__(self) -> PreemptionNotice:
-        if not self._hosts and threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGTERM, lambda *_: self._received.set())
-            self._installed = True
+        if not self._hosts:  # on several hosts, jax.distributed's handler spreads the notice
+            self._handlers.enter_context(handling_signal(signal.SIGTERM, lambda *_: self._received.set()))
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._installed:  # None: the handler was not set from Python, i.e. the default
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous_handler is None else self._previous_handler)
-            self._installed = False
+        self._handlers.close()
 
     def reached(self) -> bool:
         """True at the boundary where every host stops; call at every boundary."""

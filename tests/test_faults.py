@@ -17,7 +17,7 @@ from run_helpers import REPO, TINY, cli, smoke
 from analysis import schema, storage
 from analysis.schema import read_jsonl as read_records
 from scaling.cli import main
-from scaling.preemption import INTERRUPTED_EXIT_CODE, deferring_interrupts
+from scaling.preemption import INTERRUPTED_EXIT_CODE, InterruptNotice, deferring_interrupts, ignoring_interrupts
 
 QUICK = [f"--config.{o}" for o in TINY]
 
@@ -323,4 +323,19 @@ def test_ctrl_c_during_a_checkpoint_save_takes_effect_after_it():
             time.sleep(0.05)  # the handler has run by now: without deferring, KeyboardInterrupt is raised here
             finished.append(True)
     assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_first_ctrl_c_is_noted_a_second_stops_at_once_and_the_handlers_are_restored():
+    before = signal.getsignal(signal.SIGINT)
+    with InterruptNotice() as interrupt:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert interrupt.requested  # noted, nothing raised: the run stops at its next step boundary
+        with ignoring_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
     assert signal.getsignal(signal.SIGINT) is before

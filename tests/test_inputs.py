@@ -245,10 +245,10 @@ def test_an_unknown_name_suggests_the_closest(config):
 
 def test_overrides_parse_each_type(config):
     for override in ("eval.sampling_steps=8,16", "eval.final_sampling_steps=32", "train.steps=1e3",
-                     "train.learning_rate=2e-3", "data.flip=no", "model.dtype=float32"):
+                     "train.learning_rate=2e-3", "data.flip=yes", "model.dtype=float32"):
         apply_override(config, override)
     assert tuple(config.eval.sampling_steps) == (8, 16) and tuple(config.eval.final_sampling_steps) == (32,)
-    assert (config.train.steps, config.train.learning_rate, config.data.flip) == (1000, 2e-3, False)
+    assert (config.train.steps, config.train.learning_rate, config.data.flip) == (1000, 2e-3, True)
     assert config.model.dtype == "float32"
     apply_override(config, "eval.final_sampling_steps=")
     assert tuple(config.eval.final_sampling_steps) == ()

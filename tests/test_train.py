@@ -28,9 +28,9 @@ from scaling.train import TrainingDiverged, train
 
 
 def test_config_overrides_are_typed_and_checked():
-    config = load_config("fmnist:B/4,smoke", ["train.steps=7", "train.learning_rate=3e-4", "data.flip=false",
+    config = load_config("fmnist:B/4,smoke", ["train.steps=7", "train.learning_rate=3e-4", "data.flip=true",
                                               "model.dtype=bfloat16"])
-    assert (config.train.steps, config.train.learning_rate, config.data.flip) == (7, 3e-4, False)
+    assert (config.train.steps, config.train.learning_rate, config.data.flip) == (7, 3e-4, True)
     assert config.model.hidden_size == 48 and config.model.name == "B/4"
     with pytest.raises(ValueError, match="no field 'train.stepz'"):
         apply_override(config, "train.stepz=3")
