@@ -196,8 +196,11 @@ def _floor_finding(final: pd.DataFrame, metric: str, numbers: dict) -> Finding:
 
 
 def _sampling_finding(sampling, metric: str, noise, numbers: dict) -> Finding:
-    """From the Analysis's Fitted sampling trade-off: the paper's comparison, and whether the best config's metric
-    has stopped changing (beyond the noise) between the two largest step counts."""
+    """From the Analysis's Fitted sampling trade-off: the paper's comparison (a smaller model sampled with more steps
+    against a larger one with fewer, at no more sampling compute), made where sampling has saturated: at the step
+    counts from which the best config's metric stays within the noise of its value at the largest count. A larger
+    model sampled with fewer steps than that is far from what it can do (the paper's Fig. 10 runs to 1000 steps);
+    cases there are named beside the verdict. Without a noise estimate every count counts."""
     name = "More sampling steps do not make up for less model compute"
     if not sampling.ok:
         return Finding(name, None, sampling.reason)
@@ -205,32 +208,45 @@ def _sampling_finding(sampling, metric: str, noise, numbers: dict) -> Finding:
     beats = tradeoff.smaller_beats_larger
     cheap = beats[beats["at_most_the_compute"].astype(bool)] if len(beats) else beats
     numbers.update(smaller_beats_larger_at_no_more_compute=len(cheap))
-    saturation = ""
-    if noise is not None:
-        if len(cheap):
-            resolved = noise.resolved(cheap["value_smaller"], cheap["value_larger"])
-            numbers.update(smaller_beats_larger_resolved=int(resolved.sum()))
-            saturation += f" {int(resolved.sum())} of those case(s) beyond the noise."
-        saturation += " " + _saturation_text(tradeoff.points, noise, numbers)
+    counts = tradeoff.saturated_counts(noise.resolved) if noise is not None else []
+    at_saturation = cheap[cheap["sampling_steps_larger"] >= min(counts)] if len(counts) >= 2 else cheap
+    where = ""
+    if len(counts) >= 2:
+        numbers.update(smaller_beats_larger_at_saturation=len(at_saturation))
+        where = (f" (the larger one sampled with {' or '.join(f'{c:g}' for c in counts)} steps, where sampling has "
+                 "saturated)")
     pairs_evaluated = tradeoff.points.groupby(["run", "sampling_steps"]).ngroups
     # Fig. 10 takes another metric when the sample metric was evaluated with one sampling-step count only.
     of_metric = "" if tradeoff.metadata["metric"] == metric else f" of {tradeoff.metadata['metric']}"
-    return Finding(
-        name, len(cheap) == 0,
-        f"over {pairs_evaluated} (model, sampling steps) pairs{of_metric} at step {tradeoff.metadata['step']}, "
-        + (f"{len(cheap)} case(s) of a smaller model sampled with more steps beating a larger one at no more "
-           "sampling compute" + (": " + ", ".join(
-               f"{c.model_smaller}@{c.sampling_steps_smaller:g} {c.value_smaller:.1f} vs "
-               f"{c.model_larger}@{c.sampling_steps_larger:g} {c.value_larger:.1f}"
-               for c in cheap.head(3).itertuples()) if len(cheap) else "")
-           if len(cheap) else "no smaller model sampled with more steps beats a larger one at no more "
-           "sampling compute") + " (Fig. 10)." + saturation)
+    text = (f"over {pairs_evaluated} (model, sampling steps) pairs{of_metric} at step {tradeoff.metadata['step']}, "
+            + (f"{len(at_saturation)} case(s) of a smaller model sampled with more steps beating a larger one at no "
+               f"more sampling compute{where}: {_cases(at_saturation)}" if len(at_saturation) else
+               f"no smaller model sampled with more steps beats a larger one at no more sampling compute{where}")
+            + " (Fig. 10).")
+    if noise is not None:
+        if len(at_saturation):
+            resolved = noise.resolved(at_saturation["value_smaller"], at_saturation["value_larger"])
+            numbers.update(smaller_beats_larger_resolved=int(resolved.sum()))
+            text += f" {int(resolved.sum())} of those case(s) beyond the noise."
+        text += " " + _saturation_text(tradeoff, noise, numbers)
+        unsaturated = cheap[cheap["sampling_steps_larger"] < min(counts)] if len(counts) >= 2 else cheap.iloc[:0]
+        if len(unsaturated):
+            text += (f" Against a larger model sampled with fewer steps, far from its saturation, "
+                     f"{len(unsaturated)} case(s): {_cases(unsaturated)}.")
+    return Finding(name, len(at_saturation) == 0, text)
 
 
-def _saturation_text(points: pd.DataFrame, noise, numbers: dict) -> str:
+def _cases(cases: pd.DataFrame, shown: int = 3) -> str:
+    listed = ", ".join(f"{c.model_smaller}@{c.sampling_steps_smaller:g} {c.value_smaller:.1f} vs "
+                       f"{c.model_larger}@{c.sampling_steps_larger:g} {c.value_larger:.1f}"
+                       for c in cases.head(shown).itertuples())
+    return listed + (f" and {len(cases) - shown} more" if len(cases) > shown else "")
+
+
+def _saturation_text(tradeoff, noise, numbers: dict) -> str:
     """Whether the best config (most Gflops) has saturated in sampling steps: its metric at the two largest step
     counts within the noise."""
-    largest = points[points["gflops"] == points["gflops"].max()].sort_values("sampling_steps")
+    largest = tradeoff.best_config_by_steps()
     if len(largest) < 2:
         return ""
     (steps_a, value_a), (steps_b, value_b) = largest[["sampling_steps", "value"]].tail(2).itertuples(index=False)

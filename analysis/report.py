@@ -227,10 +227,11 @@ def _isoflop_section(analysis: Analysis) -> list[str]:
 SAMPLING_EXAMPLES = 3  # cases of a smaller model beating a larger one that the report spells out
 
 
-def _sampling_lines(tradeoff) -> list[str]:
+def _sampling_lines(tradeoff, saturated: list[float]) -> list[str]:
     """The report's answer to the paper's sampling question from `study.sampling_tradeoff`: the best (model,
     sampling steps) pair in each range of sampling compute, and whether a smaller model sampled with more steps
-    beats a larger one sampled with fewer (at no more sampling compute). Reads only the `pair`, `winners` and
+    beats a larger one sampled with fewer (at no more sampling compute), told apart where the larger one was
+    sampled below the `saturated` step counts (none: every count counts). Reads only the `pair`, `winners` and
     `smaller_beats_larger` columns, whatever names the pairs carry (models or runs)."""
     metadata = tradeoff.metadata
     n_pairs = tradeoff.points.groupby(["run", "sampling_steps"]).ngroups
@@ -248,10 +249,19 @@ def _sampling_lines(tradeoff) -> list[str]:
                   f"scores better ({metadata['metric']}, lower is better) than a larger model sampled with fewer.",
                   ""]
         return lines
+    below = beats["sampling_steps_larger"] < (min(saturated) if len(saturated) >= 2 else 0)
     cheap = beats[beats["at_most_the_compute"].astype(bool)]
-    if len(cheap):
+    cheap_saturated = cheap[~below[cheap.index]]
+    counts = " or ".join(f"{c:g}" for c in saturated)
+    if len(cheap_saturated):
         answer = (f"Yes: in {len(beats)} case(s) a smaller model sampled with more steps beats a larger model "
-                  f"sampled with fewer, {len(cheap)} of them at no more sampling compute per image")
+                  f"sampled with fewer, {len(cheap_saturated)} of them at no more sampling compute per image"
+                  + (f" with the larger one sampled with {counts} steps, where sampling has saturated"
+                     if len(saturated) >= 2 else ""))
+    elif len(cheap):
+        answer = (f"Not where sampling has saturated: no smaller model sampled with more steps beats a larger one "
+                  f"sampled with {counts} steps at no more sampling compute per image; {len(cheap)} case(s) do "
+                  "against a larger model sampled with fewer steps, far from what it reaches with more")
     else:
         answer = (f"Only with more sampling compute: in {len(beats)} case(s) a smaller model sampled with more steps "
                   "beats a larger model sampled with fewer, but never at no more sampling compute per image")
@@ -263,9 +273,18 @@ def _sampling_lines(tradeoff) -> list[str]:
     for row in examples.itertuples():
         lines.append(f"- {row.model_smaller} with {row.sampling_steps_smaller:g} steps ({row.value_smaller:.2f}) "
                      f"beats {row.model_larger} with {row.sampling_steps_larger:g} steps ({row.value_larger:.2f})"
-                     + ("" if row.at_most_the_compute else ", with more sampling compute") + ".")
+                     + ("" if row.at_most_the_compute else ", with more sampling compute")
+                     + (", below saturation" if below[row.Index] else "") + ".")
     lines.append("")
     return lines
+
+
+def _sampling_section(analysis: Analysis) -> list[str]:
+    """Fig. 10's section: the trade-off, with the step counts where sampling has saturated when the noise is known."""
+    def lines(tradeoff) -> list[str]:
+        saturated = tradeoff.saturated_counts(analysis.noise.value.resolved) if analysis.noise.ok else []
+        return _sampling_lines(tradeoff, saturated)
+    return _section("Sampling compute (Fig. 10)", lines, "sampling")(analysis)
 
 
 def _isoflop_lines(analysis) -> list[str]:
@@ -314,7 +333,7 @@ SECTIONS: dict[str, Callable[[Analysis], list[str]]] = {
     "findings": _findings_lines,
     "model_compute": _section("Model compute (Fig. 8)", _model_compute_lines, "model_compute"),
     "training_compute": _section("Training compute (Fig. 9)", _training_compute_lines, "training_compute"),
-    "sampling": _section("Sampling compute (Fig. 10)", _sampling_lines, "sampling"),
+    "sampling": _sampling_section,
     "isoflop": _isoflop_section,
     "loss_proxy": _section("The held-out loss as a predictor", _proxy_lines, "loss_proxy"),
 }

@@ -11,6 +11,7 @@ Each question also accepts points already selected (a DataFrame of one metric an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -267,6 +268,22 @@ class SamplingTradeoff:
     def sampling_compensates(self) -> bool:
         """Whether some smaller model with more steps beats a larger one with fewer, at no more sampling compute."""
         return bool(self.smaller_beats_larger["at_most_the_compute"].any()) if len(self.smaller_beats_larger) else False
+
+    def best_config_by_steps(self) -> pd.DataFrame:
+        """The best config's (most Gflops) points, by sampling-step count."""
+        return self.points[self.points["gflops"] == self.points["gflops"].max()].sort_values("sampling_steps")
+
+    def saturated_counts(self, resolved: Callable) -> list[float]:
+        """The sampling-step counts, from the largest down, at which the best config scores within the noise of
+        its value at the largest count (`resolved(a, b)`: whether two values differ beyond the noise): where
+        sampling has saturated, and the paper's comparison is made."""
+        best = self.best_config_by_steps()
+        final, counts = best["value"].iloc[-1], []
+        for steps, value in zip(best["sampling_steps"][::-1], best["value"][::-1], strict=True):
+            if resolved(value, final):
+                break
+            counts.insert(0, float(steps))
+        return counts
 
 
 def _sampling_points(records, step, metric, where) -> pd.DataFrame:

@@ -461,21 +461,31 @@ def _tradeoff(winners: list[tuple], beats: list[tuple]) -> SimpleNamespace:
 
 
 def test_the_sampling_section_reads_pairs_of_any_name():
-    text = "\n".join(report._sampling_lines(_tradeoff([("run-a @ 10", 1.0, 5.0), ("run-b @ 50", 5.0, 40.0)], [])))
+    text = "\n".join(report._sampling_lines(_tradeoff([("run-a @ 10", 1.0, 5.0), ("run-b @ 50", 5.0, 40.0)], []), []))
     assert "4 (model, sampling steps) pairs" in text and "at 400K training steps" in text
     assert "- run-a @ 10: 1 to 5\n- run-b @ 50: 5 to 40" in text
     assert "No: no smaller model sampled with more steps" in text
 
     costly = [("DiT-S/2", 50, 20.0, "DiT-B/2", 10, 21.0, False)]
-    text = "\n".join(report._sampling_lines(_tradeoff([("run-b @ 50", 1.0, 40.0)], costly)))
+    text = "\n".join(report._sampling_lines(_tradeoff([("run-b @ 50", 1.0, 40.0)], costly), []))
     assert "Only with more sampling compute: in 1 case(s)" in text
     assert "- DiT-S/2 with 50 steps (20.00) beats DiT-B/2 with 10 steps (21.00), with more sampling compute." in text
 
     cheap = [*costly, ("DiT-S/4", 25, 18.0, "DiT-B/2", 10, 21.0, True)]
-    text = "\n".join(report._sampling_lines(_tradeoff([("run-b @ 50", 1.0, 40.0)], cheap)))
+    text = "\n".join(report._sampling_lines(_tradeoff([("run-b @ 50", 1.0, 40.0)], cheap), []))
     assert "Yes: in 2 case(s)" in text and "1 of them at no more sampling compute" in text
     assert "- DiT-S/4 with 25 steps (18.00) beats DiT-B/2 with 10 steps (21.00)." in text
     assert "DiT-S/2 with 50" not in text  # the examples are those at no more compute
+
+    # Sampling saturated from 25 steps on: DiT-B/2 with 10 steps was sampled below it.
+    text = "\n".join(report._sampling_lines(_tradeoff([("run-b @ 50", 1.0, 40.0)], cheap), [25.0, 50.0]))
+    assert ("Not where sampling has saturated: no smaller model sampled with more steps beats a larger one sampled "
+            "with 25 or 50 steps at no more sampling compute per image; 1 case(s) do") in text
+    assert "- DiT-S/4 with 25 steps (18.00) beats DiT-B/2 with 10 steps (21.00), below saturation." in text
+    saturated_case = [*cheap, ("DiT-S/8", 50, 17.0, "DiT-B/4", 25, 19.0, True)]
+    text = "\n".join(report._sampling_lines(_tradeoff([("run-b @ 50", 1.0, 40.0)], saturated_case), [25.0, 50.0]))
+    assert ("Yes: in 3 case(s) a smaller model sampled with more steps beats a larger model sampled with fewer, 1 of "
+            "them at no more sampling compute per image with the larger one sampled with 25 or 50 steps") in text
 
 
 def test_fig10_points_at_a_metric_that_varies_sampling_steps_when_study_refuses(paper, monkeypatch):

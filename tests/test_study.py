@@ -134,6 +134,26 @@ def test_noise_from_a_second_seed_resolves_pairs_and_guided_accuracy_is_reported
     assert "saturated" in next(f for f in result.findings if f.name.startswith("More sampling")).text
 
 
+def test_fig10_compares_where_sampling_has_saturated_and_names_the_cases_below_it(tmp_path):
+    def saturating(gflops, step, sampling_steps):  # no better beyond 16 steps; 3 and 7 times worse at 8 and 4
+        far = 1.0 if sampling_steps is None or sampling_steps >= 16 else 1 + 2 * (16 / sampling_steps - 1)
+        return paper_like(gflops, step, None) * far
+
+    result = analyze(records.load(write_study(tmp_path, saturating, final_sampling=(4, 8, 32),
+                                              noise_of=lambda g: 0.002 * (-1) ** int(g * 1e6)))).findings.get()
+    sampling = next(f for f in result.findings if f.name.startswith("More sampling"))
+    assert sampling.holds is True and "sampled with 16 or 32 steps, where sampling has saturated" in sampling.text
+    # Brute force: a smaller model with more steps beating a larger one at no more sampling compute happens only
+    # against the larger one at 4 or 8 steps.
+    gflops = sorted(GFLOPS[s] * (8 // p) ** 2 / 1000 for s, p in map(parse_model_name, PAPER_MODELS))
+    cases = [(g, k, h, j) for g in gflops for h in gflops for k in (4, 8, 16, 32) for j in (4, 8, 16, 32)
+             if g < h and k > j and g * k <= h * j and saturating(g, 2000, k) < saturating(h, 2000, j)]
+    assert cases and all(j < 16 for *_, j in cases)
+    assert result.numbers["smaller_beats_larger_at_no_more_compute"] == len(cases)
+    assert result.numbers["smaller_beats_larger_at_saturation"] == 0
+    assert f"far from its saturation, {len(cases)} case(s)" in sampling.text
+
+
 def test_the_floor_finding_names_the_best_run_and_its_ratio():
     import pandas as pd
 
