@@ -43,9 +43,9 @@ RESOLUTION = 16
 #   larger one sampled so far below saturation, which is not the paper's comparison), with noise seed 1 (the
 #   evaluation's noise, beside every comparison) and with guidance 4 (Fig. 7's setting, its class accuracy); the
 #   held-out loss on 200 test images at 4 timesteps every 125 steps, so each sample evaluation has it beside it (the
-#   loss -> FD pairs) and each config's curve spans 12x in compute (the isoFLOP profiles). 2000 steps cost a fifth
-#   more time for no better class conditioning (guided class accuracy L/2 0.68, XL/2 0.66, against 0.67 and 0.71 at
-#   1500). Evaluation batches of 50 run sampling and the held-out loss at about 0.7 of training's rate per forward
+#   loss -> FD pairs) and each config's curve spans 12x in compute (the isoFLOP profiles). 2000 steps (then with
+#   flips) cost a fifth more time for no better class conditioning (guided class accuracy L/2 0.68, XL/2 0.66,
+#   against 0.67 and 0.71 at 1500). Evaluation batches of 50 run sampling and the held-out loss at about 0.7 of training's rate per forward
 #   pass; 250 at 0.5 to 0.7.
 # - 250 samples per evaluation: FD-FashionCNN's bias at 250 samples is the same for every config, so orderings
 #   and fits hold; the floor is measured at the same N.
