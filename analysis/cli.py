@@ -317,6 +317,42 @@ def cmd_isoflop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_law(args: argparse.Namespace) -> int:
+    from analysis.isoflop import isoflop_analysis
+    from analysis.law import PARAMETERS, SIZES, law
+
+    records = _load_records(args.sources)
+    where = _where(args.where)
+    fit = law(records, metric=args.metric, size=args.size, n_bootstrap=args.bootstrap,
+              confidence=args.confidence, **where)
+    isoflop = isoflop_analysis(records, metric=fit.metric, size=args.size, confidence=args.confidence, **where)
+    isoflop_a = isoflop.size_law.summary() if isoflop.size_law else None
+    if args.json:
+        print(_dumps({**fit.summary(), "isoflop_a": isoflop_a and isoflop_a["exponent"],
+                      "isoflop_a_interval": isoflop_a and isoflop_a["exponent_ci"]}))
+        return 0
+    level = f"{fit.confidence:.0%}"
+
+    def row(name: str) -> tuple[str, str]:
+        lo, hi = fit.intervals[name]
+        return name, f"{fit.values[name]:.4g}  [{lo:.4g}, {hi:.4g}]"
+
+    rows = [("law", f"{fit.metric} = E + A / N^alpha + B / D^beta  (N: {SIZES[fit.size]}, D: images seen)"),
+            *(row(name) for name in PARAMETERS),
+            (*row("a")[:1], row("a")[1] + "  (N_opt ~ C^a)"), (*row("b")[:1], row("b")[1] + "  (D_opt ~ C^b)"),
+            ("isoFLOP a", f"{isoflop_a['exponent']:.3g}  [{isoflop_a['exponent_ci'][0]:.3g}, "
+                          f"{isoflop_a['exponent_ci'][1]:.3g}]  (approach 2)" if isoflop_a
+                          else f"none: {isoflop.note}"),
+            ("points", f"{fit.n_points} (run, step) points of {fit.n_runs} runs; {level} intervals from "
+                       f"{fit.n_bootstrap} bootstrap fits over runs"),
+            ("fit", "; ".join(fit.flags()) or "converged, no parameter at a bound"),
+            ("held out", f"median error {fit.held_out_error:.1%} on {', '.join(fit.held_out_runs)}, fitted "
+                         "without them" if fit.held_out_error is not None else "too few runs to leave any out")]
+    _print_pairs(rows)
+    _print_notes(fit.metadata["notes"])
+    return 0
+
+
 def _short(value: float) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.3g}"
 
@@ -462,6 +498,26 @@ def add_commands(commands) -> None:
     isoflop.add_argument("--confidence", type=confidence_level, default=0.95, help="of the intervals, in (0, 1)")
     add_records_arguments(isoflop)
     isoflop.set_defaults(handler=cmd_isoflop)
+
+    law_parser = commands.add_parser(
+        "law", help="The parametric law L(N, D) = E + A / N^alpha + B / D^beta over every (run, step) point "
+                    "(Chinchilla's approach 3), with bootstrap intervals and the compute-optimal exponents.",
+        description="Fits the law in log space (Huber loss, L-BFGS-B from a grid of starts) to the points of one "
+                    "metric and protocol, N the model size (forward Gflops per image, or parameters), D the images "
+                    "seen; intervals from a bootstrap over runs; the isoFLOP estimate of a beside it; the error of "
+                    "the law fitted without the largest runs, on them.")
+    law_parser.add_argument("sources", type=epath.Path, nargs="*", metavar="SOURCE",
+                            help="records: runs directories, runs, .jsonl or .csv files (default: runs/paper)")
+    law_parser.add_argument("--metric", help="metric to fit (default: the sample metric with the most points)")
+    law_parser.add_argument("--size", default="gflops", choices=("gflops", "params"), help="what N is")
+    law_parser.add_argument("--where", type=where_condition, action="append", metavar="COLUMN=VALUE",
+                            help="keep the records with COLUMN == VALUE")
+    law_parser.add_argument("--bootstrap", type=number(int, at_least=0), default=200,
+                            help="bootstrap fits over runs for the intervals")
+    law_parser.add_argument("--confidence", type=confidence_level, default=0.95, help="of the intervals, in (0, 1)")
+    law_parser.add_argument("--json", action="store_true",
+                            help="one object: E, A, B, alpha, beta, a, b and their intervals, and more")
+    law_parser.set_defaults(handler=cmd_law)
 
     proxy = commands.add_parser(
         "loss-proxy", help="The held-out loss as a predictor of a sample metric: fitted forms, their "
