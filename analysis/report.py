@@ -227,11 +227,12 @@ def _isoflop_section(analysis: Analysis) -> list[str]:
 SAMPLING_EXAMPLES = 3  # cases of a smaller model beating a larger one that the report spells out
 
 
-def _sampling_lines(tradeoff, saturated: list[float]) -> list[str]:
+def _sampling_lines(tradeoff, saturated: list[float], noise=None) -> list[str]:
     """The report's answer to the paper's sampling question from `study.sampling_tradeoff`: the best (model,
     sampling steps) pair in each range of sampling compute, and whether a smaller model sampled with more steps
     beats a larger one sampled with fewer (at no more sampling compute), told apart where the larger one was
-    sampled below the `saturated` step counts (none: every count counts). Reads only the `pair`, `winners` and
+    sampled below the `saturated` step counts (none: every count counts), with how many cases exceed the
+    evaluation's `noise` (an EvaluationNoise, when known). Reads only the `pair`, `winners` and
     `smaller_beats_larger` columns, whatever names the pairs carry (models or runs)."""
     metadata = tradeoff.metadata
     n_pairs = tradeoff.points.groupby(["run", "sampling_steps"]).ngroups
@@ -258,6 +259,9 @@ def _sampling_lines(tradeoff, saturated: list[float]) -> list[str]:
                   f"sampled with fewer, {len(cheap_saturated)} of them at no more sampling compute per image"
                   + (f" with the larger one sampled with {counts} steps, where sampling has saturated"
                      if len(saturated) >= 2 else ""))
+        if noise is not None:
+            beyond = int(noise.resolved(cheap_saturated["value_smaller"], cheap_saturated["value_larger"]).sum())
+            answer += f" ({beyond} of those beyond the evaluation's noise)"
     elif len(cheap):
         answer = (f"Not where sampling has saturated: no smaller model sampled with more steps beats a larger one "
                   f"sampled with {counts} steps at no more sampling compute per image; {len(cheap)} case(s) do "
@@ -282,8 +286,8 @@ def _sampling_lines(tradeoff, saturated: list[float]) -> list[str]:
 def _sampling_section(analysis: Analysis) -> list[str]:
     """Fig. 10's section: the trade-off, with the step counts where sampling has saturated when the noise is known."""
     def lines(tradeoff) -> list[str]:
-        saturated = tradeoff.saturated_counts(analysis.noise.value.resolved) if analysis.noise.ok else []
-        return _sampling_lines(tradeoff, saturated)
+        noise = analysis.noise.value if analysis.noise.ok else None
+        return _sampling_lines(tradeoff, tradeoff.saturated_counts(noise.resolved) if noise else [], noise)
     return _section("Sampling compute (Fig. 10)", lines, "sampling")(analysis)
 
 

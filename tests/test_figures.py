@@ -486,6 +486,10 @@ def test_the_sampling_section_reads_pairs_of_any_name():
     text = "\n".join(report._sampling_lines(_tradeoff([("run-b @ 50", 1.0, 40.0)], saturated_case), [25.0, 50.0]))
     assert ("Yes: in 3 case(s) a smaller model sampled with more steps beats a larger model sampled with fewer, 1 of "
             "them at no more sampling compute per image with the larger one sampled with 25 or 50 steps") in text
+    noise = SimpleNamespace(resolved=lambda a, b: np.abs(np.log(a) - np.log(b)) > 0.1)  # 17 vs 19: log 0.11
+    text = "\n".join(report._sampling_lines(_tradeoff([("run-b @ 50", 1.0, 40.0)], saturated_case), [25.0, 50.0],
+                                             noise))
+    assert "where sampling has saturated (1 of those beyond the evaluation's noise)" in text
 
 
 def test_fig10_points_at_a_metric_that_varies_sampling_steps_when_study_refuses(paper, monkeypatch):

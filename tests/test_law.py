@@ -32,7 +32,8 @@ def test_a_noise_free_surface_is_recovered_exactly():
     assert fit.converged and fit.at_bounds == []
     for name, value in TRUE.items():
         assert fit.values[name] == pytest.approx(value, rel=1e-4), name
-    assert fit.values["a"] == pytest.approx(0.7 / 1.1, rel=1e-4) and fit.values["b"] == pytest.approx(0.4 / 1.1, rel=1e-4)
+    assert fit.values["a"] == pytest.approx(0.7 / 1.1, rel=1e-4)
+    assert fit.values["b"] == pytest.approx(0.4 / 1.1, rel=1e-4)
     assert fit.held_out_error == pytest.approx(0.0, abs=1e-6) and fit.held_out_runs == ["run4", "run5"]
 
 
