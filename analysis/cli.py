@@ -319,7 +319,8 @@ def cmd_isoflop(args: argparse.Namespace) -> int:
 
 def cmd_law(args: argparse.Namespace) -> int:
     from analysis.isoflop import isoflop_analysis
-    from analysis.law import PARAMETERS, SIZES, law
+    from analysis.law import PARAMETERS, law
+    from analysis.study import MODEL_SIZES
 
     records = _load_records(args.sources)
     where = _where(args.where)
@@ -337,7 +338,7 @@ def cmd_law(args: argparse.Namespace) -> int:
         lo, hi = fit.intervals[name]
         return name, f"{fit.values[name]:.4g}  [{lo:.4g}, {hi:.4g}]"
 
-    rows = [("law", f"{fit.metric} = E + A / N^alpha + B / D^beta  (N: {SIZES[fit.size]}, D: images seen)"),
+    rows = [("law", f"{fit.metric} = E + A / N^alpha + B / D^beta  (N: {MODEL_SIZES[fit.size]}, D: images seen)"),
             *(row(name) for name in PARAMETERS),
             (*row("a")[:1], row("a")[1] + "  (N_opt ~ C^a)"), (*row("b")[:1], row("b")[1] + "  (D_opt ~ C^b)"),
             ("isoFLOP a", f"{isoflop_a['exponent']:.3g}  [{isoflop_a['exponent_ci'][0]:.3g}, "

@@ -535,7 +535,7 @@ def draw_isoflop_profiles(analysis: isoflop.IsoFlopAnalysis) -> Figure:
     shown = pd.concat([p.points for p in reached])
     log_axis(profiles_ax, "x", shown["size"])
     log_axis(profiles_ax, "y", shown["value"], pad=1.05)
-    size_label_text = isoflop.SIZES[analysis.size]
+    size_label_text = study.MODEL_SIZES[analysis.size]
     profiles_ax.set_xlabel(f"Model size ({size_label_text})")
     profiles_ax.set_ylabel(analysis.metric)
     profiles_ax.set_title(f"isoFLOP profiles ({len(analysis.fitted)} of {len(budgets)} budgets fitted; "

@@ -28,7 +28,6 @@ from analysis.fits import DEFAULT_CONFIDENCE, _check_confidence
 from analysis.records import Records
 from analysis.schema import RecordsError, metric_column
 
-SIZES = {"gflops": "forward Gflops per image", "params": "parameters"}
 MIN_PROFILE_CONFIGS = 3  # a parabola through fewer sizes has no freedom left to show a minimum
 MIN_LAW_BUDGETS = 3  # fitted budgets a power law of the optimum needs
 DEFAULT_BUDGETS = 12
@@ -318,17 +317,8 @@ def isoflop_analysis(records: Records | pd.DataFrame, *, metric: str | None = No
     protocol, configs of one block and resolution), profiled over model Gflops or parameters."""
     from analysis import study
 
-    if size not in SIZES:
-        raise RecordsError(f"isoFLOP size {size!r}: use one of {list(SIZES)}.")
-    selection = study.select(records, metric=metric, **where)
-    points = study.training_compute_points(selection.points)
-    if size == "params":
-        if "params_m" not in points.columns or points["params_m"].isna().any():
-            raise RecordsError("isoFLOP profiles over parameters need every run's parameter count (params_m); "
-                               "profile over gflops instead.")
-        sizes = points["params_m"].to_numpy(dtype=float) * 1e6
-    else:
-        sizes = points["gflops"].to_numpy(dtype=float)
+    points, selection = study.sized_training_points(records, metric=metric, size=size, **where)
+    sizes = points["size"].to_numpy(dtype=float)
     metric = points["metric"].iloc[0]
     return fit_isoflop(points["run"], sizes, points["gflops"], points["train_gflops_cumulative"], points["value"],
                        budgets=budgets, n_budgets=n_budgets, size_name=size, metric=metric, confidence=confidence,

@@ -40,7 +40,6 @@ DERIVED = ("a", "b")  # N_opt ~ C^a, D_opt ~ C^b
 EXPONENT_BOUNDS = (0.0, 4.0)
 STARTS_REFINED = 8  # the best grid points, each refined by L-BFGS-B
 MIN_RUNS = 3  # fewer runs cannot separate the size term from the data term
-SIZES = {"gflops": "forward Gflops per image", "params": "parameters"}
 HELD_OUT_FRACTION = 0.25  # of the runs, the largest, left out to judge how the law extrapolates
 
 
@@ -253,17 +252,7 @@ def law_points(records: Records | pd.DataFrame, *, metric: str | None = None, si
     training compute / (3 x Gflops)), and the selection they came from."""
     from analysis import study
 
-    if size not in SIZES:
-        raise RecordsError(f"law size {size!r}: use one of {list(SIZES)}.")
-    selection = study.select(records, metric=metric, **where)
-    points = study.training_compute_points(selection.points)
-    if size == "params":
-        if "params_m" not in points.columns or points["params_m"].isna().any():
-            raise RecordsError("a law over parameters needs every run's parameter count (params_m); fit over gflops "
-                               "instead (--size gflops).")
-        points = points.assign(size=points["params_m"].astype(float) * 1e6)
-    else:
-        points = points.assign(size=points["gflops"].astype(float))
+    points, selection = study.sized_training_points(records, metric=metric, size=size, **where)
     points = points.assign(images=points["train_gflops_cumulative"].astype(float)
                            / (TRAINING_MULTIPLIER * points["gflops"].astype(float)))
     return points, selection

@@ -223,6 +223,25 @@ def training_compute_points(records: Records | pd.DataFrame, *, metric: str | No
     return _with_training_compute(select_protocol(records, metric=metric, **where))
 
 
+MODEL_SIZES = {"gflops": "forward Gflops per image", "params": "parameters"}  # what a law or profile takes as N
+
+
+def sized_training_points(records: Records | pd.DataFrame, *, metric: str | None = None, size: str = "gflops",
+                          **where) -> tuple[pd.DataFrame, Selection]:
+    """`training_compute_points` with a column `size`, the model size a compute-optimal analysis takes as N (one of
+    MODEL_SIZES: forward Gflops per image, or parameters), and the selection they came from."""
+    if size not in MODEL_SIZES:
+        raise RecordsError(f"model size {size!r}: use one of {list(MODEL_SIZES)}.")
+    selection = select(records, metric=metric, **where)
+    points = _with_training_compute(selection.points)
+    if size == "gflops":
+        return points.assign(size=points["gflops"].astype(float)), selection
+    if "params_m" not in points.columns or points["params_m"].isna().any():
+        raise RecordsError("sizes in parameters need every run's parameter count (params_m); use size gflops "
+                           "instead.")
+    return points.assign(size=points["params_m"].astype(float) * 1e6), selection
+
+
 def _with_training_compute(points: pd.DataFrame) -> pd.DataFrame:
     points = points[(points["step"] > 0) & points["train_gflops_cumulative"].notna()]
     if points.empty:

@@ -125,7 +125,7 @@ def test_bad_values_are_named(change, message):
 def test_bad_budgets_and_sizes_are_named():
     with pytest.raises(RecordsError, match="budgets must be positive"):
         _fit(_world(np.random.default_rng(5)), budgets=[-1.0])
-    with pytest.raises(RecordsError, match="isoFLOP size 'tokens'"):
+    with pytest.raises(RecordsError, match="model size 'tokens': use one of \\['gflops', 'params'\\]"):
         isoflop.isoflop_analysis(records.load(PAPER_RUNS_DIR), size="tokens")
 
 

@@ -45,8 +45,8 @@ RESOLUTION = 16
 #   held-out loss on 200 test images at 4 timesteps every 125 steps, so each sample evaluation has it beside it (the
 #   loss -> FD pairs) and each config's curve spans 12x in compute (the isoFLOP profiles). 2000 steps (then with
 #   flips) cost a fifth more time for no better class conditioning (guided class accuracy L/2 0.68, XL/2 0.66,
-#   against 0.67 and 0.71 at 1500). Evaluation batches of 50 run sampling and the held-out loss at about 0.7 of training's rate per forward
-#   pass; 250 at 0.5 to 0.7.
+#   against 0.67 and 0.71 at 1500). Evaluation batches of 50 run sampling and the held-out loss at about 0.7 of
+#   training's rate per forward pass; 250 at 0.5 to 0.7.
 # - 250 samples per evaluation: FD-FashionCNN's bias at 250 samples is the same for every config, so orderings
 #   and fits hold; the floor is measured at the same N.
 PRESETS = {  # config fields by path; checkpoints fall at the evaluation steps
