@@ -15,10 +15,11 @@ from typing import Generic, TypeVar
 
 import pandas as pd
 
-from analysis import isoflop, noise, proxy, study
+from analysis import isoflop, law, noise, proxy, study
 from analysis.findings import Findings, paper_findings
 from analysis.fits import Frontier, FrontierFit, LogLogFit
 from analysis.isoflop import IsoFlopAnalysis
+from analysis.law import LawFit
 from analysis.proxy import ProxyAnalysis
 from analysis.records import Records
 from analysis.schema import RecordsError
@@ -141,6 +142,9 @@ def guided_points(records: Records, points: pd.DataFrame) -> pd.DataFrame:
     return guided[guided["guidance_scale"].astype(float) == scale].drop_duplicates("run").reset_index(drop=True)
 
 
+LAW_BOOTSTRAP = 50  # fewer than `dit-scaling law`'s 200: the law is one part of every report, re-rendered in seconds
+
+
 @dataclass(frozen=True)
 class Analysis:
     """Every fit of one set of records, each `Fitted` (the fit, or why not).
@@ -160,6 +164,8 @@ class Analysis:
     noise: Fitted[noise.EvaluationNoise]  # of one evaluation of the sample metric at its last step
     guided: Fitted[pd.DataFrame]  # the sample metric at its last step under classifier-free guidance (Fig. 7)
     isoflop: Fitted[IsoFlopAnalysis]
+    law: Fitted[LawFit]  # L(N, D) over every point, N in forward Gflops per image
+    law_params: Fitted[LawFit]  # N in parameters, no intervals: which size extrapolates better (held_out_error)
     held_out_loss: str | None
     loss_model_compute: Fitted[ModelCompute]
     loss_training_compute: Fitted[TrainingCompute]
@@ -184,7 +190,7 @@ def analyze(records: Records, *, metric: str | None = None) -> Analysis:
         missing = Fitted(reason=reason)
         return Analysis(records=records, selection=missing, family=family, notes=notes, model_compute=missing,
                         training_compute=missing, sampling=missing, noise=missing, guided=missing,
-                        isoflop=missing, held_out_loss=None,
+                        isoflop=missing, law=missing, law_params=missing, held_out_loss=None,
                         loss_model_compute=missing, loss_training_compute=missing, loss_isoflop=missing,
                         loss_proxy=missing, findings=missing)
     selection = study.select(records, metric=metric)
@@ -208,6 +214,8 @@ def analyze(records: Records, *, metric: str | None = None) -> Analysis:
         noise=attempt(lambda: noise.evaluation_noise(records, selection.points)),
         guided=attempt(lambda: guided_points(records, selection.points)),
         isoflop=attempt(lambda: isoflop.isoflop_analysis(records, metric=metric)),
+        law=attempt(lambda: law.law(records, metric=metric, n_bootstrap=LAW_BOOTSTRAP)),
+        law_params=attempt(lambda: law.law(records, metric=metric, size="params", n_bootstrap=0)),
         held_out_loss=loss,
         loss_model_compute=of_loss(lambda m: model_compute(records, metric=m)),
         loss_training_compute=of_loss(lambda m: training_compute(records, metric=m)),

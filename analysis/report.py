@@ -15,6 +15,7 @@ from analysis.analyze import Analysis, analyze
 from analysis.fits import describe_extrapolation
 from analysis.records import Records
 from analysis.schema import RecordsError
+from analysis.study import MODEL_SIZES
 from analysis.style import format_steps, save_figure
 
 REPORT_TABLE_ROWS = 24  # a longer Table 4 is linked from the report, not copied into it
@@ -40,7 +41,8 @@ CAPTIONS = {
                             "proxy of sample quality, beside the sample metric's Fig. 9).",
 }
 # The sections of the fit report, in order (see SECTIONS).
-FIT_REPORT_SECTIONS = ("notes", "model_compute", "training_compute", "sampling", "isoflop", "loss_proxy", "table4")
+FIT_REPORT_SECTIONS = ("notes", "model_compute", "training_compute", "sampling", "isoflop", "law", "loss_proxy",
+                       "table4")
 
 
 @dataclass
@@ -224,6 +226,43 @@ def _isoflop_section(analysis: Analysis) -> list[str]:
     return lines
 
 
+def _law_section(analysis: Analysis) -> list[str]:
+    """The parametric law over every point (approach 3) beside the isoFLOP estimate, and whether Gflops or
+    parameters explain the metric better (the error of each law on the largest runs, fitted without them)."""
+    if not analysis.selection.ok:
+        return []
+    lines = ["## The parametric law (every point at once)", ""]
+    if not analysis.law.ok:
+        return lines + [f"Not fitted: {analysis.law.reason}", ""]
+    fit = analysis.law.value
+
+    def value(name: str) -> str:
+        lo, hi = fit.intervals[name]
+        return f"{fit.values[name]:.3g} [{lo:.3g}, {hi:.3g}]"
+
+    lines.append(f"{fit.metric} = E + A / N^alpha + B / D^beta over {fit.n_points} (run, step) points of {fit.n_runs} "
+                 f"runs (N: {MODEL_SIZES[fit.size]}, D: images seen; {fit.confidence:.0%} intervals from "
+                 f"{fit.n_bootstrap} bootstrap fits over runs): E = {value('E')}, A = {value('A')}, "
+                 f"B = {value('B')}, alpha = {value('alpha')}, beta = {value('beta')}. The compute-optimal size grows "
+                 f"as C^a with a = {value('a')}" + (
+                     f" (isoFLOP profiles: {analysis.isoflop.value.size_law.exponent:.3g})"
+                     if analysis.isoflop.ok and analysis.isoflop.value.size_law else
+                     " (the isoFLOP profiles give no estimate)") + ". "
+                 + (" ".join(f"{flag[0].upper()}{flag[1:]}." for flag in fit.flags()) or "Converged, no parameter at "
+                                                                                      "a bound."))
+    lines.append("")
+    errors = [(f, f.held_out_error) for f in (fit, analysis.law_params.value if analysis.law_params.ok else None)
+              if f is not None and f.held_out_error is not None]
+    if errors:
+        lines.append("Fitted without the largest runs, each law's median error on them: " + "; ".join(
+            f"N in {MODEL_SIZES[f.size]} {error:.0%} ({', '.join(f.held_out_runs)})" for f, error in errors) + ".")
+        if len(errors) == 2:
+            best = min(errors, key=lambda pair: pair[1])[0]
+            lines[-1] += f" The law over {MODEL_SIZES[best.size]} extrapolates better."
+        lines.append("")
+    return lines
+
+
 SAMPLING_EXAMPLES = 3  # cases of a smaller model beating a larger one that the report spells out
 
 
@@ -339,5 +378,6 @@ SECTIONS: dict[str, Callable[[Analysis], list[str]]] = {
     "training_compute": _section("Training compute (Fig. 9)", _training_compute_lines, "training_compute"),
     "sampling": _sampling_section,
     "isoflop": _isoflop_section,
+    "law": _law_section,
     "loss_proxy": _section("The held-out loss as a predictor", _proxy_lines, "loss_proxy"),
 }

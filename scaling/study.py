@@ -203,7 +203,7 @@ def _render(workdir: epath.Path, preset: str, seed: int, models: list[str]):
                f"{settings.get('code_revision')} on {settings.get('cpu')} ({settings.get('cores')} cores).", ""]
     key_figures = {name: rendering.captions[name] for name in KEY_FIGURES if name in rendering.captions}
     (workdir / REPORT_FILE).write_text(report_markdown(
-        analysis, heading=heading, sections=("findings", "isoflop", "loss_proxy"), figure_captions=key_figures,
+        analysis, heading=heading, sections=("findings", "isoflop", "law", "loss_proxy"), figure_captions=key_figures,
         figures_title="Key figures", figures_dir=f"{FIGURES_DIR}/", skipped=rendering.skipped,
         footer=[f"Every fit with its intervals, Table 4 and every figure: [{FIGURES_DIR}/report.md]"
                 f"({FIGURES_DIR}/report.md).", ""]))

@@ -102,3 +102,16 @@ def test_law_on_the_committed_study_and_its_command(capsys):
     assert main(["law", str(REPO / "runs" / "fmnist-default"), "--bootstrap", "10", "--size", "params"]) == 0
     text = capsys.readouterr().out
     assert "N: parameters" in text and "held out   median error" in text
+
+
+def test_the_report_states_the_law_and_which_size_extrapolates_better():
+    from analysis.analyze import analyze
+    from analysis.report import SECTIONS
+
+    analysis = analyze(records.load(REPO / "runs" / "fmnist-default"))
+    text = "\n".join(SECTIONS["law"](analysis))
+    fit, by_params = analysis.law.get(), analysis.law_params.get()
+    assert "over 72 (run, step) points of 12 runs" in text and f"alpha = {fit.values['alpha']:.3g}" in text
+    better = min((fit, by_params), key=lambda f: f.held_out_error)
+    assert (f"N in parameters {by_params.held_out_error:.0%} (DiT-XL-2, DiT-XL-4, DiT-XL-8)" in text
+            and f"The law over {'forward Gflops per image' if better is fit else 'parameters'} extrapolates" in text)
