@@ -332,7 +332,7 @@ def _inception(args: argparse.Namespace):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from analysis import schema
-    from scaling.evaluation.inception import evaluate_samples
+    from scaling.evaluation.inception import evaluate_samples, prepare_reference
     from scaling.evaluation.npz import read_reference, read_sample_batch
     from scaling.evaluation.sweep import fid_protocol, fid_record
     from scaling.evaluation.write_samples import sidecar
@@ -352,8 +352,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                     "directory that `dit-scaling train` wrote.")
         if args.step is None:
             raise ValueError("--run needs --step: the training step of the parameters the samples came from.")
-    samples, reference = read_sample_batch(args.samples), read_reference(args.ref)
-    result = evaluate_samples(samples, reference, _inception(args), args.batch_size)
+    samples, inception = read_sample_batch(args.samples), _inception(args)
+    reference = prepare_reference(read_reference(args.ref), inception, args.batch_size)
+    result = evaluate_samples(samples, reference, inception, args.batch_size)
     n = result["n"]
     if run is not None:
         protocol = fid_protocol(

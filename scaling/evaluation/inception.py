@@ -66,23 +66,44 @@ def write_reference(source: str | os.PathLike, out: str | os.PathLike, model, ba
     atomic_savez(epath.Path(out), {"arr_0": images, "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s})
 
 
-def evaluate_samples(samples: SampleBatch, reference: ReferenceBatch, model, batch_size: int = 64) -> dict:
-    """ADM's five numbers for a sample batch against a reference batch. Inception Score is None without the
+@dataclasses.dataclass(frozen=True)
+class InceptionReference:
+    """What every sample batch is scored against, computed once per reference batch: the Gaussian statistics of
+    its pool and spatial features, and, where the file holds its images, the pool features with their k-NN radii
+    for precision and recall (the radii cost N^2 distances, more than the rest of an evaluation)."""
+
+    pool: tuple[np.ndarray, np.ndarray]
+    spatial: tuple[np.ndarray, np.ndarray]
+    features: np.ndarray | None
+    radii: np.ndarray | None
+
+    @property
+    def n(self) -> int | None:
+        return None if self.features is None else len(self.features)
+
+
+def prepare_reference(reference: ReferenceBatch, model, batch_size: int = 64) -> InceptionReference:
+    """The InceptionReference of a reference batch: the file's statistics where it holds them, the Inception's
+    features of its images otherwise (and always for precision and recall, when it holds images)."""
+    acts = None if reference.images is None else inception_activations(model, reference.images, batch_size)
+    return InceptionReference(pool=reference.pool or metrics.gaussian_statistics(acts.pool),
+                              spatial=reference.spatial or metrics.gaussian_statistics(acts.spatial),
+                              features=None if acts is None else acts.pool,
+                              radii=None if acts is None else metrics.knn_radii(acts.pool))
+
+
+def evaluate_samples(samples: SampleBatch, reference: InceptionReference, model, batch_size: int = 64) -> dict:
+    """ADM's five numbers for a sample batch against a prepared reference. Inception Score is None without the
     logits weight; precision and recall are None when the reference file holds statistics only."""
     acts = inception_activations(model, samples.images, batch_size)
-    ref_acts = inception_activations(model, reference.images, batch_size) if reference.images is not None \
-        else None
-    ref_pool = reference.pool or metrics.gaussian_statistics(ref_acts.pool)
-    ref_spatial = reference.spatial or metrics.gaussian_statistics(ref_acts.spatial)
     precision = recall = None
-    if ref_acts is not None:
-        precision, recall = metrics.precision_recall(ref_acts.pool, acts.pool)
-    n = len(samples.images)
+    if reference.features is not None:
+        precision, recall = metrics.precision_recall(reference.features, acts.pool, real_radii=reference.radii)
     return {
-        "n": n,
-        "n_reference": None if reference.images is None else len(reference.images),
-        "fid": metrics.frechet_distance_of_features(acts.pool, *ref_pool),
-        "sfid": metrics.frechet_distance_of_features(acts.spatial, *ref_spatial),
+        "n": len(samples.images),
+        "n_reference": reference.n,
+        "fid": metrics.frechet_distance_of_features(acts.pool, *reference.pool),
+        "sfid": metrics.frechet_distance_of_features(acts.spatial, *reference.spatial),
         "inception_score": None if acts.probs is None else metrics.inception_score(acts.probs),
         "precision": precision,
         "recall": recall,

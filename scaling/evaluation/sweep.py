@@ -43,7 +43,7 @@ def sweep(run_dir: str | epath.Path, reference_path: str | epath.Path, load_ince
     `samples_dir` (default RUN/samples/). `load_inception()` gives the FID Inception, loaded when first needed."""
     from scaling.checkpoints import kept_steps
     from scaling.evaluation.in_training import autoencoder_name
-    from scaling.evaluation.inception import evaluate_samples
+    from scaling.evaluation.inception import evaluate_samples, prepare_reference
     from scaling.evaluation.npz import read_reference, read_sample_batch
     from scaling.evaluation.write_samples import write_samples
 
@@ -59,10 +59,10 @@ def sweep(run_dir: str | epath.Path, reference_path: str | epath.Path, load_ince
     data = run.config.get("data", {})
     autoencoder = autoencoder or data.get("autoencoder", "")
     decoder = autoencoder_name(autoencoder) if data.get("source") == "latent_shards" and autoencoder else None
-    reference = read_reference(reference_path)
+    reference_batch = read_reference(reference_path)  # read first: a bad file fails before any sampling
     samples_dir = epath.Path(samples_dir) if samples_dir else run_dir / "samples"
     done = {(r.step, r.protocol) for r in schema.read_evaluations(run_dir)}
-    new, inception = [], None
+    new, inception, reference = [], None, None
     for step in steps:
         for count in sampling_steps:
             opts = dataclasses.replace(options, sampling_steps=int(count))
@@ -79,7 +79,9 @@ def sweep(run_dir: str | epath.Path, reference_path: str | epath.Path, load_ince
             path = samples_dir / (f"step{step:07d}-{opts.sampler}{count}-cfg{opts.guidance_scale:g}"
                                   f"-n{opts.num_samples}-seed{opts.seed}.npz")
             write_samples(run_dir, path, opts, step=step, autoencoder=autoencoder or None)
-            inception = inception or load_inception()
+            if inception is None:  # once per sweep, and only when some evaluation is left to do
+                inception = load_inception()
+                reference = prepare_reference(reference_batch, inception, batch_size)
             result = evaluate_samples(read_sample_batch(path), reference, inception, batch_size)
             record = fid_record(run, result, step=step, protocol=protocol, seconds=time.perf_counter() - start)
             schema.append_jsonl(run_dir / schema.EVALUATIONS_FILE, record.to_json())
