@@ -210,7 +210,8 @@ def _sampling_finding(sampling, metric: str, noise, numbers: dict) -> Finding:
     cheap = beats[beats["at_most_the_compute"].astype(bool)] if len(beats) else beats
     numbers.update(smaller_beats_larger_at_no_more_compute=len(cheap))
     counts = tradeoff.saturated_counts(noise.resolved) if noise is not None else []
-    at_saturation = cheap[cheap["sampling_steps_larger"] >= min(counts)] if len(counts) >= 2 else cheap
+    below = tradeoff.below_saturation(counts)[cheap.index]
+    at_saturation, unsaturated = cheap[~below], cheap[below]
     where = ""
     if len(counts) >= 2:
         numbers.update(smaller_beats_larger_at_saturation=len(at_saturation))
@@ -231,7 +232,6 @@ def _sampling_finding(sampling, metric: str, noise, numbers: dict) -> Finding:
             numbers.update(smaller_beats_larger_resolved=beyond_noise)
             text += f" {beyond_noise} of those case(s) beyond the noise."
         text += " " + _saturation_text(tradeoff, noise, numbers)
-        unsaturated = cheap[cheap["sampling_steps_larger"] < min(counts)] if len(counts) >= 2 else cheap.iloc[:0]
         if len(unsaturated):
             text += (f" Against a larger model sampled with fewer steps, far from its saturation, "
                      f"{len(unsaturated)} case(s): {_cases(unsaturated)}.")

@@ -289,7 +289,7 @@ def _sampling_lines(tradeoff, saturated: list[float], noise=None) -> list[str]:
                   f"scores better ({metadata['metric']}, lower is better) than a larger model sampled with fewer.",
                   ""]
         return lines
-    below = beats["sampling_steps_larger"] < (min(saturated) if len(saturated) >= 2 else 0)
+    below = tradeoff.below_saturation(saturated)
     cheap = beats[beats["at_most_the_compute"].astype(bool)]
     cheap_saturated = cheap[~below[cheap.index]]
     counts = " or ".join(f"{c:g}" for c in saturated)

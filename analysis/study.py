@@ -304,6 +304,12 @@ class SamplingTradeoff:
             counts.insert(0, float(steps))
         return counts
 
+    def below_saturation(self, saturated: list[float]) -> pd.Series:
+        """For each row of `smaller_beats_larger`: whether the larger model was sampled with fewer steps than the
+        `saturated` counts (`saturated_counts`); with fewer than two saturated counts none is known to be below."""
+        least = min(saturated) if len(saturated) >= 2 else 0
+        return self.smaller_beats_larger["sampling_steps_larger"] < least
+
 
 def _sampling_points(records, step, metric, where) -> pd.DataFrame:
     points = at_step(select_protocol(records, metric=metric, vary=("sampling_steps",), **where), step)

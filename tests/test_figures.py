@@ -455,9 +455,11 @@ def _tradeoff(winners: list[tuple], beats: list[tuple]) -> SimpleNamespace:
     columns = ["model_smaller", "sampling_steps_smaller", "value_smaller", "model_larger", "sampling_steps_larger",
                "value_larger", "at_most_the_compute"]
     points = pd.DataFrame({"run": ["a", "a", "b", "b"], "sampling_steps": [10, 50, 10, 50]})
-    return SimpleNamespace(points=points, metadata={"metric": "FID-10K", "step": 400_000},
-                           winners=pd.DataFrame(winners, columns=["pair", "budget_from", "budget_to"]),
-                           smaller_beats_larger=pd.DataFrame(beats, columns=columns))
+    tradeoff = SimpleNamespace(points=points, metadata={"metric": "FID-10K", "step": 400_000},
+                               winners=pd.DataFrame(winners, columns=["pair", "budget_from", "budget_to"]),
+                               smaller_beats_larger=pd.DataFrame(beats, columns=columns))
+    tradeoff.below_saturation = lambda saturated: study.SamplingTradeoff.below_saturation(tradeoff, saturated)
+    return tradeoff
 
 
 def test_the_sampling_section_reads_pairs_of_any_name():
