@@ -9,6 +9,8 @@ import math
 
 from etils import epath
 
+from analysis.chips import CHIPS, DEFAULT_UTILIZATION
+
 
 def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
     """Print rows as an aligned text table; columns are (key, header)."""
@@ -238,11 +240,18 @@ def _load_records(sources: list[epath.Path]):
 def cmd_plan(args: argparse.Namespace) -> int:
     from analysis.isoflop import isoflop_analysis
     from analysis.planning import plan_budget, plan_target, to_paper_units
+    from analysis.schema import RecordsError
     from analysis.study import training_compute_fit
 
+    if args.budget is not None:
+        return args.budget_planner(args)
     # The budget is converted, and its unit's arguments checked, before the records are fitted.
+    unit = args.unit or ("accelerator-hours" if args.chip else "gflops")
+    if args.chip and unit != "accelerator-hours":
+        raise RecordsError(f"--chip {args.chip} prices --compute in accelerator-hours, not --unit {unit}.")
     compute = None if args.compute is None else to_paper_units(
-        args.compute, args.unit, utilization=args.utilization, chip_peak_tflops=args.chip_peak_tflops, chips=args.chips)
+        args.compute, unit, utilization=args.utilization, chip_peak_tflops=args.chip_peak_tflops, chips=args.chips,
+        chip=args.chip)
     records = _load_records(args.records)
     where = _where(args.where)
     fit = training_compute_fit(records, metric=args.metric, **where)
@@ -447,7 +456,9 @@ def cmd_figures(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands) -> None:
+def add_commands(commands, budget_planner=None) -> None:
+    """The analysis commands on `commands`; `budget_planner(args)` carries out `plan --budget` (it needs the
+    models' shapes and memory, which analysis/ does not import)."""
     fit = commands.add_parser(
         "fit", help="Log-log fit (or frontier power law) of two columns of a records or CSV file.",
         description="Fit log10 Y = intercept + slope log10 X over the rows of FILE (a CSV, records JSONL or run "
@@ -477,14 +488,28 @@ def add_commands(commands) -> None:
     target = plan.add_mutually_exclusive_group(required=True)
     target.add_argument("--compute", type=positive_float, help="training compute in --unit")
     target.add_argument("--target", type=positive_float, help="target metric value (e.g. FID 10)")
-    plan.add_argument("--unit", default="gflops", choices=("gflops", "flops", "accelerator-hours"),
-                      help="gflops: paper units (3 x GMACs x images); flops: true FLOPs; accelerator-hours")
-    plan.add_argument("--utilization", type=fraction, help="accelerator-hours: fraction of peak reached, in (0, 1]")
+    target.add_argument("--budget", type=positive_float,
+                        help="plan with the parametric law (sizes nobody trained included): chip-hours of --chip, "
+                             "or paper-unit Gflops without --chip; the evaluation's cost comes off it")
+    plan.add_argument("--unit", choices=("gflops", "flops", "accelerator-hours"),
+                      help="of --compute: gflops: paper units (3 x GMACs x images; the default); flops: true "
+                           "FLOPs; accelerator-hours (the default with --chip)")
+    plan.add_argument("--chip", choices=tuple(CHIPS), help="the accelerator (its published peak and memory)")
+    plan.add_argument("--utilization", type=fraction,
+                      help=f"fraction of the chip's peak reached, in (0, 1] (default with --chip: "
+                           f"{DEFAULT_UTILIZATION})")
     plan.add_argument("--chip-peak-tflops", type=positive_float,
-                      help="accelerator-hours: dense peak per chip (TFLOP/s)")
-    plan.add_argument("--chips", type=positive_int, default=1, help="accelerator-hours: chips")
+                      help="accelerator-hours of a chip not in --chip's table: dense peak per chip (TFLOP/s)")
+    plan.add_argument("--chips", type=positive_int, default=1,
+                      help="chips: of --compute's accelerator-hours (hours on this many chips); of --budget, the "
+                           "chips one run trains on (its memory per chip and wall time)")
+    plan.add_argument("--batch-size", type=positive_int, help="--budget: the batch (default: the records')")
+    plan.add_argument("--evaluations", type=number(int, at_least=0), default=1,
+                      help="--budget: evaluations under the records' protocol paid from the budget (default 1)")
+    plan.add_argument("--bootstrap", type=number(int, at_least=0), default=200,
+                      help="--budget: bootstrap fits of the law over runs, for the intervals")
     add_records_arguments(plan)
-    plan.set_defaults(handler=cmd_plan)
+    plan.set_defaults(handler=cmd_plan, budget_planner=budget_planner)
 
     isoflop = commands.add_parser(
         "isoflop", help="Compute-optimal model size from isoFLOP profiles of the training curves (N_opt(C), "

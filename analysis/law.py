@@ -62,14 +62,20 @@ class LawFit:
     held_out_error: float | None  # median |predicted / observed - 1| on the largest runs, fitted without them
     held_out_runs: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    replicates: tuple[dict[str, float], ...] = field(default=(), repr=False)  # the bootstrap fits' values
+
+    def interval_of(self, quantity) -> tuple[float, float]:
+        """The bootstrap interval of `quantity(values)`, a number computed from a fit's values (a prediction, an
+        optimal size): its quantiles over the bootstrap fits at the fit's confidence; NaN without replicates."""
+        return _interval([quantity(r) for r in self.replicates], self.confidence)
 
     def predict(self, size, images):
-        v = self.values
-        return v["E"] + v["A"] / np.asarray(size, float) ** v["alpha"] + v["B"] / np.asarray(images, float) ** v["beta"]
+        return predict(self.values, size, images)
 
-    def optimal(self, compute: float) -> dict[str, float]:
-        """The compute-optimal size, images and predicted metric for `compute` (paper units: 3 x N x D)."""
-        return optimal_allocation(self.values, compute)
+    def optimal(self, compute: float, evaluation_per_size: float = 0.0) -> dict[str, float]:
+        """The compute-optimal size, images and predicted metric for `compute` (paper units), evaluation included
+        (`optimal_allocation`)."""
+        return optimal_allocation(self.values, compute, evaluation_per_size)
 
     def flags(self) -> list[str]:
         out = [] if self.converged else ["the best start did not converge (L-BFGS-B stopped early)"]
@@ -87,17 +93,41 @@ class LawFit:
                 "held_out_runs": self.held_out_runs}
 
 
-def optimal_allocation(values: dict[str, float], compute: float) -> dict[str, float]:
-    """N_opt, D_opt and L(N_opt, D_opt) for a budget `compute` = 3 N D under the law's `values`."""
+def predict(values: dict[str, float], size, images):
+    """L(N, D) under the law's `values`."""
+    return (values["E"] + values["A"] / np.asarray(size, float) ** values["alpha"]
+            + values["B"] / np.asarray(images, float) ** values["beta"])
+
+
+def optimal_allocation(values: dict[str, float], compute: float, evaluation_per_size: float = 0.0) -> dict[str, float]:
+    """The size N, images D and L(N, D) that minimise the law's metric for a budget `compute` (paper units) spent on
+    training, 3 N D, and on evaluating the model, `evaluation_per_size` x N (its sampling compute: samples x
+    forward passes per sample x N). Without evaluation the closed form of the module docstring; with it, the
+    minimum over N of L(N, (compute - evaluation_per_size N) / (3 N)), found in log N. `training` is what is left
+    for training."""
     alpha, beta, A, B = values["alpha"], values["beta"], values["A"], values["B"]
     if alpha <= 0 or beta <= 0:
-        raise RecordsError("the law's exponents must both be positive for a compute-optimal split "
-                           f"(alpha {alpha:.3g}, beta {beta:.3g}).")
+        flat = " and ".join(term for term, exponent in (("size (alpha)", alpha), ("data (beta)", beta))
+                            if exponent <= 0)
+        raise RecordsError(f"the law has no compute-optimal split: its {flat} term does not fall (alpha "
+                           f"{alpha:.3g}, beta {beta:.3g}), so the points do not tell how the metric trades size "
+                           "for training; fit records with several sizes and several steps per run (a study's "
+                           "runs, not one final point per config).")
     products = compute / TRAINING_MULTIPLIER
     size = (alpha * A / (beta * B)) ** (1 / (alpha + beta)) * products ** (beta / (alpha + beta))
-    images = products / size
-    return {"size": size, "images": images,
-            "value": values["E"] + A / size ** alpha + B / images ** beta}
+    if evaluation_per_size > 0:
+        largest = compute / evaluation_per_size  # a model this large spends the whole budget on its evaluation
+
+        def metric(log_size: float) -> float:
+            n = math.exp(log_size)
+            return float(predict(values, n, (compute - evaluation_per_size * n) / (TRAINING_MULTIPLIER * n)))
+
+        result = scipy.optimize.minimize_scalar(metric, bounds=(math.log(largest) - 60, math.log(largest) - 1e-9),
+                                                method="bounded", options={"xatol": 1e-10})
+        size = math.exp(result.x)
+    training = compute - evaluation_per_size * size
+    images = training / (TRAINING_MULTIPLIER * size)
+    return {"size": size, "images": images, "training": training, "value": float(predict(values, size, images))}
 
 
 def _log_terms(theta, log_n, log_d):
@@ -220,16 +250,22 @@ def fit_law(runs, sizes, images, values, *, metric: str = "value", size: str = "
             continue
         result = _minimise(log_n[index], log_d[index], log_value[index], [best.x])
         replicates.append(_values(result.x, n_ref, d_ref))
-    tail = (1 - confidence) / 2
-    names = (*PARAMETERS, *DERIVED)
-    intervals = {name: (float(np.nanquantile([r[name] for r in replicates], tail)),
-                        float(np.nanquantile([r[name] for r in replicates], 1 - tail))) if replicates
-                 else (math.nan, math.nan) for name in names}
+    intervals = {name: _interval([r[name] for r in replicates], confidence) for name in (*PARAMETERS, *DERIVED)}
     error, left_out = _held_out_error(runs, sizes, images, values) if held_out else (None, [])
     return LawFit(values=_values(best.x, n_ref, d_ref), intervals=intervals, size=size, metric=metric,
                   n_points=len(values), n_runs=len(unique_runs), converged=bool(best.success),
                   at_bounds=_at_bounds(best.x, log_value), confidence=confidence, n_bootstrap=len(replicates),
-                  held_out_error=error, held_out_runs=left_out, metadata=metadata or {})
+                  held_out_error=error, held_out_runs=left_out, metadata=metadata or {},
+                  replicates=tuple(replicates))
+
+
+def _interval(draws, confidence: float) -> tuple[float, float]:
+    """The central `confidence` interval of bootstrap draws (NaN draws left out; NaN when there are none)."""
+    draws = np.asarray(draws, dtype=float)
+    if not np.isfinite(draws).any():
+        return math.nan, math.nan
+    tail = (1 - confidence) / 2
+    return float(np.nanquantile(draws, tail)), float(np.nanquantile(draws, 1 - tail))
 
 
 def _held_out_error(runs, sizes, images, values) -> tuple[float | None, list[str]]:

@@ -7,6 +7,7 @@ chip peak.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -14,8 +15,10 @@ import pandas as pd
 from etils import epath
 
 from analysis import schema
+from analysis.chips import CHIPS, DEFAULT_UTILIZATION
 from analysis.fits import FrontierFit, LogLogFit
 from analysis.isoflop import IsoFlopAnalysis
+from analysis.law import optimal_allocation, predict
 from analysis.records import COMPUTE_UNITS, Records, convert_compute
 from analysis.schema import RecordsError, training_compute
 
@@ -29,18 +32,24 @@ def _require_positive(name: str, value: float) -> None:
 
 
 def to_paper_units(amount: float, unit: str = "gflops", *, utilization: float | None = None,
-                   chip_peak_tflops: float | None = None, chips: int = 1) -> float:
+                   chip_peak_tflops: float | None = None, chips: int = 1, chip: str | None = None) -> float:
     """Training compute in paper units (GMACs). `flops` are true FLOPs (2 per multiply-add); `accelerator-hours`
-    need the chip's peak (dense TFLOP/s, true FLOPs) and the utilisation reached, in (0, 1]."""
+    need the chip's peak (dense TFLOP/s, true FLOPs: `chip_peak_tflops`, or `chip` names one of analysis.chips'
+    table) and the utilisation reached, in (0, 1] (with a named chip, DEFAULT_UTILIZATION unless stated)."""
     _require_positive("compute", amount)
     if unit == "gflops":
         return float(amount)
     if unit == "flops":
         return float(amount) * COMPUTE_UNITS["flops"]
     if unit == "accelerator-hours":
+        if chip is not None:
+            if chip not in CHIPS:
+                raise RecordsError(f"unknown chip {chip!r}; use one of {', '.join(CHIPS)} (or --chip-peak-tflops).")
+            chip_peak_tflops = chip_peak_tflops or CHIPS[chip].peak_flops / 1e12
+            utilization = utilization or DEFAULT_UTILIZATION
         if utilization is None or chip_peak_tflops is None:
-            raise RecordsError("accelerator-hours need --utilization (in (0, 1], e.g. 0.4) and --chip-peak-tflops "
-                               "(e.g. 989 for an H100's dense bf16).")
+            raise RecordsError("accelerator-hours need --chip (one of " + ", ".join(CHIPS) + ") or --chip-peak-tflops "
+                               "(e.g. 989 for an H100's dense bf16) with --utilization (in (0, 1], e.g. 0.4).")
         _require_positive("utilization", utilization)
         if utilization > 1:
             raise RecordsError(f"utilization is a fraction of the chips' peak, in (0, 1]; got {utilization!r}.")
@@ -325,3 +334,141 @@ def compare_runs(new: Records, dit: Records, *, metric: str | None = None, **whe
         notes.append("Recipes not checked: the new or the DiT records are not run directories.")
     return Comparison(table=table, points=points, frontier_fit=frontier, gflops_fit=gflops_fit, metric=metric,
                       protocol=selection.protocol, notes=notes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A budget planned with the parametric law (analysis.law): sizes nobody trained, evaluation included
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A model the plan could train: a trained config, or a size between (named by its shape)."""
+
+    name: str
+    gflops: float  # forward GMACs per image
+    trained: bool
+    params: float | None = None
+    shape: dict | None = None  # depth, width, heads, patch of a DiT; None where the records do not say
+
+
+@dataclass(frozen=True)
+class LawChoice:
+    """One model trained with the budget: its steps and the metric the law predicts, with the bootstrap interval."""
+
+    size: ModelSize
+    training_compute: float  # paper units, after its own evaluation cost
+    evaluation_compute: float
+    images: float
+    steps: int
+    predicted: float
+    interval: tuple[float, float]
+    size_beyond_trained: float  # its Gflops / the largest trained run's (> 1: the law extrapolates in size)
+    compute_beyond_trained: float  # its training compute / the largest trained run's
+
+
+@dataclass(frozen=True)
+class LawPlan:
+    """What a budget buys according to the law: the compute-optimal split and the models nearest to it."""
+
+    budget: float  # paper units, training and evaluation together
+    metric: str
+    optimal_gflops: float
+    optimal_gflops_interval: tuple[float, float]
+    optimal_images: float
+    optimal_images_interval: tuple[float, float]
+    optimal_value: float
+    optimal_value_interval: tuple[float, float]
+    evaluation_per_gflop: float  # paper units of evaluation per Gflops/image of the model (0: not known)
+    evaluation_note: str
+    choices: list[LawChoice]
+    batch_size: int
+    law: dict  # the law's summary (parameters, intervals, flags)
+    flags: list[str]
+
+    def summary(self) -> dict:
+        out = asdict(self)
+        out["choices"] = [asdict(choice) for choice in self.choices]
+        return out
+
+
+EXTRAPOLATION_FLAG = 1.0  # a choice beyond the largest trained run (in size or compute) is flagged
+MAX_SIZE_EXTRAPOLATION = 100.0  # an optimum this many times the largest trained size is refused
+
+
+def require_reach(optimal_gflops: float, largest_gflops: float) -> None:
+    """A RecordsError when the law's optimum lies more than MAX_SIZE_EXTRAPOLATION times beyond the largest
+    trained size: a power law fitted that far below says nothing there."""
+    if optimal_gflops > MAX_SIZE_EXTRAPOLATION * largest_gflops:
+        raise RecordsError(
+            f"the budget's optimal size, {optimal_gflops:.3g} Gflops/image, is {optimal_gflops / largest_gflops:.3g}x "
+            f"the largest trained one ({largest_gflops:.3g}); the law is not extrapolated past "
+            f"{MAX_SIZE_EXTRAPOLATION:g}x: plan a smaller budget, or fit records of larger runs (e.g. runs/paper).")
+
+
+def evaluation_cost(points: pd.DataFrame, evaluations: int) -> tuple[float, str]:
+    """Paper units of evaluating a model of 1 Gflops/image `evaluations` times under the points' protocol (samples
+    x sampling steps, x2 with guidance), and a sentence saying what that is; 0 and why where the protocol does
+    not give its sample count or sampling compute."""
+    if evaluations == 0:
+        return 0.0, "no evaluation counted (--evaluations 0)"
+    per_image = (points["sampling_gflops_per_image"].astype(float) / points["gflops"].astype(float)).median()
+    samples = points["num_samples"].astype(float).median()
+    if not (np.isfinite(per_image) and np.isfinite(samples)):
+        return 0.0, "not counted: the records' protocol gives no sample count or sampling steps"
+    protocol = points["protocol"].iloc[0]
+    return (evaluations * samples * per_image,
+            f"{evaluations} x {protocol}: {samples:,.0f} samples x {per_image:g} forward passes each")
+
+
+def plan_with_law(fit, points: pd.DataFrame, budget: float, sizes: list[ModelSize], *, batch_size: int,
+                  evaluations: int = 1) -> LawPlan:
+    """The budget (paper units) split by the law `fit` (an analysis.law.LawFit over Gflops) into a compute-optimal
+    size and images, after the evaluation's cost under the points' protocol; then each of `sizes` (the trained
+    configs nearest to the optimum and a size at it) trained with what the budget leaves after its own
+    evaluation, at `batch_size`: its steps and predicted metric with the law's bootstrap interval, and how far
+    beyond the largest trained run it lies."""
+    _require_positive("budget", budget)
+    if fit.size != "gflops":
+        raise RecordsError("the budget plan needs the law over Gflops (size gflops): configs are chosen by Gflops.")
+    if not sizes:
+        raise RecordsError("the budget plan has no model sizes to choose from.")
+    per_gflop, evaluation_note = evaluation_cost(points, evaluations)
+    optimum = optimal_allocation(fit.values, budget, per_gflop)
+    require_reach(optimum["size"], points["gflops"].astype(float).max())
+    def optimal_of(key: str) -> tuple[float, float]:
+        # A bootstrap fit whose exponent fell to 0 has no optimum: it counts as unknown (NaN), not as an error.
+        return fit.interval_of(lambda v: optimal_allocation(v, budget, per_gflop)[key]
+                               if min(v["alpha"], v["beta"]) > 0 else math.nan)
+
+    largest_size = points["gflops"].astype(float).max()
+    largest_compute = points["train_gflops_cumulative"].astype(float).max()
+    choices = []
+    for size in sizes:
+        evaluation = per_gflop * size.gflops
+        compute = budget - evaluation
+        if compute <= 0:
+            continue
+        images = compute / (schema.TRAINING_MULTIPLIER * size.gflops)
+        choices.append(LawChoice(
+            size=size, training_compute=compute, evaluation_compute=evaluation, images=images,
+            steps=int(images // batch_size), predicted=float(fit.predict(size.gflops, images)),
+            interval=fit.interval_of(lambda v, n=size.gflops, d=images: float(predict(v, n, d))),
+            size_beyond_trained=size.gflops / largest_size, compute_beyond_trained=compute / largest_compute))
+    if not choices:
+        raise RecordsError("the budget does not pay for one evaluation of any of the sizes.")
+    flags = list(fit.flags())
+    for choice in choices:
+        beyond = [f"{ratio:.3g}x the largest trained {what}" for ratio, what in
+                  ((choice.size_beyond_trained, "size"), (choice.compute_beyond_trained, "run's training compute"))
+                  if ratio > EXTRAPOLATION_FLAG]
+        if beyond:
+            flags.append(f"{choice.size.name} extrapolates: {' and '.join(beyond)}; its interval is the bootstrap's "
+                         "over the trained runs and widens with the distance")
+    return LawPlan(budget=float(budget), metric=fit.metric, optimal_gflops=optimum["size"],
+                   optimal_gflops_interval=optimal_of("size"), optimal_images=optimum["images"],
+                   optimal_images_interval=optimal_of("images"), optimal_value=optimum["value"],
+                   optimal_value_interval=optimal_of("value"), evaluation_per_gflop=per_gflop,
+                   evaluation_note=evaluation_note, choices=choices, batch_size=batch_size,
+                   law={**fit.summary(), "notes": fit.metadata.get("notes", [])},
+                   flags=flags)

@@ -11,6 +11,7 @@ import sys
 from etils import epath
 
 from analysis import storage
+from analysis.chips import DEFAULT_UTILIZATION
 from analysis.cli import add_commands as add_analysis_commands
 from analysis.cli import boolean, comma_separated, fraction, non_negative_int, number, positive_int, print_table
 from models.timesteps import SAMPLERS
@@ -526,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--chips", type=positive_int, default=8, help="for --dry-run: chips the runs train on")
     grid.add_argument("--slices", type=positive_int, default=1,
                       help="for --dry-run: slices the chips are in (fsdp splits the state within a slice)")
-    grid.add_argument("--utilization", type=fraction, default=0.4,
+    grid.add_argument("--utilization", type=fraction, default=DEFAULT_UTILIZATION,
                       help="for --dry-run: fraction of the chips' peak FLOP/s that a step reaches, in (0, 1]")
     grid.add_argument("--plan-shards", type=positive_int, metavar="N",
                       help="print how --shard i/N splits the grid (runs and training compute per shard); train "
@@ -647,8 +648,70 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed_arguments(extract)
     extract.set_defaults(handler=cmd_extract_latents)
 
-    add_analysis_commands(commands)
+    add_analysis_commands(commands, budget_planner=cmd_plan_budget)
     return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plan --budget (the rest of plan is analysis.cli's)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cmd_plan_budget(args: argparse.Namespace) -> int:
+    from analysis.cli import _dumps, _load_records, _print_notes, _print_pairs, _where
+    from analysis.planning import to_paper_units
+    from scaling.budget import plan_budget_with_law
+    from scaling.train import format_duration
+
+    if args.chip_peak_tflops or args.unit:
+        raise ValueError("--budget is in chip-hours of --chip (or paper-unit Gflops without --chip); "
+                         "--unit and --chip-peak-tflops are --compute's.")
+    result = plan_budget_with_law(
+        _load_records(args.records), args.budget, chip=args.chip, chips=args.chips, utilization=args.utilization,
+        metric=args.metric, batch_size=args.batch_size, evaluations=args.evaluations, n_bootstrap=args.bootstrap,
+        **_where(args.where))
+    plan = result.plan
+    if args.json:
+        print(_dumps({**plan.summary(), "memory": result.memory, "chip": result.chip, "chips": result.chips}))
+        return 0
+    interval = lambda pair: f"[{pair[0]:.3g}, {pair[1]:.3g}]"  # noqa: E731
+    law = plan.law
+    level = f"{law['confidence']:.0%}"
+    rows = [("budget", (f"{result.budget:,.6g} {result.chip}-hours at {result.utilization or DEFAULT_UTILIZATION:.0%} "
+                        f"of its peak = " if result.chip else "") + f"{plan.budget:.4g} Gflops (paper units)"),
+            ("law", f"{plan.metric} = E + A / N^alpha + B / D^beta: alpha {law['alpha']:.3g} "
+                    f"{interval(law['alpha_interval'])}, beta {law['beta']:.3g} {interval(law['beta_interval'])}, "
+                    f"E {law['E']:.3g}; {law['points']} points of {law['runs']} runs, {level} intervals from "
+                    f"{law['bootstrap']} bootstrap fits over runs"),
+            ("evaluation", plan.evaluation_note),
+            ("optimal size", f"{plan.optimal_gflops:.4g} Gflops/image {interval(plan.optimal_gflops_interval)}, "
+                             f"{plan.optimal_images:.4g} images {interval(plan.optimal_images_interval)}: "
+                             f"{plan.metric} {plan.optimal_value:.4g} {interval(plan.optimal_value_interval)}")]
+    for choice, memory in zip(plan.choices, result.memory, strict=True):
+        size = choice.size
+        params = memory["params"] if memory else size.params
+        rows.append(("model", f"{size.name}: {size.gflops:.4g} Gflops/image" + (
+            f", {params / 1e6:,.1f}M parameters" if params else "")))
+        rows.append(("  training", f"{choice.steps:,} steps at batch {plan.batch_size} ({choice.images:.4g} images, "
+                                   f"{choice.training_compute:.4g} Gflops; evaluation "
+                                   f"{choice.evaluation_compute:.3g})"))
+        rows.append(("  predicted", f"{plan.metric} {choice.predicted:.4g} {interval(choice.interval)}"))
+        rows.append(("  beyond trained", f"size {choice.size_beyond_trained:.3g}x, compute "
+                                         f"{choice.compute_beyond_trained:.3g}x the largest trained run"))
+        if memory:
+            gib = lambda b: f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
+            state = f"state {gib(memory['state_replicated'])} replicated / {gib(memory['state_fsdp'])} fsdp"
+            acts = f", activations {gib(memory['activations'])}" if memory["activations"] is not None else ""
+            least = (f"; the fewest chips it fits on: {memory['least_chips']}" if memory["least_chips"]
+                     else "; it fits on no number of chips at this batch")
+            hours = choice.training_compute / to_paper_units(1, "accelerator-hours", chip=result.chip,
+                                                             utilization=result.utilization) / result.chips
+            rows.append((f"  on {result.chips} {result.chip}", f"fits: {memory['fits']} ({state}{acts} per chip)"
+                         f"{least}; {format_duration(hours * 3600)} of training"))
+    rows += [("flag", flag) for flag in plan.flags]
+    _print_pairs(rows)
+    _print_notes(law.get("notes", []))
+    return 0
 
 
 # The commands that compile XLA programs (the others, the analysis commands, run without JAX).

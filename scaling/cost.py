@@ -33,6 +33,7 @@ import numpy as np
 from etils import epath
 
 from analysis import schema
+from analysis.chips import CHIPS
 from models.dit import DiTConfig
 from models.flops import model_compute
 from scaling import config as config_lib
@@ -76,27 +77,6 @@ def run_training_flops(config) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    peak_flops: float  # dense bf16 FLOP/s, as published
-    memory_bytes: float  # HBM per chip
-    source: str
-
-
-GIB, GB = 2**30, 1e9
-CHIPS = {
-    "v4": Chip(275e12, 32 * GIB, "cloud.google.com/tpu/docs/v4: 275 TFLOPs bf16, 32 GiB HBM2"),
-    "v5e": Chip(197e12, 16 * GIB, "cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16, 16 GiB HBM2"),
-    "v5p": Chip(459e12, 95 * GIB, "cloud.google.com/tpu/docs/v5p: 459 TFLOPs bf16, 95 GiB HBM2e"),
-    "v6e": Chip(918e12, 32 * GIB, "cloud.google.com/tpu/docs/v6e: 918 TFLOPs bf16, 32 GiB HBM"),
-    "H100": Chip(989e12, 80 * GB, "nvidia.com H100 SXM datasheet: 1,979 TFLOPs bf16 with sparsity (989 dense), "
-                                  "80 GB HBM3"),
-    "H200": Chip(989e12, 141 * GB, "nvidia.com H200 SXM datasheet: 1,979 TFLOPs bf16 with sparsity (989 dense), "
-                                   "141 GB HBM3e"),
-    "A100": Chip(312e12, 80 * GB, "nvidia.com A100 SXM datasheet: 312 TFLOPs bf16 dense, 80 GB HBM2e"),
-}
-
-
 def state_bytes_per_device(abstract_state, chips: int, mode: str) -> int:
     """Bytes of the training state on one device, parameters replicated or split as fsdp splits them."""
     total = 0
@@ -123,33 +103,45 @@ def activation_bytes(model, batch: int, *, remat: bool) -> int:
     return model.depth * block
 
 
-def run_cost(config, *, chip: str, chips: int, utilization: float, slices: int = 1) -> dict:
-    """One row of the dry run for a run of `config` on `chips` chips of kind `chip`, in `slices` slices (fsdp
-    splits the state within a slice: `devices.make_mesh`)."""
-    spec = CHIPS[chip]
-    model = planned_model(config)
+def abstract_state(model, config):
+    """The training state's shapes and dtypes (no memory allocated)."""
+    return jax.eval_shape(lambda: init_state(model, make_optimizer(config), 0))
+
+
+def training_memory(model, config, batch: int, *, chip: str, chips: int, slices: int = 1,
+                    abstract=None) -> dict:
+    """What a training step of `model` (with the optimizer of `config`) at global `batch` needs on each of `chips`
+    chips of kind `chip` in `slices` slices (fsdp splits the state within a slice: `devices.make_mesh`): the state
+    replicated and split, the activations with and without remat (bytes; None where unknown), and `fits`, the first
+    setting that fits the chip's memory ("replicated", "fsdp", "fsdp+remat"), "no", or why it cannot be said.
+    `abstract`: the state's `abstract_state`, where the caller has it."""
     compute_model = dataclasses.replace(model, dtype="bfloat16")  # what an accelerator's auto dtype picks
-    abstract = jax.eval_shape(lambda: init_state(model, make_optimizer(config), 0))
-    batch = config.train.batch_size
+    abstract = abstract_state(model, config) if abstract is None else abstract
     local_batch = batch // chips if batch % chips == 0 else None
-    row = {"gflops": model_compute(model).gflops, "training_flops": run_training_flops(config),
-           "local_batch": local_batch}
+    row = {"local_batch": local_batch, "activations": None, "activations_remat": None,
+           "params": sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract["params"]))}
     for mode in ("replicated", "fsdp"):
         row[f"state_{mode}"] = training_state_bytes(abstract, chips // slices, mode)
-    if local_batch and not isinstance(model, DiTConfig):
-        row["activations"] = row["activations_remat"] = None
+    if not local_batch:
+        row["fits"] = f"batch {batch} does not split over {chips} chips"
+    elif not isinstance(model, DiTConfig):
         row["fits"] = "state only: no activation estimate for a plug-in"
-    elif local_batch:
+    else:
         row["activations"] = activation_bytes(compute_model, local_batch, remat=False)
         row["activations_remat"] = activation_bytes(compute_model, local_batch, remat=True)
         options = [("replicated", row["state_replicated"] + row["activations"]),
                    ("fsdp", row["state_fsdp"] + row["activations"]),
                    ("fsdp+remat", row["state_fsdp"] + row["activations_remat"])]
-        row["fits"] = next((name for name, need in options if need <= spec.memory_bytes), "no")
-    else:
-        row["activations"] = row["activations_remat"] = None
-        row["fits"] = f"batch {batch} does not split over {chips} chips"
-    seconds = row["training_flops"] / (chips * spec.peak_flops * utilization)
+        row["fits"] = next((name for name, need in options if need <= CHIPS[chip].memory_bytes), "no")
+    return row
+
+
+def run_cost(config, *, chip: str, chips: int, utilization: float, slices: int = 1) -> dict:
+    """One row of the dry run for a run of `config` on `chips` chips of kind `chip`, in `slices` slices."""
+    model = planned_model(config)
+    row = {"gflops": model_compute(model).gflops, "training_flops": run_training_flops(config),
+           **training_memory(model, config, config.train.batch_size, chip=chip, chips=chips, slices=slices)}
+    seconds = row["training_flops"] / (chips * CHIPS[chip].peak_flops * utilization)
     row["hours"] = seconds / 3600
     row["chip_hours"] = seconds / 3600 * chips
     return row

@@ -4,11 +4,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from analysis.chips import CHIPS
 from models.diffusion import GaussianDiffusion, linear_betas
 from models.flops import dit_compute
 from scaling.cli import main
 from scaling.config import load_config
-from scaling.cost import CHIPS, activation_bytes, planned_model, run_cost, run_training_flops
+from scaling.cost import activation_bytes, planned_model, run_cost, run_training_flops
 from scaling.train_step import init_state, make_optimizer, make_train_step
 
 
