@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 from etils import epath
 
@@ -143,19 +144,27 @@ def _print_pairs(pairs: list[tuple[str, object]]) -> None:
 PER_MODEL_COLUMNS = ("gflops", "params_m")  # compared across configs at one training step
 
 
-def _fit_table(path: epath.Path, where: dict, x: str):
-    """The rows to fit and notes on how they were chosen. Any CSV without metric/value columns is used as it is
-    (filtered by --where). Records go through `analysis.study.select`: one metric, configs of one block and
-    resolution, and, for a per-model x such as gflops, one training step; several protocols are an error."""
+def _fit_table(paths: list[epath.Path], where: dict, x: str):
+    """The rows to fit and notes on how they were chosen. CSV files without metric/value columns are used as they
+    are (concatenated, filtered by --where). Records (one source or several) go through `analysis.study.select`:
+    one metric, configs of one block and resolution, and, for a per-model x such as gflops, one training step;
+    several protocols are an error."""
     import pandas as pd
 
     from analysis import study
     from analysis.records import filter_rows, load
+    from analysis.schema import RecordsError
 
-    if path.suffix == ".csv" and not {"metric", "value"} <= set(pd.read_csv(path, nrows=0).columns):
-        return filter_rows(pd.read_csv(path), where, str(path)), []
+    plain = [p.suffix == ".csv" and not {"metric", "value"} <= set(pd.read_csv(p, nrows=0).columns) for p in paths]
+    if any(plain):
+        if not all(plain):
+            raise RecordsError("fit takes plain CSV tables or records, not both: "
+                               + ", ".join(f"{p} ({'table' if t else 'records'})" for p, t in zip(paths, plain,
+                                                                                                  strict=True)))
+        return filter_rows(pd.concat([pd.read_csv(p) for p in paths], ignore_index=True), where,
+                           ", ".join(map(str, paths))), []
     where = dict(where)
-    selection = study.select(load(path), metric=where.pop("metric", None), one_protocol=True, **where)
+    selection = study.select(load(*paths), metric=where.pop("metric", None), one_protocol=True, **where)
     points, notes = selection.points, list(selection.notes)
     if x in PER_MODEL_COLUMNS and points["step"].nunique() > 1:
         step = study.default_step(points)
@@ -169,14 +178,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from analysis.records import require_one_protocol
     from analysis.schema import RecordsError
 
-    table, notes = _fit_table(args.file, _where(args.where), args.x)
+    table, notes = _fit_table(args.files, _where(args.where), args.x)
+    sources = ", ".join(map(str, args.files))
     for column in (args.x, args.y):
         if column not in table.columns:
-            raise RecordsError(f"{args.file} has no column {column!r}; columns: {sorted(table.columns)}.")
+            raise RecordsError(f"{sources} has no column {column!r}; columns: {sorted(table.columns)}.")
     table = table.dropna(subset=[args.y]) if "metric" in table.columns else table
     protocol = require_one_protocol(table) if "protocol" in table.columns else None
     groups = table["run"] if "run" in table.columns else table["model"] if "model" in table.columns else None
-    metadata = {"file": str(args.file), "where": _where(args.where), "protocol": protocol, "notes": notes}
+    metadata = {"file": sources, "where": _where(args.where), "protocol": protocol, "notes": notes}
     if args.frontier:
         if groups is None:
             raise RecordsError("--frontier needs a run (or model) column naming each point's curve.")
@@ -408,14 +418,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
         frontier = training_compute_fit(records, metric=args.metric, **where)
         gflops_fit = model_compute_fit(records, metric=frontier.metadata["metric"], **where)
         table = compare_architecture(pd.read_csv(args.points), frontier, gflops_fit, batch_size=args.batch_size)
+        names = table["name"] if "name" in table.columns else pd.Series([f"point {i}" for i in range(len(table))])
+        y = frontier.y_name if frontier.y_name in table.columns else "value"
+        overlay = pd.DataFrame({"run": names, "model": names, "gflops": table["gflops"], "value": table[y],
+                                "step": table["steps"] if "steps" in table.columns else math.nan,
+                                "train_gflops_cumulative": table["train_gflops_cumulative"],
+                                "family": args.points.stem})
     else:  # records of runs: their points of DiT's metric, protocol and recipe, or an error saying what differs
         comparison = compare_runs(load(args.points), records, metric=args.metric, **where)
         table, frontier, gflops_fit = comparison.table, comparison.frontier_fit, comparison.gflops_fit
-        if args.figures:
-            from analysis.figures import comparison_figures
+        overlay = comparison.points
+    if args.figures:
+        from analysis.figures import comparison_figures
 
-            for path in comparison_figures(comparison, records, args.figures, **where):
-                print(f"wrote {path}")
+        written, skipped = comparison_figures(overlay, records, args.figures, metric=frontier.metadata["metric"],
+                                              step=gflops_fit.metadata["step"], **where)
+        for path in written:
+            print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+        for name, reason in skipped.items():
+            print(f"skipped {name}: {reason}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(_dumps(table.to_dict("records")))
         return 0
@@ -445,10 +466,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_figures(args: argparse.Namespace) -> int:
     from analysis.report import render_all
 
-    source = epath.Path(args.runs_dir)
+    source = epath.Path(args.sources[0])
     default = source / "figures" if source.is_dir() else source.parent / f"{source.stem}_figures"
+    if len(args.sources) > 1 and not args.out:
+        raise ValueError("figures of several sources need --out DIR (where to write them).")
     out = epath.Path(args.out) if args.out else default
-    written, skipped = render_all(_load_records([source]), out, metric=args.metric)
+    written, skipped = render_all(_load_records(args.sources), out, metric=args.metric)
     for path in written:
         print(f"wrote {path}")
     for name, reason in skipped.items():
@@ -463,7 +486,8 @@ def add_commands(commands, budget_planner=None) -> None:
         "fit", help="Log-log fit (or frontier power law) of two columns of a records or CSV file.",
         description="Fit log10 Y = intercept + slope log10 X over the rows of FILE (a CSV, records JSONL or run "
                     "directory), with Pearson/Spearman correlation and a bootstrap-over-configs CI.")
-    fit.add_argument("file", type=epath.Path)
+    fit.add_argument("files", type=epath.Path, nargs="+", metavar="FILE",
+                     help="records (runs directory, run, .jsonl, .csv; several are combined) or plain CSV tables")
     fit.add_argument("--x", required=True, help="column, e.g. gflops or train_gflops_cumulative")
     fit.add_argument("--y", required=True, help="column, e.g. fid (records: the metric family, or value)")
     fit.add_argument("--where", type=where_condition, action="append", metavar="COLUMN=VALUE",
@@ -573,9 +597,9 @@ def add_commands(commands, budget_planner=None) -> None:
     compare.set_defaults(handler=cmd_compare)
 
     figures = commands.add_parser("figures", help="Render the paper's figures, Table 4 and a report from records.")
-    figures.add_argument("runs_dir", type=epath.Path, metavar="RECORDS",
-                         help="a runs directory, a run, or a records .jsonl/.csv file")
-    figures.add_argument("--out", help="output directory (default: RECORDS/figures, or RECORDS_figures beside a "
-                                       "file)")
+    figures.add_argument("sources", type=epath.Path, nargs="+", metavar="RECORDS",
+                         help="a runs directory, a run, or a records .jsonl/.csv file; several are combined")
+    figures.add_argument("--out", help="output directory (default with one source: RECORDS/figures, or "
+                                       "RECORDS_figures beside a file; needed with several)")
     figures.add_argument("--metric", help="metric to plot (default: the sample metric with the most points)")
     figures.set_defaults(handler=cmd_figures)

@@ -286,7 +286,10 @@ OVERLAY_COLOR = "black"
 
 
 def _overlay_label(overlay: pd.DataFrame) -> str:
-    families = sorted({str(m).rpartition("-")[0] or str(m) for m in overlay["model"]})
+    """The compared family: the overlay's `family` column where it has one, else its models' names less the size
+    ("ModernDiT-B" -> "ModernDiT")."""
+    families = sorted({str(m) for m in overlay["family"]} if "family" in overlay.columns else
+                      {str(m).rpartition("-")[0] or str(m) for m in overlay["model"]})
     return f"{', '.join(families)} (compared, not fitted)"
 
 
@@ -645,18 +648,23 @@ def _run_table(records, pairs: pd.DataFrame) -> pd.DataFrame:
 COMPARISON_FIGURES = ("compare_fig8_gflops", "compare_fig9_training_compute")
 
 
-def comparison_figures(comparison, dit: Records, out_dir, **where) -> list:
-    """`planning.compare_runs`'s new runs drawn over DiT's Fig. 8 (at its fit's step) and Fig. 9, as PNG and PDF
-    in `out_dir`; returns the paths written."""
+def comparison_figures(overlay: pd.DataFrame, dit: Records, out_dir, *, metric: str, step: int,
+                       **where) -> tuple[list, dict[str, str]]:
+    """A new architecture's points (`overlay`: records columns run, model, step, gflops, train_gflops_cumulative,
+    value) drawn over DiT's Fig. 8 (its fit at `step`) and Fig. 9, as PNG and PDF in `out_dir`; returns the paths
+    written and, for a figure the points cannot be drawn on, why (e.g. none at Fig. 8's step)."""
     from etils import epath
 
     out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metric = comparison.metric
-    rendered = {
-        "compare_fig8_gflops": fig8_gflops_fit(dit, metric=metric, step=comparison.gflops_fit.metadata["step"],
-                                               overlay=comparison.points, **where),
-        "compare_fig9_training_compute": fig9_training_compute(dit, metric=metric, overlay=comparison.points,
-                                                               **where),
+    draw = {
+        "compare_fig8_gflops": lambda: fig8_gflops_fit(dit, metric=metric, step=step, overlay=overlay, **where),
+        "compare_fig9_training_compute": lambda: fig9_training_compute(dit, metric=metric, overlay=overlay, **where),
     }
-    return [path for name, figure in rendered.items() for path in save_figure(figure, out_dir, name)]
+    written, skipped = [], {}
+    for name, figure in draw.items():
+        try:
+            written += save_figure(figure(), out_dir, name)
+        except RecordsError as e:
+            skipped[name] = str(e)
+    return written, skipped

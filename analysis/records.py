@@ -37,6 +37,10 @@ PROTOCOL_COLUMNS = ["metric", "sampler", "sampling_steps", "guidance_scale", "gu
 EVALUATION_COLUMNS = [*RUN_COLUMNS, "step", "train_gflops_cumulative", "metric", "value", *PROTOCOL_COLUMNS[1:],
                       "sampling_gflops_per_image", "protocol"]
 STEP_COLUMNS = ["run", "step", "images_seen", "loss", "train_gflops_cumulative"]
+TRAINING_LOSS_METRIC = "train-loss"  # a table row of this metric is a logged training step, not an evaluation
+# Columns of a user's table that must hold numbers where they are given.
+NUMERIC_COLUMNS = ["value", "step", "batch_size", "train_gflops_cumulative", "params_m", "resolution",
+                   "sampling_steps", "guidance_scale", "num_samples", "gflops", "gmacs", "macs", "flops"]
 
 # Compute columns a CSV may use, with the factor that turns them into paper Gflops (GMACs per image).
 COMPUTE_UNITS = {"gflops": 1.0, "gmacs": 1.0, "macs": 1e-9, "flops": 1e-9 / schema.FLOPS_PER_MAC}
@@ -213,9 +217,11 @@ def _load_csv(path: epath.Path) -> Records:
 
 
 def from_evaluation_table(table: pd.DataFrame, origin: str = "table") -> Records:
-    """Records from a flat evaluation table (one row per measurement): the CSV schema users write for their own
-    runs. Needs run or model, a compute column (gflops, gmacs, macs or flops), metric and value; step and
-    batch_size are needed for training compute unless train_gflops_cumulative is given."""
+    """Records from a flat table (one row per measurement): the CSV schema users write for their own runs. Needs
+    run or model, a compute column (gflops, gmacs, macs or flops), metric and value; step and batch_size are needed
+    for training compute unless train_gflops_cumulative is given. Rows of metric TRAINING_LOSS_METRIC are logged
+    training steps (their value the training loss: Fig. 13), the rest evaluations. A bad cell is named by its line
+    in a CSV (its row in other tables) and its column."""
     table = table.copy()
     if "run" not in table.columns and "model" not in table.columns:
         raise RecordsError(f"{origin}: missing column 'run' (or 'model'): every row must name its run.")
@@ -225,14 +231,55 @@ def from_evaluation_table(table: pd.DataFrame, origin: str = "table") -> Records
         table["model"] = table["run"]
     if "source" not in table.columns:
         table["source"] = origin
+    for column in NUMERIC_COLUMNS:
+        if column in table.columns:
+            numbers = pd.to_numeric(table[column], errors="coerce")
+            _refuse(table, numbers.isna() & table[column].notna(), origin, column, "is not a number")
+            table[column] = numbers
     table = convert_compute(table, origin)
-    table = _validate_evaluations(table, origin)
     conflicting = table.groupby("run")["gflops"].nunique()
     if (conflicting > 1).any():
         raise RecordsError(f"{origin}: runs {conflicting[conflicting > 1].index.tolist()} have more than one gflops "
                            "value; one run is one model, so split them into runs with distinct names.")
-    runs = table.drop_duplicates("run")[RUN_COLUMNS].reset_index(drop=True)
-    return Records(_validate_runs(runs, origin), _empty(STEP_COLUMNS), table)
+    runs = table.drop_duplicates("run")[[c for c in RUN_COLUMNS if c in table.columns]].reset_index(drop=True)
+    is_loss = table["metric"] == TRAINING_LOSS_METRIC if "metric" in table.columns else np.zeros(len(table), bool)
+    steps = _loss_rows(table[is_loss], origin)
+    evaluations = table[~is_loss]
+    evaluations = _validate_evaluations(evaluations, origin) if len(evaluations) or not len(steps) \
+        else _empty(EVALUATION_COLUMNS)
+    return Records(_validate_runs(runs, origin), steps, evaluations)
+
+
+def _row_names(index, origin) -> str:
+    """Rows as a user finds them: lines of a CSV file (its header is line 1), else positions in the table."""
+    names = [f"line {i + 2}" if str(origin).endswith(".csv") else f"row {i}" for i in index[:3]]
+    return ", ".join(names) + (f" and {len(index) - 3} more" if len(index) > 3 else "")
+
+
+def _refuse(table: pd.DataFrame, bad, origin, column: str, problem: str, fix: str = "") -> None:
+    """A RecordsError naming the rows (lines) where `bad` holds and the column, when any does."""
+    index = table.index[np.asarray(bad, dtype=bool)]
+    if len(index):
+        raise RecordsError(f"{origin}: {_row_names(index, origin)}, column {column!r}: {problem}"
+                           + (f"; {fix}" if fix else "") + ".")
+
+
+def _loss_rows(rows: pd.DataFrame, origin) -> pd.DataFrame:
+    """Training-loss rows of a table as step records: run, step, loss, images_seen, train_gflops_cumulative."""
+    if rows.empty:
+        return _empty(STEP_COLUMNS)
+    _refuse(rows, ~np.isfinite(rows["value"].to_numpy(dtype=float)), origin, "value",
+            "a training loss that is missing, NaN or infinite", "remove the row or give the logged loss")
+    if "step" not in rows.columns:
+        raise RecordsError(f"{origin}: training-loss rows need a 'step' column.")
+    _refuse(rows, rows["step"].isna(), origin, "step", "a training-loss row without its step")
+    batch = rows["batch_size"] if "batch_size" in rows.columns else np.nan
+    steps = pd.DataFrame({"run": rows["run"], "step": rows["step"].astype(int), "loss": rows["value"],
+                          "images_seen": rows["step"] * batch,
+                          "train_gflops_cumulative": training_compute(rows["gflops"], batch, rows["step"])})
+    if "train_gflops_cumulative" in rows.columns:
+        steps["train_gflops_cumulative"] = rows["train_gflops_cumulative"].fillna(steps["train_gflops_cumulative"])
+    return steps.sort_values(["run", "step"]).reset_index(drop=True)
 
 
 def convert_compute(table: pd.DataFrame, origin: str) -> pd.DataFrame:
@@ -250,11 +297,11 @@ def convert_compute(table: pd.DataFrame, origin: str) -> pd.DataFrame:
 
 
 def _require_positive_gflops(table: pd.DataFrame, origin) -> None:
-    bad = table.loc[~(pd.to_numeric(table["gflops"], errors="coerce") > 0),
-                    "run" if "run" in table.columns else "gflops"].tolist()
-    if bad:
-        raise RecordsError(f"{origin}: non-positive or missing gflops for {bad[:5]}; every point needs its forward "
-                           "GMACs per image (`dit-scaling flops` counts DiTs, `--torch` PyTorch models).")
+    bad = ~(pd.to_numeric(table["gflops"], errors="coerce") > 0)
+    runs = table.loc[bad, "run"].tolist() if "run" in table.columns else []
+    _refuse(table, bad, origin, "gflops", "non-positive or missing" + (f" (runs {runs[:5]})" if runs else ""),
+            "every point needs its forward GMACs per image (`dit-scaling flops` counts DiTs, `--torch` PyTorch "
+            "models)")
 
 
 def _validate_runs(runs: pd.DataFrame, origin) -> pd.DataFrame:
@@ -289,26 +336,19 @@ def _validate_evaluations(table: pd.DataFrame, origin) -> pd.DataFrame:
     for column in EVALUATION_COLUMNS:
         if column not in table.columns:
             table[column] = np.nan
-    missing_metric = table.index[~table["metric"].map(lambda m: isinstance(m, str) and bool(m))].tolist()
-    if missing_metric:
-        raise RecordsError(f"{origin}: {len(missing_metric)} row(s) have no metric name (e.g. row "
-                           f"{missing_metric[0]}); name each measurement, e.g. 'FID-50K'.")
+    _refuse(table, ~table["metric"].map(lambda m: isinstance(m, str) and bool(m)), origin, "metric",
+            "no metric name", "name each measurement, e.g. 'FID-50K'")
     table["value"] = pd.to_numeric(table["value"], errors="coerce")
-    bad = table.index[~np.isfinite(table["value"].to_numpy(dtype=float))].tolist()
-    if bad:
-        rows = table.loc[bad[:5], ["run", "step", "metric"]].to_dict("records")
-        raise RecordsError(f"{origin}: {len(bad)} evaluation value(s) are NaN or infinite, e.g. {rows}; a "
-                           "diverged or failed evaluation must be removed (or re-run), not fitted.")
-    no_step = table.index[table["step"].isna()].tolist()
-    if no_step:
-        raise RecordsError(f"{origin}: {len(no_step)} evaluation row(s) have no training step (e.g. "
-                           f"{table.loc[no_step[0], 'run']}); give the step each point was measured at.")
+    _refuse(table, ~np.isfinite(table["value"].to_numpy(dtype=float)), origin, "value",
+            "an evaluation value that is missing, NaN or infinite",
+            "a diverged or failed evaluation must be removed (or re-run), not fitted")
+    _refuse(table, table["step"].isna(), origin, "step", "an evaluation without its training step",
+            "give the step each point was measured at")
+    _refuse(table, pd.to_numeric(table["step"], errors="coerce") < 0, origin, "step", "a negative step")
     derived = training_compute(table["gflops"], table["batch_size"], table["step"])
     table["train_gflops_cumulative"] = table["train_gflops_cumulative"].fillna(derived)
-    compute = table["train_gflops_cumulative"].to_numpy(dtype=float)
-    if np.any(compute[np.isfinite(compute)] < 0):
-        raise RecordsError(f"{origin}: negative train_gflops_cumulative; training compute is 3 x gflops x batch x "
-                           "steps in paper units and cannot be negative.")
+    _refuse(table, table["train_gflops_cumulative"].to_numpy(dtype=float) < 0, origin, "train_gflops_cumulative",
+            "negative", "training compute is 3 x gflops x batch x steps in paper units")
     derived = [schema.sampling_compute(g, s, scale) for g, s, scale in
                zip(table["gflops"], table["sampling_steps"], table["guidance_scale"], strict=True)]
     table["sampling_gflops_per_image"] = table["sampling_gflops_per_image"].fillna(pd.Series(derived,

@@ -282,13 +282,13 @@ def test_user_csv_records_are_converted_and_validated(tmp_path):
     assert row["gflops"] == 2.0 and row["train_gflops_cumulative"] == 3 * 2.0 * 256 * 1000 and row["fid"] == 50.0
     for bad, message in [
         ({k: v for k, v in ROW.items() if k != "gflops"}, "missing column 'gflops'"),
-        ({**ROW, "gflops": 0.0}, "non-positive or missing gflops"),
+        ({**ROW, "gflops": 0.0}, "line 2, column .gflops.: non-positive or missing"),
         ({**ROW, "gflops": 5e9}, "look like raw counts"),
-        ({**ROW, "value": float("nan")}, "NaN or infinite"),
+        ({**ROW, "value": float("nan")}, "column .value.: an evaluation value that is missing, NaN or infinite"),
         ({k: v for k, v in ROW.items() if k != "metric"}, "missing column 'metric'"),
         ({k: v for k, v in ROW.items() if k != "run"}, "missing column 'run'"),
         ({**ROW, "metric": None}, "no metric name"),
-        ({**ROW, "step": None}, "no training step"),
+        ({**ROW, "step": None}, "column .step.: an evaluation without its training step"),
     ]:
         with pytest.raises(records.RecordsError, match=message):
             records.load(_csv(tmp_path, [bad]))
