@@ -98,8 +98,21 @@ def test_plan_compute_budget_prints_what_the_planning_api_computes(paper, fronti
 
     # The committed miniature study (12 configs) supports the same planning.
     assert re.search(r"^metric FD-FashionCNN-\d+; protocol: ", text, re.MULTILINE)
-    # and its held-out loss the isoFLOP law, with the plan it chooses.
     mini = load(ROOT / "runs" / "fmnist-default")
+    # The parametric law's plans, on the miniature (1e4 Gflops) and on the paper's numbers (2,000 H100-hours), as
+    # plan_budget_with_law makes them.
+    from scaling.budget import plan_budget_with_law
+
+    printed_optima = re.findall(rf"^optimal size ({NUMBER}) Gflops/image \[({NUMBER}), ({NUMBER})\]", text,
+                                flags=re.MULTILINE)
+    law_plans = [plan_budget_with_law(mini, 1e4, n_bootstrap=50).plan,
+                 plan_budget_with_law(paper, 2000, chip="H100", chips=8, n_bootstrap=50).plan]
+    assert len(printed_optima) == 2
+    for optimum, law_plan in zip(printed_optima, law_plans, strict=True):
+        assert [number(x) for x in optimum] == pytest.approx(
+            [law_plan.optimal_gflops, *law_plan.optimal_gflops_interval], rel=5e-3)  # printed to 3 digits
+    assert "fits fsdp" in text and "DiT of depth" in text  # the paper's plan: a size between, its memory
+    # The held-out loss gives the isoFLOP law, with the plan it chooses.
     iso = isoflop_analysis(mini, metric="val-loss-200")
     if iso.size_law is None:  # too few budgets with an interior minimum: the notebook says why
         assert f"no law of the optimum: {iso.note}" in text
