@@ -221,3 +221,38 @@ def model_compute(config) -> ModelCompute:
     return ModelCompute(model=config.name, block=config.block, input_size=config.input_size,
                         tokens=int(tokens) if tokens is not None else None, params=count_params(model),
                         macs=forward_macs(model, config))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What an evaluation runs besides the diffusion model: decoding latents and the feature network
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _module_macs(build: Callable[[], nnx.Module], call: Callable, *inputs) -> int:
+    """MACs of call(module, *inputs) for an abstract module (no weights allocated)."""
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    return count_macs(lambda state, *x: call(nnx.merge(graphdef, state), *x), state, *inputs).total
+
+
+@functools.cache
+def decoder_macs(latent_size: int) -> int:
+    """MACs of decoding one latent of `latent_size` x `latent_size` into an image with the published KL-f8
+    autoencoder (the post-quantisation convolution and the decoder)."""
+    from models.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    config = AutoencoderConfig()
+
+    def decode(model, z):
+        return model.decoder(model.post_quant_conv(z) if model.post_quant_conv is not None else z)
+
+    latent = jax.ShapeDtypeStruct((1, latent_size, latent_size, config.latent_channels), jnp.float32)
+    return _module_macs(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)), decode, latent)
+
+
+@functools.cache
+def inception_macs() -> int:
+    """MACs of FID's Inception on one image (pool features and the spatial ones, at its 299 x 299 input)."""
+    from models.inception import INPUT_SIZE, FIDInception
+
+    image = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
+    return _module_macs(lambda: FIDInception(rngs=nnx.Rngs(0)), lambda m, x: m.features_of_normalized(x), image)

@@ -211,17 +211,19 @@ def _print_dry_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--slices {args.slices}: give a positive number of slices that divides --chips {args.chips}.")
     configs = _grid_configs_for_planning(args)
     gib = lambda b: "-" if b is None else f"{b / 2**30:.1f}"  # noqa: E731
-    rows, total_flops, total_hours = [], 0.0, 0.0
+    rows, total_flops, total_hours, evaluation_hours = [], 0.0, 0.0, 0.0
     for model, config in configs.items():
         cost = run_cost(config, chip=args.chip, chips=args.chips, utilization=args.utilization,
                         slices=args.slices)
         total_flops += cost["training_flops"]
         total_hours += cost["chip_hours"]
+        evaluation_hours += cost["evaluation_chip_hours"]
         rows.append({"run": model, "gflops": f"{cost['gflops']:.2f}", "compute": f"{cost['training_flops']:.3g}",
                      "batch": cost["local_batch"] or "-", "replicated": gib(cost["state_replicated"]),
                      "fsdp": gib(cost["state_fsdp"]), "activations": gib(cost["activations"]),
                      "remat": gib(cost["activations_remat"]), "fits": cost["fits"],
-                     "wall": format_duration(cost["hours"] * 3600), "chip_hours": f"{cost['chip_hours']:.0f}"})
+                     "wall": format_duration(cost["hours"] * 3600), "chip_hours": f"{cost['chip_hours']:.0f}",
+                     "evaluation": f"{cost['evaluation_chip_hours']:.3g}"})
     chip = CHIPS[args.chip]
     in_slices = f" in {args.slices} slices" if args.slices > 1 else ""
     print(f"dry run: {len(rows)} runs on {args.chips} x {args.chip}{in_slices} "
@@ -230,10 +232,13 @@ def _print_dry_run(args: argparse.Namespace) -> int:
     print_table(rows, [("run", "run"), ("gflops", "Gflops"), ("compute", "train FLOPs"), ("batch", "batch/chip"),
                        ("replicated", "state GiB repl"), ("fsdp", "state GiB fsdp"),
                        ("activations", "act GiB"), ("remat", "act GiB remat"), ("fits", "fits"),
-                       ("wall", "wall time"), ("chip_hours", "chip-hours")])
+                       ("wall", "wall time"), ("chip_hours", "chip-hours"), ("evaluation", "eval chip-hours")])
     wall = total_flops / (args.chips * chip.peak_flops * args.utilization)
     print(f"total: {total_flops:.3g} training FLOPs, {format_duration(wall)} one run after another on all "
-          f"{args.chips} chips, {total_hours:.0f} chip-hours")
+          f"{args.chips} chips, {total_hours:.0f} chip-hours of training and {evaluation_hours:.3g} of evaluation")
+    print("evaluation: every scheduled sample evaluation (eval.every, the final extras) and held-out loss at the "
+          "same utilisation: the model's sampling forwards (x2 with guidance), decoding each sample and FID's "
+          "Inception on it")
     print("state: parameters, EMA, Adam's moments and gradients (exact); activations: an estimate (scaling/cost.py)")
     print(f"chip: {chip.source}")
     return 0

@@ -35,7 +35,7 @@ from etils import epath
 from analysis import schema
 from analysis.chips import CHIPS
 from models.dit import DiTConfig
-from models.flops import model_compute
+from models.flops import decoder_macs, inception_macs, model_compute
 from scaling import config as config_lib
 from scaling import data as data_lib
 from scaling.devices import fsdp_axis
@@ -144,6 +144,8 @@ def run_cost(config, *, chip: str, chips: int, utilization: float, slices: int =
     seconds = row["training_flops"] / (chips * CHIPS[chip].peak_flops * utilization)
     row["hours"] = seconds / 3600
     row["chip_hours"] = seconds / 3600 * chips
+    row["evaluation_flops"] = run_evaluation_flops(config)
+    row["evaluation_chip_hours"] = row["evaluation_flops"] / (CHIPS[chip].peak_flops * utilization) / 3600
     return row
 
 
@@ -162,26 +164,51 @@ EVAL_OVERHEAD_S = 0.3
 RUN_OVERHEAD_S = 8.0  # start, compilation, checkpoints
 
 
+def evaluation_work(config) -> dict[str, int]:
+    """What a run of `config` evaluates over its training: `evaluations`, the steps at which it samples or computes
+    the held-out loss; `samples`, the images it samples (each decoded and run through the feature network);
+    `sampling_forwards`, the diffusion model's forward passes sampling them (x2 with guidance); and
+    `validation_forwards`, those of the held-out loss."""
+    e, steps = config.eval, config.train.steps
+    if not e.every:
+        return {"evaluations": 0, "samples": 0, "sampling_forwards": 0, "validation_forwards": 0}
+    sample_steps = steps // e.every + (steps % e.every != 0)
+    every = e.validation_every or e.every
+    validations = steps // every + (steps % every != 0)
+    guided = lambda scale: schema.GUIDANCE_MULTIPLIER if schema.is_guided(scale) else 1  # noqa: E731
+    final_steps = [s for s in e.final_sampling_steps if s not in e.sampling_steps]
+    samples = e.num_samples * (sample_steps * len(e.sampling_steps) + len(final_steps) + len(e.final_seeds)
+                               + len(e.final_guidance_scales))
+    sampling = e.num_samples * guided(e.guidance_scale) * (
+        sample_steps * sum(e.sampling_steps) + sum(final_steps) + e.sampling_steps[0] * len(e.final_seeds))
+    sampling += e.num_samples * e.sampling_steps[0] * sum(guided(scale) for scale in e.final_guidance_scales)
+    # validation_every divides eval.every, so the held-out loss's steps include the samples'.
+    return {"evaluations": max(sample_steps, validations) if e.validation_examples else sample_steps,
+            "samples": samples, "sampling_forwards": sampling,
+            "validation_forwards": validations * e.validation_examples * e.validation_timesteps}
+
+
+def run_evaluation_flops(config) -> float:
+    """True FLOPs of a run's evaluations on an accelerator: the model's forward passes (sampling and the held-out
+    loss) and, for latent runs, decoding every sample and FID's Inception on it."""
+    work = evaluation_work(config)
+    macs = model_compute(planned_model(config)).macs * (work["sampling_forwards"] + work["validation_forwards"])
+    if config.data.source != "fashion_mnist" and work["samples"]:
+        latent_size = planned_model(config).input_size
+        macs += work["samples"] * (decoder_macs(latent_size) + inception_macs())
+    return schema.FLOPS_PER_MAC * macs
+
+
 def predicted_seconds(config) -> float:
     """The cost model's seconds for one run of `config` on one core of the reference CPU."""
     macs = model_compute(planned_model(config)).macs
     steps = config.train.steps
     seconds = RUN_OVERHEAD_S + steps * STEP_OVERHEAD_S + schema.training_flops(
         macs, config.train.batch_size, steps) / TRAIN_FLOP_RATE
-    e = config.eval
-    if e.every:
-        samples = steps // e.every + (steps % e.every != 0)
-        every = e.validation_every or e.every
-        validations = steps // every + (steps % every != 0)
-        forward_passes = (samples * e.num_samples * sum(e.sampling_steps)
-                          + validations * e.validation_examples * e.validation_timesteps)
-        forward_passes += e.num_samples * sum(s for s in e.final_sampling_steps if s not in e.sampling_steps)
-        forward_passes += e.num_samples * e.sampling_steps[0] * (
-            len(e.final_seeds) + schema.GUIDANCE_MULTIPLIER * len(e.final_guidance_scales))
-        # validation_every divides eval.every, so the held-out loss's steps include the samples'.
-        evaluations = max(samples, validations) if e.validation_examples else samples
-        seconds += evaluations * EVAL_OVERHEAD_S + schema.FLOPS_PER_MAC * macs * forward_passes / EVAL_FLOP_RATE
-    return seconds
+    work = evaluation_work(config)
+    forward_passes = work["sampling_forwards"] + work["validation_forwards"]
+    evaluation = work["evaluations"] * EVAL_OVERHEAD_S + schema.FLOPS_PER_MAC * macs * forward_passes / EVAL_FLOP_RATE
+    return seconds + evaluation
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ import pytest
 
 from analysis.chips import CHIPS
 from models.diffusion import GaussianDiffusion, linear_betas
-from models.flops import dit_compute
+from models.flops import decoder_macs, dit_compute, inception_macs
 from scaling.cli import main
 from scaling.config import load_config
-from scaling.cost import activation_bytes, planned_model, run_cost, run_training_flops
+from scaling.cost import activation_bytes, planned_model, run_cost, run_evaluation_flops, run_training_flops
 from scaling.train_step import init_state, make_optimizer, make_train_step
 
 
@@ -59,3 +59,40 @@ def test_dry_run_command(capsys):
     assert "--chip 'v9': use one of v4" in capsys.readouterr().err
     assert main(["grid", "--config", "imagenet256", "--workdir", "unused", "--dry-run", "--slices", "3"]) == 2
     assert "--slices 3: give a positive number of slices that divides --chips 8" in capsys.readouterr().err
+
+
+def test_the_dry_run_prices_evaluation():
+    # XL/2 at 400K steps: one FID-50K with 250 DDPM steps, each sample decoded and run through FID's Inception.
+    config = load_config("imagenet256:XL/2")
+    macs = dit_compute(planned_model(config)).macs
+    expected = 2 * (50_000 * 250 * macs + 50_000 * (decoder_macs(32) + inception_macs()))
+    assert run_evaluation_flops(config) == pytest.approx(expected)
+    guided = load_config("imagenet256:XL/2,cfg")  # guidance runs the model twice per sampling step
+    assert run_evaluation_flops(guided) - run_evaluation_flops(config) == pytest.approx(2 * 50_000 * 250 * macs)
+    cost = run_cost(config, chip="H100", chips=8, utilization=0.4)
+    assert cost["evaluation_chip_hours"] == pytest.approx(expected / (CHIPS["H100"].peak_flops * 0.4) / 3600)
+    # Inception-v3 is published at 5.71 GMACs per image (torchvision's model table); the decoder is checked against
+    # diffusers' PyTorch model below.
+    assert inception_macs() == pytest.approx(5.71e9, rel=0.005)
+
+
+def test_the_decoders_count_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    from models.torch_flops import count_torch_macs
+
+    model = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                    down_block_types=("DownEncoderBlock2D",) * 4,
+                                    up_block_types=("UpDecoderBlock2D",) * 4).eval()
+
+    class Decode(torch.nn.Module):
+        def __init__(self, autoencoder):
+            super().__init__()
+            self.autoencoder = autoencoder
+
+        def forward(self, z):
+            return self.autoencoder.decode(z).sample
+
+    counted, _ = count_torch_macs(Decode(model), (torch.zeros(1, 4, 8, 8),))
+    assert decoder_macs(8) == counted.total
