@@ -223,7 +223,8 @@ def _print_dry_run(args: argparse.Namespace) -> int:
                      "fsdp": gib(cost["state_fsdp"]), "activations": gib(cost["activations"]),
                      "remat": gib(cost["activations_remat"]), "fits": cost["fits"],
                      "wall": format_duration(cost["hours"] * 3600), "chip_hours": f"{cost['chip_hours']:.0f}",
-                     "evaluation": f"{cost['evaluation_chip_hours']:.3g}"})
+                     "evaluation": f"{cost['evaluation_chip_hours']:.3g}",
+                     "kill": format_duration(cost["kill_loss_hours"] * 3600)})
     chip = CHIPS[args.chip]
     in_slices = f" in {args.slices} slices" if args.slices > 1 else ""
     print(f"dry run: {len(rows)} runs on {args.chips} x {args.chip}{in_slices} "
@@ -232,13 +233,16 @@ def _print_dry_run(args: argparse.Namespace) -> int:
     print_table(rows, [("run", "run"), ("gflops", "Gflops"), ("compute", "train FLOPs"), ("batch", "batch/chip"),
                        ("replicated", "state GiB repl"), ("fsdp", "state GiB fsdp"),
                        ("activations", "act GiB"), ("remat", "act GiB remat"), ("fits", "fits"),
-                       ("wall", "wall time"), ("chip_hours", "chip-hours"), ("evaluation", "eval chip-hours")])
+                       ("wall", "wall time"), ("chip_hours", "chip-hours"), ("evaluation", "eval chip-hours"),
+                       ("kill", "a kill loses")])
     wall = total_flops / (args.chips * chip.peak_flops * args.utilization)
     print(f"total: {total_flops:.3g} training FLOPs, {format_duration(wall)} one run after another on all "
           f"{args.chips} chips, {total_hours:.0f} chip-hours of training and {evaluation_hours:.3g} of evaluation")
     print("evaluation: every scheduled sample evaluation (eval.every, the final extras) and held-out loss at the "
           "same utilisation: the model's sampling forwards (x2 with guidance), decoding each sample and FID's "
           "Inception on it")
+    print("a kill loses: the work lost on average by a kill without SIGTERM (half the interval between checkpoints: "
+          "train.checkpoint_every steps or train.checkpoint_minutes, whichever comes first); SIGTERM loses none")
     print("state: parameters, EMA, Adam's moments and gradients (exact); activations: an estimate (scaling/cost.py)")
     print(f"chip: {chip.source}")
     return 0

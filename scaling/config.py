@@ -247,6 +247,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         (0 <= config.model.class_dropout_prob < 1, "model.class_dropout_prob must be in [0, 1)"),
         (train.log_every > 0, "train.log_every must be positive"),
         (train.checkpoint_every > 0, "train.checkpoint_every must be positive"),
+        (train.checkpoint_minutes >= 0, "train.checkpoint_minutes must be >= 0 (0: checkpoints by steps only)"),
         (train.keep_checkpoints > 0, "train.keep_checkpoints must be positive"),
         (train.steps_per_call > 0 and all(n % train.steps_per_call == 0 for n in (
             train.steps, train.log_every, train.checkpoint_every, config.eval.every, config.eval.validation_every)),

@@ -144,6 +144,11 @@ def run_cost(config, *, chip: str, chips: int, utilization: float, slices: int =
     seconds = row["training_flops"] / (chips * CHIPS[chip].peak_flops * utilization)
     row["hours"] = seconds / 3600
     row["chip_hours"] = seconds / 3600 * chips
+    # A kill (no SIGTERM to checkpoint on) at a uniformly random moment loses half a checkpoint interval on average.
+    interval = config.train.checkpoint_every * seconds / config.train.steps
+    if config.train.checkpoint_minutes:
+        interval = min(interval, 60 * config.train.checkpoint_minutes)
+    row["kill_loss_hours"] = interval / 2 / 3600
     row["evaluation_flops"] = run_evaluation_flops(config)
     row["evaluation_chip_hours"] = row["evaluation_flops"] / (CHIPS[chip].peak_flops * utilization) / 3600
     return row

@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 import optax
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -138,6 +139,17 @@ class _Run:
 
     def is_checkpoint_step(self, step: int) -> bool:
         return step % self.config.train.checkpoint_every == 0 or step == self.total_steps or self.is_eval_step(step)
+
+    def checkpoint_due(self, since: float, step: int) -> bool:
+        """train.checkpoint_minutes have passed since the last checkpoint (`since`, time.monotonic()). Asked at the
+        records' steps (train.log_every) only; process 0's clock decides for every host, which must save alike."""
+        minutes = self.config.train.checkpoint_minutes
+        if not minutes or step % self.config.train.log_every:
+            return False
+        due = time.monotonic() - since >= 60 * minutes
+        if jax.process_count() > 1:
+            due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+        return due
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
@@ -262,13 +274,14 @@ def _check_same_factory(previous: schema.Manifest | None, model_config: FactoryC
 
 
 def _check_same_run(previous: dict, current: dict, workdir: epath.Path) -> None:
-    """A workdir continues only the run it holds; train.steps, train.steps_per_call, model.remat,
-    model.remat_policy and the eval section may change. A field the run's config lacks (added since it started)
-    counts as its default, which keeps the behaviour from before the field existed."""
+    """A workdir continues only the run it holds; train.steps, train.steps_per_call, train.checkpoint_minutes,
+    model.remat, model.remat_policy and the eval section may change. A field the run's config lacks (added since
+    it started) counts as its default, which keeps the behaviour from before the field existed."""
     def without_steps(config):  # evaluation, steps per call and what the backward pass recomputes: same training
         return {**{k: v for k, v in config.items() if k not in ("eval", "model", "train")},
                 "model": {k: v for k, v in config["model"].items() if k not in ("remat", "remat_policy")},
-                "train": {k: v for k, v in config["train"].items() if k not in ("steps", "steps_per_call")}}
+                "train": {k: v for k, v in config["train"].items()
+                          if k not in ("steps", "steps_per_call", "checkpoint_minutes")}}
 
     defaults = base_config().to_dict()
     previous = {section: {**defaults[section], **values} if isinstance(values, dict) and section in defaults
@@ -564,6 +577,7 @@ def _loop(run: _Run, steps: _StepLog, lease: RunLease, notice: PreemptionNotice,
     # (first step, steps, metrics) of the call dispatched last: fetched after the next dispatch, so the host never
     # stalls the device.
     pending, step = None, run.start_step
+    last_checkpoint = time.monotonic()
     while step < run.total_steps:
         n, metrics = run.advance(step)
         if pending is not None:
@@ -573,11 +587,12 @@ def _loop(run: _Run, steps: _StepLog, lease: RunLease, notice: PreemptionNotice,
             steps.handle_call(*pending)
             raise KeyboardInterrupt
         preempted = notice.reached()  # at every boundary, on every host alike
-        if run.is_checkpoint_step(step) or preempted:
+        if run.is_checkpoint_step(step) or preempted or run.checkpoint_due(last_checkpoint, step):
             steps.handle_call(*pending)
             pending = None
             lease.check()  # a run whose lease was taken over writes no checkpoint beside the new holder
             _save(run, step, run.state, steps.wall_time())
+            last_checkpoint = time.monotonic()
         if preempted:  # a resumed run evaluates at this step if it is an evaluation step
             _close(run, steps, "preempted", stopped_step=step)
             raise Preempted(run.workdir, step)

@@ -74,6 +74,12 @@ def test_the_dry_run_prices_evaluation():
     # Inception-v3 is published at 5.71 GMACs per image (torchvision's model table); the decoder is checked against
     # diffusers' PyTorch model below.
     assert inception_macs() == pytest.approx(5.71e9, rel=0.005)
+    # A kill loses half the interval between checkpoints: XL/2's 50K steps take 6.4 h on 8 H100 at 40%, so the
+    # 30-minute cadence bounds it; S/8's 50K steps take 9 seconds, which bound its own.
+    assert cost["kill_loss_hours"] == pytest.approx(0.25)
+    small = load_config("imagenet256:S/8")
+    steps_hours = run_cost(small, chip="H100", chips=8, utilization=0.4)["hours"] * 50_000 / small.train.steps
+    assert run_cost(small, chip="H100", chips=8, utilization=0.4)["kill_loss_hours"] == pytest.approx(steps_hours / 2)
 
 
 def test_the_decoders_count_matches_diffusers():

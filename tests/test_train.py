@@ -45,6 +45,7 @@ def test_config_overrides_are_typed_and_checked():
     assert (paper.train.weight_decay, paper.model.class_dropout_prob, paper.data.flip) == (0.0, 0.1, True)
     # The paper's schedule: checkpoints (all kept) every 50K steps, unguided FID-50K with 250 DDPM steps at 400K.
     assert (paper.train.checkpoint_every, paper.train.keep_every, paper.eval.every) == (50_000, 50_000, 400_000)
+    assert paper.train.checkpoint_minutes == 30  # and at least every half hour of wall time
     assert (paper.eval.num_samples, tuple(paper.eval.sampling_steps), paper.eval.guidance_scale) == (50_000, (250,), 1)
     headline = load_config("imagenet256:XL/2,cfg,512,block=in-context")
     assert (headline.eval.guidance_scale, headline.data.resolution, headline.model.block) == (1.5, 512, "in-context")
@@ -528,3 +529,19 @@ def test_records_reach_tensorboard(fmnist_dir, tmp_path):
     assert [e.step for e in board.Scalars("loss")] == [r.step for r in steps] == [5, 10, 15, 20]
     np.testing.assert_allclose([e.value for e in board.Scalars("loss")], [r.loss for r in steps], rtol=1e-6)
     assert "utilization" in board.Tags()["scalars"]
+
+
+def test_checkpoints_by_wall_time(fmnist_dir, tmp_path):
+    # A cadence of a tiny fraction of a minute is due at every logged step (5, 10, 15): by steps alone only 20.
+    by_steps = ["--config.train.checkpoint_every=20", "--config.train.keep_checkpoints=10", *TINY]
+    assert main(["train", *smoke(fmnist_dir, "--workdir", str(tmp_path / "steps"), *by_steps)]) == 0
+    assert sorted(int(p.name) for p in (tmp_path / "steps" / "checkpoints").iterdir()) == [20]
+    timed = [*by_steps, "--config.train.checkpoint_minutes=1e-9"]
+    assert main(["train", *smoke(fmnist_dir, "--workdir", str(tmp_path / "timed"), *timed)]) == 0
+    assert sorted(int(p.name) for p in (tmp_path / "timed" / "checkpoints").iterdir()) == [5, 10, 15, 20]
+    # The cadence may change when the run resumes (it changes no training); a negative one is refused.
+    assert main(["train", *smoke(fmnist_dir, "--workdir", str(tmp_path / "timed"), *by_steps,
+                                 "--config.train.steps=40")]) == 0
+    assert sorted(int(p.name) for p in (tmp_path / "timed" / "checkpoints").iterdir()) == [5, 10, 15, 20, 40]
+    with pytest.raises(ValueError, match="train.checkpoint_minutes must be >= 0"):
+        validate(load_config("fmnist:S/8,smoke", ["train.checkpoint_minutes=-1"]))

@@ -60,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.steps_per_call = 1
     config.train.log_every = 100
     config.train.checkpoint_every = 5000
+    # Also checkpoint once this many minutes of wall time have passed since the last checkpoint (0: by steps only),
+    # so a run killed outright (kill -9, a lost spot slice) loses at most that much work.
+    config.train.checkpoint_minutes = 0.0
     config.train.keep_checkpoints = 2  # newest checkpoints kept
     config.train.keep_every = 50_000  # also keep every K-th step for analysis (0: none)
     config.train.param_sharding = "replicated"  # replicated | fsdp (shard parameters over the data axis)
