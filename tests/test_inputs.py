@@ -126,7 +126,7 @@ def test_checks_in_the_handlers_name_the_value(capsys, tmp_path, monkeypatch):
          "--slices 3: give a positive number of slices that divides --chips 8"),
         (["grid", "--config", "fmnist:smoke", "--workdir", "runs", "--shard", "2/2"], "--shard 2/2"),
         (["grid", "--config", "fmnist:smoke", "--workdir", "runs", "--shard", "one/2"], "'one/2'"),
-        (["plan", "--compute", "10", "--unit", "accelerator-hours"], "need --utilization"),
+        (["plan", "--compute", "10", "--unit", "accelerator-hours"], "accelerator-hours need --chip"),
     ]:
         code, _, err = _run(capsys, argv)
         assert code == 2 and expected in err, err

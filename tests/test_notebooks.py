@@ -105,8 +105,8 @@ def test_plan_compute_budget_prints_what_the_planning_api_computes(paper, fronti
 
     printed_optima = re.findall(rf"^optimal size ({NUMBER}) Gflops/image \[({NUMBER}), ({NUMBER})\]", text,
                                 flags=re.MULTILINE)
-    law_plans = [plan_budget_with_law(mini, 1e4, n_bootstrap=50).plan,
-                 plan_budget_with_law(paper, 2000, chip="H100", chips=8, n_bootstrap=50).plan]
+    law_plans = [plan_budget_with_law(mini, 1e4, n_bootstrap=20).plan,
+                 plan_budget_with_law(paper, 2000, chip="H100", chips=8, n_bootstrap=20).plan]
     assert len(printed_optima) == 2
     for optimum, law_plan in zip(printed_optima, law_plans, strict=True):
         assert [number(x) for x in optimum] == pytest.approx(
