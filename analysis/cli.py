@@ -433,10 +433,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         written, skipped = comparison_figures(overlay, records, args.figures, metric=frontier.metadata["metric"],
                                               step=gflops_fit.metadata["step"], **where)
+        progress = sys.stderr if args.json else sys.stdout  # --json keeps stdout for the JSON
         for path in written:
-            print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+            print(f"wrote {path}", file=progress)
         for name, reason in skipped.items():
-            print(f"skipped {name}: {reason}", file=sys.stderr if args.json else sys.stdout)
+            print(f"skipped {name}: {reason}", file=progress)
     if args.json:
         print(_dumps(table.to_dict("records")))
         return 0

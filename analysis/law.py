@@ -298,6 +298,12 @@ def law(records: Records | pd.DataFrame, *, metric: str | None = None, size: str
         n_bootstrap: int = 200, confidence: float = DEFAULT_CONFIDENCE, seed: int = 0, **where) -> LawFit:
     """The law of one metric and protocol's (run, step) points of a set of records (see `law_points`)."""
     points, selection = law_points(records, metric=metric, size=size, **where)
+    return law_of_points(points, selection, size=size, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
+
+
+def law_of_points(points: pd.DataFrame, selection, *, size: str = "gflops", n_bootstrap: int = 200,
+                  confidence: float = DEFAULT_CONFIDENCE, seed: int = 0) -> LawFit:
+    """The law of `law_points`' points and selection, for a caller that uses the points too."""
     return fit_law(points["run"], points["size"], points["images"], points["value"],
                    metric=points["metric"].iloc[0], size=size, n_bootstrap=n_bootstrap, confidence=confidence,
                    seed=seed, metadata={"protocol": points["protocol"].iloc[0], "family": selection.family,

@@ -8,6 +8,7 @@ chip peak.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -387,9 +388,7 @@ class LawPlan:
     flags: list[str]
 
     def summary(self) -> dict:
-        out = asdict(self)
-        out["choices"] = [asdict(choice) for choice in self.choices]
-        return out
+        return asdict(self)
 
 
 EXTRAPOLATION_FLAG = 1.0  # a choice beyond the largest trained run (in size or compute) is flagged
@@ -421,27 +420,29 @@ def evaluation_cost(points: pd.DataFrame, evaluations: int) -> tuple[float, str]
             f"{evaluations} x {protocol}: {samples:,.0f} samples x {per_image:g} forward passes each")
 
 
-def plan_with_law(fit, points: pd.DataFrame, budget: float, sizes: list[ModelSize], *, batch_size: int,
-                  evaluations: int = 1) -> LawPlan:
+def plan_with_law(fit, points: pd.DataFrame, budget: float, offer_sizes: Callable[[float], list[ModelSize]], *,
+                  batch_size: int, evaluations: int = 1) -> LawPlan:
     """The budget (paper units) split by the law `fit` (an analysis.law.LawFit over Gflops) into a compute-optimal
-    size and images, after the evaluation's cost under the points' protocol; then each of `sizes` (the trained
-    configs nearest to the optimum and a size at it) trained with what the budget leaves after its own
-    evaluation, at `batch_size`: its steps and predicted metric with the law's bootstrap interval, and how far
-    beyond the largest trained run it lies."""
+    size and images, after the evaluation's cost under the points' protocol; then each of `offer_sizes(optimal
+    Gflops)` (the trained configs nearest to the optimum and a size at it) trained with what the budget leaves
+    after its own evaluation, at `batch_size`: its steps and predicted metric with the law's bootstrap interval,
+    and how far beyond the largest trained run it lies."""
     _require_positive("budget", budget)
     if fit.size != "gflops":
         raise RecordsError("the budget plan needs the law over Gflops (size gflops): configs are chosen by Gflops.")
-    if not sizes:
-        raise RecordsError("the budget plan has no model sizes to choose from.")
     per_gflop, evaluation_note = evaluation_cost(points, evaluations)
     optimum = optimal_allocation(fit.values, budget, per_gflop)
-    require_reach(optimum["size"], points["gflops"].astype(float).max())
+    largest_size = points["gflops"].astype(float).max()
+    require_reach(optimum["size"], largest_size)
+    sizes = offer_sizes(optimum["size"])
+    if not sizes:
+        raise RecordsError("the budget plan has no model sizes to choose from.")
+
     def optimal_of(key: str) -> tuple[float, float]:
         # A bootstrap fit whose exponent fell to 0 has no optimum: it counts as unknown (NaN), not as an error.
         return fit.interval_of(lambda v: optimal_allocation(v, budget, per_gflop)[key]
                                if min(v["alpha"], v["beta"]) > 0 else math.nan)
 
-    largest_size = points["gflops"].astype(float).max()
     largest_compute = points["train_gflops_cumulative"].astype(float).max()
     choices = []
     for size in sizes:

@@ -18,8 +18,8 @@ import numpy as np
 from etils import epath
 
 from analysis import schema
-from analysis.law import law, law_points
-from analysis.planning import LawPlan, ModelSize, evaluation_cost, plan_with_law, require_reach, to_paper_units
+from analysis.law import law_of_points, law_points
+from analysis.planning import LawPlan, ModelSize, plan_with_law, to_paper_units
 from analysis.records import Records
 from analysis.schema import RecordsError
 from models.dit import LATENT_DOWNSAMPLE, DiTConfig, dit_config
@@ -95,7 +95,6 @@ class BudgetResult:
     chips: int
     utilization: float | None
     budget: float
-    unit: str
 
 
 def plan_budget_with_law(records: Records, budget: float, *, chip: str | None = None, chips: int = 1,
@@ -104,34 +103,36 @@ def plan_budget_with_law(records: Records, budget: float, *, chip: str | None = 
     """`budget` chip-hours of `chip` (or paper-unit Gflops without a chip) planned by the law of the records."""
     compute = to_paper_units(budget, "accelerator-hours", chip=chip, utilization=utilization) if chip \
         else to_paper_units(budget)
-    fit = law(records, metric=metric, size="gflops", n_bootstrap=n_bootstrap, **where)
-    points, _ = law_points(records, metric=fit.metric, size="gflops", **where)
+    points, selection = law_points(records, metric=metric, size="gflops", **where)
+    fit = law_of_points(points, selection, n_bootstrap=n_bootstrap)
     batches = points["batch_size"].dropna().astype(int).unique()
     if batch_size is None:
         if len(batches) != 1:
             raise RecordsError(f"the records train at batch sizes {sorted(batches.tolist())}: give --batch-size.")
         batch_size = int(batches[0])
-    optimum = fit.optimal(compute, evaluation_cost(points, evaluations)[0])["size"]
     trained = points.drop_duplicates("run")
-    require_reach(optimum, trained["gflops"].astype(float).max())
-    nearest = trained.iloc[int(np.argmin(np.abs(np.log(trained["gflops"].astype(float) / optimum))))]
     shapes = trained_shapes(records)
-    sizes = [ModelSize(name=f"{nearest['model']} (trained)", gflops=float(nearest["gflops"]), trained=True,
-                       params=None if math.isnan(nearest["params_m"]) else float(nearest["params_m"]) * 1e6)]
-    models = [shapes.get(nearest["run"])]
-    family = [shapes[r] for r in trained["run"] if r in shapes]
-    if abs(math.log(sizes[0].gflops / optimum)) > math.log1p(SIZE_TOLERANCE) and family:
+    models: dict[str, DiTConfig | None] = {}  # each offered size's architecture, for its memory
+
+    def offer_sizes(optimum: float) -> list[ModelSize]:
+        nearest = trained.iloc[int(np.argmin(np.abs(np.log(trained["gflops"].astype(float) / optimum))))]
+        size = ModelSize(name=f"{nearest['model']} (trained)", gflops=float(nearest["gflops"]), trained=True,
+                         params=None if math.isnan(nearest["params_m"]) else float(nearest["params_m"]) * 1e6)
+        models[size.name] = shapes.get(nearest["run"])
+        family = [shapes[r] for r in trained["run"] if r in shapes]
+        if abs(math.log(size.gflops / optimum)) <= math.log1p(SIZE_TOLERANCE) or not family:
+            return [size]
         patch = min(s.patch_size for s in family)
         between = size_at([s for s in family if s.patch_size == patch], optimum)
-        sizes.append(ModelSize(name=shape_name(between), gflops=_gflops(between), trained=False,
+        at_optimum = ModelSize(name=shape_name(between), gflops=_gflops(between), trained=False,
                                shape={"depth": between.depth, "width": between.hidden_size,
-                                      "heads": between.num_heads, "patch": between.patch_size}))
-        models.append(between)
-    plan = plan_with_law(fit, points, compute, sizes, batch_size=batch_size, evaluations=evaluations)
-    by_name = dict(zip((s.name for s in sizes), models, strict=True))
-    memory = [_memory(by_name[c.size.name], batch_size, chip, chips) for c in plan.choices]
-    return BudgetResult(plan=plan, memory=memory, chip=chip, chips=chips, utilization=utilization, budget=budget,
-                        unit="chip-hours" if chip else "gflops")
+                                      "heads": between.num_heads, "patch": between.patch_size})
+        models[at_optimum.name] = between
+        return [size, at_optimum]
+
+    plan = plan_with_law(fit, points, compute, offer_sizes, batch_size=batch_size, evaluations=evaluations)
+    memory = [_memory(models[c.size.name], batch_size, chip, chips) for c in plan.choices]
+    return BudgetResult(plan=plan, memory=memory, chip=chip, chips=chips, utilization=utilization, budget=budget)
 
 
 def _memory(model: DiTConfig | None, batch: int, chip: str | None, chips: int) -> dict | None:

@@ -196,11 +196,10 @@ def evaluation_work(config) -> dict[str, int]:
 def run_evaluation_flops(config) -> float:
     """True FLOPs of a run's evaluations on an accelerator: the model's forward passes (sampling and the held-out
     loss) and, for latent runs, decoding every sample and FID's Inception on it."""
-    work = evaluation_work(config)
-    macs = model_compute(planned_model(config)).macs * (work["sampling_forwards"] + work["validation_forwards"])
+    work, model = evaluation_work(config), planned_model(config)
+    macs = model_compute(model).macs * (work["sampling_forwards"] + work["validation_forwards"])
     if config.data.source != "fashion_mnist" and work["samples"]:
-        latent_size = planned_model(config).input_size
-        macs += work["samples"] * (decoder_macs(latent_size) + inception_macs())
+        macs += work["samples"] * (decoder_macs(model.input_size) + inception_macs())
     return schema.FLOPS_PER_MAC * macs
 
 
