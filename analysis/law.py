@@ -138,15 +138,17 @@ def _log_terms(theta, log_n, log_d):
 def _objective(theta, log_n, log_d, log_value):
     """The summed Huber loss of the log residuals, and its gradient in theta = (e, a, b, alpha, beta)."""
     terms = _log_terms(theta, log_n, log_d)
-    predicted = scipy.special.logsumexp(terms, axis=0)
-    residual = predicted - log_value
-    small = np.abs(residual) <= HUBER_DELTA
-    loss = np.where(small, 0.5 * residual ** 2, HUBER_DELTA * (np.abs(residual) - 0.5 * HUBER_DELTA)).sum()
+    top = terms.max(axis=0)
+    exp_terms = np.exp(terms - top)
+    total = exp_terms.sum(axis=0)
+    residual = top + np.log(total) - log_value  # log of the predicted value (a log-sum-exp) minus the observed
+    magnitude = np.abs(residual)
+    small = magnitude <= HUBER_DELTA
+    loss = np.where(small, 0.5 * residual ** 2, HUBER_DELTA * (magnitude - 0.5 * HUBER_DELTA)).sum()
     slope = np.where(small, residual, HUBER_DELTA * np.sign(residual))
-    weights = np.exp(terms - predicted)  # d predicted / d each log term
-    grad = np.array([(slope * weights[0]).sum(), (slope * weights[1]).sum(), (slope * weights[2]).sum(),
-                     -(slope * weights[1] * log_n).sum(), -(slope * weights[2] * log_d).sum()])
-    return loss, grad
+    weighted = exp_terms * (slope / total)  # slope x d predicted / d each log term
+    grad = weighted.sum(axis=1)
+    return loss, np.array([grad[0], grad[1], grad[2], -weighted[1] @ log_n, -weighted[2] @ log_d])
 
 
 def _grid(log_value) -> np.ndarray:
