@@ -7,6 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SLURMCTLD := /usr/sbin/slurmctld
 
 .PHONY: run paper test lint clean
 
@@ -16,6 +17,14 @@ $(FASHION_MNIST):
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	else \
 		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'" >&2; exit 1; \
+	fi
+
+# A real SLURM for the launcher's tests (tests/slurm_cluster.py starts a one-node cluster): Debian's packages.
+$(SLURMCTLD):
+	@if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null; \
+	else \
+		echo "SLURM is missing: run 'sudo apt-get install slurmctld slurmd slurm-client munge'" >&2; exit 1; \
 	fi
 
 $(BIN)/activate:
@@ -38,7 +47,7 @@ paper: $(VENV)/.installed-core
 	$(BIN)/dit-scaling plan --compute 1e11
 	$(BIN)/dit-scaling figures runs/paper
 
-test: $(VENV)/.installed-dev $(FASHION_MNIST)
+test: $(VENV)/.installed-dev $(FASHION_MNIST) $(SLURMCTLD)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: $(VENV)/.installed-dev

@@ -176,6 +176,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
     if args.plan_shards:
         return _print_shard_plan(args)
+    if args.launcher == "slurm":
+        return _submit_to_slurm(args)
+    if args.sbatch_arg:
+        raise ValueError("--sbatch-arg goes with --launcher slurm.")
     if args.dry_run:
         return _print_dry_run(args)
     _init_distributed(args)
@@ -191,6 +195,41 @@ def cmd_grid(args: argparse.Namespace) -> int:
         print("dit-scaling grid: interrupted (Ctrl-C); run the same command to resume.", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     return 1 if any(o.startswith("failed") for o in outcome.values()) else 0
+
+
+def _submit_to_slurm(args: argparse.Namespace) -> int:
+    """The grid's unfinished runs as one SLURM job array (scaling.slurm); --dry-run prints its batch script."""
+    from etils import epath
+
+    from scaling import config as config_lib
+    from scaling import slurm
+    from scaling.grid import grid_models, is_finished, load_grid_configs
+
+    if args.shard or args.workers > 1:
+        raise ValueError("--launcher slurm schedules every run itself: drop --shard and --workers.")
+    runs_dir = epath.Path(args.workdir)
+    models = grid_models(args.config, args.models.split(",") if args.models else None,
+                         args.only.split(",") if args.only else None)
+    configs = load_grid_configs(args.config, models, args.overrides, validate=not args.dry_run)
+    workdirs = {model: runs_dir / config_lib.run_name(config) for model, config in configs.items()}
+    finished = [model for model, config in configs.items() if is_finished(workdirs[model], config)]
+    unfinished = {model: workdirs[model] for model in configs if model not in finished}
+    result = slurm.submit(unfinished, configs, runs_dir, args.sbatch_arg or [], dry_run=args.dry_run)
+    if finished:
+        print(f"finished already, left out: {', '.join(finished)}")
+    for run, state in result["waiting"].items():
+        print(f"{run}: its task {state} of an earlier submission is still pending or running, left out")
+    if args.dry_run:
+        print(f"dry run: the job array of {len(result['runs'])} run(s) that would be submitted "
+              f"({', '.join(result['runs']) or 'none'}); nothing is written or submitted\n")
+        print(result["script"], end="")
+    elif result["job_id"] is None:
+        print("nothing to submit: every run is finished or queued")
+    else:
+        print(f"submitted job array {result['job_id']}: {len(result['runs'])} task(s), one per run "
+              f"({', '.join(result['runs'])}); script, plan and task logs in {result['directory']}; "
+              f"`dit-scaling status {runs_dir}` shows each task's state")
+    return 0
 
 
 def _grid_configs_for_planning(args: argparse.Namespace) -> dict:
@@ -322,10 +361,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                  row["error"], row["records_gap"] and f"records lost: {row['records_gap']}",
                  row["holder_gone"] and "its process is gone (killed outright); the same command resumes it"]
         row["notes"] = "; ".join(note for note in notes if note) or None
+        row["scheduler"] = row["scheduler"] or "-"
     print_table(rows, [("run", "run"), ("model", "model"), ("status", "status"), ("progress", "step"),
                         ("images_seen", "images"), ("train_gflops_cumulative", "train Gflops"),
                         ("loss", "last loss"), ("wall_time", "wall s"), ("evaluations", "latest evaluations"),
-                        ("notes", "stopped / records")])
+                        ("notes", "stopped / records"), ("scheduler", "scheduler")])
     return 0
 
 
@@ -541,6 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--plan-shards", type=positive_int, metavar="N",
                       help="print how --shard i/N splits the grid (runs and training compute per shard); train "
                            "nothing")
+    grid.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                      help="local: train here (default); slurm: submit the unfinished runs as one SLURM job array "
+                           "(with --dry-run: print its batch script)")
+    grid.add_argument("--sbatch-arg", action="append", metavar="OPTION",
+                      help="with --launcher slurm: an sbatch option for the array, e.g. --sbatch-arg=--partition=gpu "
+                           "(repeatable; overrides the defaults)")
     grid.add_argument("--workers", type=positive_int, default=1,
                       help="runs at once on this machine, each on its share of the cores (default: 1)")
     grid.set_defaults(handler=cmd_grid)

@@ -413,16 +413,32 @@ def _holder_gone(workdir: epath.Path) -> bool:
     return holder is not None and gone_from_this_host(holder)
 
 
+def _scheduler_states(runs_dir: epath.Path) -> dict:
+    """{run: its SLURM task and state} for a grid submitted with --launcher slurm; {None: why unknown} when SLURM
+    cannot be asked."""
+    from scaling import slurm
+
+    if storage.is_url(runs_dir) or not (runs_dir / slurm.SCHEDULER_DIR / slurm.SUBMISSIONS_FILE).is_file():
+        return {}
+    try:
+        return {run: f"slurm {state}" for run, state in slurm.task_states(runs_dir).items()}
+    except slurm.LauncherError as e:
+        return {None: f"unknown: {e}"}
+
+
 def run_status(path: str | epath.Path) -> list[dict]:
     """One row per run, of the run directory `path` or of every run directory under it (a directory that is
     neither has none): model, status, progress, compute spent, last loss, the newest evaluation of each metric (a
     sample metric and the held-out loss keep their own schedules), how an unfinished run stopped (the error and the
-    step) and the records it lost, if any, and whether a run said to be running lost its process (`holder_gone`)."""
+    step) and the records it lost, if any, whether a run said to be running lost its process (`holder_gone`), and
+    for a grid submitted to SLURM, its task's state there (`scheduler`: "slurm JOB_TASK STATE", or None once SLURM
+    no longer lists it)."""
     path = epath.Path(path)
     if (path / schema.MANIFEST_FILE).is_file():
         workdirs = [path]
     else:
         workdirs = [manifest_path.parent for manifest_path in sorted(path.glob(f"*/{schema.MANIFEST_FILE}"))]
+    scheduled = _scheduler_states(path)
     rows = []
     for workdir in workdirs:
         manifest = schema.read_manifest(workdir)
@@ -438,5 +454,18 @@ def run_status(path: str | epath.Path) -> list[dict]:
             "latest_evaluations": {r.metric: r.to_json() for r in sorted(evaluations, key=lambda r: r.step)},
             "error": manifest.error, "stopped_step": manifest.stopped_step, "records_gap": manifest.records_gap,
             "holder_gone": manifest.status == "running" and _holder_gone(workdir),
+            "scheduler": scheduled.get(workdir.name, scheduled.get(None)),
         })
+    if scheduled:  # runs of a submitted grid that have not started yet
+        from scaling import slurm
+
+        started = {row["run"] for row in rows}
+        for submission in slurm.submissions(path):
+            for run, model, steps in zip(submission["runs"], submission["models"], submission["steps"], strict=True):
+                if run in scheduled and run not in started:
+                    started.add(run)
+                    rows.append({"run": run, "model": model, "status": "not started", "step": 0, "total_steps": steps,
+                                 "images_seen": 0, "train_gflops_cumulative": 0.0, "loss": None, "wall_time": None,
+                                 "latest_evaluations": {}, "error": None, "stopped_step": None, "records_gap": None,
+                                 "holder_gone": False, "scheduler": scheduled[run]})
     return rows

@@ -20,8 +20,6 @@ import contextlib
 import signal
 import threading
 
-import jax
-
 EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): try again later; a scheduler may requeue on it
 INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # what shells report for a command stopped by Ctrl-C
 
@@ -109,6 +107,8 @@ class PreemptionNotice:
     entry and the previous one restored on exit."""
 
     def __init__(self):
+        import jax  # here, so that the exit codes above come without it
+
         self._hosts = jax.process_count() > 1
         self._boundary = 0
         self._received = threading.Event()

@@ -1,36 +1,75 @@
-"""A worker of the grid: one run in a process of its own, started by `scaling.grid` for `workers` > 1 as
+"""A worker of the grid: one run in a process of its own. Started by `scaling.grid` for `workers` > 1 as
 
     python -m scaling.worker WORKDIR < CONFIG.json
 
-It gets the run's resolved config as data (the ConfigDict as JSON on standard input) and answers with its exit code
-and the manifest the run writes (`scaling.grid.worker_exit_code`): 0 finished; scaling.preemption.EXIT_CODE
-preempted, checkpointed; scaling.preemption.INTERRUPTED_EXIT_CODE interrupted by Ctrl-C;
-scaling.lease.HELD_EXIT_CODE when another command holds the workdir (its lease.json names which);
-analysis.storage.DISK_FULL_EXIT_CODE when no space was left; anything else failed. A failure's reason is in the
-manifest's `error` where the run has a manifest it could write. Standard output carries the run's
-progress lines alone (scaling.train prints them there), which the grid shows; the details (logging, warnings, a
-failure's traceback) go to standard error. The grid keeps both in the run's train.log.
+and by a SLURM array task (`scaling.slurm`) as
+
+    srun python -m scaling.worker --plan runs.json
+
+It gets the run's resolved config as data (the ConfigDict as JSON on standard input, or run SLURM_ARRAY_TASK_ID of
+the plan file) and answers with its exit code and the manifest the run writes (`scaling.grid.worker_exit_code`): 0
+finished (or found finished); scaling.preemption.EXIT_CODE preempted, checkpointed;
+scaling.preemption.INTERRUPTED_EXIT_CODE interrupted by Ctrl-C; scaling.lease.HELD_EXIT_CODE when another command
+holds the workdir (its lease.json names which); analysis.storage.DISK_FULL_EXIT_CODE when no space was left;
+anything else failed. A failure's reason is in the manifest's `error` where the run has a manifest it could write.
+Standard output carries the run's progress lines alone (scaling.train prints them there), which the grid shows; the
+details (logging, warnings, a failure's traceback) go to standard error. The grid keeps both in the run's train.log.
+Under srun with several tasks, the tasks are the processes of one run, joined by jax.distributed from SLURM's
+environment.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 
 import ml_collections
 from etils import epath
 
 from scaling.host import confine_worker, set_up_process
+from scaling.preemption import EXIT_CODE
+
+
+def _preempted_before_training(signum, frame):
+    """SIGTERM before the run's own handler is in place (a scheduler's notice can come at once): nothing of this
+    start to checkpoint; answer as a preempted run, so that it is started again."""
+    raise SystemExit(EXIT_CODE)
+
+
+def _join_slurm_step() -> None:
+    """One process per task of a multi-task srun step: jax.distributed reads the coordinator, process count and id
+    from SLURM's environment."""
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))) <= 1:
+        return
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; accelerators ignore it
+    jax.distributed.initialize()
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGTERM, _preempted_before_training)
     confine_worker()
     set_up_process(compiles=True)
     try:
-        from scaling.grid import train_run, worker_exit_code  # JAX comes with it, after the process is set up
+        from scaling.grid import is_finished, train_run, worker_exit_code  # JAX comes with it, after the set-up
 
-        (workdir,) = sys.argv[1:] if argv is None else argv
-        config = ml_collections.ConfigDict(json.loads(sys.stdin.read()))
+        if argv[:1] == ["--plan"]:
+            from scaling.slurm import planned_run
+
+            model, workdir, config = planned_run(argv[1])
+            config = ml_collections.ConfigDict(config)
+            _join_slurm_step()
+            if is_finished(workdir, config):
+                print(f"{model}: finished already ({workdir})", flush=True)
+                return 0
+            print(f"{model} -> {workdir}", flush=True)
+        else:
+            (workdir,) = argv
+            workdir, config = epath.Path(workdir), ml_collections.ConfigDict(json.loads(sys.stdin.read()))
         return worker_exit_code(train_run(config, epath.Path(workdir)))
     except KeyboardInterrupt:  # Ctrl-C before the run began (or after it ended): nothing of it to record
         from scaling.preemption import INTERRUPTED_EXIT_CODE
