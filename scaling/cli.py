@@ -180,6 +180,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
         return _submit_to_slurm(args)
     if args.sbatch_arg:
         raise ValueError("--sbatch-arg goes with --launcher slurm.")
+    if args.launcher == "xpk":
+        return _print_xpk_workloads(args)
     if args.dry_run:
         return _print_dry_run(args)
     _init_distributed(args)
@@ -229,6 +231,42 @@ def _submit_to_slurm(args: argparse.Namespace) -> int:
         print(f"submitted job array {result['job_id']}: {len(result['runs'])} task(s), one per run "
               f"({', '.join(result['runs'])}); script, plan and task logs in {result['directory']}; "
               f"`dit-scaling status {runs_dir}` shows each task's state")
+    return 0
+
+
+def _print_xpk_workloads(args: argparse.Namespace) -> int:
+    """One `xpk workload create` per unfinished run (scaling.xpk), for the user to run."""
+    from etils import epath
+
+    from scaling import config as config_lib
+    from scaling import xpk
+    from scaling.grid import is_finished
+    from scaling.train import format_duration
+
+    if args.shard or args.workers > 1:
+        raise ValueError("--launcher xpk gives each run a workload of its own: drop --shard and --workers.")
+    if not (args.xpk_cluster and args.docker_image):
+        raise ValueError("--launcher xpk needs --xpk-cluster (the GKE cluster xpk created) and --docker-image (an "
+                         "image with this toolkit installed).")
+    configs = _grid_configs_for_planning(args)
+    runs_dir = epath.Path(args.workdir)
+    workdirs = {model: runs_dir / config_lib.run_name(config) for model, config in configs.items()}
+    finished = [model for model, config in configs.items() if is_finished(workdirs[model], config)]
+    workloads = xpk.workload_commands({m: c for m, c in configs.items() if m not in finished}, workdirs, args.config,
+                                      args.overrides, cluster=args.xpk_cluster, docker_image=args.docker_image,
+                                      chip=args.chip, chips=args.chips, slices=args.slices,
+                                      utilization=args.utilization)
+    if finished:
+        print(f"# finished already, left out: {', '.join(finished)}")
+    for workload in workloads:
+        if workload["command"] is None:
+            print(f"# {workload['model']}: does not fit on {args.chips} x {args.chip} ({workload['setting']}); "
+                  "give it more chips")
+            continue
+        print(f"# {workload['model']}: {args.slices} x {xpk.tpu_type(args.chip, args.chips // args.slices)}, "
+              f"{workload['setting']}, about {format_duration(workload['hours'] * 3600)} at "
+              f"{args.utilization:.0%} of peak (the dry run's estimate)")
+        print(workload["command"])
     return 0
 
 
@@ -572,18 +610,23 @@ def build_parser() -> argparse.ArgumentParser:
                                       "configs give the same split everywhere; see --plan-shards)")
     grid.add_argument("--dry-run", action="store_true",
                       help="launch nothing: print each run's compute, memory per chip, wall time and chip-hours")
-    grid.add_argument("--chip", default="v5p", help="for --dry-run: v4, v5e, v5p, v6e, H100, H200 or A100")
-    grid.add_argument("--chips", type=positive_int, default=8, help="for --dry-run: chips the runs train on")
+    grid.add_argument("--chip", default="v5p",
+                      help="for --dry-run and xpk: v4, v5e, v5p, v6e, H100, H200 or A100")
+    grid.add_argument("--chips", type=positive_int, default=8, help="for --dry-run and xpk: chips each run trains on")
     grid.add_argument("--slices", type=positive_int, default=1,
-                      help="for --dry-run: slices the chips are in (fsdp splits the state within a slice)")
+                      help="for --dry-run and xpk: slices the chips are in (fsdp splits the state within a slice)")
     grid.add_argument("--utilization", type=fraction, default=DEFAULT_UTILIZATION,
-                      help="for --dry-run: fraction of the chips' peak FLOP/s that a step reaches, in (0, 1]")
+                      help="for --dry-run and xpk: fraction of the chips' peak FLOP/s that a step reaches, in (0, 1]")
     grid.add_argument("--plan-shards", type=positive_int, metavar="N",
                       help="print how --shard i/N splits the grid (runs and training compute per shard); train "
                            "nothing")
-    grid.add_argument("--launcher", choices=("local", "slurm"), default="local",
+    grid.add_argument("--launcher", choices=("local", "slurm", "xpk"), default="local",
                       help="local: train here (default); slurm: submit the unfinished runs as one SLURM job array "
-                           "(with --dry-run: print its batch script)")
+                           "(with --dry-run: print its batch script); xpk: print one `xpk workload create` per "
+                           "unfinished run, on --slices slices of --chips / --slices --chip chips")
+    grid.add_argument("--xpk-cluster", help="with --launcher xpk: the GKE cluster's name")
+    grid.add_argument("--docker-image", help="with --launcher xpk: the image the workloads run (this toolkit "
+                                             "installed)")
     grid.add_argument("--sbatch-arg", action="append", metavar="OPTION",
                       help="with --launcher slurm: an sbatch option for the array, e.g. --sbatch-arg=--partition=gpu "
                            "(repeatable; overrides the defaults)")
