@@ -101,6 +101,16 @@ class InterruptNotice:
         self._handlers.close()
 
 
+_notice_before_start = threading.Event()
+
+
+def keep_notices_before_start() -> None:
+    """From now on, a SIGTERM that comes before a run's own handler is in place (a scheduler's notice can come while
+    a task still starts) is kept: the run stops at its first step boundary, checkpointed, as if it had come then.
+    Call from the main thread, first thing."""
+    signal.signal(signal.SIGTERM, lambda *_: _notice_before_start.set())
+
+
 class PreemptionNotice:
     """Whether a preemption notice has reached every host, asked at each step boundary (in the same order on
     every host). Use as a context manager around the loop: a single process's SIGTERM handler is installed on
@@ -116,6 +126,8 @@ class PreemptionNotice:
 
     def __enter__(self) -> PreemptionNotice:
         if not self._hosts:  # on several hosts, jax.distributed's handler spreads the notice
+            if _notice_before_start.is_set():
+                self._received.set()
             self._handlers.enter_context(handling_signal(signal.SIGTERM, lambda *_: self._received.set()))
         return self
 

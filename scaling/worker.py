@@ -22,20 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 
 import ml_collections
 from etils import epath
 
 from scaling.host import confine_worker, set_up_process
-from scaling.preemption import EXIT_CODE
-
-
-def _preempted_before_training(signum, frame):
-    """SIGTERM before the run's own handler is in place (a scheduler's notice can come at once): nothing of this
-    start to checkpoint; answer as a preempted run, so that it is started again."""
-    raise SystemExit(EXIT_CODE)
+from scaling.preemption import keep_notices_before_start
 
 
 def _join_slurm_step() -> None:
@@ -51,7 +44,7 @@ def _join_slurm_step() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGTERM, _preempted_before_training)
+    keep_notices_before_start()
     confine_worker()
     set_up_process(compiles=True)
     try:

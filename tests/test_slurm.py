@@ -134,8 +134,8 @@ def test_the_time_limit_warning_checkpoints_and_the_task_requeues_itself(cluster
     stopped = _wait(lambda: (m := _manifest(workdir)) and m.status == "preempted" and m.stopped_step,
                     "the time limit's warning", timeout=120, cluster=cluster)
     assert (workdir / "checkpoints" / str(stopped)).is_dir()  # checkpointed where it stopped, not at a cadence
-    pending = _wait(lambda: [line for line in _queued(cluster) if "PENDING" in line], "the task to requeue itself")
-    assert "BeginTime" in pending[0]  # requeued (by its batch script), not failed
+    # Pending again: requeued by its batch script (a task that ended otherwise would have left the queue).
+    _wait(lambda: [line for line in _queued(cluster) if "PENDING" in line], "the task to requeue itself")
     cluster.run("scancel", task.split("_")[0])
 
 
@@ -152,22 +152,31 @@ def test_a_refusal_and_a_missing_sbatch_are_named_and_nothing_is_recorded(cluste
     assert not (runs / slurm.SCHEDULER_DIR / slurm.SUBMISSIONS_FILE).exists()
 
 
-def test_a_notice_before_training_answers_as_preempted(tmp_path):
-    """SIGTERM while a task starts up (before the run's own handler): exit code 75, so the batch script requeues it."""
+def test_a_notice_while_the_task_starts_stops_the_run_at_its_first_step(fmnist_dir, tmp_path):
+    """SIGTERM while a task starts up, before the run's own handler: kept, the run checkpoints at its first step and
+    exits with code 75, so that the batch script requeues it."""
     import signal
     import sys
 
     from run_helpers import REPO
 
+    from scaling.config import load_config
     from scaling.preemption import EXIT_CODE
 
+    config = load_config("fmnist:S/8,smoke", ["model.depth=1", f"data.path={fmnist_dir}"])
     plan = tmp_path / "runs.json"
-    plan.write_text(json.dumps({"runs": [{"model": "S/8", "workdir": str(tmp_path / "run"), "config": {}}]}))
+    plan.write_text(json.dumps({"runs": [{"model": "S/8", "workdir": str(tmp_path / "run"),
+                                          "config": config.to_dict()}]}, default=str))
     worker = subprocess.Popen([sys.executable, "-m", "scaling.worker", "--plan", str(plan)], cwd=REPO,
                               env={**os.environ, "SLURM_ARRAY_TASK_ID": "0"})
-    time.sleep(0.5)
+    caught = lambda: int(next(line.split()[1] for line in open(f"/proc/{worker.pid}/status")  # noqa: E731
+                              if line.startswith("SigCgt:")), 16) >> (signal.SIGTERM - 1) & 1
+    _wait(caught, "the worker to catch SIGTERM", timeout=60)  # its first step: JAX is imported after it
     worker.send_signal(signal.SIGTERM)
-    assert worker.wait(timeout=60) == EXIT_CODE
+    assert worker.wait(timeout=120) == EXIT_CODE
+    manifest = schema.read_manifest(tmp_path / "run")
+    assert (manifest.status, manifest.stopped_step) == ("preempted", 1)
+    assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
 
 
 def test_the_dry_run_prints_the_array_and_writes_nothing(fmnist_dir, tmp_path, capsys):
