@@ -28,7 +28,7 @@ import ml_collections
 from etils import epath
 
 from scaling.host import confine_worker, set_up_process
-from scaling.preemption import keep_notices_before_start
+from scaling.preemption import INTERRUPTED_EXIT_CODE, keep_notices_before_start
 
 
 def _join_slurm_step() -> None:
@@ -63,10 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             (workdir,) = argv
             workdir, config = epath.Path(workdir), ml_collections.ConfigDict(json.loads(sys.stdin.read()))
-        return worker_exit_code(train_run(config, epath.Path(workdir)))
+        return worker_exit_code(train_run(config, workdir))
     except KeyboardInterrupt:  # Ctrl-C before the run began (or after it ended): nothing of it to record
-        from scaling.preemption import INTERRUPTED_EXIT_CODE
-
         return INTERRUPTED_EXIT_CODE
 
 
