@@ -11,8 +11,8 @@
    fit: step time, images/s, TFLOP/s (2 x 3 x forward MACs x images/s), and the fraction of the chip's published
    dense bf16 peak (PUBLISHED_BF16_PEAK_TFLOPS) and of the matmul peak measured in the same process.
 
-`--smoke` runs the same code on any backend at toy sizes (S/8, batch 2 to compile and 4 to train), so the script
-is tested without a GPU; its numbers mean nothing.
+`--smoke` runs the same code on any backend at toy sizes (S/8 one block deep, batch 2 to compile and 4 to train),
+so the script is tested without a GPU; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -45,10 +45,12 @@ def published_peak(device_kind: str) -> float | None:
     return None
 
 
-def _run_train_benchmark(model: str, batch: int, steps: int, env: dict | None = None) -> dict | str:
+def _run_train_benchmark(model: str, batch: int, steps: int, env: dict | None = None,
+                         depth: int | None = None) -> dict | str:
     """One bf16 `scaling.benchmarks.train` measurement in a fresh process: its JSON, or why it failed."""
     return run_measurement("scaling.benchmarks.train", "--one", f"{model},bfloat16", "--batch", str(batch),
-                           "--steps", str(steps), "--remat", "none", env=env)
+                           "--steps", str(steps), "--remat", "none", *(["--depth", str(depth)] if depth else []),
+                           env=env)
 
 
 def describe_device() -> None:
@@ -103,23 +105,23 @@ def check_fused_attention(smoke: bool) -> bool:
     return ok
 
 
-def compile_times(models: list[str], batch: int) -> None:
+def compile_times(models: list[str], batch: int, depth: int | None = None) -> None:
     with tempfile.TemporaryDirectory() as cache:
         env = {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
         for model in models:
             times = []
             for _ in ("empty cache", "warm cache"):
-                result = _run_train_benchmark(model, batch, 1, env)
+                result = _run_train_benchmark(model, batch, 1, env, depth)
                 times.append(f"{result['compile_s']:.1f} s" if isinstance(result, dict) else f"failed ({result})")
             print(f"compile {model} bf16 training step (batch {batch}): empty persistent cache {times[0]}, "
                   f"warm cache {times[1]}", flush=True)
 
 
-def throughput(model: str, batches: list[int], steps: int) -> None:
+def throughput(model: str, batches: list[int], steps: int, depth: int | None = None) -> None:
     best = None
     for batch in batches:
         start = time.perf_counter()
-        r = _run_train_benchmark(model, batch, steps)
+        r = _run_train_benchmark(model, batch, steps, depth=depth)
         if isinstance(r, str):
             print(f"{model} bf16 batch {batch}: does not fit or failed ({r})", flush=True)
             break
@@ -154,8 +156,8 @@ def main() -> None:
     describe_device()
     agree = check_fused_attention(args.smoke)
     if args.smoke:
-        compile_times(["S/8"], 2)
-        throughput("S/8", [4], 2)
+        compile_times(["S/8"], 2, depth=1)
+        throughput("S/8", [4], 2, depth=1)
     else:
         compile_times(["S/2", "XL/2"], 32)
         throughput("XL/2", [32, 64, 128, 256, 512, 1024], 10)

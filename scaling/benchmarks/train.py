@@ -34,7 +34,7 @@ def _recomputes(model: str, remat: str) -> bool:
 
 
 def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str, scan_blocks: bool = False,
-              remat_policy: str = DiTConfig.remat_policy) -> dict:
+              remat_policy: str = DiTConfig.remat_policy, depth: int | None = None) -> dict:
     from scaling.host import cpu_model, keep_freed_memory, return_freed_memory_if_large
 
     keep_freed_memory()
@@ -53,8 +53,10 @@ def bench_one(model: str, batch: int, dtype: str, steps: int, remat: str, scan_b
 
     config = base_config()
     remat = _recomputes(model, remat)
-    model_config = dit_config(model, dtype=dtype, remat=remat, remat_policy=remat_policy, scan_blocks=scan_blocks)
-    macs = dit_compute(dit_config(model)).macs
+    blocks = {} if depth is None else {"depth": depth}
+    model_config = dit_config(model, dtype=dtype, remat=remat, remat_policy=remat_policy, scan_blocks=scan_blocks,
+                              **blocks)
+    macs = dit_compute(dit_config(model, **blocks)).macs
     optimizer = make_optimizer(config)
     diffusion = GaussianDiffusion(linear_betas(1000))
     abstract = jax.eval_shape(lambda: init_state(model_config, optimizer, 0))
@@ -110,12 +112,14 @@ def main() -> None:
     parser.add_argument("--remat-policy", default=DiTConfig.remat_policy, choices=REMAT_POLICIES,
                         help="what a recomputing block keeps (model.remat_policy)")
     parser.add_argument("--scan-blocks", action="store_true", help="run the blocks as one scan (model.scan_blocks)")
+    parser.add_argument("--depth", type=int, help="blocks per model (default: the paper's depth); fewer for a quick "
+                                                  "check of the script")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # model,dtype: run in this process, print JSON
     args = parser.parse_args()
     if args.one:
         model, dtype = args.one.split(",")
         print(json.dumps(bench_one(model, args.batch, dtype, args.steps, args.remat, args.scan_blocks,
-                                   args.remat_policy)))
+                                   args.remat_policy, args.depth)))
         return
     models = model_names(args.models)
     if args.remat not in ("auto", "all", "none"):
@@ -133,7 +137,8 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             r = run_measurement("scaling.benchmarks.train", "--one", f"{model},{dtype}", "--batch", str(args.batch),
                                 "--steps", str(args.steps), "--remat", args.remat,
-                                "--remat-policy", args.remat_policy, *(["--scan-blocks"] if args.scan_blocks else []))
+                                "--remat-policy", args.remat_policy, *(["--scan-blocks"] if args.scan_blocks else []),
+                                *(["--depth", str(args.depth)] if args.depth else []))
             if isinstance(r, str):
                 print(f"{canonical_name(model):9} {dtype:19} failed: {r}", flush=True)
                 continue
