@@ -127,14 +127,10 @@ def cmd_flops(args: argparse.Namespace) -> int:
 def _init_distributed(args: argparse.Namespace) -> None:
     """Join a multi-host run: the same command on every host (coordinator, process count and id from flags,
     or detected by JAX on TPU pods and SLURM with --distributed)."""
-    import jax
+    from scaling.host import join_processes
 
-    if args.coordinator:
-        # Cross-process collectives on CPU devices need gloo; accelerators ignore this setting.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
-    elif args.distributed:
-        jax.distributed.initialize()
+    if args.coordinator or args.distributed:
+        join_processes(args.coordinator, args.num_processes, args.process_id)
 
 
 def _load_study_config(args: argparse.Namespace):
@@ -199,23 +195,31 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 1 if any(o.startswith("failed") for o in outcome.values()) else 0
 
 
+def _launcher_runs(args: argparse.Namespace, *, validate: bool) -> tuple[dict, dict, list[str]]:
+    """A launcher's grid: {model: config}, {model: workdir} and the finished models, which it leaves out."""
+    from etils import epath
+
+    from scaling import config as config_lib
+    from scaling.grid import is_finished
+
+    if args.shard or args.workers > 1:
+        raise ValueError(f"--launcher {args.launcher} gives each run a job of its own: drop --shard and --workers.")
+    configs = _grid_configs(args, validate=validate)
+    runs_dir = epath.Path(args.workdir)
+    workdirs = {model: runs_dir / config_lib.run_name(config) for model, config in configs.items()}
+    finished = [model for model, config in configs.items() if is_finished(workdirs[model], config)]
+    return configs, workdirs, finished
+
+
 def _submit_to_slurm(args: argparse.Namespace) -> int:
     """The grid's unfinished runs as one SLURM job array (scaling.slurm); --dry-run prints its batch script."""
     from etils import epath
 
-    from scaling import config as config_lib
     from scaling import slurm
-    from scaling.grid import grid_models, is_finished, load_grid_configs
 
-    if args.shard or args.workers > 1:
-        raise ValueError("--launcher slurm schedules every run itself: drop --shard and --workers.")
-    runs_dir = epath.Path(args.workdir)
-    models = grid_models(args.config, args.models.split(",") if args.models else None,
-                         args.only.split(",") if args.only else None)
-    configs = load_grid_configs(args.config, models, args.overrides, validate=not args.dry_run)
-    workdirs = {model: runs_dir / config_lib.run_name(config) for model, config in configs.items()}
-    finished = [model for model, config in configs.items() if is_finished(workdirs[model], config)]
+    configs, workdirs, finished = _launcher_runs(args, validate=not args.dry_run)
     unfinished = {model: workdirs[model] for model in configs if model not in finished}
+    runs_dir = epath.Path(args.workdir)
     result = slurm.submit(unfinished, configs, runs_dir, args.sbatch_arg or [], dry_run=args.dry_run)
     if finished:
         print(f"finished already, left out: {', '.join(finished)}")
@@ -236,22 +240,13 @@ def _submit_to_slurm(args: argparse.Namespace) -> int:
 
 def _print_xpk_workloads(args: argparse.Namespace) -> int:
     """One `xpk workload create` per unfinished run (scaling.xpk), for the user to run."""
-    from etils import epath
-
-    from scaling import config as config_lib
     from scaling import xpk
-    from scaling.grid import is_finished
     from scaling.train import format_duration
 
-    if args.shard or args.workers > 1:
-        raise ValueError("--launcher xpk gives each run a workload of its own: drop --shard and --workers.")
     if not (args.xpk_cluster and args.docker_image):
         raise ValueError("--launcher xpk needs --xpk-cluster (the GKE cluster xpk created) and --docker-image (an "
                          "image with this toolkit installed).")
-    configs = _grid_configs_for_planning(args)
-    runs_dir = epath.Path(args.workdir)
-    workdirs = {model: runs_dir / config_lib.run_name(config) for model, config in configs.items()}
-    finished = [model for model, config in configs.items() if is_finished(workdirs[model], config)]
+    configs, workdirs, finished = _launcher_runs(args, validate=False)
     workloads = xpk.workload_commands({m: c for m, c in configs.items() if m not in finished}, workdirs, args.config,
                                       args.overrides, cluster=args.xpk_cluster, docker_image=args.docker_image,
                                       chip=args.chip, chips=args.chips, slices=args.slices,
@@ -263,19 +258,20 @@ def _print_xpk_workloads(args: argparse.Namespace) -> int:
             print(f"# {workload['model']}: does not fit on {args.chips} x {args.chip} ({workload['setting']}); "
                   "give it more chips")
             continue
-        print(f"# {workload['model']}: {args.slices} x {xpk.tpu_type(args.chip, args.chips // args.slices)}, "
+        print(f"# {workload['model']}: {args.slices} x {workload['tpu_type']}, "
               f"{workload['setting']}, about {format_duration(workload['hours'] * 3600)} at "
               f"{args.utilization:.0%} of peak (the dry run's estimate)")
         print(workload["command"])
     return 0
 
 
-def _grid_configs_for_planning(args: argparse.Namespace) -> dict:
+def _grid_configs(args: argparse.Namespace, *, validate: bool = False) -> dict:
+    """{model: config} of the grid the arguments name; validate=False (planning) skips checking its data."""
     from scaling.grid import grid_models, load_grid_configs
 
     models = grid_models(args.config, args.models.split(",") if args.models else None,
                          args.only.split(",") if args.only else None)
-    return load_grid_configs(args.config, models, args.overrides, validate=False)
+    return load_grid_configs(args.config, models, args.overrides, validate=validate)
 
 
 def _print_dry_run(args: argparse.Namespace) -> int:
@@ -286,7 +282,7 @@ def _print_dry_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--chip {args.chip!r}: use one of {', '.join(CHIPS)}.")
     if args.chips % args.slices:
         raise ValueError(f"--slices {args.slices}: give a positive number of slices that divides --chips {args.chips}.")
-    configs = _grid_configs_for_planning(args)
+    configs = _grid_configs(args)
     gib = lambda b: "-" if b is None else f"{b / 2**30:.1f}"  # noqa: E731
     rows, total_flops, total_hours, evaluation_hours = [], 0.0, 0.0, 0.0
     for model, config in configs.items():
@@ -330,7 +326,7 @@ def _print_shard_plan(args: argparse.Namespace) -> int:
     from scaling.cost import remaining_costs
     from scaling.grid import shard_plan, shard_plan_path
 
-    configs = _grid_configs_for_planning(args)
+    configs = _grid_configs(args)
     runs_dir, count = epath.Path(args.workdir), args.plan_shards
     workdirs = {m: runs_dir / run_name(c) for m, c in configs.items()}
     shards = shard_plan(configs, count, runs_dir, workdirs, write=False)

@@ -49,6 +49,17 @@ def confine_worker() -> None:
         sys.exit("the grid that started this worker has ended")
 
 
+def join_processes(coordinator: str | None = None, num_processes: int | None = None,
+                   process_id: int | None = None) -> None:
+    """Join the other processes of a multi-host run (jax.distributed): the coordinator, process count and id as
+    given, else as JAX detects them (TPU pods, SLURM)."""
+    import jax
+
+    # Cross-process collectives on CPU devices need gloo; accelerators ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
 

@@ -27,19 +27,8 @@ import sys
 import ml_collections
 from etils import epath
 
-from scaling.host import confine_worker, set_up_process
+from scaling.host import confine_worker, join_processes, set_up_process
 from scaling.preemption import INTERRUPTED_EXIT_CODE, keep_notices_before_start
-
-
-def _join_slurm_step() -> None:
-    """One process per task of a multi-task srun step: jax.distributed reads the coordinator, process count and id
-    from SLURM's environment."""
-    if int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))) <= 1:
-        return
-    import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; accelerators ignore it
-    jax.distributed.initialize()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
             model, workdir, config = planned_run(argv[1])
             config = ml_collections.ConfigDict(config)
-            _join_slurm_step()
+            if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # one run in the step's processes
+                join_processes()  # jax.distributed reads the coordinator, count and id from SLURM's environment
             if is_finished(workdir, config):
                 print(f"{model}: finished already ({workdir})", flush=True)
                 return 0

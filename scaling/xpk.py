@@ -45,11 +45,12 @@ def workload_name(run: str) -> str:
 
 def workload_commands(configs: dict, workdirs: dict, config_name: str, overrides: list[str], *, cluster: str,
                       docker_image: str, chip: str, chips: int, slices: int, utilization: float) -> list[dict]:
-    """One {model, setting, hours, command} per run of `configs` ({model: config}), its `xpk workload create`
+    """One {model, setting, hours, tpu_type, command} per run of `configs` ({model: config}), its `xpk workload create`
     training the run into workdirs[model] on `slices` slices of chips / slices chips each."""
     if chips % slices:
         raise XpkError(f"--slices {slices} must divide --chips {chips}.")
     base, _, options = config_name.partition(":")
+    slice_type = tpu_type(chip, chips // slices)
     workloads = []
     for model, config in configs.items():
         workdir = str(workdirs[model])
@@ -59,7 +60,8 @@ def workload_commands(configs: dict, workdirs: dict, config_name: str, overrides
         cost = run_cost(config, chip=chip, chips=chips, utilization=utilization, slices=slices)
         setting = cost["fits"]
         if setting not in SETTING_OVERRIDES:
-            workloads.append({"model": model, "setting": setting, "hours": cost["hours"], "command": None})
+            workloads.append({"model": model, "setting": setting, "hours": cost["hours"], "tpu_type": slice_type,
+                              "command": None})
             continue
         variant = model + (f",{options}" if options else "")
         train = ["dit-scaling", "train", "--config", f"{base}:{variant}", "--workdir", workdir, "--distributed",
@@ -67,7 +69,8 @@ def workload_commands(configs: dict, workdirs: dict, config_name: str, overrides
         if slices > 1:
             train.append(f"--config.train.slices={slices}")
         command = ["xpk", "workload", "create", "--cluster", cluster, "--workload",
-                   workload_name(workdirs[model].name), "--tpu-type", tpu_type(chip, chips // slices),
+                   workload_name(workdirs[model].name), "--tpu-type", slice_type,
                    "--num-slices", str(slices), "--docker-image", docker_image, "--command", shlex.join(train)]
-        workloads.append({"model": model, "setting": setting, "hours": cost["hours"], "command": shlex.join(command)})
+        workloads.append({"model": model, "setting": setting, "hours": cost["hours"], "tpu_type": slice_type,
+                          "command": shlex.join(command)})
     return workloads

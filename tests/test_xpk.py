@@ -5,6 +5,7 @@ import shlex
 
 import pytest
 from etils import epath
+from records_factory import a_manifest
 
 from analysis import schema
 from scaling import xpk
@@ -24,10 +25,7 @@ def _dry_run_settings(models, chip, chips, slices) -> dict:
 
 def test_each_unfinished_run_is_one_workload_as_the_dry_run_plans_it(gcs, capsys):
     runs = epath.Path(gcs.path("xpk-runs"))
-    schema.write_manifest(runs / "DiT-S-8", schema.Manifest(
-        model_name="DiT-S/8", size="S", patch=8, block="adaLN-Zero", resolution=256, gflops_per_image=0.36,
-        macs_per_image=360_000_000, params=1, tokens=16, global_batch=256, seed=0, total_steps=400_000, config={},
-        model={}, data={}, status="finished", final_step=400_000))
+    schema.write_manifest(runs / "DiT-S-8", a_manifest(total_steps=400_000, final_step=400_000))
     models = "S/8,B/4,XL/2"
     fits = _dry_run_settings(models.split(","), "v5e", 16, 2)
     assert fits["S/8"] == "replicated" and fits["XL/2"].startswith("fsdp")  # both paths taken
@@ -59,10 +57,7 @@ def test_finished_runs_are_left_out(gcs, capsys):
     assert main(["grid", "--config", "imagenet256", "--workdir", str(runs), "--models", "S/8", *XPK,
                  "--config.train.steps=10"]) == 0
     assert sum(line.startswith("xpk ") for line in capsys.readouterr().out.splitlines()) == 1
-    manifest = schema.Manifest(model_name="DiT-S/8", size="S", patch=8, block="adaLN-Zero", resolution=256,
-                               gflops_per_image=0.36, macs_per_image=1, params=1, tokens=16, global_batch=256, seed=0,
-                               total_steps=10, config={}, model={}, data={}, status="finished", final_step=10)
-    schema.write_manifest(runs / "DiT-S-8", manifest)
+    schema.write_manifest(runs / "DiT-S-8", a_manifest(total_steps=10, final_step=10))
     assert main(["grid", "--config", "imagenet256", "--workdir", str(runs), "--models", "S/8", *XPK,
                  "--config.train.steps=10"]) == 0
     out = capsys.readouterr().out
