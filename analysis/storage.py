@@ -8,6 +8,8 @@ and an object store differ:
 - `atomic_writer`, `write_atomic`: a reader sees the old file or the new one, never half. Locally the bytes are
   written beside the file and renamed over it; an object store shows an object only once its upload has ended.
 - `loadable`: what numpy loads from (a local path, so that mmap works; an object's bytes).
+- `read_range`: bytes [offset, offset + length) of a file: a positioned read locally, one ranged GET on an object
+  store (no download of the rest, no read-ahead), so a reader holds only what it asked for.
 - `append_text`: object stores cannot append, so there the object is read and written again whole; locally the
   text goes in whole or not at all (a failed write is cut back off).
 - `sync`: a local file's data (and its directory entry) made durable; an object is once its upload returns.
@@ -159,6 +161,18 @@ def loadable(path: str | os.PathLike) -> epath.Path | io.BytesIO:
     """What numpy can load `path` from: the local path itself (so that mmap_mode works), or an object's bytes."""
     path = epath.Path(path)
     return io.BytesIO(path.read_bytes()) if is_url(path) else path
+
+
+def read_range(path: str | os.PathLike, offset: int, length: int) -> bytes:
+    """`length` bytes of a file from `offset` (see the module docstring); fewer where the file ends before."""
+    if is_url(path):
+        filesystem, name = fsspec.core.url_to_fs(os.fspath(path))
+        return filesystem.cat_file(name, start=offset, end=offset + length)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:

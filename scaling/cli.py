@@ -17,7 +17,7 @@ from analysis.cli import boolean, comma_separated, fraction, non_negative_int, n
 from models.timesteps import SAMPLERS
 from scaling.configs.fmnist import PRESETS as STUDY_PRESETS
 from scaling.host import set_up_process
-from scaling.latents import DEFAULT_SHARD_SIZE
+from scaling.latents import DEFAULT_SHARD_SIZE, LATENT_SPLITS
 
 # ----------------------------------------------------------------------------------------------------------------
 # flops
@@ -507,9 +507,10 @@ def cmd_extract_latents(args: argparse.Namespace) -> int:
 
     _init_distributed(args)
     manifest = extract_latents(args.image_dir, args.out, autoencoder=args.autoencoder, resolution=args.resolution,
-                               batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype)
-    print(f"{args.out}: {manifest['status']}, {manifest['num_examples']} images of {manifest['num_classes']} "
-          f"classes, latents {'x'.join(map(str, manifest['latent_shape']))}")
+                               batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype,
+                               split=args.split)
+    print(f"{args.out}: {manifest['status']} {manifest['split']} split, {manifest['num_examples']} images of "
+          f"{manifest['num_classes']} classes, latents {'x'.join(map(str, manifest['latent_shape']))}")
     return 0
 
 
@@ -727,8 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
         "extract-latents", help="Encode an ImageFolder tree (ImageNet) into the latents latent runs train on.",
         description="Crop every image of IMAGE_DIR (one folder per class) with ADM's recipe, encode it and its "
                     "horizontal flip with the autoencoder, and write the posterior moments in shards to OUT "
-                    "(--config.data.path of an imagenet256 run). The same command resumes an interrupted "
-                    "extraction; on several hosts, run it on every host.")
+                    "(--config.data.path of an imagenet256 run; with --split validation, ImageNet's val folder in "
+                    "class folders, --config.data.validation_path for the held-out loss). The same command resumes "
+                    "an interrupted extraction; on several hosts, run it on every host.")
     extract.add_argument("image_dir", type=epath.Path)
     extract.add_argument("out", type=epath.Path)
     extract.add_argument("--autoencoder", required=True,
@@ -739,6 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--shard-size", type=positive_int, default=DEFAULT_SHARD_SIZE, help="images per shard file")
     extract.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                          help="autoencoder compute dtype")
+    extract.add_argument("--split", choices=LATENT_SPLITS, default="train",
+                         help="what the images are, recorded in the manifest: training images (data.path) or held-out "
+                              "ones (data.validation_path)")
     _add_distributed_arguments(extract)
     extract.set_defaults(handler=cmd_extract_latents)
 

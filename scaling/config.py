@@ -291,8 +291,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
          or (config.data.autoencoder and config.eval.reference),
          "eval.every > 0 on latents needs data.autoencoder (the decoder) and eval.reference (an ADM reference batch, "
          "e.g. from `dit-scaling reference`) for FID"),
-        (config.eval.validation_examples == 0 or config.data.source == "fashion_mnist",
-         "eval.validation_examples > 0 (the held-out loss) needs Fashion-MNIST's test split; set it to 0 for latents"),
+        (config.eval.validation_examples == 0 or config.data.source != "latent_shards" or config.data.validation_path,
+         "eval.validation_examples > 0 (the held-out loss) on latents needs data.validation_path: latents of held-out "
+         "images, from `dit-scaling extract-latents VAL_DIR OUT --split validation`"),
+        (config.eval.validation_examples == 0 or config.eval.every > 0 or config.eval.validation_every > 0,
+         "eval.validation_examples > 0 needs a schedule: eval.validation_every > 0 (alone: the held-out loss without "
+         "sampling) or eval.every > 0"),
     ]
     if config.model.factory:
         from models.plugin import factory_source_path

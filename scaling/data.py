@@ -114,12 +114,37 @@ def open_source(config, split: str = "train"):
         return FashionMNIST(config.data.path, split=split, resolution=config.data.resolution or 32)
     if config.data.source == "latent_shards":
         if split != "train":
-            raise ValueError(f"Latent runs have no {split!r} split here: their held-out images are the reference "
-                             "batch's.")
+            raise ValueError(f"Latent runs read their {split!r} images through open_held_out (data.validation_path).")
         autoencoder = config.data.autoencoder
         return LatentShards(config.data.path, resolution=config.data.resolution,
                             autoencoder_sha256=autoencoder_sha256(autoencoder) if autoencoder else "")
     raise ValueError(f"Unknown data.source {config.data.source!r}: use fashion_mnist or latent_shards.")
+
+
+def open_held_out(config, source):
+    """The held-out images of the run training on `source`: Fashion-MNIST's test split, or a latent run's
+    data.validation_path (latents of the validation split, from the same resolution, autoencoder and classes)."""
+    if config.data.source != "latent_shards":
+        return open_source(config, split="test")
+    held_out = LatentShards(config.data.validation_path, resolution=source.manifest["resolution"],
+                            autoencoder_sha256=source.manifest["autoencoder"].get("sha256", ""), split="validation",
+                            config_field="data.validation_path")
+    if held_out.manifest["classes"] != source.manifest["classes"]:
+        raise ValueError(f"The validation latents in {config.data.validation_path} have other classes than the "
+                         f"training latents in {config.data.path} ({held_out.num_classes} vs {source.num_classes}, "
+                         "or another order): extract both from folders of the same class names.")
+    return held_out
+
+
+def held_out_inputs(source, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `n` examples of a held-out source as fixed model inputs (unflipped; a latent's posterior drawn
+    with `seed`), and their labels: the same at every evaluation."""
+    if n > len(source):
+        raise ValueError(f"eval.validation_examples={n} exceeds the {len(source)} held-out images.")
+    rng = np.random.default_rng(seed)
+    examples = [source[i] for i in range(n)]
+    inputs = np.stack([source.to_model_input(example, rng, flip=False)["image"] for example in examples])
+    return inputs, np.asarray([example["label"] for example in examples], np.int32)
 
 
 def make_dataset(source, *, global_batch: int, seed: int, flip: bool, process_index: int = 0,

@@ -8,9 +8,9 @@ epoch, the paper's augmentation, instead of reusing one frozen sample.
 Layout of OUT:
 - moments-NNNNN.npy [n, 2, h, w, 2C] float32: axis 1 is (crop, flipped crop); channels are (mean, logvar);
 - labels-NNNNN.npy [n] int32;
-- manifest.json: the format, the image count and shard size, the latent shape, the classes, the resolution and
-  crop recipe, the autoencoder file (SHA-256), its latent scale, and status ("extracting" until every shard
-  is written, then "complete").
+- manifest.json: the format, the split (train, or validation: the held-out images of eval.validation_*), the
+  image count and shard size, the latent shape, the classes, the resolution and crop recipe, the autoencoder
+  file (SHA-256), its latent scale, and status ("extracting" until every shard is written, then "complete").
 Shard s holds images s*shard_size ... of the sorted image list. Each shard is written whole (to a temporary
 name, then renamed), so a killed extraction resumes at the first missing shard and never writes one twice.
 Host h of n extracts shards h, h + n, ...; within a host each batch is split over its local devices.
@@ -36,6 +36,12 @@ LATENTS_FORMAT = "dit-scaling latents v1"
 CROP_RECIPE = "adm-center-crop"  # guided-diffusion's center_crop_arr: box-halve, bicubic, centre crop
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 DEFAULT_SHARD_SIZE = 2500  # 164 MB of float32 moments per shard at 256px
+LATENT_SPLITS = ("train", "validation")
+
+
+def manifest_split(manifest: dict) -> str:
+    """The split a latents manifest holds (manifests written before splits were recorded hold training images)."""
+    return manifest.get("split", "train")
 
 
 def adm_center_crop(image, resolution: int) -> np.ndarray:
@@ -102,20 +108,17 @@ def _atomic_save(path: epath.Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def _npy_shape(path: epath.Path) -> tuple[int, ...] | None:
-    """The shape in a .npy file's header, or None when the file is shorter or longer than that header says (read
-    from the header and the file's size alone: a shard on gs:// is not downloaded to check it)."""
+def _npy_layout(path: epath.Path) -> tuple[tuple[int, ...], np.dtype, int] | None:
+    """(shape, dtype, offset of the data) from a .npy file's header, or None when the file is shorter or longer
+    than that header says (read from the header and the file's size alone: a shard on gs:// is not downloaded to
+    check it)."""
     with path.open("rb") as f:
         version = np.lib.format.read_magic(f)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(f)
+        shape, fortran_order, dtype = read_header(f)
         data_start = f.tell()
-    return shape if path.stat().length == data_start + math.prod(shape) * dtype.itemsize else None
-
-
-def _load_npy(path: epath.Path) -> np.ndarray:
-    """A local .npy memory-mapped; one on an object store read whole into memory."""
-    return np.load(storage.loadable(path), mmap_mode=None if storage.is_url(path) else "r")
+    whole = path.stat().length == data_start + math.prod(shape) * dtype.itemsize
+    return (shape, dtype, data_start) if whole and not fortran_order else None
 
 
 def write_latent_shard(directory: str | os.PathLike, shard: int, moments: np.ndarray, labels: np.ndarray) -> None:
@@ -138,38 +141,52 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
 
 
 def latents_manifest(*, num_examples: int, shard_size: int, latent_shape, classes: list[str], resolution: int,
-                     scale: float, autoencoder: dict, images_sha256: str = "", status: str = "complete") -> dict:
+                     scale: float, autoencoder: dict, images_sha256: str = "", status: str = "complete",
+                     split: str = "train") -> dict:
     """The manifest of a latents directory (see the module docstring)."""
-    return {"format": LATENTS_FORMAT, "status": status, "num_examples": int(num_examples),
+    if split not in LATENT_SPLITS:
+        raise ValueError(f"Unknown latents split {split!r}: use one of {', '.join(LATENT_SPLITS)}.")
+    return {"format": LATENTS_FORMAT, "status": status, "split": split, "num_examples": int(num_examples),
             "shard_size": int(shard_size), "shard_counts": shard_counts(num_examples, shard_size),
             "latent_shape": [int(n) for n in latent_shape], "num_classes": len(classes), "classes": list(classes),
             "resolution": int(resolution), "crop": CROP_RECIPE, "scale": float(scale), "autoencoder": autoencoder,
             "images_sha256": images_sha256}
 
 
-def _shard_is_whole(directory: epath.Path, shard: int, count: int, latent_shape) -> bool:
+def _moments_offset(directory: epath.Path, shard: int, count: int, latent_shape) -> int | None:
+    """Where the moments of a whole shard start in its file, or None when the shard is missing, cut short, or not
+    [count] labels and [count, 2, h, w, 2C] float32 moments."""
     moments_path, labels_path = _shard_files(directory, shard)
     if not (moments_path.is_file() and labels_path.is_file()):
-        return False
+        return None
     try:
-        moments, labels = _npy_shape(moments_path), _npy_shape(labels_path)
+        moments, labels = _npy_layout(moments_path), _npy_layout(labels_path)
     except (ValueError, OSError):
-        return False
+        return None
     h, w, c = latent_shape
-    return moments == (count, 2, h, w, 2 * c) and labels == (count,)
+    if moments is None or labels is None or moments[1] != np.dtype("<f4") or labels[1] != np.dtype("<i4"):
+        return None
+    return moments[2] if moments[0] == (count, 2, h, w, 2 * c) and labels[0] == (count,) else None
+
+
+def _shard_is_whole(directory: epath.Path, shard: int, count: int, latent_shape) -> bool:
+    return _moments_offset(directory, shard, count, latent_shape) is not None
 
 
 class LatentShards:
-    """A complete latents directory, memory-mapped (on gs://, each host reads the shards into memory: 84 GB for
-    ImageNet-256 with both flips): example i is {"moments": [2, h, w, 2C], "label"}, and
-    `to_model_input` turns it into a training input (a stored flip, a posterior draw, times the scale)."""
+    """A complete latents directory of one split, streamed: example i is {"moments": [2, h, w, 2C], "label"}, read
+    with one range read of its shard (a positioned read locally, a ranged GET on gs://), so a host holds only the
+    examples it reads, however large the set (the labels, 4 bytes an example, are read at opening).
+    `to_model_input` turns an example into a training input (a stored flip, a posterior draw, times the scale)."""
 
-    def __init__(self, path: str | os.PathLike, *, resolution: int = 0, autoencoder_sha256: str = ""):
+    def __init__(self, path: str | os.PathLike, *, resolution: int = 0, autoencoder_sha256: str = "",
+                 split: str = "train", config_field: str = "data.path"):
         directory = epath.Path(path)
         manifest_path = directory / "manifest.json"
         if not path or not manifest_path.is_file():
-            raise FileNotFoundError(f"No latents at {str(path)!r} (expected {manifest_path}). Run "
-                                    "`dit-scaling extract-latents IMAGE_DIR OUT` and set --config.data.path=OUT.")
+            raise FileNotFoundError(
+                f"No latents at {str(path)!r} (expected {manifest_path}). Run `dit-scaling extract-latents IMAGE_DIR "
+                f"OUT{'' if split == 'train' else ' --split ' + split}` and set --config.{config_field}=OUT.")
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("format") != LATENTS_FORMAT:
             raise ValueError(f"{directory} holds {manifest.get('format')!r} latents, not {LATENTS_FORMAT!r}: "
@@ -177,6 +194,9 @@ class LatentShards:
         if manifest["status"] != "complete":
             raise ValueError(f"The latent extraction into {directory} has not finished (status "
                              f"{manifest['status']!r}): run the same extract-latents command again to complete it.")
+        if manifest_split(manifest) != split:
+            raise ValueError(f"{directory} holds the {manifest_split(manifest)!r} split, but {config_field} names the "
+                             f"{split!r} split: point it at latents extracted with --split {split}.")
         if resolution and manifest["resolution"] != resolution:
             raise ValueError(f"The latents in {directory} are of {manifest['resolution']}px images; the config "
                              f"trains at data.resolution={resolution}.")
@@ -186,19 +206,25 @@ class LatentShards:
                              f"{manifest['autoencoder'].get('file')} (SHA-256 {their_sha[:12]}...), not the config's "
                              f"data.autoencoder (SHA-256 {autoencoder_sha256[:12]}...): decoded samples would not "
                              "match the training data.")
+        self.directory = directory
         self.manifest = manifest
         self.num_classes = manifest["num_classes"]
         self.image_shape = tuple(manifest["latent_shape"])  # what the model sees: [h, w, C]
         self.scale = manifest["scale"]
         self.pixels_per_input = manifest["resolution"] // self.image_shape[0]  # image pixels per latent pixel
-        self._moments, self._labels = [], []
+        h, w, c = self.image_shape
+        self._row_shape = (2, h, w, 2 * c)
+        self._row_bytes = math.prod(self._row_shape) * 4
+        self._shards, labels = [], []
         for shard, count in enumerate(manifest["shard_counts"]):
-            if not _shard_is_whole(directory, shard, count, self.image_shape):
+            offset = _moments_offset(directory, shard, count, self.image_shape)
+            if offset is None:
                 raise ValueError(f"Shard {shard} of {directory} is missing or does not hold {count} examples of "
                                  f"latent shape {self.image_shape}: extract the latents again.")
             moments_path, labels_path = _shard_files(directory, shard)
-            self._moments.append(_load_npy(moments_path))
-            self._labels.append(_load_npy(labels_path))
+            self._shards.append((moments_path, offset))
+            labels.append(np.load(storage.loadable(labels_path)))
+        self.labels = np.concatenate(labels)
         self._starts = np.cumsum([0] + manifest["shard_counts"])
 
     def __len__(self) -> int:
@@ -206,8 +232,14 @@ class LatentShards:
 
     def __getitem__(self, index):
         shard = int(np.searchsorted(self._starts, index, side="right") - 1)
-        row = index - self._starts[shard]
-        return {"moments": np.asarray(self._moments[shard][row]), "label": np.int32(self._labels[shard][row])}
+        row = int(index - self._starts[shard])
+        path, offset = self._shards[shard]
+        data = storage.read_range(path, offset + row * self._row_bytes, self._row_bytes)
+        if len(data) != self._row_bytes:
+            raise ValueError(f"Shard {shard} of {self.directory} ends before its example {row} ({path} was cut "
+                             "short after the run opened it): extract the latents again.")
+        return {"moments": np.frombuffer(data, np.float32).reshape(self._row_shape),
+                "label": np.int32(self.labels[index])}
 
     def to_model_input(self, example, rng: np.random.Generator, flip: bool) -> dict:
         """A scaled draw from the posterior of the crop or (with `flip`, half the time) of its flipped crop."""
@@ -218,7 +250,8 @@ class LatentShards:
 
 
 def write_latents(directory: str | os.PathLike, moments: np.ndarray, labels: np.ndarray, *, classes: list[str],
-                  resolution: int, scale: float, autoencoder: dict, shard_size: int = DEFAULT_SHARD_SIZE) -> None:
+                  resolution: int, scale: float, autoencoder: dict, shard_size: int = DEFAULT_SHARD_SIZE,
+                  split: str = "train") -> None:
     """A complete latents directory from moments [N, 2, h, w, 2C] and labels [N] computed elsewhere."""
     directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -227,7 +260,8 @@ def write_latents(directory: str | os.PathLike, moments: np.ndarray, labels: np.
     h, w, channels = moments.shape[2], moments.shape[3], moments.shape[4] // 2
     write_manifest(directory, latents_manifest(num_examples=len(labels), shard_size=shard_size,
                                                latent_shape=(h, w, channels), classes=classes,
-                                               resolution=resolution, scale=scale, autoencoder=autoencoder))
+                                               resolution=resolution, scale=scale, autoencoder=autoencoder,
+                                               split=split))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -262,7 +296,7 @@ def _images_sha256(paths: list[epath.Path], labels: np.ndarray, root: epath.Path
 
 def extract_latents(image_dir: str | os.PathLike, out: str | os.PathLike, *, autoencoder: str | os.PathLike,
                     resolution: int, batch_size: int = 32, shard_size: int = DEFAULT_SHARD_SIZE,
-                    dtype: str = "float32", num_threads: int = 8) -> dict:
+                    dtype: str = "float32", num_threads: int = 8, split: str = "train") -> dict:
     """Extract the posterior moments of every image (and its flip) of an ImageFolder tree into `out`; resumes an
     interrupted extraction of the same inputs. Returns the manifest."""
     import grain
@@ -285,12 +319,13 @@ def extract_latents(image_dir: str | os.PathLike, out: str | os.PathLike, *, aut
         num_examples=len(paths), shard_size=shard_size, latent_shape=(latent, latent, vae.config.latent_channels),
         classes=classes, resolution=resolution, scale=vae.config.scaling_factor,
         autoencoder={"file": weights_file, "sha256": autoencoder_sha256(weights_file), "dtype": dtype},
-        images_sha256=_images_sha256(paths, labels, root), status="extracting")
+        images_sha256=_images_sha256(paths, labels, root), status="extracting", split=split)
     previous = out / "manifest.json"
     if previous.is_file():
         old = json.loads(previous.read_text())
         def comparable(m):  # the same weights may be named by another path
-            return {**m, "status": None, "autoencoder": {**m.get("autoencoder", {}), "file": None}}
+            return {**m, "status": None, "split": manifest_split(m),
+                    "autoencoder": {**m.get("autoencoder", {}), "file": None}}
 
         differing = [k for k, v in comparable(manifest).items() if comparable(old).get(k) != v]
         if differing:

@@ -138,7 +138,9 @@ class _Run:
         return self.evaluator is not None and bool(self.evaluator.protocols_at(step, self.total_steps))
 
     def is_checkpoint_step(self, step: int) -> bool:
-        return step % self.config.train.checkpoint_every == 0 or step == self.total_steps or self.is_eval_step(step)
+        return (step % self.config.train.checkpoint_every == 0 or step == self.total_steps
+                or self.evaluator is not None
+                and bool(self.evaluator.protocols_at(step, self.total_steps, checkpoint_first=True)))
 
     def checkpoint_due(self, since: float, step: int) -> bool:
         """train.checkpoint_minutes have passed since the last checkpoint (`since`, time.monotonic()). Asked at the
@@ -226,7 +228,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
     multi_step_fn = None if config.train.steps_per_call == 1 else jax.jit(
         make_multi_step(train_step), in_shardings=(state_sharding, stacked_data_sharding),
         out_shardings=(state_sharding, None), donate_argnums=(0,))
-    evaluator = build_evaluator(config, source, model_config, diffusion, compute, mesh, workdir) if config.eval.every \
+    evaluator = build_evaluator(config, source, model_config, diffusion, compute, mesh, workdir) \
+        if config.eval.every or config.eval.validation_examples \
         else None
     # Written last: a start that fails before it leaves the manifest (and records) as the previous start left them.
     if primary:
@@ -275,10 +278,12 @@ def _check_same_factory(previous: schema.Manifest | None, model_config: FactoryC
 
 def _check_same_run(previous: dict, current: dict, workdir: epath.Path) -> None:
     """A workdir continues only the run it holds; train.steps, train.steps_per_call, train.checkpoint_minutes,
-    model.remat, model.remat_policy and the eval section may change. A field the run's config lacks (added since
-    it started) counts as its default, which keeps the behaviour from before the field existed."""
+    model.remat, model.remat_policy, data.validation_path, data.num_threads and the eval section may change. A
+    field the run's config lacks (added since it started) counts as its default, which keeps the behaviour from
+    before the field existed."""
     def without_steps(config):  # evaluation, steps per call and what the backward pass recomputes: same training
-        return {**{k: v for k, v in config.items() if k not in ("eval", "model", "train")},
+        return {**{k: v for k, v in config.items() if k not in ("data", "eval", "model", "train")},
+                "data": {k: v for k, v in config["data"].items() if k not in ("validation_path", "num_threads")},
                 "model": {k: v for k, v in config["model"].items() if k not in ("remat", "remat_policy")},
                 "train": {k: v for k, v in config["train"].items()
                           if k not in ("steps", "steps_per_call", "checkpoint_minutes")}}
@@ -597,6 +602,9 @@ def _loop(run: _Run, steps: _StepLog, lease: RunLease, notice: PreemptionNotice,
             _close(run, steps, "preempted", stopped_step=step)
             raise Preempted(run.workdir, step)
         if run.is_eval_step(step):
+            if pending is not None:  # the steps before an evaluation are timed (and checked) before it
+                steps.handle_call(*pending)
+                pending = None
             _evaluate(run, step)
             steps.restart_clock(step)
     if pending is not None:

@@ -46,3 +46,13 @@ def gcs():
         else:
             os.environ[key] = value
     emulator.close()
+
+
+@pytest.fixture(params=["local", "gs"])
+def storage_root(request, tmp_path):
+    """A directory on the local disk, then one on the GCS emulator: a test taking it runs on both."""
+    from etils import epath
+
+    if request.param == "local":
+        return epath.Path(tmp_path)
+    return epath.Path(request.getfixturevalue("gcs").path(request.node.name.replace("[", "-").rstrip("]")))

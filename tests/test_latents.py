@@ -68,6 +68,28 @@ def test_training_inputs_draw_the_posterior_and_the_flip_afresh(tmp_path):
     assert unflipped.mean() > 0.4
 
 
+def test_latents_stream_each_example_with_one_range_read(storage_root, monkeypatch):
+    from analysis import storage
+
+    _write(storage_root, split="validation")
+    written = _moments(25)
+    reads = []
+    read_range = storage.read_range
+    monkeypatch.setattr(storage, "read_range", lambda *args: reads.append(args[2]) or read_range(*args))
+    source = LatentShards(storage_root, split="validation")
+    for i in (0, 9, 10, 24):
+        np.testing.assert_array_equal(source[i]["moments"], written[i])
+    assert reads == [written[0].nbytes] * 4  # the rows asked for, nothing more
+    assert source.labels.tolist() == (np.arange(25) % 3).tolist()
+
+    cut = storage_root / "moments-00002.npy"  # cut short under a run that opened it
+    cut.write_bytes(cut.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="Shard 2 .* ends before its example 4 .* extract the latents again"):
+        source[24]
+    with pytest.raises(ValueError, match="Shard 2 .* is missing or does not hold 5 examples"):
+        LatentShards(storage_root, split="validation")
+
+
 def test_latents_that_do_not_fit_the_config_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="extract-latents IMAGE_DIR OUT"):
         LatentShards(tmp_path / "nothing")
@@ -76,7 +98,15 @@ def test_latents_that_do_not_fit_the_config_are_refused(tmp_path):
         LatentShards(tmp_path / "ok", resolution=256)
     with pytest.raises(ValueError, match="not the config's data.autoencoder"):
         LatentShards(tmp_path / "ok", autoencoder_sha256="cd" * 32)
+    with pytest.raises(ValueError, match="holds the 'train' split, but data.validation_path names the 'validation' "
+                                         "split: point it at latents extracted with --split validation"):
+        LatentShards(tmp_path / "ok", split="validation", config_field="data.validation_path")
+    with pytest.raises(FileNotFoundError, match="extract-latents IMAGE_DIR OUT --split validation.*"
+                                                "--config.data.validation_path=OUT"):
+        LatentShards(tmp_path / "nothing", split="validation", config_field="data.validation_path")
     manifest = json.loads((tmp_path / "ok" / "manifest.json").read_text())
+    (tmp_path / "ok" / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "split"}))
+    assert len(LatentShards(tmp_path / "ok")) == 25  # written before manifests named their split: training images
     (tmp_path / "ok" / "manifest.json").write_text(json.dumps({**manifest, "status": "extracting"}))
     with pytest.raises(ValueError, match="has not finished.*run the same extract-latents command"):
         LatentShards(tmp_path / "ok")
@@ -171,32 +201,98 @@ def _reference_batch(root):
 
 
 @pytest.fixture(scope="module")
-def latent_run(extraction):
-    """A 4-step DiT run on the extracted latents, on two simulated devices, with FID-8 at steps 2 and 4."""
-    root, _, env, _ = extraction
+def latent_grid(extraction):
+    """Three 32-step DiT runs on the extracted latents (S/8, S/4, S/2 one block of width 32: 1, 4 and 16 tokens),
+    on two simulated devices, with FID-8 at steps 16 and 32 and the held-out loss on latents of a validation folder
+    (extracted with --split validation) at every step: the compute of their curves overlaps, for isoFLOP
+    profiles."""
+    root, command, env, _ = extraction
+    write_fake_imagenet(root / "val-images", per_class=2, seed=1)
+    result = cli("extract-latents", str(root / "val-images"), str(root / "val-latents"), "--split", "validation",
+                 *command[3:], env=env)
+    assert result.returncode == 0, result.stderr
     reference = _reference_batch(root)
     overrides = [f"--config.data.path={root / 'latents'}", "--config.data.resolution=32",
                  f"--config.data.autoencoder={root / 'vae'}", f"--config.eval.reference={reference}",
-                 "--config.eval.every=2", "--config.eval.num_samples=8", "--config.eval.batch_size=4",
-                 "--config.eval.sampling_steps=[2]", "--config.train.steps=4", "--config.train.batch_size=4",
-                 "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.train.keep_every=0",
-                 "--config.model.depth=1", "--config.model.hidden_size=32", "--config.model.num_heads=1"]
-    result = cli("train", "--config", "imagenet256:S/4", "--workdir", str(root / "runs" / "S-4"), *overrides,
-                 env=env, timeout=600)
+                 "--config.eval.every=16", "--config.eval.num_samples=8", "--config.eval.batch_size=4",
+                 "--config.eval.sampling_steps=[2]", "--config.train.steps=32", "--config.train.batch_size=4",
+                 "--config.train.log_every=1", "--config.train.checkpoint_every=16", "--config.train.keep_every=0",
+                 "--config.train.learning_rate=0.003", "--config.model.depth=1", "--config.model.hidden_size=32",
+                 "--config.model.num_heads=1", f"--config.data.validation_path={root / 'val-latents'}",
+                 "--config.eval.validation_examples=6", "--config.eval.validation_timesteps=4",
+                 "--config.eval.validation_every=1"]
+    result = cli("grid", "--config", "imagenet256", "--models", "S/8,S/4,S/2", "--workdir", str(root / "runs"),
+                 *overrides, env=env, timeout=900)
     assert result.returncode == 0, result.stderr
-    return root, root / "runs" / "S-4", reference, env
+    return root, root / "runs", reference, env, overrides
+
+
+@pytest.fixture(scope="module")
+def latent_run(latent_grid):
+    """The S/4 run of `latent_grid`."""
+    root, runs, reference, env, _ = latent_grid
+    return root, runs / "DiT-S-4", reference, env
 
 
 def test_latent_runs_record_fid_with_the_decoder_in_the_protocol(latent_run):
     root, run, reference, _ = latent_run
     evaluations = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
-    assert [(e["step"], e["metric"]) for e in evaluations] == [(2, "FID-8"), (4, "FID-8")]
-    assert all(np.isfinite(e["value"]) and e["value"] > 0 for e in evaluations)
-    protocol = evaluations[0]["protocol"]
+    fids = [e for e in evaluations if e["metric"].startswith("FID")]
+    assert [(e["step"], e["metric"]) for e in fids] == [(16, "FID-8"), (32, "FID-8")]
+    assert all(np.isfinite(e["value"]) and e["value"] > 0 for e in fids)
+    protocol = fids[0]["protocol"]
     assert protocol["reference"] == "reference.npz" and protocol["feature_network"] == FID_FEATURE_NETWORK
     assert protocol["decoder"].startswith("diffusion_pytorch_model.safetensors sha256:")
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["resolution"] == 32  # 8x8 latents x the KL-f4 autoencoder's 4
+
+
+def test_latent_runs_record_the_held_out_loss_that_isoflop_and_loss_proxy_read(latent_grid):
+    root, runs, _, env, _ = latent_grid
+    assert json.loads((root / "val-latents" / "manifest.json").read_text())["split"] == "validation"
+    for name in ("DiT-S-8", "DiT-S-4", "DiT-S-2"):
+        evaluations = [json.loads(line) for line in (runs / name / "evaluations.jsonl").read_text().splitlines()]
+        losses = [e for e in evaluations if e["metric"] == "val-loss-6"]
+        assert [e["step"] for e in losses] == list(range(1, 33))
+        assert losses[0]["protocol"]["reference"] == "latent_shards:val-latents[:6]"
+        # The noise-prediction MSE of unit-variance noise: near 1 at the start (adaLN-Zero's output starts at 0),
+        # falling as the model learns.
+        assert 0.5 < losses[0]["value"] < 1.5 and losses[-1]["value"] < losses[0]["value"]
+    result = cli("isoflop", "--records", str(runs), "--metric", "val-loss-6", "--budgets", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    budgets = json.loads(result.stdout)["budgets"]
+    assert len(budgets) == 3 and all(b["configs"] == 3 and b["optimal_gflops"] > 0 for b in budgets)
+    result = cli("loss-proxy", "--records", str(runs), "--json")
+    assert result.returncode == 0, result.stderr
+    proxy = json.loads(result.stdout)
+    assert proxy["loss_metric"] == "val-loss-6" and proxy["metric"] == "FID-8" and proxy["n_points"] == 6
+
+
+def test_the_held_out_loss_alone_needs_no_decoder_nor_reference(latent_grid, tmp_path):
+    root, _, _, env, overrides = latent_grid
+    alone = [o for o in overrides if not o.startswith(("--config.data.autoencoder", "--config.eval.reference",
+                                                       "--config.eval.every"))]
+    result = cli("train", "--config", "imagenet256:S/8", "--workdir", str(tmp_path / "run"), *alone,
+                 "--config.eval.every=0", env=env)
+    assert result.returncode == 0, result.stderr
+    evaluations = [json.loads(line) for line in (tmp_path / "run" / "evaluations.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["metric"]) for e in evaluations] == [(s, "val-loss-6") for s in range(1, 33)]
+    # The same model, data and noise as the grid's S/8 run: the same held-out losses.
+    grid = [json.loads(line) for line in (root / "runs" / "DiT-S-8" / "evaluations.jsonl").read_text().splitlines()]
+    assert [e["value"] for e in evaluations] == pytest.approx(
+        [e["value"] for e in grid if e["metric"] == "val-loss-6"], rel=1e-5)
+
+    result = cli("train", "--config", "imagenet256:S/8", "--workdir", str(tmp_path / "missing"), *alone,
+                 "--config.eval.every=0", f"--config.data.validation_path={tmp_path / 'nowhere'}", env=env)
+    assert result.returncode != 0 and "--split validation" in result.stderr
+    assert not (tmp_path / "missing" / "steps.jsonl").exists()
+    result = cli("train", "--config", "imagenet256:S/8", "--workdir", str(tmp_path / "train-split"), *alone,
+                 "--config.eval.every=0", f"--config.data.validation_path={root / 'latents'}", env=env)
+    assert result.returncode != 0 and "holds the 'train' split, but data.validation_path" in result.stderr
+    no_path = [o for o in alone if not o.startswith("--config.data.validation_path")]
+    result = cli("train", "--config", "imagenet256:S/8", "--workdir", str(tmp_path / "no-path"), *no_path,
+                 "--config.eval.every=0", env=env)
+    assert result.returncode != 0 and "needs data.validation_path" in result.stderr
 
 
 def test_sample_writes_an_adm_batch_that_resumes_after_a_kill_to_the_same_images(latent_run, tmp_path):
@@ -235,20 +331,20 @@ def test_sample_writes_an_adm_batch_that_resumes_after_a_kill_to_the_same_images
         np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
         assert np.bincount(a["arr_1"]).tolist() == [16, 16, 16]  # class-balanced
     protocol = json.loads((tmp_path / "whole.json").read_text())
-    assert protocol["step"] == 4 and protocol["sampling_steps"] == 2 and protocol["decoder"].startswith("diffusion")
+    assert protocol["step"] == 32 and protocol["sampling_steps"] == 2 and protocol["decoder"].startswith("diffusion")
     assert not chunks.exists()
 
 
 def test_evaluate_and_figures_on_sampled_images(latent_run, tmp_path):
     root, run, reference, env = latent_run
     result = cli("sample", str(run), "--out", str(tmp_path / "s.npz"), "--num", "8", "--sampling-steps", "2",
-                 "--batch-size", "4", "--step", "2", env=env)
+                 "--batch-size", "4", "--step", "16", env=env)
     assert result.returncode == 0, result.stderr
     result = cli("evaluate", str(tmp_path / "s.npz"), "--ref", str(reference), "--run", str(run), "--json",
                  "--batch-size", "8")
     assert result.returncode == 0, result.stderr
     last = json.loads((run / "evaluations.jsonl").read_text().splitlines()[-1])
-    assert last["step"] == 2 and last["metric"] == "FID-8"  # the step and protocol from the sidecar
+    assert last["step"] == 16 and last["metric"] == "FID-8"  # the step and protocol from the sidecar
     assert last["protocol"]["sampling_steps"] == 2 and last["protocol"]["decoder"].startswith("diffusion")
     printed = json.loads(result.stdout[result.stdout.index("{"):])
     assert last["value"] == printed["fid"] and printed["n"] == 8
@@ -282,20 +378,20 @@ def test_sampling_an_official_checkpoint_decodes_with_the_given_autoencoder(extr
 def test_sweep_scores_kept_checkpoints_once_per_protocol(latent_run, tmp_path):
     root, run, reference, env = latent_run
     sampling = ["--num", "8", "--batch-size", "4", "--seed", "5"]
-    result = cli("sample", str(run), "--out", str(tmp_path / "s.npz"), "--sampling-steps", "3", "--step", "4",
+    result = cli("sample", str(run), "--out", str(tmp_path / "s.npz"), "--sampling-steps", "3", "--step", "32",
                  *sampling, env=env)
     assert result.returncode == 0, result.stderr
     assert cli("evaluate", str(tmp_path / "s.npz"), "--ref", str(reference), "--run", str(run)).returncode == 0
     before = (run / "evaluations.jsonl").read_text().splitlines()
 
-    command = ["sweep", str(run), "--ref", str(reference), "--steps", "2,4", "--sampling-steps", "3", *sampling,
+    command = ["sweep", str(run), "--ref", str(reference), "--steps", "16,32", "--sampling-steps", "3", *sampling,
                "--samples-dir", str(tmp_path / "sweep")]
     result = cli(*command, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
     new = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()[len(before):]]
-    # (4, 3) is the batch `evaluate --run` recorded above, with the protocol `sample` wrote beside it: not redone.
-    assert [(r["step"], r["protocol"]["sampling_steps"]) for r in new] == [(2, 3)]
-    assert "step 4, ddpm 3 steps: recorded already" in result.stderr
+    # (32, 3) is the batch `evaluate --run` recorded above, with the protocol `sample` wrote beside it: not redone.
+    assert [(r["step"], r["protocol"]["sampling_steps"]) for r in new] == [(16, 3)]
+    assert "step 32, ddpm 3 steps: recorded already" in result.stderr
     assert all(r["metric"] == "FID-8" and r["protocol"]["seed"] == 5 and r["precision"] is not None for r in new)
     again = cli(*command, env=env)
     assert again.returncode == 0 and "0 new evaluation record(s)" in again.stdout
@@ -329,3 +425,26 @@ def test_extraction_and_sampling_on_two_hosts_match_one_host(extraction, latent_
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
         np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
     assert json.loads((tmp_path / "two.json").read_text()) == json.loads((tmp_path / "one.json").read_text())
+
+
+def test_fid_in_training_on_two_hosts_of_two_devices_matches_one_host(latent_grid, tmp_path):
+    """The last step's FID of a run, evaluated again on 2 processes x 2 devices (each host samples, decodes and
+    scores its own share; the hosts exchange pool features), against what 1 process of 2 devices recorded."""
+    import shutil
+
+    _, runs, _, _, overrides = latent_grid
+    run = tmp_path / "DiT-S-4"
+    shutil.copytree(runs / "DiT-S-4", run)
+    def in_training(records):  # other tests add records of other protocols (sweeps, `evaluate --run`)
+        return [r for r in records if (r["step"], r["metric"], r["protocol"]["sampling_steps"], r["protocol"]["seed"])
+                == (32, "FID-8", 2, 0)]
+
+    records = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
+    [one_host] = in_training(records)
+    (run / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r is not one_host))
+    hosts = cli_on_hosts("train", "--config", "imagenet256:S/4", "--workdir", str(run), *overrides,
+                         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, timeout=600)
+    assert all(code == 0 for code, _, _ in hosts), hosts[0][2][-3000:] + hosts[1][2][-3000:]
+    [two_hosts] = in_training([json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()])
+    assert two_hosts["protocol"] == one_host["protocol"]
+    assert two_hosts["value"] == pytest.approx(one_host["value"], rel=1e-4)

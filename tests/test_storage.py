@@ -19,13 +19,8 @@ from scaling.checkpoints import load_final_params
 from scaling.lease import HOLDER_FILE, RunLease, WorkdirHeld, read_holder
 
 
-@pytest.fixture(params=["local", "gs"])
-def root(request, tmp_path):
-    return epath.Path(tmp_path) if request.param == "local" else epath.Path(request.getfixturevalue("gcs").path(
-        request.node.name.replace("[", "-").rstrip("]")))
-
-
-def test_storage_operations_behave_alike_on_a_disk_and_a_bucket(root):
+def test_storage_operations_behave_alike_on_a_disk_and_a_bucket(storage_root):
+    root = storage_root
     assert storage.is_url(root) == str(root).startswith("gs://")
     path = root / "a" / "file.json"
     storage.write_atomic(path, "old")
@@ -44,6 +39,9 @@ def test_storage_operations_behave_alike_on_a_disk_and_a_bucket(root):
         schema.append_jsonl(records, {"value": value})
     assert schema.read_jsonl(records) == [{"value": 1.5}, {"value": 2.5}]
     assert storage.absolute(root) == root if storage.is_url(root) else storage.absolute(root).is_absolute()
+    (root / "bytes").write_bytes(bytes(range(200)))
+    assert storage.read_range(root / "bytes", 10, 5) == bytes(range(10, 15))
+    assert storage.read_range(root / "bytes", 190, 50) == bytes(range(190, 200))  # cut where the file ends
 
 
 def test_the_grid_skips_a_gs_run_another_machine_holds(gcs, fmnist_dir):

@@ -256,7 +256,8 @@ def test_validation_loss_is_the_noise_prediction_error_on_held_out_images(fmnist
                                           for i, x in enumerate(leaves)])
     model = nnx.merge(graphdef, params)
     diffusion = GaussianDiffusion(linear_betas(1000), learn_sigma=True)
-    evaluator = ValidationLossEvaluator(config, dit, diffusion, dit_compute(dit), make_mesh())
+    source = data_lib.open_source(config)
+    evaluator = ValidationLossEvaluator(config, source, dit, diffusion, dit_compute(dit), make_mesh())
     [record] = evaluator.run(100, params, evaluator.protocols)
     assert record.metric == "val-loss-10" and record.protocol.reference == "fashion_mnist@16x16:test[:10]"
     assert validation_timesteps(config) == [166, 500, 833]
@@ -364,3 +365,27 @@ def test_tiny_study_killed_resumes_and_renders(fmnist_dir, tmp_path, capsys, mon
     for different in (["--seed", "1", "--models", ",".join(PART)], []):  # another seed; all 12 configs
         assert main([*study_command, *different]) == 2
         assert "holds another study" in capsys.readouterr().err
+
+
+def test_sharded_features_are_the_features_of_the_gathered_samples():
+    """Features computed batch by batch where the samples were drawn (the last batch's padding left out) are the
+    features of the samples `sample` gathers, row for row, and the first samples come back as drawn."""
+    from flax import nnx
+
+    from models.diffusion import GaussianDiffusion, linear_betas
+    from models.dit import DiT, dit_config
+    from scaling.devices import make_mesh
+    from scaling.evaluation.sampling import make_sampler, sharded_features
+
+    dit = dit_config("S/8", input_size=16, in_channels=1, num_classes=10, depth=1, hidden_size=32, num_heads=1)
+    _, params = nnx.split(DiT(dit, rngs=nnx.Rngs(0)))
+    sampler = make_sampler(dit, GaussianDiffusion(linear_betas(1000), learn_sigma=True), sampling_steps=2,
+                           sampler="ddim", guidance_scale=1.0, guidance_channels=0, batch_size=4, mesh=make_mesh())
+    labels = np.arange(10) % 10
+    samples = sampler(params, labels, 3)
+    out = sharded_features(sampler, params, labels, 3,
+                           lambda s: {"mean": s.mean(axis=(1, 2, 3)), "corner": s[:, 0, 0]}, first_samples=6)
+    np.testing.assert_array_equal(out["mean"], samples.mean(axis=(1, 2, 3)))
+    np.testing.assert_array_equal(out["corner"], samples[:, 0, 0])
+    np.testing.assert_array_equal(out["samples"], samples[:6])
+    assert len(np.unique(out["mean"])) == 10  # ten different samples, in their order

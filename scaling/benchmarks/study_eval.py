@@ -83,7 +83,8 @@ def bench_one(model: str, eval_batches: list[int], repeats: int, guidance_scale:
         sampling_rate = guided_forwards * len(labels) * steps / _best_seconds(
             lambda sample=sample: sample(params, labels, 0), repeats)
         config.eval.batch_size = eval_batch
-        validation = ValidationLossEvaluator(config, model_config, diffusion, model_compute(model_config), mesh)
+        validation = ValidationLossEvaluator(config, source, model_config, diffusion, model_compute(model_config),
+                                             mesh)
         validation_rate = len(validation.timesteps) * int(config.eval.validation_examples) / _best_seconds(
             lambda validation=validation: validation.run(0, params, validation.protocols), repeats)
         print(json.dumps({"model": model, "eval_batch": eval_batch,

@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     # samples for FID.
     config.data.resolution = 0
     config.data.autoencoder = ""
+    # Latent runs: the extract-latents OUT of held-out images (--split validation) for eval.validation_*.
+    config.data.validation_path = ""
     config.data.flip = True  # random horizontal flips (the paper's only augmentation)
     config.data.num_threads = 2  # grain read threads
 
@@ -92,9 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.inception_weights = ""
     config.eval.classifier_epochs = 2  # FashionCNN feature network (trained once per data and seed, cached)
     config.eval.classifier_examples = 0  # training images for it (0: the whole training split)
-    # Held-out diffusion loss: noise-prediction MSE on the first N test images at validation_timesteps fixed
-    # timesteps, with fixed noise (0: off), every validation_every steps (0: at the eval.every steps) and at the
-    # last; it is cheap, so denser curves (isoFLOP profiles) can come from it. Evaluation needs eval.every > 0.
+    # Held-out diffusion loss: noise-prediction MSE on the first N held-out images (Fashion-MNIST's test split, a
+    # latent run's data.validation_path) at validation_timesteps fixed timesteps, with fixed noise (0: off), every
+    # validation_every steps (0: at the eval.every steps) and at the last; it is cheap, so denser curves (isoFLOP
+    # profiles) can come from it, also alone (eval.every = 0: no sampling).
     config.eval.validation_examples = 0
     config.eval.validation_timesteps = 8
     config.eval.validation_every = 0

@@ -29,6 +29,7 @@ def get_config(variant: str = "XL/2"):
     config.model.name = model
     config.data.source = "latent_shards"
     config.data.resolution = 256
+    config.data.num_threads = 16  # each example is one range read, which on gs:// waits on the network
     config.train.checkpoint_every = CHECKPOINT_EVERY
     config.train.checkpoint_minutes = CHECKPOINT_MINUTES
     config.train.keep_every = CHECKPOINT_EVERY

@@ -30,7 +30,7 @@ from scaling.evaluation.fd_fashion_cnn import (
 )
 from scaling.evaluation.inception import inception_activations
 from scaling.evaluation.npz import to_uint8
-from scaling.evaluation.sampling import make_sampler
+from scaling.evaluation.sampling import make_sampler, sharded_features
 from scaling.host import CACHE_DIR
 
 FD_FASHION_CNN_FAMILY = "FD-FashionCNN"
@@ -38,6 +38,9 @@ FD_FASHION_CNN_FAMILY = "FD-FashionCNN"
 
 class Evaluator(Protocol):
     every: int  # steps between evaluations (and the last step)
+    # Whether the state is checkpointed before each evaluation: true where an evaluation costs enough (sampling)
+    # that a run stopped during it should resume there rather than retrain up to it.
+    checkpoint_first: bool
     protocols: list[EvaluationProtocol]
     final_protocols: list[EvaluationProtocol]
 
@@ -166,9 +169,12 @@ def keep_samples(workdir: epath.Path, protocol: EvaluationProtocol, samples: np.
 
 
 class SmallDataEvaluator:
-    """Scores a run's EMA model with the small-data metrics. The classifier, the real reference features and each
-    sampler are prepared on first use and reused at every evaluation of the run. With a `workdir`, the last step's
-    samples of the first sampling-step count are kept there (`keep_samples`)."""
+    """Scores a run's EMA model with the small-data metrics: each host computes the classifier outputs of the
+    samples its devices drew, and the hosts exchange those (`sharded_features`). The classifier, the real
+    reference features and each sampler are prepared on first use and reused at every evaluation of the run. With
+    a `workdir`, the last step's first samples of the first sampling-step count are kept there (`keep_samples`)."""
+
+    checkpoint_first = True
 
     def __init__(self, config, source, model_config, diffusion, compute, mesh, workdir: epath.Path | None = None):
         self.workdir = workdir
@@ -193,14 +199,15 @@ class SmallDataEvaluator:
         return protocol_sampler(self._samplers, self, protocol)
 
     def _keeps_samples(self, step: int, protocol: EvaluationProtocol) -> bool:
-        """At the last step, the samples of the first sampling-step count and eval.seed, guided or not."""
-        import jax
-
+        """At the last step, the samples of the first sampling-step count and eval.seed, guided or not (every host
+        takes part in gathering them; the first writes them)."""
         e = self.config.eval
-        return (self.workdir is not None and jax.process_index() == 0 and step == int(self.config.train.steps)
+        return (self.workdir is not None and step == int(self.config.train.steps)
                 and protocol.sampling_steps == int(e.sampling_steps[0]) and protocol.seed == int(e.seed))
 
     def run(self, step: int, params, protocols: list[EvaluationProtocol]) -> list[EvaluationRecord]:
+        import jax
+
         if self._classifier is None:
             self._prepare()
         e = self.config.eval
@@ -208,16 +215,22 @@ class SmallDataEvaluator:
         records = []
         for protocol in protocols:
             start = time.perf_counter()
-            samples = to_uint8(self._sampler(protocol)(params, labels, protocol.seed), protocol.uint8_convention)
-            images = self.source.at_classifier_resolution(samples)
-            result = fd_fashion_cnn_metrics_of_features(self._reference,
-                                                        *classifier_outputs(self._classifier, images), labels)
+
+            def outputs(samples, protocol=protocol):
+                images = self.source.at_classifier_resolution(to_uint8(samples, protocol.uint8_convention))
+                return dict(zip(("features", "probs"), classifier_outputs(self._classifier, images), strict=True))
+
+            keeps = self._keeps_samples(step, protocol)
+            out = sharded_features(self._sampler(protocol), params, labels, protocol.seed, outputs,
+                                   first_samples=KEPT_SAMPLES if keeps else 0)
+            result = fd_fashion_cnn_metrics_of_features(self._reference, out["features"], out["probs"], labels)
             details = {k: v for k, v in result.items() if k not in ("fd_fashioncnn", "feature_network")}
             details.update(self._floor)
-            if self._keeps_samples(step, protocol):
-                details["samples"] = keep_samples(self.workdir, protocol, samples, labels)
+            if keeps and jax.process_index() == 0:
+                details["samples"] = keep_samples(self.workdir, protocol,
+                                                  to_uint8(out["samples"], protocol.uint8_convention), labels)
             records.append(EvaluationRecord.of(
-                step=step, metric=schema.metric_name(FD_FASHION_CNN_FAMILY, len(images)), value=result["fd_fashioncnn"],
+                step=step, metric=schema.metric_name(FD_FASHION_CNN_FAMILY, len(labels)), value=result["fd_fashioncnn"],
                 protocol=protocol, gflops_per_image=self.compute.gflops, global_batch=self.config.train.batch_size,
                 details=details, seconds=time.perf_counter() - start, time=time.time()))
         return records
@@ -229,21 +242,34 @@ def validation_timesteps(config) -> list[int]:
     return [int((i + 0.5) * total / count) for i in range(count)]
 
 
-class ValidationLossEvaluator:
-    """The diffusion loss of the EMA model on held-out images (Fashion-MNIST's test split) at fixed timesteps, with
-    fixed noise: the same inputs at every evaluation, so the values compare across steps and runs. The metric is
-    the mean squared error of the predicted noise (the paper's L_simple) averaged over images and timesteps: the
-    cheap proxy of sample quality that scaling work after DiT uses."""
+def held_out_name(config, n: int) -> str:
+    """How a protocol names the held-out images: "fashion_mnist:test[:200]", or a latent run's validation latents
+    by their folder, "latent_shards:imagenet-val[:1000]"."""
+    if config.data.source == "latent_shards":
+        return f"{config.data.source}:{epath.Path(config.data.validation_path).name}[:{n}]"
+    return data_name(config, "test", n)
 
-    def __init__(self, config, model_config, diffusion, compute, mesh):
+
+class ValidationLossEvaluator:
+    """The diffusion loss of the EMA model on held-out images (Fashion-MNIST's test split, a latent run's
+    data.validation_path) at fixed timesteps, with fixed noise: the same inputs at every evaluation, so the values
+    compare across steps and runs. The metric is the mean squared error of the predicted noise (the paper's
+    L_simple) averaged over images and timesteps: the cheap proxy of sample quality that scaling work after DiT
+    uses. The held-out set is opened when the evaluator is built, so a missing or mismatched one stops the run
+    before it trains."""
+
+    checkpoint_first = False  # a few forwards: a run stopped during one replays its steps instead
+
+    def __init__(self, config, source, model_config, diffusion, compute, mesh):
         self.config, self.model_config, self.diffusion = config, model_config, diffusion
         self.compute, self.mesh = compute, mesh
+        self.held_out = data_lib.open_held_out(config, source)
         self.timesteps = validation_timesteps(config)
         self.every = int(config.eval.validation_every or config.eval.every)
         n = int(config.eval.validation_examples)
         self.protocols = [EvaluationProtocol(
             sampler=None, sampling_steps=None, guidance_scale=None, guidance_channels=None, num_samples=n,
-            seed=int(config.eval.seed), uint8_convention=None, reference=data_name(config, "test", n),
+            seed=int(config.eval.seed), uint8_convention=None, reference=held_out_name(config, n),
             feature_network=f"none: noise-prediction MSE at timesteps {self.timesteps}")]
         self.final_protocols = []
         self._loss = None
@@ -260,13 +286,9 @@ class ValidationLossEvaluator:
         from scaling.devices import BATCH_AXES
 
         e = self.config.eval
-        held_out = data_lib.open_source(self.config, split="test")
-        n = int(e.validation_examples)
-        if n > len(held_out):
-            raise ValueError(f"eval.validation_examples={n} exceeds the {len(held_out)} held-out test images.")
         sharding = NamedSharding(self.mesh, P(BATCH_AXES))
-        images = held_out.images[:n].astype(np.float32) / 127.5 - 1.0
-        labels = held_out.labels[:n]
+        images, labels = data_lib.held_out_inputs(self.held_out, int(e.validation_examples), int(e.seed))
+        n = len(labels)
         key = jax.random.key(int(e.seed))
         # One row per (timestep, image): fixed noise, drawn once, so every evaluation sees the same inputs.
         t = np.repeat(np.asarray(self.timesteps, np.int32), n)
@@ -309,9 +331,12 @@ class ValidationLossEvaluator:
 
 class FIDEvaluator:
     """FID of a latent run's EMA model: class-balanced samples (the same noise and labels at every step), decoded
-    by data.autoencoder inside the sharded sampling program, FID Inception features, the Frechet distance to
-    eval.reference's statistics. The autoencoder, the Inception, the reference and each sampler are prepared on
-    first use and reused."""
+    by data.autoencoder inside the sharded sampling program, FID Inception features computed by each host of its
+    own samples over its devices (hosts exchange the pool features alone: `sharded_features`), the Frechet
+    distance to eval.reference's statistics. The autoencoder, the Inception, the reference and each sampler are
+    prepared on first use and reused."""
+
+    checkpoint_first = True
 
     def __init__(self, config, source, model_config, diffusion, compute, mesh):
         self.config, self.source, self.model_config = config, source, model_config
@@ -341,16 +366,22 @@ class FIDEvaluator:
             return []
         if self._autoencoder is None:
             self._prepare()
+        import jax
+
         e = self.config.eval
         labels = np.arange(int(e.num_samples)) % self.source.num_classes
         records = []
         for protocol in protocols:
             start = time.perf_counter()
-            images = to_uint8(self._sampler(protocol)(params, labels, protocol.seed), protocol.uint8_convention)
-            features = inception_activations(self._inception, images).pool
+
+            def pool_features(samples, protocol=protocol):
+                images = to_uint8(samples, protocol.uint8_convention)
+                return {"pool": inception_activations(self._inception, images, devices=jax.local_devices()).pool}
+
+            features = sharded_features(self._sampler(protocol), params, labels, protocol.seed, pool_features)["pool"]
             fid = metrics.frechet_distance_of_features(features, *self._reference)
             records.append(EvaluationRecord.of(
-                step=step, metric=schema.metric_name("FID", len(images)), value=fid, protocol=protocol,
+                step=step, metric=schema.metric_name("FID", len(features)), value=fid, protocol=protocol,
                 gflops_per_image=self.compute.gflops, global_batch=self.config.train.batch_size,
                 seconds=time.perf_counter() - start, time=time.time()))
         return records
@@ -364,11 +395,13 @@ class Evaluators:
         self.protocols = [p for e in evaluators for p in e.protocols]
         self.final_protocols = [p for e in evaluators for p in e.final_protocols]
 
-    def protocols_at(self, step: int, total_steps: int) -> list[EvaluationProtocol]:
+    def protocols_at(self, step: int, total_steps: int, checkpoint_first: bool = False) -> list[EvaluationProtocol]:
         """What is measured at `step`: the protocols of each evaluator whose schedule falls there, and at the last
-        step every evaluator's protocols and final protocols."""
+        step every evaluator's protocols and final protocols (with `checkpoint_first`, only those of evaluators
+        that want the state checkpointed before them)."""
         last = step == total_steps
         return [p for e in self.evaluators if step > 0 and (last or step % e.every == 0)
+                and (e.checkpoint_first or not checkpoint_first)
                 for p in e.protocols + (e.final_protocols if last else [])]
 
     def run(self, step: int, params, protocols: list[EvaluationProtocol]) -> list[EvaluationRecord]:
@@ -383,9 +416,11 @@ def build_evaluator(config, source, model_config, diffusion, compute, mesh,
                     workdir: epath.Path | None = None) -> Evaluator:
     """The evaluators of a run's data source (config.validate has refused sources without one); the small-data
     evaluator keeps its final samples in `workdir`."""
-    if config.data.source == "latent_shards":
-        return Evaluators([FIDEvaluator(config, source, model_config, diffusion, compute, mesh)])
-    evaluators = [SmallDataEvaluator(config, source, model_config, diffusion, compute, mesh, workdir)]
+    evaluators = []
+    if config.eval.every:
+        evaluators.append(FIDEvaluator(config, source, model_config, diffusion, compute, mesh)
+                          if config.data.source == "latent_shards"
+                          else SmallDataEvaluator(config, source, model_config, diffusion, compute, mesh, workdir))
     if config.eval.validation_examples:
-        evaluators.append(ValidationLossEvaluator(config, model_config, diffusion, compute, mesh))
+        evaluators.append(ValidationLossEvaluator(config, source, model_config, diffusion, compute, mesh))
     return Evaluators(evaluators)

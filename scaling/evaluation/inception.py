@@ -34,19 +34,39 @@ class Activations:
     probs: np.ndarray | None  # [N, 1008] softmax of the bias-free logits, when the logits weight is loaded
 
 
-def inception_activations(model, images: np.ndarray, batch_size: int = 64) -> Activations:
-    """Inception features of uint8 images, in batches (the last one padded to keep one compiled shape)."""
+@functools.lru_cache(maxsize=4)
+def _replicated(model, devices: tuple):
+    """The model's weights on each of `devices`, and the sharding that splits a batch over them."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+    return jax.device_put(model, NamedSharding(mesh, P())), NamedSharding(mesh, P("batch"))
+
+
+def inception_activations(model, images: np.ndarray, batch_size: int = 64, devices=None) -> Activations:
+    """Inception features of uint8 images, in batches (the last one padded to keep one compiled shape), each
+    split over `devices` (default: the first device alone)."""
+    import jax
     import jax.numpy as jnp
 
     images = check_images(images, "images")
     forward = _jitted_forward()
+    sharding, splits = None, 1
+    if devices is not None and len(devices) > 1:
+        model, sharding = _replicated(model, tuple(devices))
+        splits = len(devices)
+        batch_size = -(-batch_size // splits) * splits
     pool, spatial, probs = [], [], []
     start_time = time.perf_counter()
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)]) \
-            if len(chunk) < batch_size and len(images) > batch_size else chunk
-        features = forward(model, jnp.asarray(padded, jnp.float32))
+        # One compiled shape where there are several batches; a batch split over devices needs a multiple of them.
+        size = batch_size if len(images) > batch_size else -(-len(chunk) // splits) * splits
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)]).astype(np.float32)
+        padded = jnp.asarray(padded) if sharding is None else jax.device_put(padded, sharding)
+        features = forward(model, padded)
         pool.append(np.asarray(features.pool[: len(chunk)], np.float64))
         spatial.append(np.asarray(features.spatial[: len(chunk)], np.float64))
         if features.logits is not None:

@@ -1,6 +1,7 @@
 """Drawing samples from a DiT (or a plugged-in model) for evaluation: batches sharded over every device (and
 host), compiled once per sampler; latent models' samples decoded by the autoencoder inside the same sharded
-program."""
+program. `sharded_features` turns samples into features where they were drawn, so that hosts exchange features
+(kilobytes a sample), never decoded images (786 KB a sample at 256px in float32)."""
 
 from __future__ import annotations
 
@@ -53,13 +54,17 @@ from there, so a long sampling job split into calls draws what one call would. W
             return samples
         return nnx.merge(vae_graphdef, vae_state).decode(samples / scale)
 
-    def sample(params, labels: np.ndarray, seed: int, first_batch: int = 0) -> np.ndarray:
-        out = []
+    def global_batches(params, labels: np.ndarray, seed: int, first_batch: int):
+        """(first row, samples as a global array sharded over every device) per batch of `labels`."""
         for b, start in enumerate(range(0, len(labels), batch_size), start=first_batch):
             y = labels[start:start + batch_size]
             y = np.concatenate([y, np.zeros(batch_size - len(y), y.dtype)])  # one compiled shape
             y = jax.make_array_from_callback(y.shape, data_sharding, lambda index, y=y: y[index])
-            samples = sample_batch(params, jax.random.fold_in(jax.random.key(seed), b), y, vae_state)
+            yield start, sample_batch(params, jax.random.fold_in(jax.random.key(seed), b), y, vae_state)
+
+    def sample(params, labels: np.ndarray, seed: int, first_batch: int = 0) -> np.ndarray:
+        out = []
+        for start, samples in global_batches(params, labels, seed, first_batch):
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils
 
@@ -67,4 +72,54 @@ from there, so a long sampling job split into calls draws what one call would. W
             out.append(np.asarray(samples, np.float32)[: min(batch_size, len(labels) - start)])
         return np.concatenate(out)
 
+    def local_batches(params, labels: np.ndarray, seed: int, first_batch: int = 0):
+        """What `sample` draws, without moving samples between hosts: per batch, (the rows of `labels` that this
+        host's devices drew, those samples as float32 numpy); padding rows are left out."""
+        for start, samples in global_batches(params, labels, seed, first_batch):
+            shards = {shard.index[0].indices(batch_size)[:2]: shard for shard in samples.addressable_shards}
+            for (first, stop), shard in sorted(shards.items()):  # one per batch slice (replicas give the same)
+                rows = np.arange(start + first, start + stop)
+                real = rows < len(labels)
+                if real.any():
+                    yield rows[real], np.asarray(shard.data, np.float32)[real]
+
+    sample.local_batches = local_batches
     return sample
+
+
+def sharded_features(sampler, params, labels: np.ndarray, seed: int, features_of,
+                     first_samples: int = 0) -> dict[str, np.ndarray]:
+    """Features of the samples `sampler` (a `make_sampler`) draws for `labels`, computed where they were drawn:
+    each host turns its own samples into features with `features_of` (float32 samples [n, H, W, C] -> a dict of
+    per-sample arrays [n, ...]), and the hosts exchange those features, never the samples, but for the first
+    `first_samples` samples themselves (returned as "samples": what a run keeps to look at). Returns every
+    sample's features in the order of `labels`, on every host, as one process computing them all would."""
+    import jax
+
+    rows, parts, kept = [], [], []
+    for batch_rows, samples in sampler.local_batches(params, labels, seed):
+        rows.append(batch_rows)
+        parts.append(features_of(samples))
+        kept.append((batch_rows[batch_rows < first_samples], samples[batch_rows < first_samples]))
+    mine = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    mine["row"] = np.concatenate(rows)
+    first = np.zeros((min(first_samples, len(labels)), *kept[0][1].shape[1:]), np.float32)
+    for kept_rows, kept_samples in kept:
+        first[kept_rows] = kept_samples
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        # Hosts may hold different numbers of real rows (the last batch's padding): pad to the longest, with rows
+        # marked -1, so that every host contributes arrays of one shape.
+        longest = int(multihost_utils.process_allgather(np.asarray(len(mine["row"]))).max())
+        padded = {name: np.concatenate([array, np.zeros((longest - len(array), *array.shape[1:]), array.dtype)])
+                  for name, array in mine.items()}
+        padded["row"][len(mine["row"]):] = -1
+        gathered = {name: np.asarray(multihost_utils.process_allgather(array, tiled=True))
+                    for name, array in padded.items()}
+        mine = {name: array[gathered["row"] >= 0] for name, array in gathered.items()}
+        if len(first):  # each of the first samples was drawn on one host, and is zeros on the others
+            first = np.asarray(multihost_utils.process_allgather(first)).sum(axis=0)
+    order = np.argsort(mine.pop("row"), kind="stable")
+    features = {name: array[order] for name, array in mine.items()}
+    return {**features, "samples": first} if first_samples else features
