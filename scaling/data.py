@@ -159,4 +159,6 @@ def make_dataset(source, *, global_batch: int, seed: int, flip: bool, process_in
 
 
 def make_iterator(dataset: grain.MapDataset, num_threads: int = 2):
-    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)))
+    """Batches read ahead by `num_threads` threads, a batch each (so as many batches are buffered)."""
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(4, num_threads))
+    return iter(dataset.to_iter_dataset(options))

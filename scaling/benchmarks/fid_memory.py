@@ -6,7 +6,7 @@ and of N decoded images.
 Each N runs in a fresh process the evaluation path of a latent run (`scaling.evaluation.sampling`: a DiT samples
 latents in batches over the devices, a KL-f8 autoencoder decodes them to RESOLUTIONxRESOLUTION images inside the
 sampling program, the FID Inception scores each host's own images, `sharded_features` gathers the pool features)
-and prints its peak RSS. The DiT (one block of width 32, one sampling step) and the autoencoder (8 channels) are
+and prints its peak RSS. The DiT (one block of width 32, two sampling steps) and the autoencoder (8 channels) are
 small random models, so that the time goes to the Inception, whose cost per image is the real one; the memory a
 sample leaves behind is what is measured. With `--processes 2` the processes join as hosts on 127.0.0.1 and each
 prints its own peak.
@@ -52,7 +52,7 @@ def _child(num: int, resolution: int, batch: int) -> None:
                               num_heads=1)
     params = nnx.state(DiT(model_config, rngs=nnx.Rngs(1)))
     diffusion = GaussianDiffusion(linear_betas(1000), learn_sigma=model_config.learn_sigma)
-    sampler = make_sampler(model_config, diffusion, sampling_steps=1, sampler="ddim", guidance_scale=1.0,
+    sampler = make_sampler(model_config, diffusion, sampling_steps=2, sampler="ddim", guidance_scale=1.0,
                            guidance_channels=0, batch_size=batch, mesh=make_mesh(), autoencoder=autoencoder)
     inception = load_fid_inception()
     labels = np.arange(num) % 10

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis import schema
+
 REPO = Path(__file__).resolve().parents[2]
 LATENT = (32, 32, 4)  # ImageNet-256 through the SD autoencoder
 SHARD = 2500
@@ -95,8 +97,7 @@ def _train(data: str, workdir: str, processes: int, steps: int, batch: int, limi
     if failed:
         raise SystemExit(f"training failed (exit codes {failed}); a negative code is a signal (-9: killed at the "
                          "memory limit)")
-    records = [json.loads(line) for line in (Path(workdir) / "steps.jsonl").read_text().splitlines()]
-    rates = [batch / r["step_time"] for r in records if r.get("step_time")]
+    rates = [batch / r.step_time for r in schema.read_steps(workdir) if r.step_time]
     return peaks, statistics.median(rates)
 
 
