@@ -73,15 +73,13 @@ from there, so a long sampling job split into calls draws what one call would. W
         return np.concatenate(out)
 
     def local_batches(params, labels: np.ndarray, seed: int, first_batch: int = 0):
-        """What `sample` draws, without moving samples between hosts: per batch, (the rows of `labels` that this
-        host's devices drew, those samples as float32 numpy); padding rows are left out."""
+        """What `sample` draws, without moving samples between hosts: per batch, (the rows that this host's
+        devices drew, those samples as float32 numpy). Rows from len(labels) on are the last batch's padding: every
+        host gets as many rows, even one whose rows are all padding."""
         for start, samples in global_batches(params, labels, seed, first_batch):
             shards = {shard.index[0].indices(batch_size)[:2]: shard for shard in samples.addressable_shards}
             for (first, stop), shard in sorted(shards.items()):  # one per batch slice (replicas give the same)
-                rows = np.arange(start + first, start + stop)
-                real = rows < len(labels)
-                if real.any():
-                    yield rows[real], np.asarray(shard.data, np.float32)[real]
+                yield np.arange(start + first, start + stop), np.asarray(shard.data, np.float32)
 
     sample.local_batches = local_batches
     return sample
@@ -96,30 +94,23 @@ def sharded_features(sampler, params, labels: np.ndarray, seed: int, features_of
     sample's features in the order of `labels`, on every host, as one process computing them all would."""
     import jax
 
-    rows, parts, kept = [], [], []
+    first_samples = min(first_samples, len(labels))
+    rows, parts, first = [], [], None
     for batch_rows, samples in sampler.local_batches(params, labels, seed):
         rows.append(batch_rows)
-        parts.append(features_of(samples))
-        kept.append((batch_rows[batch_rows < first_samples], samples[batch_rows < first_samples]))
+        parts.append(features_of(samples))  # padding rows too: every host contributes arrays of one shape
+        if first is None:
+            first = np.zeros((first_samples, *samples.shape[1:]), np.float32)
+        kept = batch_rows < first_samples
+        first[batch_rows[kept]] = samples[kept]
     mine = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     mine["row"] = np.concatenate(rows)
-    first = np.zeros((min(first_samples, len(labels)), *kept[0][1].shape[1:]), np.float32)
-    for kept_rows, kept_samples in kept:
-        first[kept_rows] = kept_samples
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        # Hosts may hold different numbers of real rows (the last batch's padding): pad to the longest, with rows
-        # marked -1, so that every host contributes arrays of one shape.
-        longest = int(multihost_utils.process_allgather(np.asarray(len(mine["row"]))).max())
-        padded = {name: np.concatenate([array, np.zeros((longest - len(array), *array.shape[1:]), array.dtype)])
-                  for name, array in mine.items()}
-        padded["row"][len(mine["row"]):] = -1
-        gathered = {name: np.asarray(multihost_utils.process_allgather(array, tiled=True))
-                    for name, array in padded.items()}
-        mine = {name: array[gathered["row"] >= 0] for name, array in gathered.items()}
-        if len(first):  # each of the first samples was drawn on one host, and is zeros on the others
+        mine = {name: np.asarray(multihost_utils.process_allgather(array, tiled=True)) for name, array in mine.items()}
+        if first_samples:  # each of the first samples was drawn on one host, and is zeros on the others
             first = np.asarray(multihost_utils.process_allgather(first)).sum(axis=0)
-    order = np.argsort(mine.pop("row"), kind="stable")
+    order = np.argsort(mine.pop("row"))[:len(labels)]  # the padding, rows len(labels) on, sorts last
     features = {name: array[order] for name, array in mine.items()}
     return {**features, "samples": first} if first_samples else features
