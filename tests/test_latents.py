@@ -268,7 +268,9 @@ def test_latent_runs_record_the_held_out_loss_that_isoflop_and_loss_proxy_read(l
     assert proxy["loss_metric"] == "val-loss-6" and proxy["metric"] == "FID-6" and proxy["n_points"] == 6
 
 
-def test_the_held_out_loss_alone_needs_no_decoder_nor_reference(latent_grid, tmp_path):
+def test_the_held_out_loss_alone_needs_no_decoder_nor_reference(latent_grid, tmp_path, capsys):
+    from scaling.cli import main
+
     root, _, _, env, overrides = latent_grid
     alone = [o for o in overrides if not o.startswith(("--config.data.autoencoder", "--config.eval.reference",
                                                        "--config.eval.every"))]
@@ -282,17 +284,17 @@ def test_the_held_out_loss_alone_needs_no_decoder_nor_reference(latent_grid, tmp
     assert [e["value"] for e in evaluations] == pytest.approx(
         [e["value"] for e in grid if e["metric"] == "val-loss-6"], rel=1e-5)
 
-    result = cli("train", "--config", "imagenet256:S/8", "--workdir", str(tmp_path / "missing"), *alone,
-                 "--config.eval.every=0", f"--config.data.validation_path={tmp_path / 'nowhere'}", env=env)
-    assert result.returncode != 0 and "--split validation" in result.stderr
-    assert not (tmp_path / "missing" / "steps.jsonl").exists()
-    result = cli("train", "--config", "imagenet256:S/8", "--workdir", str(tmp_path / "train-split"), *alone,
-                 "--config.eval.every=0", f"--config.data.validation_path={root / 'latents'}", env=env)
-    assert result.returncode != 0 and "holds the 'train' split, but data.validation_path" in result.stderr
+    # Each mismatch stops the run before it trains (in this process: it fails before compiling anything).
     no_path = [o for o in alone if not o.startswith("--config.data.validation_path")]
-    result = cli("train", "--config", "imagenet256:S/8", "--workdir", str(tmp_path / "no-path"), *no_path,
-                 "--config.eval.every=0", env=env)
-    assert result.returncode != 0 and "needs data.validation_path" in result.stderr
+    for validation_path, error in ((f"={tmp_path / 'nowhere'}", "extract-latents IMAGE_DIR OUT --split validation"),
+                                   (f"={root / 'latents'}", "holds the 'train' split, but data.validation_path"),
+                                   (None, "needs data.validation_path")):
+        workdir = tmp_path / f"refused-{len(error)}"
+        extra = [] if validation_path is None else [f"--config.data.validation_path{validation_path}"]
+        assert main(["train", "--config", "imagenet256:S/8", "--workdir", str(workdir), *no_path, *extra,
+                     "--config.eval.every=0"]) == 2
+        assert error in capsys.readouterr().err
+        assert not (workdir / "records.jsonl").exists()
 
 
 def test_sample_writes_an_adm_batch_that_resumes_after_a_kill_to_the_same_images(latent_run, tmp_path):
