@@ -17,7 +17,7 @@ from analysis.cli import boolean, comma_separated, fraction, non_negative_int, n
 from models.timesteps import SAMPLERS
 from scaling.configs.fmnist import PRESETS as STUDY_PRESETS
 from scaling.host import set_up_process
-from scaling.latents import DEFAULT_SHARD_SIZE, LATENT_SPLITS
+from scaling.latents import DEFAULT_SHARD_SIZE, LATENT_SPLITS, manifest_split
 
 # ----------------------------------------------------------------------------------------------------------------
 # flops
@@ -509,7 +509,7 @@ def cmd_extract_latents(args: argparse.Namespace) -> int:
     manifest = extract_latents(args.image_dir, args.out, autoencoder=args.autoencoder, resolution=args.resolution,
                                batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype,
                                split=args.split)
-    print(f"{args.out}: {manifest['status']} {manifest['split']} split, {manifest['num_examples']} images of "
+    print(f"{args.out}: {manifest['status']} {manifest_split(manifest)} split, {manifest['num_examples']} images of "
           f"{manifest['num_classes']} classes, latents {'x'.join(map(str, manifest['latent_shape']))}")
     return 0
 

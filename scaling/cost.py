@@ -175,11 +175,12 @@ def evaluation_work(config) -> dict[str, int]:
     `sampling_forwards`, the diffusion model's forward passes sampling them (x2 with guidance); and
     `validation_forwards`, those of the held-out loss."""
     e, steps = config.eval, config.train.steps
-    if not e.every:
-        return {"evaluations": 0, "samples": 0, "sampling_forwards": 0, "validation_forwards": 0}
-    sample_steps = steps // e.every + (steps % e.every != 0)
     every = e.validation_every or e.every
-    validations = steps // every + (steps % every != 0)
+    validations = steps // every + (steps % every != 0) if every and e.validation_examples else 0
+    if not e.every:  # the held-out loss alone, or nothing
+        return {"evaluations": validations, "samples": 0, "sampling_forwards": 0,
+                "validation_forwards": validations * e.validation_examples * e.validation_timesteps}
+    sample_steps = steps // e.every + (steps % e.every != 0)
     guided = lambda scale: schema.GUIDANCE_MULTIPLIER if schema.is_guided(scale) else 1  # noqa: E731
     final_steps = [s for s in e.final_sampling_steps if s not in e.sampling_steps]
     samples = e.num_samples * (sample_steps * len(e.sampling_steps) + len(final_steps) + len(e.final_seeds)
@@ -188,7 +189,7 @@ def evaluation_work(config) -> dict[str, int]:
         sample_steps * sum(e.sampling_steps) + sum(final_steps) + e.sampling_steps[0] * len(e.final_seeds))
     sampling += e.num_samples * e.sampling_steps[0] * sum(guided(scale) for scale in e.final_guidance_scales)
     # validation_every divides eval.every, so the held-out loss's steps include the samples'.
-    return {"evaluations": max(sample_steps, validations) if e.validation_examples else sample_steps,
+    return {"evaluations": max(sample_steps, validations),
             "samples": samples, "sampling_forwards": sampling,
             "validation_forwards": validations * e.validation_examples * e.validation_timesteps}
 

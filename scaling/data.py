@@ -136,13 +136,23 @@ def open_held_out(config, source):
     return held_out
 
 
-def held_out_inputs(source, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `n` examples of a held-out source as fixed model inputs (unflipped; a latent's posterior drawn
-    with `seed`), and their labels: the same at every evaluation."""
+def held_out_indices(source, n: int) -> np.ndarray:
+    """Which `n` examples of a held-out source the held-out loss uses: Fashion-MNIST's first n (its test split is
+    in no order), n evenly spaced latents (extract-latents writes them class by class, so the first n would be the
+    first classes' alone)."""
     if n > len(source):
-        raise ValueError(f"eval.validation_examples={n} exceeds the {len(source)} held-out images.")
+        raise ValueError(f"eval.validation_examples={n} exceeds the {len(source)} held-out images: lower it, or "
+                         "give more held-out images.")
+    if isinstance(source, LatentShards):
+        return np.linspace(0, len(source), n, endpoint=False).astype(np.int64)
+    return np.arange(n)
+
+
+def held_out_inputs(source, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `held_out_indices` examples of a held-out source as fixed model inputs (unflipped; a latent's
+    posterior drawn with `seed`), and their labels: the same at every evaluation."""
     rng = np.random.default_rng(seed)
-    examples = [source[i] for i in range(n)]
+    examples = [source[int(i)] for i in held_out_indices(source, n)]
     inputs = np.stack([source.to_model_input(example, rng, flip=False)["image"] for example in examples])
     return inputs, np.asarray([example["label"] for example in examples], np.int32)
 
@@ -159,6 +169,6 @@ def make_dataset(source, *, global_batch: int, seed: int, flip: bool, process_in
 
 
 def make_iterator(dataset: grain.MapDataset, num_threads: int = 2):
-    """Batches read ahead by `num_threads` threads, a batch each (so as many batches are buffered)."""
+    """Batches read ahead by `num_threads` threads, a batch each, into a buffer of as many batches (at least 4)."""
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(4, num_threads))
     return iter(dataset.to_iter_dataset(options))

@@ -80,6 +80,10 @@ def test_the_dry_run_prices_evaluation():
     small = load_config("imagenet256:S/8")
     steps_hours = run_cost(small, chip="H100", chips=8, utilization=0.4)["hours"] * 50_000 / small.train.steps
     assert run_cost(small, chip="H100", chips=8, utilization=0.4)["kill_loss_hours"] == pytest.approx(steps_hours / 2)
+    # The held-out loss alone (no sampling): 1000 images at 8 timesteps every 10K steps, 40 times in 400K steps.
+    alone = load_config("imagenet256:XL/2", ["eval.every=0", "eval.validation_examples=1000",
+                                             "eval.validation_every=10000", "data.validation_path=val"])
+    assert run_evaluation_flops(alone) == pytest.approx(2 * 40 * 1000 * 8 * macs)
 
 
 def test_the_decoders_count_matches_diffusers():

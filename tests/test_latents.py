@@ -79,7 +79,7 @@ def test_latents_stream_each_example_with_one_range_read(storage_root, monkeypat
     source = LatentShards(storage_root, split="validation")
     for i in (0, 9, 10, 24):
         np.testing.assert_array_equal(source[i]["moments"], written[i])
-    assert reads == [written[0].nbytes] * 4  # the rows asked for, nothing more
+    assert reads == [written[0].nbytes] * 4  # one read of one row each
     assert source.labels.tolist() == (np.arange(25) % 3).tolist()
 
     cut = storage_root / "moments-00002.npy"  # cut short under a run that opened it
@@ -254,7 +254,8 @@ def test_latent_runs_record_the_held_out_loss_that_isoflop_and_loss_proxy_read(l
         evaluations = [json.loads(line) for line in (runs / name / "evaluations.jsonl").read_text().splitlines()]
         losses = [e for e in evaluations if e["metric"] == "val-loss-6"]
         assert [e["step"] for e in losses] == list(range(2, 33, 2))
-        assert losses[0]["protocol"]["reference"] == "latent_shards:val-latents[:6]"
+        fingerprint = json.loads((root / "val-latents" / "manifest.json").read_text())["images_sha256"][:12]
+        assert losses[0]["protocol"]["reference"] == f"latent_shards:val-latents@{fingerprint}[6 spread]"
         # The noise-prediction MSE of unit-variance noise: near 1 at the start (adaLN-Zero's output starts at 0),
         # falling as the model learns.
         assert 0.5 < losses[0]["value"] < 1.5 and losses[-1]["value"] < losses[0]["value"]
@@ -286,10 +287,11 @@ def test_the_held_out_loss_alone_needs_no_decoder_nor_reference(latent_grid, tmp
 
     # Each mismatch stops the run before it trains (in this process: it fails before compiling anything).
     no_path = [o for o in alone if not o.startswith("--config.data.validation_path")]
-    for validation_path, error in ((f"={tmp_path / 'nowhere'}", "extract-latents IMAGE_DIR OUT --split validation"),
-                                   (f"={root / 'latents'}", "holds the 'train' split, but data.validation_path"),
-                                   (None, "needs data.validation_path")):
-        workdir = tmp_path / f"refused-{len(error)}"
+    for case, (validation_path, error) in enumerate((
+            (f"={tmp_path / 'nowhere'}", "extract-latents IMAGE_DIR OUT --split validation"),
+            (f"={root / 'latents'}", "holds the 'train' split, but data.validation_path"),
+            (None, "needs data.validation_path"))):
+        workdir = tmp_path / f"refused-{case}"
         extra = [] if validation_path is None else [f"--config.data.validation_path{validation_path}"]
         assert main(["train", "--config", "imagenet256:S/8", "--workdir", str(workdir), *no_path, *extra,
                      "--config.eval.every=0"]) == 2

@@ -103,7 +103,7 @@ def main() -> None:
             coordinator = f"127.0.0.1:{s.getsockname()[1]}"
         hosts = [subprocess.Popen(command, env={**os.environ, "FID_MEMORY_COORDINATOR": coordinator,
                                                 "FID_MEMORY_PROCESS": str(i)}) for i in range(args.processes)]
-        if any(host.wait() for host in hosts):
+        if any([host.wait() for host in hosts]):  # every host waited for
             raise SystemExit(f"a host of the N={num} measurement failed")
 
 

@@ -6,7 +6,7 @@ the memory the training processes may use.
 For each size, a synthetic latent set of ImageNet-256's shape (32x32x4 latents, crop and flip: 64 KiB an
 example, shards of 2500) is written to the local GCS emulator (tests/gcs_emulator.py), and `dit-scaling train`
 runs on it as --processes hosts joined on 127.0.0.1, all in one memory cgroup limited to --memory-limit-gb (cgroup
-v2 or v1, where this user may create one; else each process gets RLIMIT_AS of that size). The model is one block
+v2 or v1: run it as root on Linux). The model is one block
 of width 32, so the steps wait on the data: the images/s of the step records is the read throughput. Prints each
 process's peak RSS (from wait4) and the throughput; a loader that held the set in memory would be killed by the
 limit at the larger size.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -68,7 +67,7 @@ def _memory_cgroup(limit: int) -> Path | None:
     return None
 
 
-def _train(data: str, workdir: str, processes: int, steps: int, batch: int, limit: int, group: Path | None,
+def _train(data: str, workdir: str, processes: int, steps: int, batch: int, group: Path,
            environment: dict) -> tuple[list[int], float]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,10 +79,7 @@ def _train(data: str, workdir: str, processes: int, steps: int, batch: int, limi
                "--config.train.checkpoint_minutes=0"]
 
     def confine():
-        if group is not None:
-            (group / "cgroup.procs").write_text(str(os.getpid()))
-        else:
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        (group / "cgroup.procs").write_text(str(os.getpid()))
 
     pids = [subprocess.Popen(command + ["--coordinator", coordinator, "--num-processes", str(processes),
                                         "--process-id", str(i)], cwd=REPO, env=environment,
@@ -114,8 +110,10 @@ def main() -> None:
 
     limit = int(args.memory_limit_gb * 2**30)
     group = _memory_cgroup(limit)
-    print(f"memory limit {args.memory_limit_gb:g} GiB "
-          + (f"(cgroup {group})" if group else "(RLIMIT_AS per process: no cgroup could be made)"), flush=True)
+    if group is None:
+        raise SystemExit("No memory cgroup could be made (cgroup v2's memory controller or v1's memory hierarchy, "
+                         "writable): run the benchmark as root on Linux.")
+    print(f"memory limit {args.memory_limit_gb:g} GiB (cgroup {group})", flush=True)
     emulator = GcsEmulator()
     environment = {**os.environ, **emulator.environment}
     os.environ.update(emulator.environment)
@@ -129,8 +127,7 @@ def main() -> None:
             num = _write_set(data, size)
             written = time.perf_counter() - start
             with tempfile.TemporaryDirectory() as workdir:
-                peaks, rate = _train(data, workdir, args.processes, args.steps, args.batch, limit, group,
-                                     environment)
+                peaks, rate = _train(data, workdir, args.processes, args.steps, args.batch, group, environment)
             print(json.dumps({"set_gb": round(num * EXAMPLE_BYTES / 2**30, 2), "examples": num,
                               "upload_s": round(written, 1), "processes": args.processes,
                               "memory_limit_gb": args.memory_limit_gb,
@@ -138,8 +135,7 @@ def main() -> None:
                               "read_mb_per_s": round(rate * EXAMPLE_BYTES / 2**20, 1)}), flush=True)
     finally:
         emulator.close()
-        if group is not None:
-            group.rmdir()
+        group.rmdir()
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Sample quality of the EMA model during training: one record per (step, sampling_steps entry) in
     # evaluations.jsonl. Fashion-MNIST runs are scored with FD-FashionCNN against the training split.
     config.eval = ml_collections.ConfigDict()
-    config.eval.every = 0  # evaluate every N steps and at the last step (0: never)
+    config.eval.every = 0  # sample evaluations every N steps and at the last step (0: none)
     config.eval.num_samples = 1000
     config.eval.batch_size = 250  # samples per sampling batch (a multiple of the device count)
     config.eval.sampler = "ddpm"  # ddpm (ancestral) | ddim (eta 0)
@@ -94,10 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.inception_weights = ""
     config.eval.classifier_epochs = 2  # FashionCNN feature network (trained once per data and seed, cached)
     config.eval.classifier_examples = 0  # training images for it (0: the whole training split)
-    # Held-out diffusion loss: noise-prediction MSE on the first N held-out images (Fashion-MNIST's test split, a
-    # latent run's data.validation_path) at validation_timesteps fixed timesteps, with fixed noise (0: off), every
-    # validation_every steps (0: at the eval.every steps) and at the last; it is cheap, so denser curves (isoFLOP
-    # profiles) can come from it, also alone (eval.every = 0: no sampling).
+    # Held-out diffusion loss: noise-prediction MSE on N held-out images (Fashion-MNIST's first N test images, N
+    # spread over a latent run's data.validation_path) at validation_timesteps fixed timesteps, with fixed noise
+    # (0: off), every validation_every steps (0: at the eval.every steps) and at the last; it is cheap, so denser
+    # curves (isoFLOP profiles) can come from it, also alone (eval.every = 0: no sampling).
     config.eval.validation_examples = 0
     config.eval.validation_timesteps = 8
     config.eval.validation_every = 0

@@ -242,11 +242,13 @@ def validation_timesteps(config) -> list[int]:
     return [int((i + 0.5) * total / count) for i in range(count)]
 
 
-def held_out_name(config, n: int) -> str:
+def held_out_name(config, held_out, n: int) -> str:
     """How a protocol names the held-out images: "fashion_mnist:test[:200]", or a latent run's validation latents
-    by their folder, "latent_shards:imagenet-val[:1000]"."""
+    by their folder and the fingerprint of their image list, "latent_shards:imagenet-val@3f2a9c01d4e7[1000 spread]"
+    (n evenly spaced: `data.held_out_indices`)."""
     if config.data.source == "latent_shards":
-        return f"{config.data.source}:{epath.Path(config.data.validation_path).name}[:{n}]"
+        fingerprint = held_out.manifest.get("images_sha256", "")[:12]
+        return f"{config.data.source}:{epath.Path(config.data.validation_path).name}@{fingerprint}[{n} spread]"
     return data_name(config, "test", n)
 
 
@@ -267,9 +269,10 @@ class ValidationLossEvaluator:
         self.timesteps = validation_timesteps(config)
         self.every = int(config.eval.validation_every or config.eval.every)
         n = int(config.eval.validation_examples)
+        data_lib.held_out_indices(self.held_out, n)  # too few held-out images stop the run before it trains
         self.protocols = [EvaluationProtocol(
             sampler=None, sampling_steps=None, guidance_scale=None, guidance_channels=None, num_samples=n,
-            seed=int(config.eval.seed), uint8_convention=None, reference=held_out_name(config, n),
+            seed=int(config.eval.seed), uint8_convention=None, reference=held_out_name(config, self.held_out, n),
             feature_network=f"none: noise-prediction MSE at timesteps {self.timesteps}")]
         self.final_protocols = []
         self._loss = None

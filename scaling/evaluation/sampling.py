@@ -78,8 +78,9 @@ from there, so a long sampling job split into calls draws what one call would. W
         host gets as many rows, even one whose rows are all padding."""
         for start, samples in global_batches(params, labels, seed, first_batch):
             shards = {shard.index[0].indices(batch_size)[:2]: shard for shard in samples.addressable_shards}
-            for (first, stop), shard in sorted(shards.items()):  # one per batch slice (replicas give the same)
-                yield np.arange(start + first, start + stop), np.asarray(shard.data, np.float32)
+            slices = sorted(shards.items())  # one per batch slice (replicas give the same)
+            yield (np.concatenate([np.arange(start + first, start + stop) for (first, stop), _ in slices]),
+                   np.concatenate([np.asarray(shard.data, np.float32) for _, shard in slices]))
 
     sample.local_batches = local_batches
     return sample
@@ -108,9 +109,14 @@ def sharded_features(sampler, params, labels: np.ndarray, seed: int, features_of
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        mine = {name: np.asarray(multihost_utils.process_allgather(array, tiled=True)) for name, array in mine.items()}
+        def gather(array: np.ndarray) -> np.ndarray:  # as bytes: JAX without x64 would round float64 to float32
+            rows = np.ascontiguousarray(array).reshape(len(array), -1).view(np.uint8)
+            gathered = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+            return gathered.view(array.dtype).reshape(-1, *array.shape[1:])
+
+        mine = {name: gather(array) for name, array in mine.items()}
         if first_samples:  # each of the first samples was drawn on one host, and is zeros on the others
-            first = np.asarray(multihost_utils.process_allgather(first)).sum(axis=0)
+            first = gather(first).reshape(-1, *first.shape).sum(axis=0)
     order = np.argsort(mine.pop("row"))[:len(labels)]  # the padding, rows len(labels) on, sorts last
     features = {name: array[order] for name, array in mine.items()}
     return {**features, "samples": first} if first_samples else features
