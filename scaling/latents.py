@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -108,15 +109,24 @@ def _atomic_save(path: epath.Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+NPY_HEADER_READ = 4096  # bytes read for a .npy header (a shard's is 128): one range read, not a buffered open
+
+
 def _npy_layout(path: epath.Path) -> tuple[tuple[int, ...], np.dtype, int] | None:
     """(shape, dtype, offset of the data) from a .npy file's header, or None when the file is shorter or longer
     than that header says (read from the header and the file's size alone: a shard on gs:// is not downloaded to
-    check it)."""
-    with path.open("rb") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(f)
-        data_start = f.tell()
+    check it, and an object store's buffered open, which fetches megabytes ahead, is not used)."""
+    head = storage.read_range(path, 0, NPY_HEADER_READ)
+    f = io.BytesIO(head)
+    version = np.lib.format.read_magic(f)
+    length_bytes = 2 if version == (1, 0) else 4
+    header_end = f.tell() + length_bytes + int.from_bytes(head[f.tell(): f.tell() + length_bytes], "little")
+    if header_end > len(head):  # a header longer than the first read
+        f = io.BytesIO(storage.read_range(path, 0, header_end))
+        np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(f)
+    data_start = f.tell()
     whole = path.stat().length == data_start + math.prod(shape) * dtype.itemsize
     return (shape, dtype, data_start) if whole and not fortran_order else None
 

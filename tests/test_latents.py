@@ -10,7 +10,7 @@ from PIL import Image
 from run_helpers import cli, cli_on_hosts, write_fake_imagenet, write_tiny_autoencoder
 
 from analysis.schema import FID_FEATURE_NETWORK
-from scaling.latents import LatentShards, adm_center_crop, list_image_folder, write_latents
+from scaling.latents import NPY_HEADER_READ, LatentShards, adm_center_crop, list_image_folder, write_latents
 
 
 def _direct_adm_crop(image: Image.Image, size: int) -> np.ndarray:
@@ -77,6 +77,8 @@ def test_latents_stream_each_example_with_one_range_read(storage_root, monkeypat
     read_range = storage.read_range
     monkeypatch.setattr(storage, "read_range", lambda *args: reads.append(args[2]) or read_range(*args))
     source = LatentShards(storage_root, split="validation")
+    assert reads == [NPY_HEADER_READ] * 6  # opening reads the headers of 3 shards' two files, no more
+    reads.clear()
     for i in (0, 9, 10, 24):
         np.testing.assert_array_equal(source[i]["moments"], written[i])
     assert reads == [written[0].nbytes] * 4  # one read of one row each
