@@ -234,11 +234,14 @@ def core_shares(workers: int) -> list[list[int]]:
 
 
 def worker_environment(cores: list[int]) -> dict[str, str]:
-    """The environment of a worker on `cores` (see host.confine_worker): on a single core, single-threaded XLA."""
+    """The environment of a worker on `cores` (see host.confine_worker): on a single core, single-threaded XLA and
+    BLAS. (OpenBLAS, under numpy and scipy's Frechet distances, starts a thread per core of the machine; its idle
+    threads spin on the cores of the other workers.)"""
     env = {**os.environ, WORKER_CORES_VARIABLE: ",".join(map(str, cores)), "PYTHONUNBUFFERED": "1"}
     if len(cores) == 1:
         flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
+        env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     return env
 
 

@@ -1,8 +1,15 @@
 import os
 import tempfile
 
-import pytest
-from run_helpers import write_small_fashion_mnist  # imports no JAX: the settings below still apply
+# Two test workers share two cores: a library that starts a thread per core (OpenBLAS under numpy and scipy,
+# OpenMP under torch) spins its idle threads on the core the other worker holds, which took the paper-figures
+# notebook from 22 s to 51 s of CPU (docs/benchmarks.md, "The test suite"). One thread each, in every process
+# tests start, set before numpy is first imported (run_helpers imports it).
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+import pytest  # noqa: E402
+from run_helpers import write_small_fashion_mnist  # noqa: E402  (imports no JAX: the settings below still apply)
 
 # Tests run on the CPU; keep JAX from probing for accelerators.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -4,7 +4,9 @@ import gzip
 import itertools
 import json
 import logging
+import os
 import shutil
+import sys
 import zlib
 from pathlib import Path
 
@@ -409,6 +411,34 @@ def test_grid_workers_report_failures_through_their_manifests_and_logs(fmnist_di
     out = capsys.readouterr().out
     assert "[DiT-S-8] step 1/20" in out and "Traceback" not in out  # progress shown; details in the logs only
     assert "Traceback" in (tmp_path / "DiT-S-8" / schema.LOG_FILE).read_text()
+
+
+_OPENBLAS_THREADS = """
+import ctypes
+import numpy  # loads OpenBLAS
+(library,) = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line and ".so" in line}
+blas = ctypes.CDLL(library)
+print(next(getattr(blas, name)() for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                                               "openblas_get_num_threads") if hasattr(blas, name)))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.cpu_count() < 2, reason="finds OpenBLAS through /proc; 2 cores")
+def test_a_worker_on_one_core_runs_blas_on_one_thread():
+    """numpy's OpenBLAS starts a thread per core of the machine, and its idle threads spin on the other workers'
+    cores; a worker confined to one core has one."""
+    import subprocess
+
+    from scaling.grid import worker_environment
+
+    def threads(env):
+        return int(subprocess.run([sys.executable, "-c", _OPENBLAS_THREADS], env=env, capture_output=True,
+                                  text=True, check=True).stdout)
+
+    unconfined = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    assert threads(unconfined) > 1
+    assert threads({**unconfined, **{k: v for k, v in worker_environment([0]).items()
+                                     if k.endswith("_NUM_THREADS")}}) == 1
 
 
 # -- evaluation during training -------------------------------------------------------------------------------
