@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 def _jitted_forward():
     import jax
 
-    return jax.jit(lambda model, images: model(images))
+    # The network runs far longer than it compiles: LLVM's full optimisation (XLA's default level) even where a
+    # process lowers the level for everything else, as the tests do (docs/benchmarks.md, "The test suite").
+    return jax.jit(lambda model, images: model(images), compiler_options={"xla_backend_optimization_level": 3})
 
 
 @dataclasses.dataclass
