@@ -10,6 +10,7 @@ from PIL import Image
 from run_helpers import cli, cli_on_hosts, write_fake_imagenet, write_tiny_autoencoder
 
 from analysis.schema import FID_FEATURE_NETWORK
+from scaling.cli import main
 from scaling.latents import NPY_HEADER_READ, LatentShards, adm_center_crop, list_image_folder, write_latents
 
 
@@ -197,8 +198,7 @@ def _reference_batch(root):
     """An ADM reference batch of the fake ImageNet's crops, written by `dit-scaling reference`."""
     paths, _, _ = list_image_folder(root / "images")
     np.save(root / "crops.npy", np.stack([adm_center_crop(Image.open(p), 32) for p in paths]))
-    result = cli("reference", str(root / "crops.npy"), str(root / "reference.npz"), "--batch-size", "16")
-    assert result.returncode == 0, result.stderr
+    assert main(["reference", str(root / "crops.npy"), str(root / "reference.npz"), "--batch-size", "16"]) == 0
     return root / "reference.npz"
 
 
@@ -249,7 +249,7 @@ def test_latent_runs_record_fid_with_the_decoder_in_the_protocol(latent_run):
     assert manifest["resolution"] == 32  # 8x8 latents x the KL-f4 autoencoder's 4
 
 
-def test_latent_runs_record_the_held_out_loss_that_isoflop_and_loss_proxy_read(latent_grid):
+def test_latent_runs_record_the_held_out_loss_that_isoflop_and_loss_proxy_read(latent_grid, capsys):
     root, runs, _, env, _ = latent_grid
     assert json.loads((root / "val-latents" / "manifest.json").read_text())["split"] == "validation"
     for name in ("DiT-S-8", "DiT-S-4", "DiT-S-2"):
@@ -261,19 +261,16 @@ def test_latent_runs_record_the_held_out_loss_that_isoflop_and_loss_proxy_read(l
         # The noise-prediction MSE of unit-variance noise: near 1 at the start (adaLN-Zero's output starts at 0),
         # falling as the model learns.
         assert 0.5 < losses[0]["value"] < 1.5 and losses[-1]["value"] < losses[0]["value"]
-    result = cli("isoflop", "--records", str(runs), "--metric", "val-loss-6", "--budgets", "3", "--json")
-    assert result.returncode == 0, result.stderr
-    budgets = json.loads(result.stdout)["budgets"]
+    capsys.readouterr()
+    assert main(["isoflop", "--records", str(runs), "--metric", "val-loss-6", "--budgets", "3", "--json"]) == 0
+    budgets = json.loads(capsys.readouterr().out)["budgets"]
     assert len(budgets) == 3 and all(b["configs"] == 3 and b["optimal_gflops"] > 0 for b in budgets)
-    result = cli("loss-proxy", "--records", str(runs), "--json")
-    assert result.returncode == 0, result.stderr
-    proxy = json.loads(result.stdout)
+    assert main(["loss-proxy", "--records", str(runs), "--json"]) == 0
+    proxy = json.loads(capsys.readouterr().out)
     assert proxy["loss_metric"] == "val-loss-6" and proxy["metric"] == "FID-6" and proxy["n_points"] == 6
 
 
 def test_the_held_out_loss_alone_needs_no_decoder_nor_reference(latent_grid, tmp_path, capsys):
-    from scaling.cli import main
-
     root, _, _, env, overrides = latent_grid
     alone = [o for o in overrides if not o.startswith(("--config.data.autoencoder", "--config.eval.reference",
                                                        "--config.eval.every"))]
@@ -341,22 +338,22 @@ def test_sample_writes_an_adm_batch_that_resumes_after_a_kill_to_the_same_images
     assert not chunks.exists()
 
 
-def test_evaluate_and_figures_on_sampled_images(latent_run, tmp_path):
+def test_evaluate_and_figures_on_sampled_images(latent_run, tmp_path, capsys):
     root, run, reference, env = latent_run
     result = cli("sample", str(run), "--out", str(tmp_path / "s.npz"), "--num", "8", "--sampling-steps", "2",
                  "--batch-size", "4", "--step", "16", env=env)
     assert result.returncode == 0, result.stderr
-    result = cli("evaluate", str(tmp_path / "s.npz"), "--ref", str(reference), "--run", str(run), "--json",
-                 "--batch-size", "8")
-    assert result.returncode == 0, result.stderr
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "s.npz"), "--ref", str(reference), "--run", str(run), "--json",
+                 "--batch-size", "8"]) == 0
+    printed = capsys.readouterr().out
     last = json.loads((run / "evaluations.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 16 and last["metric"] == "FID-8"  # the step and protocol from the sidecar
     assert last["protocol"]["sampling_steps"] == 2 and last["protocol"]["decoder"].startswith("diffusion")
-    printed = json.loads(result.stdout[result.stdout.index("{"):])
+    printed = json.loads(printed[printed.index("{"):])
     assert last["value"] == printed["fid"] and printed["n"] == 8
-    result = cli("figures", str(root / "runs"), "--out", str(tmp_path / "figures"))
-    assert result.returncode == 0, result.stderr
-    assert "wrote" in result.stdout
+    assert main(["figures", str(root / "runs"), "--out", str(tmp_path / "figures")]) == 0
+    assert "wrote" in capsys.readouterr().out
 
 
 def test_sampling_an_official_checkpoint_decodes_with_the_given_autoencoder(extraction, tmp_path):
@@ -387,7 +384,7 @@ def test_sweep_scores_kept_checkpoints_once_per_protocol(latent_run, tmp_path):
     result = cli("sample", str(run), "--out", str(tmp_path / "s.npz"), "--sampling-steps", "3", "--step", "32",
                  *sampling, env=env)
     assert result.returncode == 0, result.stderr
-    assert cli("evaluate", str(tmp_path / "s.npz"), "--ref", str(reference), "--run", str(run)).returncode == 0
+    assert main(["evaluate", str(tmp_path / "s.npz"), "--ref", str(reference), "--run", str(run)]) == 0
     before = (run / "evaluations.jsonl").read_text().splitlines()
 
     command = ["sweep", str(run), "--ref", str(reference), "--steps", "16,32", "--sampling-steps", "3", *sampling,

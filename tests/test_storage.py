@@ -16,6 +16,7 @@ from run_helpers import REPO, TINY, cli, leaves, smoke
 
 from analysis import schema, storage
 from scaling.checkpoints import load_final_params
+from scaling.cli import main
 from scaling.lease import HOLDER_FILE, RunLease, WorkdirHeld, read_holder
 
 
@@ -107,7 +108,7 @@ def _last_step(run: epath.Path) -> int:
 
 
 @pytest.mark.slow
-def test_a_run_on_a_bucket_resumes_after_sigkill_and_matches_the_same_run_on_disk(gcs, fmnist_dir, tmp_path):
+def test_a_run_on_a_bucket_resumes_after_sigkill_and_matches_the_same_run_on_disk(gcs, fmnist_dir, tmp_path, capsys):
     args = smoke(fmnist_dir, *INTERRUPTED)
     local = tmp_path / "local"
     assert cli("train", *args, "--workdir", str(local)).returncode == 0
@@ -136,11 +137,10 @@ def test_a_run_on_a_bucket_resumes_after_sigkill_and_matches_the_same_run_on_dis
                f"--config.data.path={fmnist_dir}", *INTERRUPTED)
     assert grid.returncode == 0, grid.stderr
     assert "S/8" in grid.stdout and "skipped" in grid.stdout and "finished" in grid.stdout, grid.stdout
-    status = cli("status", str(runs), "--json")
-    assert status.returncode == 0, status.stderr
-    rows = {row["run"]: row for row in json.loads(status.stdout)}
+    capsys.readouterr()
+    assert main(["status", str(runs), "--json"]) == 0
+    rows = {row["run"]: row for row in json.loads(capsys.readouterr().out)}
     assert [(rows[r]["status"], rows[r]["step"]) for r in ("DiT-S-8", "DiT-S-4")] == [("finished", 200)] * 2
-    figures = cli("figures", str(runs))
-    assert figures.returncode == 0, figures.stderr
+    assert main(["figures", str(runs)]) == 0
     drawn = sorted(p.name for p in (runs / "figures").iterdir())
     assert {"fig13_loss.png", "fig13_loss.pdf", "report.md"} <= set(drawn), drawn  # no evaluations: the loss
