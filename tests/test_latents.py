@@ -346,11 +346,11 @@ def test_evaluate_and_figures_on_sampled_images(latent_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "s.npz"), "--ref", str(reference), "--run", str(run), "--json",
                  "--batch-size", "8"]) == 0
-    printed = capsys.readouterr().out
+    out = capsys.readouterr().out
     last = json.loads((run / "evaluations.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 16 and last["metric"] == "FID-8"  # the step and protocol from the sidecar
     assert last["protocol"]["sampling_steps"] == 2 and last["protocol"]["decoder"].startswith("diffusion")
-    printed = json.loads(printed[printed.index("{"):])
+    printed = json.loads(out[out.index("{"):])
     assert last["value"] == printed["fid"] and printed["n"] == 8
     assert main(["figures", str(root / "runs"), "--out", str(tmp_path / "figures")]) == 0
     assert "wrote" in capsys.readouterr().out
